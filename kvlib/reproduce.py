@@ -1,0 +1,456 @@
+"""`kvlib reproduce`: run the notebooks of a params profile with papermill into `results/<profile>/`.
+
+    notebooks/NN_name.ipynb  +  params/<profile>/NN_name.yaml  ->  results/<profile>/NN_name.{ipynb,html}
+
+Every selected params file is validated against the notebook's params dataclass (`NOTEBOOK_PARAMS`) before
+anything runs, so a typo fails in a second instead of after an hour of finetuning. Outputs are written under
+temporary names and moved into place only on success, so a failed run never replaces a good result.
+`results/<profile>/manifest.json` records what ran, with which params, code and data; a notebook whose
+params, notebook file, recorded inputs and outputs are unchanged is skipped on the next run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import html
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from kvlib.config import ParamError, from_mapping, load_yaml, to_mapping
+from kvlib.reporting import INPUTS_FILE, atomic_write_text, dumps_json, file_sha256, read_inputs
+
+# Notebook name -> params dataclass ("module:ClassName", imported only when that notebook is selected, or the
+# class itself). Every notebook must be listed: adding a notebook means adding its params class here.
+NOTEBOOK_PARAMS: dict[str, str | type] = {
+    "01_synthetic_data": "kvlib.generate:SyntheticDataNotebookParams",
+}
+
+# Injected by the runner, never read from a params file: the profile name and the absolute results directory.
+RESERVED_PARAMS = ("profile", "results_dir")
+KERNEL_NAME = "python3"
+MANIFEST_FILE = "manifest.json"
+PACKAGES = (
+    "torch", "transformers", "gguf", "peft", "accelerate", "numpy", "pandas", "papermill", "openai", "tiktoken",
+)
+SECRET_NAME_PARTS = ("KEY", "TOKEN", "SECRET")
+# Shorter values (TOKENIZERS_PARALLELISM=false) are flags, not secrets, and would corrupt text if redacted.
+MIN_SECRET_LENGTH = 8
+REDACTED = "[REDACTED]"
+_NOTEBOOK_RE = re.compile(r"^\d{2}_\w+$")
+
+
+@dataclass(frozen=True)
+class NotebookJob:
+    """One validated notebook run: what to execute and the fingerprints that decide whether it is stale."""
+
+    name: str
+    notebook: Path
+    params_file: Path
+    injected: dict  # exactly what papermill injects (YAML params + profile + results_dir)
+    seeds: dict  # dotted path -> value, from the validated params (so defaults count too)
+    params_sha256: str
+    notebook_sha256: str
+
+    @property
+    def params(self) -> dict:
+        # results_dir is an absolute, machine-specific path: it must not change the hash or land in the manifest.
+        return {k: v for k, v in self.injected.items() if k != "results_dir"}
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def discover_notebooks(notebooks_dir: Path) -> dict[str, Path]:
+    """`NN_name` -> path for the notebooks in `notebooks_dir`, in run order (sorted by name)."""
+    if not notebooks_dir.is_dir():
+        raise ParamError(f"notebooks: directory {notebooks_dir} not found")
+    found = {p.stem: p for p in sorted(notebooks_dir.glob("*.ipynb")) if _NOTEBOOK_RE.match(p.stem)}
+    if not found:
+        raise ParamError(f"notebooks: no NN_name.ipynb notebooks in {notebooks_dir}")
+    return found
+
+
+def _profile_dir(profile: str, params_root: Path) -> Path:
+    path = params_root / profile
+    if not profile or Path(profile).name != profile or not path.is_dir():
+        known = sorted(p.name for p in params_root.iterdir() if p.is_dir()) if params_root.is_dir() else []
+        known_text = ", ".join(known) or "none"
+        raise ParamError(f"profile: unknown profile {profile!r} (no directory {path}); known profiles: {known_text}")
+    return path
+
+
+def _select(notebooks: Mapping[str, Path], only: list[str] | None) -> list[str]:
+    """Names to run, always in notebook order; `only` accepts `NN_name`, `NN_name.ipynb` or a path."""
+    if not only:
+        return list(notebooks)
+    wanted = {Path(n).name.removesuffix(".ipynb") for n in only}
+    unknown = sorted(wanted - set(notebooks))
+    if unknown:
+        raise ParamError(f"only: unknown notebook {unknown[0]!r}; known: {', '.join(notebooks)}")
+    return [n for n in notebooks if n in wanted]
+
+
+def params_class(name: str) -> type:
+    """The params dataclass notebook `name` declares in NOTEBOOK_PARAMS."""
+    spec = NOTEBOOK_PARAMS.get(name)
+    if spec is None:
+        raise ParamError(
+            f"{name}: no params class registered; every notebook must declare one in "
+            f"kvlib.reproduce.NOTEBOOK_PARAMS ('{name}': 'module:ClassName')"
+        )
+    if isinstance(spec, str):
+        module_name, sep, attr = spec.partition(":")
+        if not sep:
+            raise ParamError(f"{name}: params class must be given as 'module:ClassName', got {spec!r}")
+        try:
+            spec = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ParamError(f"{name}: cannot load params class {spec!r}: {exc}") from exc
+    if not (isinstance(spec, type) and dataclasses.is_dataclass(spec)):
+        raise ParamError(f"{name}: params class {spec!r} is not a dataclass")
+    return spec
+
+
+def find_seeds(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Every value under a key named `seed` or `seeds`, by dotted path (`datasets.train.seed`, `runs[0].seed`)."""
+    found: dict[str, Any] = {}
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key in ("seed", "seeds"):
+                found[path] = value
+            found.update(find_seeds(value, path))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            found.update(find_seeds(value, f"{prefix}[{i}]"))
+    return found
+
+
+def _canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _make_job(name: str, notebook: Path, profile: str, profile_dir: Path, results_dir: Path) -> NotebookJob:
+    params_file = profile_dir / f"{name}.yaml"
+    if not params_file.is_file():
+        raise ParamError(f"{params_file}: params file not found (every notebook run in {profile!r} needs one)")
+    data = load_yaml(params_file)
+    reserved = sorted(set(data) & set(RESERVED_PARAMS))
+    if reserved:
+        raise ParamError(f"{params_file}: {reserved[0]}: set by kvlib reproduce, remove it from the params file")
+    injected = {**data, "profile": profile, "results_dir": str(results_dir)}
+    cls = params_class(name)
+    # The class sees the runner-injected values only if it declares them (notebooks may or may not use them).
+    declared = {f.name for f in dataclasses.fields(cls)}
+    try:
+        obj = from_mapping(cls, {k: v for k, v in injected.items() if k in data or k in declared})
+    except ParamError as exc:
+        raise ParamError(f"{params_file}: {exc}") from None
+    job_params = {k: v for k, v in injected.items() if k != "results_dir"}
+    try:
+        params_json = _canonical_json(job_params)
+    except TypeError as exc:  # e.g. a YAML date: papermill could not inject it faithfully either
+        raise ParamError(f"{params_file}: params must be plain YAML data (strings, numbers, lists, maps): {exc}")
+    return NotebookJob(
+        name=name,
+        notebook=notebook,
+        params_file=params_file,
+        injected=injected,
+        seeds=find_seeds(to_mapping(obj)),
+        params_sha256=_sha256_text(params_json),
+        notebook_sha256=file_sha256(notebook),
+    )
+
+
+def plan_profile(
+    profile: str, only: list[str] | None, params_root: Path, notebooks_dir: Path, results_dir: Path
+) -> list[NotebookJob]:
+    """Validate everything a run needs and return its jobs; raises ParamError listing every problem found."""
+    profile_dir = _profile_dir(profile, params_root)
+    notebooks = discover_notebooks(notebooks_dir)
+    jobs, errors = [], []
+    for name in _select(notebooks, only):
+        try:
+            jobs.append(_make_job(name, notebooks[name], profile, profile_dir, results_dir))
+        except ParamError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ParamError("\n".join(errors))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------- environment
+
+
+def secret_values() -> list[str]:
+    """Values of env vars whose names look secret (…KEY, …TOKEN, …SECRET), longest first."""
+    values = {
+        v for k, v in os.environ.items()
+        if any(part in k.upper() for part in SECRET_NAME_PARTS) and len(v) >= MIN_SECRET_LENGTH
+    }
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """Replace secret env values in `text`, also in their JSON- and HTML-escaped spellings."""
+    for value in secret_values():
+        for spelling in {value, json.dumps(value)[1:-1], html.escape(value)}:
+            text = text.replace(spelling, REDACTED)
+    return text
+
+
+def _git(repo_root: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_info(repo_root: Path, results_root: Path) -> dict:
+    """HEAD commit and whether code/params differ from it; results/ is excluded since runs write there."""
+    commit = _git(repo_root, "rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    pathspec = ["--", "."]
+    try:
+        pathspec.append(f":(exclude){results_root.resolve().relative_to(repo_root.resolve()).as_posix()}")
+    except ValueError:
+        pass  # results outside the checkout cannot make it dirty
+    status = _git(repo_root, "status", "--porcelain", *pathspec)
+    return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment_info(repo_root: Path, results_root: Path) -> dict:
+    """What the manifest records about the machine. Deliberately no environment variables."""
+    import kvlib
+
+    return {
+        "kvlib_version": kvlib.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "git": git_info(repo_root, results_root),
+    }
+
+
+# -------------------------------------------------------------------------------------------- manifest
+
+
+def load_manifest_entries(out_dir: Path) -> dict[str, dict]:
+    """Per-notebook entries of a previous run (empty when there is none or it is unreadable)."""
+    path = out_dir / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8"))["notebooks"])
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"kvlib reproduce: ignoring unreadable {path} ({exc}); all notebooks will re-run", file=sys.stderr)
+        return {}
+
+
+def write_manifest(out_dir: Path, header: dict, entries: dict[str, dict]) -> None:
+    atomic_write_text(out_dir / MANIFEST_FILE, redact(dumps_json({**header, "notebooks": entries})))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root: Path) -> str | None:
+    """Why `job` must run again, or None when its previous result is still valid."""
+    if entry is None:
+        return "no previous run"
+    if entry.get("status") != "ok":
+        return f"previous run {entry.get('status')}"
+    if entry.get("params_sha256") != job.params_sha256:
+        return "params changed"
+    if entry.get("notebook_sha256") != job.notebook_sha256:
+        return "notebook changed"
+    for output in entry.get("outputs", []):
+        if not (out_dir / output).is_file():
+            return f"output {output} missing"
+    for item in entry.get("inputs", []):
+        path = repo_root / item["path"]  # relative paths were recorded from the repo root (absolute stay so)
+        if not path.is_file():
+            return f"input {item['path']} missing"
+        if file_sha256(path) != item["sha256"]:
+            return f"input {item['path']} changed"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- execution
+
+
+def _papermill_path(path: Path) -> str:
+    # papermill str.format()s paths with the parameters; escape braces so a path is taken literally.
+    return str(path).replace("{", "{{").replace("}", "}}")
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def _notebook_artifacts(out_dir: Path, name: str) -> list[str]:
+    """Files the notebook wrote under results/<profile>/<name>/ (inputs.json is bookkeeping, not output)."""
+    art_dir = out_dir / name
+    if not art_dir.is_dir():
+        return []
+    return sorted(
+        p.relative_to(out_dir).as_posix() for p in art_dir.rglob("*") if p.is_file() and p.name != INPUTS_FILE
+    )
+
+
+def _publish(nb: Any, job: NotebookJob, out_dir: Path, repo_root: Path, tmp_nb: Path, tmp_html: Path) -> list[str]:
+    """Write the executed notebook and its HTML under temp names, then move both into place."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    final_nb, final_html = out_dir / f"{job.name}.ipynb", out_dir / f"{job.name}.html"
+    # papermill recorded the absolute temp paths; record portable final ones instead.
+    meta = nb.metadata.setdefault("papermill", {})
+    meta["input_path"] = _relative(job.notebook, repo_root)
+    meta["output_path"] = _relative(final_nb, repo_root)
+    text = redact(nbformat.writes(nb))
+    atomic_write_text(tmp_nb, text)
+    body, _ = HTMLExporter().from_notebook_node(nbformat.reads(text, as_version=4))
+    atomic_write_text(tmp_html, redact(body))
+    os.replace(tmp_nb, final_nb)
+    os.replace(tmp_html, final_html)
+    (out_dir / f"{job.name}.failed.ipynb").unlink(missing_ok=True)  # superseded by this good run
+    return [final_nb.name, final_html.name, *_notebook_artifacts(out_dir, job.name)]
+
+
+def _keep_failed(tmp_nb: Path, out_dir: Path, name: str) -> list[str]:
+    """Keep the partly executed notebook for debugging, next to (never over) the last good result."""
+    if not tmp_nb.is_file():
+        return []
+    failed = out_dir / f"{name}.failed.ipynb"
+    atomic_write_text(failed, redact(tmp_nb.read_text(encoding="utf-8")))
+    return [failed.name]
+
+
+def format_error(exc: BaseException) -> str:
+    """The notebook's own error for a failed cell; a Python traceback for anything else (kernel died, …)."""
+    from papermill.exceptions import PapermillExecutionError, strip_color
+
+    if isinstance(exc, PapermillExecutionError):
+        return (
+            f"{exc.ename}: {exc.evalue}\n"
+            f"in cell {exc.cell_index} (execution count {exc.exec_count}):\n"
+            + strip_color("\n".join(exc.traceback))
+        )
+    return "".join(traceback.format_exception(exc))
+
+
+def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, BaseException | None]:
+    """Execute one notebook; returns its manifest entry and the error (None on success)."""
+    import papermill
+
+    tmp_nb, tmp_html = out_dir / f".{job.name}.running.ipynb", out_dir / f".{job.name}.running.html"
+    # inputs.json describes one run: drop the previous run's record so this run's reads are not mixed in.
+    (out_dir / job.name / INPUTS_FILE).unlink(missing_ok=True)
+    started, t0 = _now(), time.perf_counter()
+    error: BaseException | None = None
+    try:
+        nb = papermill.execute_notebook(
+            _papermill_path(job.notebook),
+            _papermill_path(tmp_nb),
+            parameters=job.injected,
+            kernel_name=KERNEL_NAME,
+            progress_bar=True,
+            cwd=str(repo_root),
+        )
+        outputs = _publish(nb, job, out_dir, repo_root, tmp_nb, tmp_html)
+    except Exception as exc:  # a failing cell, a dead kernel or a failed export all fail this notebook
+        error = exc
+        outputs = _keep_failed(tmp_nb, out_dir, job.name)
+    finally:
+        tmp_nb.unlink(missing_ok=True)
+        tmp_html.unlink(missing_ok=True)
+    entry = {
+        "notebook": _relative(job.notebook, repo_root),
+        "params_file": _relative(job.params_file, repo_root),
+        "params": job.params,
+        "seeds": job.seeds,
+        "params_sha256": job.params_sha256,
+        "notebook_sha256": job.notebook_sha256,
+        "status": "ok" if error is None else "failed",
+        "started": started,
+        "finished": _now(),
+        "wall_seconds": round(time.perf_counter() - t0, 3),
+        "outputs": outputs,
+        "inputs": read_inputs(out_dir, job.name),
+    }
+    if error is not None:
+        entry["error"] = {"ename": getattr(error, "ename", type(error).__name__),
+                          "evalue": getattr(error, "evalue", str(error))}
+    return entry, error
+
+
+def run_profile(
+    profile: str,
+    only: list[str] | None = None,
+    results_root: Path = Path("results"),
+    params_root: Path = Path("params"),
+    notebooks_dir: Path = Path("notebooks"),
+    force: bool = False,
+) -> int:
+    """Run the notebooks of `profile` (or the `only` ones) in order; 0 when all succeed, 1 at the first failure.
+
+    Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid.
+    """
+    results_root, params_root, notebooks_dir = Path(results_root), Path(params_root), Path(notebooks_dir)
+    out_dir = (results_root / profile).resolve()
+    jobs = plan_profile(profile, only, params_root, notebooks_dir, out_dir)
+    repo_root = notebooks_dir.resolve().parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = {"profile": profile, **environment_info(repo_root, results_root)}
+    entries = load_manifest_entries(out_dir)
+
+    for i, job in enumerate(jobs, 1):
+        tag = f"[{i}/{len(jobs)}] {job.name}"
+        reason = "forced" if force else stale_reason(job, entries.get(job.name), out_dir, repo_root)
+        if reason is None:
+            print(f"{tag}: skip (up to date)", flush=True)
+            continue
+        print(f"{tag}: run ({reason})", flush=True)
+        entry, error = run_job(job, out_dir, repo_root)
+        entries[job.name] = entry
+        write_manifest(out_dir, header, entries)
+        if error is not None:
+            kept = f"; executed notebook kept at {out_dir / entry['outputs'][0]}" if entry["outputs"] else ""
+            print(f"kvlib reproduce: {job.name} failed{kept}\n{redact(format_error(error))}", file=sys.stderr)
+            return 1
+        print(f"{tag}: ok in {entry['wall_seconds']:.1f}s -> {out_dir / job.name}.html", flush=True)
+    # Nothing rewritten when everything was skipped: the header describes the run that produced the results.
+    return 0

@@ -1,0 +1,293 @@
+"""`kvlib reproduce` on a tiny throwaway repo: two 2-cell notebooks, one profile, test params classes.
+
+Kernel start-ups dominate the cost, so one module-scoped run produces the results that the other tests copy
+(`clone`) and then re-run incrementally.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from kvlib import reproduce
+from kvlib.config import ParamError, check_positive
+
+PROFILE = "tiny"
+SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
+NB1, NB2 = "01_first", "02_second"
+# Kernels run in the temp repo, so they find kvlib through PYTHONPATH even when it is not pip-installed.
+KVLIB_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@dataclass
+class FirstParams:
+    message: str = "hi"
+    repeat: int = 1
+
+    def validate(self) -> None:
+        check_positive("repeat", self.repeat)
+
+
+@dataclass
+class Split:
+    seed: int = 1
+
+
+@dataclass
+class SecondParams:
+    profile: str = ""  # declares the runner-injected values, like the real notebook params classes
+    results_dir: str = ""
+    seed: int = 0
+    fail: bool = False
+    split: Split = field(default_factory=Split)
+
+
+REGISTRY = {NB1: f"{__name__}:FirstParams", NB2: f"{__name__}:SecondParams"}
+
+NB1_CODE = f"""\
+import os
+from kvlib import reporting
+out = reporting.notebook_output_dir(results_dir, "{NB1}")
+(out / "message.txt").write_text(message * repeat)
+reporting.record_inputs(results_dir, "{NB1}", ["data/input.txt"])
+print("key seen by the kernel:", os.environ.get("OPENAI_API_KEY"))  # a careless notebook: must be redacted
+"""
+NB2_CODE = """\
+if fail:
+    raise RuntimeError("boom from notebook")
+print("seed", seed)
+"""
+
+
+def _write_notebook(path: Path, parameters: str, code: str) -> None:
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell(code),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
+    nbformat.write(nb, path)
+
+
+def build_repo(root: Path) -> Path:
+    (root / "notebooks").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "data" / "input.txt").write_text("some input data\n")
+    _write_notebook(root / "notebooks" / f"{NB1}.ipynb", 'results_dir = "."\nmessage = ""\nrepeat = 0', NB1_CODE)
+    _write_notebook(root / "notebooks" / f"{NB2}.ipynb", 'results_dir = "."\nseed = 0\nfail = False', NB2_CODE)
+    (root / "notebooks" / "scratch.ipynb").write_text("not a pipeline notebook: ignored")
+    params = root / "params" / PROFILE
+    params.mkdir(parents=True)
+    (root / "params" / "other").mkdir()
+    (params / f"{NB1}.yaml").write_text("message: hi\nrepeat: 2\n")
+    (params / f"{NB2}.yaml").write_text("seed: 7\n")
+    return root
+
+
+def run(root: Path, **kwargs) -> int:
+    return reproduce.run_profile(
+        PROFILE,
+        results_root=root / "results",
+        params_root=root / "params",
+        notebooks_dir=root / "notebooks",
+        **kwargs,
+    )
+
+
+def out_dir(root: Path) -> Path:
+    return root / "results" / PROFILE
+
+
+def manifest(root: Path) -> dict:
+    return json.loads((out_dir(root) / "manifest.json").read_text())
+
+
+def _kernel_env(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(reproduce, "NOTEBOOK_PARAMS", dict(REGISTRY))
+    mp.setenv("PYTHONPATH", KVLIB_ROOT, prepend=os.pathsep)
+
+
+@pytest.fixture(autouse=True)
+def kernel_env(monkeypatch):
+    _kernel_env(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, int]:
+    root = build_repo(tmp_path_factory.mktemp("repo"))
+    with pytest.MonkeyPatch.context() as mp:
+        _kernel_env(mp)
+        mp.setenv("OPENAI_API_KEY", SECRET)
+        rc = run(root)
+    return root, rc
+
+
+@pytest.fixture
+def clone(first_run, tmp_path) -> Path:
+    """A private copy of the first run's repo and results, to re-run without disturbing other tests."""
+    root, rc = first_run
+    assert rc == 0
+    return Path(shutil.copytree(root, tmp_path / "repo"))
+
+
+def test_run_writes_notebooks_html_and_manifest(first_run):
+    root, rc = first_run
+    assert rc == 0
+    out = out_dir(root)
+    for name in (NB1, NB2):
+        assert (out / f"{name}.ipynb").is_file() and (out / f"{name}.html").is_file()
+    assert (out / NB1 / "message.txt").read_text() == "hihi"
+    assert not list(out.glob(".*running*")), "temp files must not survive a run"
+
+    text = (out / "manifest.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+    m = json.loads(text)
+    assert m["profile"] == PROFILE
+    assert m["kvlib_version"] == "0.1.0"
+    assert m["python"] and m["platform"]
+    assert set(m["packages"]) == set(reproduce.PACKAGES) and m["packages"]["papermill"]
+    assert m["git"] == {"commit": None, "dirty": None}  # the temp repo is not a git checkout
+
+    e1, e2 = m["notebooks"][NB1], m["notebooks"][NB2]
+    assert e1["status"] == e2["status"] == "ok"
+    assert e1["params"] == {"message": "hi", "repeat": 2, "profile": PROFILE}  # results_dir is machine-specific
+    assert e2["seeds"] == {"seed": 7, "split.seed": 1}  # defaults of the params class count too
+    nb_bytes = (root / "notebooks" / f"{NB1}.ipynb").read_bytes()
+    assert e1["notebook_sha256"] == hashlib.sha256(nb_bytes).hexdigest()
+    assert len(e1["params_sha256"]) == 64 and e1["params_sha256"] != e2["params_sha256"]
+    assert datetime.fromisoformat(e1["started"]) <= datetime.fromisoformat(e1["finished"])
+    assert e1["wall_seconds"] > 0
+    assert e1["outputs"] == [f"{NB1}.ipynb", f"{NB1}.html", f"{NB1}/message.txt"]
+    data = (root / "data" / "input.txt").read_bytes()
+    assert e1["inputs"] == [
+        {"path": "data/input.txt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    ]
+    assert e2["inputs"] == []
+    assert e1["notebook"] == f"notebooks/{NB1}.ipynb" and e1["params_file"] == f"params/{PROFILE}/{NB1}.yaml"
+
+
+def test_secret_env_value_is_never_written(first_run):
+    root, _ = first_run
+    files = [p for p in (root / "results").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"manifest.json", f"{NB1}.ipynb", f"{NB1}.html"}
+    for path in files:
+        assert SECRET not in path.read_text(errors="replace"), path
+    # The kernel did see the key (so the check above is not vacuous): its printed value was redacted.
+    assert reproduce.REDACTED in (out_dir(root) / f"{NB1}.ipynb").read_text()
+
+
+def test_second_run_skips_everything(clone, capsys):
+    before = (out_dir(clone) / "manifest.json").read_bytes()
+    mtime = (out_dir(clone) / f"{NB1}.ipynb").stat().st_mtime_ns
+    assert run(clone) == 0
+    assert capsys.readouterr().out.count("skip (up to date)") == 2
+    assert (out_dir(clone) / f"{NB1}.ipynb").stat().st_mtime_ns == mtime
+    assert (out_dir(clone) / "manifest.json").read_bytes() == before
+
+
+def test_force_reruns_only_the_selected_notebook(clone, capsys):
+    mtime = (out_dir(clone) / f"{NB1}.ipynb").stat().st_mtime_ns
+    assert run(clone, only=[f"notebooks/{NB1}.ipynb"], force=True) == 0
+    out = capsys.readouterr().out
+    assert f"{NB1}: run (forced)" in out and NB2 not in out
+    assert (out_dir(clone) / f"{NB1}.ipynb").stat().st_mtime_ns != mtime
+    assert manifest(clone)["notebooks"][NB2]["status"] == "ok"
+
+
+def test_params_change_reruns_that_notebook(clone, capsys):
+    (clone / "params" / PROFILE / f"{NB1}.yaml").write_text("message: hi\nrepeat: 3\n")
+    assert run(clone) == 0
+    out = capsys.readouterr().out
+    assert f"{NB1}: run (params changed)" in out and f"{NB2}: skip (up to date)" in out
+    assert (out_dir(clone) / NB1 / "message.txt").read_text() == "hihihi"
+    assert manifest(clone)["notebooks"][NB1]["params"]["repeat"] == 3
+
+
+def test_changed_input_data_reruns_the_notebook_that_read_it(clone, capsys):
+    (clone / "data" / "input.txt").write_text("different data\n")
+    assert run(clone) == 0
+    out = capsys.readouterr().out
+    assert f"{NB1}: run (input data/input.txt changed)" in out and f"{NB2}: skip (up to date)" in out
+    digest = hashlib.sha256(b"different data\n").hexdigest()
+    assert manifest(clone)["notebooks"][NB1]["inputs"][0]["sha256"] == digest
+
+
+def test_failing_notebook_stops_and_keeps_previous_results(clone, capsys):
+    good = (out_dir(clone) / f"{NB2}.ipynb").read_bytes()
+    (clone / "params" / PROFILE / f"{NB2}.yaml").write_text("seed: 7\nfail: true\n")
+    assert run(clone) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom from notebook" in err and "raise RuntimeError" in err  # ename, evalue, traceback
+    out = out_dir(clone)
+    assert (out / f"{NB2}.ipynb").read_bytes() == good, "a failed run must not replace the last good result"
+    assert (out / f"{NB2}.failed.ipynb").is_file()
+    assert (out / f"{NB1}.ipynb").is_file() and (out / f"{NB1}.html").is_file()
+    entries = manifest(clone)["notebooks"]
+    assert entries[NB1]["status"] == "ok"
+    assert entries[NB2]["status"] == "failed"
+    assert entries[NB2]["error"] == {"ename": "RuntimeError", "evalue": "boom from notebook"}
+    assert entries[NB2]["outputs"] == [f"{NB2}.failed.ipynb"]
+
+
+def test_failure_stops_the_run_before_later_notebooks(tmp_path, capsys):
+    root = build_repo(tmp_path)
+    _write_notebook(root / "notebooks" / f"{NB1}.ipynb", 'results_dir = "."\nmessage = ""\nrepeat = 0', "1 / 0")
+    assert run(root) == 1
+    assert "ZeroDivisionError: division by zero" in capsys.readouterr().err
+    assert set(manifest(root)["notebooks"]) == {NB1}
+    assert not (out_dir(root) / f"{NB1}.ipynb").exists() and not (out_dir(root) / f"{NB2}.ipynb").exists()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").write_text("sed: 3\n"),
+         "sed: unknown parameter (did you mean 'seed'?)"),
+        (lambda r: (r / "params" / PROFILE / f"{NB1}.yaml").write_text("repeat: -1\n"), "repeat: must be >= 1"),
+        (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").unlink(), "params file not found"),
+        (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").write_text("results_dir: /tmp\n"),
+         "results_dir: set by kvlib reproduce"),
+        (lambda r: reproduce.NOTEBOOK_PARAMS.pop(NB2), "no params class registered"),
+        (lambda r: reproduce.NOTEBOOK_PARAMS.update({NB2: "kvlib.nope:Params"}), "cannot load params class"),
+    ],
+    ids=["unknown-key", "invalid-value", "missing-file", "reserved-key", "unregistered", "bad-class"],
+)
+def test_invalid_params_fail_before_anything_runs(tmp_path, mutate, message):
+    # The broken params belong to the *second* notebook: the first must not have run either.
+    root = build_repo(tmp_path)
+    mutate(root)
+    with pytest.raises(ParamError) as exc_info:
+        run(root)
+    assert message in str(exc_info.value)
+    assert not (root / "results").exists()
+
+
+def test_unknown_profile_and_notebook_list_the_known_ones(tmp_path):
+    root = build_repo(tmp_path)
+    with pytest.raises(ParamError, match="known profiles: other, tiny"):
+        reproduce.run_profile("nope", results_root=root / "results", params_root=root / "params",
+                              notebooks_dir=root / "notebooks")
+    with pytest.raises(ParamError, match=f"unknown notebook '03_third'; known: {NB1}, {NB2}"):
+        run(root, only=["03_third"])
+    assert not (root / "results").exists()
+
+
+def test_cli_reports_param_errors_with_exit_code_2(tmp_path):
+    root = build_repo(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvlib", "reproduce", "--profile", "nope", "--params-dir", str(root / "params"),
+         "--notebooks", str(root / "notebooks"), "--results", str(root / "results")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "invalid parameter: profile: unknown profile 'nope'" in proc.stderr
