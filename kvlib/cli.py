@@ -30,6 +30,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from kvlib import train
+
+    return train.main_cli(params=args.params, out=args.out, resume=args.resume, dry_run=args.dry_run)
+
+
+def _openai_finetune(args: argparse.Namespace) -> int:
+    from kvlib import openai_ft
+
+    return openai_ft.main_cli(params=args.params, dry_run=args.dry_run)
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from kvlib import reproduce
 
@@ -63,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", help="output directory")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_generate)
+
+    tr = sub.add_parser("train", help="finetune an open model on a chat JSONL (answer-only loss, full or LoRA)")
+    tr.add_argument("--params", type=Path, required=True, help="YAML with training parameters")
+    tr.add_argument("--out", help="output directory (overrides params)")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="validate data, tokenizer lengths, steps and a memory estimate without loading weights")
+    tr.set_defaults(func=_train)
+
+    oft = sub.add_parser("openai-finetune", help="finetune an OpenAI model (e.g. gpt-3.5-turbo-1106) via the API")
+    oft.add_argument("--params", type=Path, required=True)
+    oft.add_argument("--dry-run", action="store_true", help="validate the file and print the cost estimate only")
+    oft.set_defaults(func=_openai_finetune)
 
     rep = sub.add_parser("reproduce", help="run the notebooks of a profile with papermill into results/")
     rep.add_argument("--profile", required=True)

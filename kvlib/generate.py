@@ -550,3 +550,26 @@ def stats_rows(name: str, result: dict) -> list[dict]:
          "budget": cfg["max_tokens"] - cfg["reserve_tokens"], **st}
         for split, st in result["splits"].items()
     ]
+
+
+def profile_dataset(profile: str, name: str, params_root: Path = Path("params")) -> tuple[GenerationConfig, Path]:
+    """Config and output directory of dataset `name` of a profile. Datasets are defined once, in
+    params/<profile>/01_synthetic_data.yaml, and every later notebook refers to them by name."""
+    path = Path(params_root) / profile / "01_synthetic_data.yaml"
+    params = from_mapping(SyntheticDataNotebookParams, load_yaml(path))
+    if name not in params.datasets:
+        raise ParamError(f"dataset: {name!r} is not defined in {path}; known: {', '.join(params.datasets)}")
+    return params.datasets[name], Path(params.data_dir) / profile / name
+
+
+def ensure_dataset(cfg: GenerationConfig, out_dir: Path, progress: bool = False) -> dict:
+    """Write the dataset unless out_dir already holds it for this exact config; returns its stats.
+    (Generation is deterministic, so reuse and regeneration give the same bytes.)"""
+    out_dir = Path(out_dir)
+    stats_file = out_dir / "stats.json"
+    files = [out_dir / f"{s}{x}" for s in SPLITS for x in (".jsonl", ".openai.jsonl", ".meta.jsonl")]
+    if stats_file.is_file() and all(f.is_file() for f in files):
+        stats = json.loads(stats_file.read_text())
+        if stats.get("config") == to_mapping(cfg):
+            return {"out_dir": str(out_dir), **stats}
+    return write_dataset(cfg, out_dir, progress=progress)

@@ -39,3 +39,36 @@ def gold_position_histograms(positions: Mapping[str, Sequence[int]], num_dicts: 
     axes[0][0].set_ylabel("samples")
     fig.tight_layout()
     return fig
+
+
+def loss_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]]):
+    """Training loss (answer tokens only) against epoch, one line per run."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name, (epochs, losses) in curves.items():
+        ax.plot(epochs, losses, label=name, linewidth=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss (answer tokens)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def before_after_bars(table, metric: str = "exact"):
+    """Held-out accuracy per run, original vs finetuned, with CI whiskers (`table`: a DataFrame with
+    columns run, model, <metric>, <metric>_ci_low, <metric>_ci_high)."""
+    runs = list(dict.fromkeys(table["run"]))
+    models = list(dict.fromkeys(table["model"]))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(runs)), 3.2))
+    for j, model in enumerate(models):
+        sub = table[table["model"] == model].set_index("run").reindex(runs)
+        xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(runs))]
+        err = [sub[metric] - sub[f"{metric}_ci_low"], sub[f"{metric}_ci_high"] - sub[metric]]
+        ax.bar(xs, sub[metric], width, yerr=err, capsize=3, label=model)
+    ax.set_xticks(range(len(runs)), runs, rotation=15, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"held-out {metric} accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

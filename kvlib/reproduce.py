@@ -35,6 +35,7 @@ from kvlib.reporting import INPUTS_FILE, atomic_write_text, dumps_json, file_sha
 # class itself). Every notebook must be listed: adding a notebook means adding its params class here.
 NOTEBOOK_PARAMS: dict[str, str | type] = {
     "01_synthetic_data": "kvlib.generate:SyntheticDataNotebookParams",
+    "02_finetune": "kvlib.train:FinetuneNotebookParams",
 }
 
 # Injected by the runner, never read from a params file: the profile name and the absolute results directory.

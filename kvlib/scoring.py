@@ -85,3 +85,17 @@ def score_kv_answer(text: str, meta: dict) -> dict:
         "key": key_ok,
         "exact": value_ok and dict_ok and key_ok,
     }
+
+
+def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-item scores (0/1 or real) with a percentile bootstrap CI over items, seeded so
+    reports are reproducible. Returns (mean, low, high)."""
+    import numpy as np
+
+    x = np.asarray(list(values), dtype=float)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))

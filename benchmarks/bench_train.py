@@ -1,0 +1,100 @@
+"""Per-step time of `kvlib.train` (transformers Trainer, answer-only loss) against a bare
+forward + backward + AdamW step of the same model on the same batch, measured in the same run.
+
+Both use the embedded model, batch 1, the same precision, and the same synthetic prompt of about
+--tokens tokens; the first --warmup steps of each are not timed. Target: kvlib overhead <= 15%.
+
+    python benchmarks/bench_train.py [--tokens 1024] [--steps 6] [--precision bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from kvlib import generate as gen
+from kvlib import models, train
+from kvlib.config import from_mapping
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self._t0 = [], None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def make_data(tmp: Path, tokens: int, n: int) -> Path:
+    """n samples of the simple task sized to about `tokens` prompt tokens (dictionary count scaled)."""
+    counter = models.load_token_counter(models.DEFAULT_MODEL)
+    num_dicts = max(2, round(tokens / 51))  # ~51 tokens per dictionary line with 3-4 digit numbers
+    cfg = gen.GenerationConfig(num_dicts=num_dicts, n_train=n, n_eval=0, max_tokens=tokens + 300)
+    samples = gen.generate(cfg, counter.count)["train"]
+    path = tmp / "train.jsonl"
+    path.write_text("".join(json.dumps({"messages": s.messages()}) + "\n" for s in samples))
+    return path
+
+
+def time_kvlib(train_file: Path, out: Path, steps: int, precision: str) -> list[float]:
+    cfg = from_mapping(train.TrainConfig, dict(
+        train_file=str(train_file), out_dir=str(out), max_steps=steps, gradient_accumulation_steps=1,
+        learning_rate=1e-5, precision=precision, save_steps=10**6, logging_steps=1))
+    timer = StepTimer()
+    train.train(cfg, resume=False, callbacks=[timer])
+    return timer.times
+
+
+def time_bare(train_file: Path, steps: int, precision: str) -> list[float]:
+    tokenizer = models.load_tokenizer(models.DEFAULT_MODEL)
+    chats = train.read_chat_file(train_file)
+    model = AutoModelForCausalLM.from_pretrained(models.resolve_model(models.DEFAULT_MODEL), dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    batches = [train.collate(tokenizer.pad_token_id)([train.tokenize_chat(tokenizer, c)]) for c in chats]
+    times = []
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file = make_data(Path(tmp), args.tokens, args.steps)
+        bare = time_bare(train_file, args.steps, args.precision)[args.warmup:]
+        ours = time_kvlib(train_file, Path(tmp) / "run", args.steps, args.precision)[args.warmup:]
+    b, o = statistics.median(bare), statistics.median(ours)
+    print(f"embedded model, ~{args.tokens}-token samples, batch 1, {args.precision}, "
+          f"median of {len(bare)} timed steps, {torch.get_num_threads()} threads")
+    print(f"bare forward+backward+AdamW: {b:6.2f} s/step")
+    print(f"kvlib train (Trainer):       {o:6.2f} s/step")
+    print(f"kvlib overhead: {100 * (o / b - 1):+.1f}% (ratio {o / b:.2f}x; target <= +15%)")
+
+
+if __name__ == "__main__":
+    main()

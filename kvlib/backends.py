@@ -1,0 +1,429 @@
+"""Model backends: the one home for turning prompts into completions (and continuations into log-likelihoods)
+for every evaluation in kvlib.
+
+Every backend follows the `Backend` protocol: a `name`, an `identity()` recorded with results (what exactly
+produced them), and `generate(requests, max_new_tokens) -> list[str]`. A *request* is a list of chat messages
+(``[{"role": ..., "content": ...}, ...]``) or a plain string, which means one user message. Decoding is greedy
+(temperature 0) and stops at the end of the assistant's turn. Evaluations pick a backend by params through
+`BackendConfig` / `build_backend`.
+
+Only the local Hugging Face backend (`HFBackend`) exists so far; an OpenAI-compatible backend and an on-disk
+response cache are meant to slot in behind the same protocol (a cache can key on `identity()`, the messages of
+`to_messages(request)` and `max_new_tokens`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal, Mapping, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+from kvlib.config import check_positive, fail, from_mapping
+from kvlib.models import DEFAULT_MODEL, default_device_dtype, load_model, model_identity
+
+Message = Mapping[str, str]
+Request = Union[str, Sequence[Message]]  # a plain user prompt, or a chat conversation
+LoglikelihoodRequest = tuple[Request, str]  # (context, continuation)
+
+_ROLES = ("system", "user", "assistant")
+# Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Llama 2/Mistral, Gemma). The
+# tokenizer's eos is not always the end-of-turn token (Llama 3: eos <|end_of_text|>, turns end in <|eot_id|>).
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>")
+# CPU flags of native bfloat16 arithmetic (Intel Cooper Lake+/Sapphire Rapids+, AMD Zen 4+). Without them
+# PyTorch emulates bf16 on CPU, which is slower than float32.
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class ContextLengthError(ValueError):
+    """Some requests do not fit the model's context window. Nothing is truncated or skipped silently: the
+    caller decides (drop and report them, or use a longer-context model). `indices` are positions in the
+    request list."""
+
+    def __init__(self, indices: list[int], lengths: list[int], limit: int, what: str):
+        self.indices, self.lengths, self.limit = indices, lengths, limit
+        shown = ", ".join(f"{i} ({n} tokens)" for i, n in zip(indices[:20], lengths[:20]))
+        more = f", ... ({len(indices) - 20} more)" if len(indices) > 20 else ""
+        super().__init__(
+            f"{len(indices)} request(s) exceed the model's context length of {limit} tokens ({what}): "
+            f"indices {shown}{more}. Check with fits() first and drop or report them; nothing is truncated."
+        )
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every model backend offers an evaluation."""
+
+    name: str
+
+    def identity(self) -> dict:
+        """Plain-data description of exactly what generates (model, weights hash, dtype, ...), for results."""
+        ...
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+        """Greedy completions of `requests`, in their order, stripped of surrounding whitespace."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------- requests
+
+
+def to_messages(request: Request, where: str = "request") -> list[dict]:
+    """The chat messages of a request: a string becomes one user message; a conversation is checked and
+    copied into plain dicts (so callers may pass any Mapping, and caches can hash the result)."""
+    if isinstance(request, str):
+        return [{"role": "user", "content": request}]
+    if not isinstance(request, Sequence) or not request:
+        raise TypeError(f"{where}: expected a prompt string or a non-empty list of chat messages, got {request!r}")
+    messages = []
+    for i, message in enumerate(request):
+        if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
+            raise TypeError(f"{where}[{i}]: expected a mapping with exactly 'role' and 'content', got {message!r}")
+        if message["role"] not in _ROLES or not isinstance(message["content"], str):
+            raise TypeError(f"{where}[{i}]: role must be one of {list(_ROLES)} and content a string, got {message!r}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def check_max_new_tokens(max_new_tokens: Any) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` grouped into batches, longest first, so each batch pads little.
+
+    A batch holds at most `batch_size` rows and, when `max_batch_tokens` is set, at most that many padded
+    tokens (rows x its longest length); a single longer item still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep request order
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        # longest first, so a batch's padded length is the length of its first item
+        if current and len(current) < batch_size and (
+            max_batch_tokens is None or (len(current) + 1) * lengths[current[0]] <= max_batch_tokens
+        ):
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+# ----------------------------------------------------------------------------------- devices and dtypes
+
+
+@functools.lru_cache(maxsize=1)
+def _read_cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU does bfloat16 arithmetic natively: an `avx512_bf16` or `amx_bf16` flag in the text of
+    /proc/cpuinfo (`cpuinfo`, read from the machine when None). Linux/x86 only: elsewhere (no /proc/cpuinfo,
+    or ARM, whose bf16 speed in PyTorch varies by build) this says False, so evaluation stays in float32."""
+    if cpuinfo is None:
+        cpuinfo = _read_cpuinfo() if sys.platform.startswith("linux") else ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and _CPU_BF16_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+def resolve_eval_dtype(device: str | None = None, dtype: str = "auto") -> str:
+    """The dtype name evaluation runs in. "auto": bfloat16 on CUDA (float16 on GPUs without bf16), and on a
+    CPU that has native bf16 (cpu_supports_bf16: there bf16 prefill measured 2x faster than float32);
+    float32 on other CPUs. Explicit "float32"/"bfloat16"/"float16" are honoured (float16 not on CPU).
+
+    Differs from kvlib.models.default_device_dtype (whose auto is float32 on every CPU, the safe choice for
+    training) only in the CPU-with-bf16 case; device and dtype are validated there.
+    """
+    dev, torch_dtype = default_device_dtype(device, dtype)
+    if dtype == "auto" and dev.type == "cpu" and cpu_supports_bf16():
+        return "bfloat16"
+    return _DTYPE_NAMES[torch_dtype]
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end generation: the tokenizer's eos plus every known end-of-turn token in its vocab."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [vocab[token] for token in _END_OF_TURN_TOKENS if token in vocab]
+    if not ids:
+        raise ValueError("the tokenizer has no eos token and none of the known end-of-turn tokens "
+                         f"{list(_END_OF_TURN_TOKENS)}; generation could not stop at the end of a turn")
+    return list(dict.fromkeys(ids))  # dedupe, keep order
+
+
+def _sha256_text(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- params
+
+
+@dataclasses.dataclass
+class BackendConfig:
+    """Which backend an evaluation uses (the `backend:` mapping of a params file or notebook)."""
+
+    kind: Literal["hf"] = "hf"
+    model: str = DEFAULT_MODEL  # any kvlib model spec: embedded name, checkpoint/adapter dir, hub id
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # see resolve_eval_dtype
+    device: str | None = None  # None/"auto": CUDA if available, else CPU
+    batch_size: int = 8
+    max_batch_tokens: int | None = None  # cap on rows x padded tokens per batch (memory), None: no cap
+    attn_implementation: str = "sdpa"
+
+    def validate(self) -> None:
+        if not self.model.strip():
+            fail("model", "must name a model")
+        check_positive("batch_size", self.batch_size)
+        if self.max_batch_tokens is not None:
+            check_positive("max_batch_tokens", self.max_batch_tokens)
+
+
+def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = True) -> Backend:
+    """The backend described by `config` (a BackendConfig or a params mapping, validated first)."""
+    if not isinstance(config, BackendConfig):
+        config = from_mapping(BackendConfig, config, "backend")
+    return HFBackend(config.model, device=config.device, dtype=config.dtype, batch_size=config.batch_size,
+                     max_batch_tokens=config.max_batch_tokens,
+                     attn_implementation=config.attn_implementation, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------- HF backend
+
+
+class HFBackend:
+    """A local Hugging Face causal LM (any kvlib model spec), batched greedy generation and scoring.
+
+    Requests are tokenized once through the tokenizer's chat template, sorted longest first and left-padded
+    in batches of at most `batch_size` rows and (if set) `max_batch_tokens` padded tokens. A request that
+    does not fit the context window raises ContextLengthError; see fits() to count them beforehand.
+    """
+
+    name = "hf"
+
+    def __init__(self, spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto",
+                 batch_size: int = 8, max_batch_tokens: int | None = None, attn_implementation: str = "sdpa",
+                 progress: bool = True):
+        # one validation home for constructor arguments and params files
+        config = from_mapping(BackendConfig, {
+            "model": spec, "device": device, "dtype": dtype, "batch_size": batch_size,
+            "max_batch_tokens": max_batch_tokens, "attn_implementation": attn_implementation,
+        })
+        self.spec = config.model
+        self.dtype = resolve_eval_dtype(config.device, config.dtype)
+        self.batch_size, self.max_batch_tokens = config.batch_size, config.max_batch_tokens
+        self.attn_implementation = config.attn_implementation
+        self.progress = progress
+        self.model, self.tokenizer = load_model(self.spec, config.device, self.dtype, self.attn_implementation)
+        self.device = next(self.model.parameters()).device
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
+        self._logits_to_keep = _accepts_logits_to_keep(self.model)
+
+    # ------------------------------------------------------------------------------------- describe
+
+    def identity(self) -> dict:
+        template = self.tokenizer.chat_template
+        if template is not None and not isinstance(template, str):  # several named templates
+            template = json.dumps(template, sort_keys=True)
+        return {
+            "backend": self.name,
+            "model": model_identity(self.spec),
+            "dtype": self.dtype,
+            "device": str(self.device),
+            "attn_implementation": self.attn_implementation,
+            "chat_template_sha256": _sha256_text(template),
+            "stop_token_ids": self.stop_ids,
+        }
+
+    def context_length(self) -> int:
+        """Most tokens (prompt + generated) the model can attend to, from its config."""
+        config = self.model.config.get_text_config()
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise ValueError(f"{self.spec}: the model config names no context length (max_position_embeddings)")
+
+    # ------------------------------------------------------------------------------------- lengths
+
+    def prompt_lengths(self, requests: Sequence[Request]) -> list[int]:
+        """Token count of each request as the model sees it (chat template and generation prompt included)."""
+        return [len(ids) for ids in self._encode_prompts(requests)]
+
+    def fits(self, requests: Sequence[Request], max_new_tokens: int) -> list[bool]:
+        """Whether each request leaves room for `max_new_tokens` in the context window (generate() raises on
+        any that does not)."""
+        check_max_new_tokens(max_new_tokens)
+        limit = self.context_length()
+        return [n + max_new_tokens <= limit for n in self.prompt_lengths(requests)]
+
+    def _check_fit(self, lengths: list[int], what: str) -> None:
+        limit = self.context_length()
+        over = [i for i, n in enumerate(lengths) if n > limit]
+        if over:
+            raise ContextLengthError(over, [lengths[i] for i in over], limit, what)
+
+    # ------------------------------------------------------------------------------------- tokenize
+
+    def _render(self, messages: list[dict]) -> str:
+        """The chat template applied to `messages`, ending with the assistant's generation prompt."""
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{self.spec}: the tokenizer has no chat template, so chat requests cannot be "
+                             f"formatted; use a chat/instruct model or a tokenizer with a chat_template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        # No special tokens added: a chat template writes its own (BOS included where it wants one), and raw
+        # scoring follows lm-evaluation-harness, which adds none for causal LMs either. This is exactly what
+        # apply_chat_template(tokenize=True) does after rendering.
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def _encode_prompts(self, requests: Sequence[Request]) -> list[list[int]]:
+        _check_list(requests, "requests")
+        return self._encode([self._render(to_messages(r, f"requests[{i}]")) for i, r in enumerate(requests)])
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = [[self.pad_id] * (width - len(s)) + s for s in sequences]
+        mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
+        return (torch.tensor(ids, dtype=torch.long, device=self.device),
+                torch.tensor(mask, dtype=torch.long, device=self.device))
+
+    def _progress(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"{desc} {self.spec}", unit="req", disable=not self.progress)
+
+    def _run_batched(self, items: list, lengths: list[int], run_batch, desc: str) -> list:
+        """run_batch over `items` in planned batches; results in the items' original order."""
+        results: list = [None] * len(items)
+        with self._progress(len(items), desc) as bar, torch.inference_mode():
+            for batch in plan_batches(lengths, self.batch_size, self.max_batch_tokens):
+                for i, result in zip(batch, run_batch([items[i] for i in batch])):
+                    results[i] = result
+                bar.update(len(batch))
+        return results
+
+    # ------------------------------------------------------------------------------------- generate
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+        """Greedy completion of each request (chat template applied), stopped at the end of the assistant's
+        turn or after `max_new_tokens`; special tokens removed and whitespace stripped; in request order.
+        Raises ContextLengthError, before generating anything, if any prompt + max_new_tokens is too long."""
+        check_max_new_tokens(max_new_tokens)
+        prompts = self._encode_prompts(requests)
+        # a batch grows to prompt + max_new_tokens: that is what the context window and max_batch_tokens bound
+        totals = [len(p) + max_new_tokens for p in prompts]
+        self._check_fit(totals, f"prompt + max_new_tokens={max_new_tokens}")
+        return self._run_batched(prompts, totals, lambda batch: self._generate_batch(batch, max_new_tokens),
+                                 "generate")
+
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        input_ids, attention_mask = self._left_pad(prompts)
+        output = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            # plain greedy decoding whatever the checkpoint's generation_config.json suggests; passing
+            # do_sample=False explicitly also silences its warnings about inherited sampling settings
+            do_sample=False, num_beams=1, repetition_penalty=1.0,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+        )
+        new_tokens = output[:, input_ids.shape[1]:].tolist()
+        return [self.tokenizer.decode(_until_stop(row, self.stop_ids), skip_special_tokens=True).strip()
+                for row in new_tokens]
+
+    # ---------------------------------------------------------------------------------- loglikelihood
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
+        """(sum of log-probs of the continuation's tokens given the context, whether greedy decoding would
+        produce exactly those tokens) for each (context, continuation) pair, in request order.
+
+        A string context is scored raw (no chat template), as lm-evaluation-harness does; a message-list
+        context goes through the chat template with the generation prompt, so is_greedy says whether
+        generate() would start its answer with the continuation. Raises ContextLengthError for pairs longer
+        than the context window.
+        """
+        _check_list(requests, "requests")
+        pairs = [self._encode_pair(request, f"requests[{i}]") for i, request in enumerate(requests)]
+        totals = [len(context) + len(continuation) for context, continuation in pairs]
+        self._check_fit(totals, "context + continuation")
+        return self._run_batched(pairs, totals, self._score_batch, "loglikelihood")
+
+    def _encode_pair(self, request: Any, where: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens), split like lm-evaluation-harness: encode the whole text and
+        the context separately, and the continuation is the whole's tokens after len(context tokens); so a
+        token merging across the boundary is scored as part of the continuation."""
+        if not isinstance(request, (tuple, list)) or len(request) != 2:
+            raise TypeError(f"{where}: expected a (context, continuation) pair, got {request!r}")
+        context, continuation = request
+        if not isinstance(continuation, str) or not continuation:
+            raise TypeError(f"{where}: the continuation must be a non-empty string, got {continuation!r}")
+        if isinstance(context, str):
+            # raw text: trailing whitespace of the context moves to the continuation (lm-eval), since BPE
+            # tokenizers attach a space to the word after it
+            stripped = context.rstrip()
+            context, continuation = stripped, context[len(stripped):] + continuation
+        else:
+            # the template's own tail (e.g. "<|im_start|>assistant\n") stays in the context, as generate() sees it
+            context = self._render(to_messages(context, f"{where}[0]"))
+        whole, context_ids = self._encode([context + continuation, context])
+        continuation_ids = whole[len(context_ids):]
+        if not context_ids:  # empty context: condition on BOS (or eos) like lm-eval's prefix token
+            context_ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
+                           else self.stop_ids[0]]
+        if not continuation_ids:
+            raise ValueError(f"{where}: the continuation {continuation!r} encodes to no tokens after the context")
+        return context_ids, continuation_ids
+
+    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        # Input is context + continuation minus its last token; the logits at the last len(continuation)
+        # positions predict the continuation. Left padding aligns every row's end, so one `logits_to_keep`
+        # (the longest continuation) covers all rows and the full (rows x length x vocab) logits are never
+        # built. Position ids are given explicitly so padding does not shift them (as in generate()).
+        input_ids, attention_mask = self._left_pad([(c + k)[:-1] for c, k in pairs])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(len(k) for _, k in pairs)
+        extra = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            **extra).logits[:, -keep:]
+        results = []
+        for row, (_, continuation) in enumerate(pairs):
+            logprobs = logits[row, keep - len(continuation):].float().log_softmax(-1)
+            target = torch.tensor(continuation, device=logprobs.device)
+            total = logprobs.gather(-1, target[:, None]).sum().item()
+            results.append((total, bool((logprobs.argmax(-1) == target).all())))
+        return results
+
+
+def _until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    """`tokens` up to (without) the first stop token: what follows it in a batch is padding."""
+    stops = set(stop_ids)
+    for n, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:n]
+    return tokens
+
+
+def _check_list(requests: Any, where: str) -> None:
+    # a bare string would otherwise be iterated character by character
+    if isinstance(requests, str) or not isinstance(requests, Sequence):
+        raise TypeError(f"{where}: expected a list of requests, got {type(requests).__name__}")
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (current transformers models do); a peft
+    wrapper forwards it to its base model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters

@@ -1,0 +1,551 @@
+"""Supervised finetuning of open models on chat JSONL (paper §3: loss on the answer only).
+
+Built on the HF stack (transformers `Trainer`, peft for LoRA), so the same code runs on one CPU, one GPU
+or several GPUs under `accelerate launch` / `torchrun` with FSDP or DeepSpeed (see
+`params/paper-mistral/accelerate_fsdp.yaml`).
+
+Layout of an output directory:
+    checkpoints/checkpoint-N/   Trainer checkpoints (model, optimizer, scheduler, RNG states)
+    model/                      final model: full weights, or a LoRA adapter whose base is `cfg.model`
+                                (or merged weights with `merge_lora`); loadable by kvlib.models.load_model
+    loss.csv                    training loss per logged step
+    train_summary.json          config, data hash, model identity, steps, tokens, wall time; written last,
+                                so its presence means the run finished
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kvlib.config import (
+    ParamError,
+    check_fraction,
+    check_positive,
+    fail,
+    from_mapping,
+    load_yaml,
+    to_mapping,
+)
+
+IGNORE_INDEX = -100  # label value the HF loss ignores
+SUMMARY_FILE = "train_summary.json"
+
+
+@dataclass
+class TrainConfig:
+    """One finetuning run. Defaults follow the paper's Mistral recipe where it states one."""
+
+    train_file: str = ""  # HF chat JSONL ({"messages": [..., {"role": "assistant", ...}]}), e.g. from `kvlib generate`
+    out_dir: str = ""
+    model: str = "smollm2-135m-instruct"
+    method: Literal["full", "lora"] = "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merge_lora: bool = False  # save merged full weights instead of the adapter
+    epochs: float = 2.0  # paper: 2
+    max_steps: int = -1  # > 0 overrides epochs (tests, quick looks)
+    learning_rate: float = 5e-6  # paper: 5e-6
+    per_device_batch_size: int = 1
+    gradient_accumulation_steps: int = 16  # paper: global batch 16
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # auto: bf16 mixed precision on CUDA, fp32 on CPU; "bf16" on a CPU uses bf16 autocast (fast on CPUs with
+    # native bf16 such as avx512_bf16)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    max_length: int = 0  # 0: the model's context; a longer sample is an error, never truncated
+    # dry run only: how to count tokens when the model's tokenizer is not available locally (a
+    # kvlib.models token-counter spec), and its architecture (a local config.json) for the memory estimate
+    dry_run_tokenizer: str = ""
+    dry_run_model_config: str = ""
+    dry_run_num_gpus: int = 1
+
+    def validate(self) -> None:
+        if not self.train_file:
+            fail("train_file", "required")
+        if not self.out_dir:
+            fail("out_dir", "required")
+        if not self.model:
+            fail("model", "required")
+        if self.epochs <= 0:
+            fail("epochs", f"must be > 0, got {self.epochs}")
+        if self.learning_rate <= 0:
+            fail("learning_rate", f"must be > 0, got {self.learning_rate}")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "save_steps", "save_total_limit",
+                     "logging_steps", "lora_r", "lora_alpha", "dry_run_num_gpus"):
+            check_positive(name, getattr(self, name))
+        check_positive("max_length", self.max_length, 0)
+        check_fraction("warmup_ratio", self.warmup_ratio)
+        check_fraction("lora_dropout", self.lora_dropout)
+        if self.warmup_ratio >= 1:
+            fail("warmup_ratio", "must be < 1")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            fail("weight_decay" if self.weight_decay < 0 else "max_grad_norm", "out of range")
+        if self.max_steps == 0 or self.max_steps < -1:
+            fail("max_steps", f"must be -1 (use epochs) or >= 1, got {self.max_steps}")
+        if self.method == "lora" and not self.lora_target_modules:
+            fail("lora_target_modules", "LoRA needs at least one target module")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_batch_size * self.gradient_accumulation_steps
+
+
+def config_from_file(path: Path, overrides: dict | None = None) -> TrainConfig:
+    """TrainConfig from YAML (top-level keys or under `train:`), plus overrides."""
+    data = load_yaml(path)
+    if isinstance(data.get("train"), dict):
+        data = data["train"]
+    data.update(overrides or {})
+    return from_mapping(TrainConfig, data)
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(to_mapping(cfg), sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- data
+
+def read_chat_file(path: Path) -> list[list[dict]]:
+    """Conversations from a chat JSONL; each must end with an assistant message (the training target)."""
+    from kvlib.generate import read_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"train_file: {path} does not exist (generate it first, e.g. `kvlib generate`)")
+    rows = read_jsonl(path)
+    if not rows:
+        raise ParamError(f"train_file: {path} holds no examples")
+    chats = []
+    for lineno, row in enumerate(rows, 1):
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if (not isinstance(msgs, list) or len(msgs) < 2
+                or any(not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                       or not isinstance(m.get("content"), str) for m in msgs)
+                or msgs[-1]["role"] != "assistant"):
+            raise ValueError(f"{path}:{lineno}: expected {{'messages': [..., {{'role': 'assistant', ...}}]}} "
+                             f"with roles system/user/assistant and string contents")
+        chats.append(msgs)
+    return chats
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> dict:
+    """input_ids and labels for one conversation, with the model's own chat template; labels are
+    IGNORE_INDEX on every prompt token, so only the final assistant turn carries loss."""
+    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+    full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    prompt_ids, full_ids = list(prompt_ids), list(full_ids)
+    if full_ids[:len(prompt_ids)] != prompt_ids:
+        # a template that renders earlier turns differently once an answer follows: masking by prefix
+        # would be wrong, so refuse rather than train on a misaligned mask
+        raise ValueError("the chat template's prompt is not a prefix of the full conversation; "
+                         "answer-only masking needs a prefix-stable template")
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return {"input_ids": full_ids, "labels": labels}
+
+
+class ChatDataset:
+    """Pre-tokenized conversations (a plain sequence; Trainer only needs __len__/__getitem__)."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def collate(pad_token_id: int):
+    """Right-pad a batch (training uses position ids 0..n, so padding goes after the tokens)."""
+    import torch
+
+    def fn(batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[row, :n] = torch.tensor(b["input_ids"])
+            labels[row, :n] = torch.tensor(b["labels"])
+            mask[row, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return fn
+
+
+def build_dataset(tokenizer, chats: list[list[dict]], max_length: int, source: str) -> ChatDataset:
+    examples = [tokenize_chat(tokenizer, msgs) for msgs in chats]
+    too_long = [i + 1 for i, ex in enumerate(examples) if len(ex["input_ids"]) > max_length]
+    if too_long:
+        raise ValueError(f"{source}: {len(too_long)} examples exceed max_length={max_length} tokens "
+                         f"(lines {too_long[:10]}{'...' if len(too_long) > 10 else ''}); never truncated")
+    return ChatDataset(examples)
+
+
+def file_sha256(path: Path) -> str:
+    from kvlib.reporting import file_sha256 as sha
+
+    return sha(Path(path))
+
+
+# ---------------------------------------------------------------- model
+
+def _use_bf16(cfg: TrainConfig, cuda: bool) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+
+
+def load_for_training(cfg: TrainConfig):
+    """Model (fp32 master weights; mixed precision is the Trainer's job) and tokenizer, with LoRA applied
+    when asked. Seeded first so LoRA's random init is reproducible."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from kvlib import models
+
+    set_seed(cfg.seed)
+    path = models.resolve_model(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
+    return model, tokenizer
+
+
+def _training_arguments(cfg: TrainConfig, cuda: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(Path(cfg.out_dir) / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps in transformers 5
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        bf16=_use_bf16(cfg, cuda),
+        use_cpu=not cuda,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to="none",
+        remove_unused_columns=False,  # our dataset yields exactly the model inputs
+        dataloader_num_workers=0,
+        optim="adamw_torch",  # the same optimizer on every device (fused AdamW is CUDA-only)
+    )
+
+
+# ---------------------------------------------------------------- running
+
+def is_finished(cfg: TrainConfig) -> bool:
+    """True when out_dir holds a finished run of this exact config."""
+    path = Path(cfg.out_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return False
+    return json.loads(path.read_text()).get("config_sha256") == config_hash(cfg)
+
+
+def last_checkpoint(cfg: TrainConfig) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = Path(cfg.out_dir) / "checkpoints"
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: list | None = None) -> dict:
+    """Run (or resume, or reuse) one finetuning run; returns the summary.
+
+    resume: "auto" continues from the last checkpoint if there is one (pipelines); True requires one
+    (`kvlib train --resume`); False refuses to start over existing checkpoints.
+    """
+    import torch
+    from transformers import Trainer
+
+    from kvlib import models
+
+    out = Path(cfg.out_dir)
+    if is_finished(cfg):
+        return json.loads((out / SUMMARY_FILE).read_text())
+    ckpt = last_checkpoint(cfg)
+    if resume is True and ckpt is None:
+        raise ParamError(f"out_dir: --resume given but {out / 'checkpoints'} holds no checkpoint")
+    if resume is False and ckpt is not None:
+        raise ParamError(f"out_dir: {out} already holds checkpoints ({Path(ckpt).name}); pass --resume to "
+                         f"continue that run, or choose another out_dir")
+    chats = read_chat_file(Path(cfg.train_file))
+    cuda = torch.cuda.is_available()
+    model, tokenizer = load_for_training(cfg)
+    max_length = cfg.max_length or int(getattr(model.config, "max_position_embeddings", 0) or 10**9)
+    dataset = build_dataset(tokenizer, chats, max_length, cfg.train_file)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(to_mapping(cfg), indent=2, sort_keys=True) + "\n")
+
+    trainer = Trainer(model=model, args=_training_arguments(cfg, cuda), train_dataset=dataset,
+                      data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer,
+                      callbacks=callbacks)
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=ckpt if resume else None)
+    wall = time.time() - t0
+
+    model_dir = save_final_model(cfg, trainer.model, tokenizer)
+    write_loss_csv(trainer.state.log_history, out / "loss.csv")
+    n_answer = sum(sum(1 for x in ex["labels"] if x != IGNORE_INDEX) for ex in dataset.examples)
+    summary = {
+        "config": to_mapping(cfg),
+        "config_sha256": config_hash(cfg),
+        "train_file_sha256": file_sha256(Path(cfg.train_file)),
+        "base_model": models.model_identity(cfg.model),
+        "model_dir": str(model_dir),
+        "n_examples": len(dataset),
+        "n_tokens": sum(len(ex["input_ids"]) for ex in dataset.examples),
+        "n_answer_tokens": n_answer,
+        "global_steps": trainer.state.global_step,
+        "final_train_loss": result.training_loss,
+        "precision": "bf16" if _use_bf16(cfg, cuda) else "fp32",
+        "device": "cuda" if cuda else "cpu",
+        "resumed_from": Path(ckpt).name if (ckpt and resume) else None,
+        "wall_seconds_this_session": round(wall, 1),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def save_final_model(cfg: TrainConfig, model, tokenizer) -> Path:
+    """Save what evaluation loads by path: full weights, a LoRA adapter (base = cfg.model, a spec
+    kvlib.models resolves anywhere) or the merged LoRA model."""
+    model_dir = Path(cfg.out_dir) / "model"
+    if cfg.method == "lora" and cfg.merge_lora:
+        model = model.merge_and_unload()
+    elif cfg.method == "lora":
+        model.peft_config["default"].base_model_name_or_path = cfg.model
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def write_loss_csv(log_history: list[dict], path: Path) -> None:
+    rows = [h for h in log_history if "loss" in h]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(["step", "epoch", "loss", "learning_rate", "grad_norm"])
+        for h in rows:
+            w.writerow([h.get("step"), h.get("epoch"), h.get("loss"), h.get("learning_rate"), h.get("grad_norm")])
+
+
+# ---------------------------------------------------------------- dry run
+
+def plan_training(cfg: TrainConfig) -> dict:
+    """Validate the plan without loading weights: data format, token lengths, optimizer steps, and a
+    memory estimate from the architecture (instantiated on the meta device: no memory, exact sizes)."""
+    chats = read_chat_file(Path(cfg.train_file))
+    lengths, how = _dry_run_lengths(cfg, chats)
+    n_params, context, arch = _dry_run_architecture(cfg)
+    max_length = cfg.max_length or context
+    too_long = sum(1 for n in lengths if n > max_length)
+    if too_long:
+        raise ValueError(f"train_file: {too_long} of {len(lengths)} examples exceed {max_length} tokens")
+    world = cfg.dry_run_num_gpus
+    steps_per_epoch = math.ceil(len(chats) / (cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps))
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
+    plan = {
+        "train_file": cfg.train_file, "n_examples": len(chats), "token_lengths_from": how,
+        "max_tokens": max(lengths), "mean_tokens": round(sum(lengths) / len(lengths), 1), "max_length": max_length,
+        "architecture": arch, "n_params": n_params, "method": cfg.method,
+        "global_batch": cfg.global_batch_size * world, "optimizer_steps": steps,
+        "memory_gib": memory_estimate_gib(cfg, n_params, max(lengths), arch, world),
+    }
+    return plan
+
+
+def _dry_run_lengths(cfg: TrainConfig, chats: list[list[dict]]) -> tuple[list[int], str]:
+    """Exact lengths with the model's tokenizer and chat template when it is local; otherwise the
+    configured token counter plus a fixed per-message allowance for the template's markers."""
+    from kvlib import models
+
+    tokenizer = None
+    local = Path(models.resolve_model(cfg.model)).is_dir()
+    if local or not cfg.dry_run_tokenizer:  # a hub id with a fallback counter: don't wait on the network
+        try:
+            tokenizer = models.load_tokenizer(cfg.model)
+        except Exception:  # hub unreachable: fall back to the offline counter below
+            tokenizer = None
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return [len(tokenize_chat(tokenizer, m)["input_ids"]) for m in chats], f"{cfg.model} chat template"
+    if not cfg.dry_run_tokenizer:
+        raise ParamError(f"dry_run_tokenizer: the tokenizer of {cfg.model!r} is not available offline; name a "
+                         f"token counter (e.g. mistral-7b-v0.1) to measure lengths")
+    counter = models.load_token_counter(cfg.dry_run_tokenizer)
+    texts = [m["content"] for chat in chats for m in chat]
+    counts = iter(counter.count(texts))
+    per_message = 8  # generous allowance for [INST]/[/INST]/<s>/</s>-style markers
+    return [sum(next(counts) + per_message for _ in chat) for chat in chats], f"{cfg.dry_run_tokenizer} + template allowance"
+
+
+def _dry_run_architecture(cfg: TrainConfig) -> tuple[int, int, dict]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvlib import models
+
+    try:
+        if cfg.dry_run_model_config:
+            fields = json.loads(Path(cfg.dry_run_model_config).read_text())
+            fields = {k: v for k, v in fields.items() if not k.startswith("_")}
+            hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        else:
+            hf_config = AutoConfig.from_pretrained(models.resolve_model(cfg.model))
+    except Exception as exc:
+        raise ParamError(f"dry_run_model_config: cannot read the architecture of {cfg.model!r} offline ({exc}); "
+                         f"point dry_run_model_config at a local config.json") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    n_params = sum(p.numel() for p in model.parameters())
+    arch = {k: getattr(hf_config, k, None) for k in
+            ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size", "vocab_size", "max_position_embeddings")}
+    return n_params, int(hf_config.max_position_embeddings), arch
+
+
+def memory_estimate_gib(cfg: TrainConfig, n_params: int, seq_len: int, arch: dict, world: int) -> dict:
+    """Rough per-GPU memory for training (GiB). Full finetuning with AdamW and mixed precision keeps
+    fp32 weights + fp32 grads + two fp32 Adam moments (16 bytes/parameter), sharded across GPUs by
+    FSDP/ZeRO-3; LoRA keeps frozen bf16 weights (2 bytes/parameter) and states for ~1% trainable ones.
+    Activations: ~ 34 * hidden * seq bytes per layer per sample (Korthikanti et al. 2022, no recompute);
+    gradient checkpointing keeps ~ 2 * hidden * seq per layer."""
+    gib = 1024 ** 3
+    if cfg.method == "full":
+        states = 16 * n_params / world
+    else:
+        states = 2 * n_params + 16 * 0.01 * n_params
+    hidden, layers = arch.get("hidden_size") or 0, arch.get("num_hidden_layers") or 0
+    per_layer = (2 if cfg.gradient_checkpointing else 34) * hidden * seq_len * cfg.per_device_batch_size
+    activations = per_layer * layers
+    return {"weights_grads_optimizer": round(states / gib, 1), "activations": round(activations / gib, 1),
+            "total_per_gpu": round((states + activations) / gib, 1), "gpus": world}
+
+
+# ---------------------------------------------------------------- notebook 02
+
+@dataclass
+class FinetuneJob:
+    name: str
+    dataset: str
+    data_config: Any  # kvlib.generate.GenerationConfig
+    data_dir: Path
+    train_config: TrainConfig
+
+
+@dataclass
+class FinetuneNotebookParams:
+    """Parameters of notebooks/02_finetune.ipynb. Each run names a dataset of the profile (defined in its
+    01_synthetic_data.yaml) and any TrainConfig fields; train_file, out_dir and model are filled in."""
+
+    profile: str = "quick"
+    results_dir: str = "results/quick"
+    params_root: str = "params"
+    models_dir: str = "runs/models"
+    base_model: str = "smollm2-135m-instruct"
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_samples: int = 40  # held-out (eval split) samples per run, scored before and after
+    max_new_tokens: int = 48
+    eval_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    eval_batch_size: int = 8
+    examples_to_show: int = 3
+    # GPT-3.5 arm: name -> {dataset, OpenAIFinetuneConfig fields}; the train file is the dataset's
+    # train.openai.jsonl. Without openai_submit only validation and the cost estimate run (offline, no key).
+    openai_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    openai_submit: bool = False
+
+    def validate(self) -> None:
+        if not self.runs and not self.openai_runs:
+            fail("runs", "at least one run (or openai_runs entry) is required")
+        check_positive("eval_samples", self.eval_samples)
+        check_positive("max_new_tokens", self.max_new_tokens)
+        check_positive("eval_batch_size", self.eval_batch_size)
+        check_positive("examples_to_show", self.examples_to_show, 0)
+        self.jobs()  # every run's dataset and training fields, checked before any work
+        self.openai_jobs()
+
+    def _dataset_of(self, section: str, name: str, spec: dict, reserved: tuple[str, ...]):
+        from kvlib.generate import profile_dataset
+
+        if not isinstance(spec.get("dataset"), str):
+            fail(f"{section}.{name}.dataset", "required: the name of a dataset of this profile")
+        for key in reserved:
+            if key in spec:
+                fail(f"{section}.{name}.{key}", "is set by the notebook (from dataset, models_dir, base_model)")
+        try:
+            data_config, data_dir = profile_dataset(self.profile, spec["dataset"], Path(self.params_root))
+        except ParamError as exc:
+            raise ParamError(f"{section}.{name}.{exc}") from None
+        fields = {k: v for k, v in spec.items() if k != "dataset"}
+        return spec["dataset"], data_config, data_dir, fields
+
+    def jobs(self) -> dict[str, FinetuneJob]:
+        jobs = {}
+        for name, spec in self.runs.items():
+            dataset, data_config, data_dir, fields = self._dataset_of(
+                "runs", name, dict(spec), ("train_file", "out_dir", "model"))
+            cfg = from_mapping(TrainConfig, {**fields, "train_file": str(data_dir / "train.jsonl"),
+                                             "out_dir": str(Path(self.models_dir) / self.profile / name),
+                                             "model": self.base_model}, f"runs.{name}")
+            jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
+        return jobs
+
+    def openai_jobs(self) -> dict[str, FinetuneJob]:
+        from kvlib.openai_ft import OpenAIFinetuneConfig
+
+        jobs = {}
+        for name, spec in self.openai_runs.items():
+            dataset, data_config, data_dir, fields = self._dataset_of(
+                "openai_runs", name, dict(spec), ("train_file", "job_dir"))
+            cfg = from_mapping(OpenAIFinetuneConfig, {
+                **fields, "train_file": str(data_dir / "train.openai.jsonl"),
+                "job_dir": str(Path(self.models_dir) / self.profile / name)}, f"openai_runs.{name}")
+            jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
+        return jobs
+
+
+# ---------------------------------------------------------------- CLI
+
+def main_cli(params: Path, out: str | None = None, resume: bool = False, dry_run: bool = False) -> int:
+    cfg = config_from_file(params, {"out_dir": out} if out else None)
+    if dry_run:
+        print(json.dumps(plan_training(cfg), indent=2))
+        return 0
+    summary = train(cfg, resume=resume)
+    print(f"trained {summary['global_steps']} steps on {summary['n_examples']} examples "
+          f"(final train loss {summary['final_train_loss']:.4f}); model saved to {summary['model_dir']}")
+    return 0

@@ -1,0 +1,244 @@
+"""kvlib.backends: the HF backend's batched greedy generation, context-length checks, log-likelihoods, dtype
+resolution and params. Uses the embedded model (session fixtures in conftest.py) with short prompts and few new
+tokens, so the file runs in well under a minute on 2 CPU cores."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvlib import backends
+from kvlib.backends import (
+    Backend,
+    BackendConfig,
+    ContextLengthError,
+    HFBackend,
+    build_backend,
+    cpu_supports_bf16,
+    plan_batches,
+    resolve_eval_dtype,
+    to_messages,
+)
+from kvlib.config import ParamError, from_mapping
+
+# different lengths, deliberately not sorted, and with different answers, so a wrong reordering shows
+PROMPTS = [
+    "What is 2+2?",
+    "Dictionary [3] {122: 765, 4548: 1475}\nWhat is the value of key 4548?",
+    "Say only the word yes.",
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a color."}],
+    "Name the capital of France.",
+]
+MAX_NEW = 12
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_batched_generation_equals_one_at_a_time_in_original_order(hf_backend):
+    assert hf_backend.batch_size < len(PROMPTS)  # several batches, each sorted by length
+    batched = hf_backend.generate(PROMPTS, MAX_NEW)
+    single = [hf_backend.generate([prompt], MAX_NEW)[0] for prompt in PROMPTS]
+    assert batched == single
+    assert len(set(batched)) == len(PROMPTS)  # distinct answers: equality above also proves the order
+    assert all(isinstance(text, str) and text == text.strip() for text in batched)
+    assert hf_backend.generate([], MAX_NEW) == []
+
+
+def test_generation_stops_at_end_of_turn(hf_backend):
+    (text,) = hf_backend.generate(["Say only the word yes."], 32)
+    assert "<|im_end|>" not in text and "<|im_start|>" not in text
+    assert "yes" in text.lower()
+    n_tokens = len(hf_backend.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert n_tokens < 8  # stopped at <|im_end|>, long before max_new_tokens
+    assert backends.end_of_turn_ids(hf_backend.tokenizer) == [hf_backend.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_bf16_backend_generates_and_scores(hf_backend_bf16):
+    assert hf_backend_bf16.identity()["dtype"] == "bfloat16"
+    assert next(hf_backend_bf16.model.parameters()).dtype == torch.bfloat16
+    (text,) = hf_backend_bf16.generate(["Say only the word yes."], 16)
+    assert "yes" in text.lower() and "<|im_end|>" not in text
+    ((logprob, _),) = hf_backend_bf16.loglikelihood([("The capital of France is", " Paris")])
+    assert math.isfinite(logprob) and logprob < 0
+
+
+def test_request_validation(hf_backend):
+    with pytest.raises(TypeError, match="expected a list of requests"):
+        hf_backend.generate("a bare string", MAX_NEW)
+    with pytest.raises(TypeError, match=r"requests\[1\]"):
+        hf_backend.generate(["ok", {"role": "user", "content": "a message, not a conversation"}], MAX_NEW)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            hf_backend.generate(["hi"], bad)
+    with pytest.raises(TypeError, match=r"role must be one of"):
+        to_messages([{"role": "robot", "content": "hi"}])
+    assert to_messages("hi") == [{"role": "user", "content": "hi"}]
+
+
+def test_plan_batches_longest_first_and_bounded():
+    lengths = [5, 30, 10, 30, 20]
+    assert plan_batches(lengths, batch_size=2) == [[1, 3], [4, 2], [0]]  # ties keep request order
+    assert plan_batches(lengths, batch_size=8, max_batch_tokens=60) == [[1, 3], [4, 2, 0]]
+    assert plan_batches([100, 1], batch_size=8, max_batch_tokens=10) == [[0], [1]]  # too long: alone
+    assert plan_batches([], batch_size=4) == []
+
+
+# -------------------------------------------------------------------------------------- context length
+
+
+def test_prompt_lengths_match_the_chat_template(hf_backend):
+    tokenizer = hf_backend.tokenizer
+    expected = [
+        len(tokenizer.apply_chat_template(to_messages(p), add_generation_prompt=True, tokenize=True, return_dict=False))
+        for p in PROMPTS
+    ]
+    assert hf_backend.prompt_lengths(PROMPTS) == expected
+    assert hf_backend.context_length() == hf_backend.model.config.max_position_embeddings == 8192
+
+
+def test_over_length_requests_raise_with_indices(hf_backend):
+    limit = hf_backend.context_length()
+    long_prompt = "word " * (limit + 100)
+    requests = ["hi", long_prompt, "hello", long_prompt]
+    assert hf_backend.fits(requests, MAX_NEW) == [True, False, True, False]
+    with pytest.raises(ContextLengthError, match=r"2 request\(s\) exceed .* 8192 tokens.*indices 1 \(\d+ tokens\), 3 ") as info:
+        hf_backend.generate(requests, MAX_NEW)
+    assert info.value.indices == [1, 3] and info.value.limit == limit
+
+    # the bound is prompt + max_new_tokens <= context length, exactly
+    (n,) = hf_backend.prompt_lengths(["hi"])
+    assert hf_backend.fits(["hi"], limit - n) == [True]
+    assert hf_backend.fits(["hi"], limit - n + 1) == [False]
+    with pytest.raises(ContextLengthError, match="indices 0 "):
+        hf_backend.generate(["hi"], limit - n + 1)
+    with pytest.raises(ContextLengthError, match=r"indices 1 "):
+        hf_backend.loglikelihood([("short", " context"), (long_prompt, " end")])
+
+
+# -------------------------------------------------------------------------------------- loglikelihood
+
+
+def test_loglikelihood_greedy_continuation(hf_backend):
+    question = [{"role": "user", "content": "Say only the word yes."}]
+    (answer,) = hf_backend.generate([question], 16)
+    (greedy, is_greedy), (other, other_greedy) = hf_backend.loglikelihood(
+        [(question, answer), (question, "Purple elephants dance.")]
+    )
+    assert is_greedy and not other_greedy
+    assert greedy > other
+    for value in (greedy, other):
+        assert math.isfinite(value) and value < 0
+
+
+def test_loglikelihood_batched_equals_unbatched(hf_backend, monkeypatch):
+    requests = [
+        ("The capital of France is", " Paris"),
+        ("Dictionary [3] {122: 765, 4548: 1475}. The value of key 4548 is", " 1475"),
+        ([{"role": "user", "content": "What is 2+2?"}], "4"),
+        ("Once upon a time", " there was a cat who lived in a small house."),
+        ("", "Hello"),  # empty context: scored after BOS
+    ]
+    batched = hf_backend.loglikelihood(requests)
+    monkeypatch.setattr(hf_backend, "batch_size", 1)
+    unbatched = hf_backend.loglikelihood(requests)
+    for (a, greedy_a), (b, greedy_b) in zip(batched, unbatched):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+        assert math.isfinite(a) and a < 0
+
+
+def test_loglikelihood_context_boundary_like_lm_eval(hf_backend):
+    # trailing whitespace of a raw context belongs to the continuation, so both spellings score " Paris"
+    pairs = [("The capital of France is ", "Paris"), ("The capital of France is", " Paris")]
+    (context_a, continuation_a), (context_b, continuation_b) = (hf_backend._encode_pair(p, "p") for p in pairs)
+    assert (context_a, continuation_a) == (context_b, continuation_b)
+    assert hf_backend.tokenizer.decode(continuation_a) == " Paris"
+    (a, _), (b, _) = hf_backend.loglikelihood(pairs)
+    assert a == pytest.approx(b, abs=1e-4)  # same tokens; rows of one batch may round differently
+    with pytest.raises(TypeError, match="non-empty string"):
+        hf_backend.loglikelihood([("context", "")])
+    with pytest.raises(TypeError, match=r"requests\[0\]: expected a \(context, continuation\) pair"):
+        hf_backend.loglikelihood(["no pair"])
+
+
+# ------------------------------------------------------------------------------------ dtype and device
+
+
+FAKE_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu vme sse sse2 avx2 avx512f avx512bw {extra}
+bogomips\t: 4800.00
+"""
+
+
+def test_cpu_supports_bf16_parses_cpuinfo():
+    assert cpu_supports_bf16(FAKE_CPUINFO.format(extra="avx512_bf16 avx512_vnni"))
+    assert cpu_supports_bf16(FAKE_CPUINFO.format(extra="amx_bf16 amx_tile"))
+    assert not cpu_supports_bf16(FAKE_CPUINFO.format(extra="avx512_vnni"))
+    assert not cpu_supports_bf16("")
+    assert not cpu_supports_bf16("model name\t: avx512_bf16 lookalike\nflags\t: sse2\n")  # only the flags line
+    assert isinstance(cpu_supports_bf16(), bool)  # this machine
+
+
+def test_resolve_eval_dtype(monkeypatch):
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: True)
+    assert resolve_eval_dtype("cpu", "auto") == "bfloat16"
+    assert resolve_eval_dtype("cpu", "float32") == "float32"
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: False)
+    assert resolve_eval_dtype("cpu", "auto") == "float32"
+    assert resolve_eval_dtype("cpu", "bfloat16") == "bfloat16"
+    with pytest.raises(ParamError, match="dtype: float16 is not supported on CPU"):
+        resolve_eval_dtype("cpu", "float16")
+    with pytest.raises(ParamError, match="dtype:"):
+        resolve_eval_dtype("cpu", "fp8")
+
+
+# ------------------------------------------------------------------------------------- identity, params
+
+
+def test_identity_and_protocol(hf_backend):
+    assert isinstance(hf_backend, Backend)
+    identity = hf_backend.identity()
+    assert identity["backend"] == "hf" and identity["dtype"] == "float32" and identity["device"] == "cpu"
+    assert identity["attn_implementation"] == "sdpa"
+    assert len(identity["model"]["weights_sha256"]) == 64 and len(identity["chat_template_sha256"]) == 64
+
+
+def test_backend_config_validation():
+    assert from_mapping(BackendConfig, {}) == BackendConfig()
+    with pytest.raises(ParamError, match=r"backend\.batchsize: unknown parameter \(did you mean 'batch_size'\?\)"):
+        build_backend({"batchsize": 4})
+    with pytest.raises(ParamError, match=r"backend\.batch_size: must be >= 1"):
+        build_backend({"batch_size": 0})
+    with pytest.raises(ParamError, match=r"backend\.max_batch_tokens: must be >= 1"):
+        build_backend({"max_batch_tokens": 0})
+    with pytest.raises(ParamError, match=r"backend\.kind: must be one of \['hf'\]"):
+        build_backend({"kind": "vllm"})
+    with pytest.raises(ParamError, match="batch_size: must be >= 1"):  # the constructor validates the same way
+        HFBackend(batch_size=0)
+
+
+def test_tiny_random_llama_loads_by_path(tmp_path, hf_backend):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = hf_backend.tokenizer
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    backend = build_backend({"model": str(tmp_path), "dtype": "float32", "device": "cpu", "batch_size": 2},
+                            progress=False)
+    assert isinstance(backend, HFBackend) and backend.context_length() == 128
+    outputs = backend.generate(["hi", "hello there", "a"], 5)
+    assert len(outputs) == 3 and all(isinstance(text, str) for text in outputs)
+    assert backend.fits(["hi", "word " * 200], 5) == [True, False]
+    ((logprob, _),) = backend.loglikelihood([("hello", " world")])
+    assert math.isfinite(logprob) and logprob < 0
+    assert backend.identity()["model"]["path"] == str(tmp_path.resolve())

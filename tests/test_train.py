@@ -1,0 +1,250 @@
+"""Finetuning: answer-only masking, resume equivalence, full and LoRA paths, dry run, params."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from kvlib import generate as gen
+from kvlib import train
+from kvlib.config import ParamError, from_mapping
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def char_counter(texts):
+    return [len(t) // 3 for t in texts]
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    """12 tiny simple-task samples (2 dictionaries) in the HF chat format `kvlib generate` writes."""
+    cfg = gen.GenerationConfig(num_dicts=2, n_train=12, n_eval=0, max_tokens=400, tokenizer="chars")
+    out = tmp_path_factory.mktemp("data")
+    samples = gen.generate(cfg, char_counter)["train"]
+    path = out / "train.jsonl"
+    path.write_text("".join(json.dumps({"messages": s.messages()}) + "\n" for s in samples))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, embedded_checkpoint) -> str:
+    """A 2-layer random Llama with the embedded model's tokenizer and chat template (trains in seconds)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_checkpoint)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    out = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def make_cfg(chat_file, tiny_model, out_dir, **kw) -> train.TrainConfig:
+    base = dict(train_file=str(chat_file), out_dir=str(out_dir), model=tiny_model, max_steps=6,
+                gradient_accumulation_steps=2, per_device_batch_size=1, learning_rate=1e-3, save_steps=2,
+                logging_steps=1, lr_scheduler="linear")
+    base.update(kw)
+    return from_mapping(train.TrainConfig, base)
+
+
+def state_dict(model_dir: Path):
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    assert files, f"no weights in {model_dir}"
+    out = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+# ------------------------------------------------------------------ masking
+
+@pytest.mark.slow
+def test_only_answer_tokens_carry_loss(embedded_checkpoint):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(embedded_checkpoint)
+    msgs = [{"role": "user", "content": "Report the value of key 12."},
+            {"role": "assistant", "content": "The value of key 12 is 345 and it is in Dictionary [2]."}]
+    ex = train.tokenize_chat(tok, msgs)
+    full = list(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+    prompt = list(tok.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert ex["input_ids"] == full
+    assert len(ex["labels"]) == len(full)
+    for i, (token, label) in enumerate(zip(full, ex["labels"])):
+        if i < len(prompt):
+            assert label == train.IGNORE_INDEX, f"prompt token {i} ({tok.decode([token])!r}) must carry no loss"
+        else:
+            assert label == token, f"answer token {i} must be its own label"
+    labelled = tok.decode([t for t in ex["labels"] if t != train.IGNORE_INDEX])
+    assert labelled.startswith(msgs[1]["content"] + "<|im_end|>")
+    assert msgs[1]["content"] not in tok.decode(prompt)
+
+
+def test_collate_right_pads_and_masks():
+    fn = train.collate(pad_token_id=0)
+    batch = fn([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_malformed_chat_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2:"):
+        train.read_chat_file(bad)
+    with pytest.raises(ParamError, match=r"^train_file: .* does not exist"):
+        train.read_chat_file(tmp_path / "missing.jsonl")
+
+
+# ------------------------------------------------------------------ training runs
+
+class KillAt:
+    """A TrainerCallback that 'kills' training after a given optimizer step (as a crash would)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __getattr__(self, name):  # every other callback event: no-op
+        return lambda *a, **k: None
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt(f"killed at step {state.global_step}")
+
+
+@pytest.mark.slow
+def test_resume_gives_same_final_weights(chat_file, tiny_model, tmp_path):
+    straight = make_cfg(chat_file, tiny_model, tmp_path / "straight")
+    train.train(straight, resume=False)
+
+    killed = make_cfg(chat_file, tiny_model, tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train.train(killed, resume=False, callbacks=[KillAt(3)])
+    assert train.last_checkpoint(killed).endswith("checkpoint-2")
+    assert not train.is_finished(killed)
+    with pytest.raises(ParamError, match="pass --resume"):
+        train.train(killed, resume=False)
+    summary = train.train(killed, resume=True)
+    assert summary["resumed_from"] == "checkpoint-2" and summary["global_steps"] == 6
+
+    a, b = state_dict(tmp_path / "straight" / "model"), state_dict(tmp_path / "killed" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), f"{k} differs after resume"
+    # the loss curve of the resumed run is the uninterrupted one
+    rows = lambda p: list(csv.DictReader(open(p / "loss.csv")))  # noqa: E731
+    assert [r["loss"] for r in rows(tmp_path / "straight")] == [r["loss"] for r in rows(tmp_path / "killed")]
+
+
+@pytest.mark.slow
+def test_full_finetune_lowers_loss_and_saves_loadable_model(chat_file, tiny_model, tmp_path):
+    from kvlib import models
+
+    cfg = make_cfg(chat_file, tiny_model, tmp_path / "full", max_steps=12, learning_rate=3e-3)
+    summary = train.train(cfg)
+    losses = [float(r["loss"]) for r in csv.DictReader(open(tmp_path / "full" / "loss.csv"))]
+    assert len(losses) == 12 and losses[-1] < losses[0]
+    assert summary["n_answer_tokens"] < summary["n_tokens"]
+    model, tok = models.load_model(summary["model_dir"], dtype="float32")
+    assert model.config.num_hidden_layers == 2
+    # a finished run is reused, not retrained
+    assert train.train(cfg)["wall_seconds_this_session"] == summary["wall_seconds_this_session"]
+    with pytest.raises(ParamError, match="holds no checkpoint"):
+        train.train(make_cfg(chat_file, tiny_model, tmp_path / "empty"), resume=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_lora_trains_only_adapters_and_loads(chat_file, tiny_model, tmp_path, merge):
+    from kvlib import models
+
+    cfg = make_cfg(chat_file, tiny_model, tmp_path / "lora", method="lora", lora_r=4, lora_alpha=8,
+                   merge_lora=merge, max_steps=4)
+    summary = train.train(cfg)
+    model_dir = Path(summary["model_dir"])
+    if merge:
+        assert not (model_dir / "adapter_config.json").exists()
+        assert any("lora" not in k for k in state_dict(model_dir))
+    else:
+        adapter = json.loads((model_dir / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == tiny_model and adapter["r"] == 4
+    model, _ = models.load_model(str(model_dir), dtype="float32")
+    base = state_dict(Path(tiny_model))
+    if not merge:  # the base weights are untouched: only adapters were trained
+        weights = dict(model.named_parameters())
+        q = next(v for k, v in weights.items() if k.endswith("layers.0.self_attn.q_proj.base_layer.weight"))
+        assert (q.detach() == base["model.layers.0.self_attn.q_proj.weight"]).all()
+
+
+# ------------------------------------------------------------------ dry run and params
+
+def test_dry_run_paper_plan_offline(chat_file, tmp_path):
+    """The paper profile's plan (Mistral-7B, hub unreachable) validates from the token counter and the
+    shipped architecture config, without any weights."""
+    cfg = from_mapping(train.TrainConfig, dict(
+        train_file=str(chat_file), out_dir=str(tmp_path / "m"), model="mistralai/Mistral-7B-Instruct-v0.1",
+        dry_run_tokenizer="mistral-7b-v0.1", epochs=2, gradient_accumulation_steps=16, dry_run_num_gpus=1,
+        dry_run_model_config=str(ROOT / "params" / "paper-mistral" / "mistral-7b-v0.1.config.json")))
+    plan = train.plan_training(cfg)
+    assert plan["n_examples"] == 12 and plan["optimizer_steps"] == 2
+    assert 7.1e9 < plan["n_params"] < 7.3e9, "Mistral-7B has 7.24B parameters"
+    assert plan["memory_gib"]["weights_grads_optimizer"] > 100  # full finetuning needs sharding across GPUs
+    assert "template allowance" in plan["token_lengths_from"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"epochs": 0}, "epochs"), ({"method": "qlora"}, "method"), ({"learning_rate": -1}, "learning_rate"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"), ({"precison": "bf16"}, "precison"),
+    ({"max_steps": 0}, "max_steps"), ({"train_file": ""}, "train_file"),
+])
+def test_bad_train_params(overrides, field, tmp_path):
+    base = {"train_file": "x.jsonl", "out_dir": str(tmp_path)}
+    base.update(overrides)
+    with pytest.raises(ParamError, match=rf"^{field}:"):
+        from_mapping(train.TrainConfig, base)
+
+
+# ------------------------------------------------------------------ notebook 02 params
+
+def test_finetune_notebook_params_resolve_datasets_of_the_profile():
+    p = from_mapping(train.FinetuneNotebookParams, {
+        "profile": "quick", "params_root": str(ROOT / "params"), "models_dir": "m",
+        "runs": {"a": {"dataset": "simple-template", "epochs": 1, "precision": "bf16"}}})
+    job = p.jobs()["a"]
+    assert job.train_config.train_file.endswith("quick/simple-template/train.jsonl")
+    assert job.train_config.out_dir == "m/quick/a" and job.train_config.epochs == 1
+    assert job.data_config.num_dicts == 10
+
+
+@pytest.mark.parametrize("runs, message", [
+    ({"a": {"dataset": "nope"}}, r"^runs\.a\.dataset: 'nope' is not defined"),
+    ({"a": {"epochs": 1}}, r"^runs\.a\.dataset: required"),
+    ({"a": {"dataset": "simple-template", "out_dir": "x"}}, r"^runs\.a\.out_dir: is set by the notebook"),
+    ({"a": {"dataset": "simple-template", "epoks": 1}}, r"^runs\.a\.epoks: unknown parameter"),
+    ({}, r"^runs: at least one run"),
+])
+def test_finetune_notebook_params_errors(runs, message):
+    with pytest.raises(ParamError, match=message):
+        from_mapping(train.FinetuneNotebookParams, {"profile": "quick", "params_root": str(ROOT / "params"),
+                                                    "runs": runs})
+
+
+def test_openai_runs_use_the_openai_file():
+    p = from_mapping(train.FinetuneNotebookParams, {
+        "profile": "paper-gpt35", "params_root": str(ROOT / "params"), "runs": {},
+        "openai_runs": {"g": {"dataset": "multisubkey-template", "n_epochs": 2}}})
+    cfg = p.openai_jobs()["g"].train_config
+    assert str(cfg.train_file).endswith("multisubkey-template/train.openai.jsonl") and cfg.n_epochs == 2
