@@ -46,6 +46,22 @@ def test_batched_generation_equals_one_at_a_time_in_original_order(hf_backend):
     assert hf_backend.generate([], MAX_NEW) == []
 
 
+def test_generation_batches_respect_max_batch_tokens(hf_backend, monkeypatch):
+    sizes = []
+    run_batch = hf_backend._generate_batch
+
+    def recording_run_batch(prompts, max_new_tokens):
+        sizes.append(len(prompts))
+        return run_batch(prompts, max_new_tokens)
+
+    monkeypatch.setattr(hf_backend, "_generate_batch", recording_run_batch)
+    lengths = hf_backend.prompt_lengths(PROMPTS[:3])
+    # room for two rows of the longest prompt + max_new_tokens, not three
+    monkeypatch.setattr(hf_backend, "max_batch_tokens", 2 * (max(lengths) + 4))
+    assert hf_backend.generate(PROMPTS[:3], 4) == [hf_backend.generate([p], 4)[0] for p in PROMPTS[:3]]
+    assert sizes[0] == 2 and sum(sizes[:2]) == 3
+
+
 def test_generation_stops_at_end_of_turn(hf_backend):
     (text,) = hf_backend.generate(["Say only the word yes."], 32)
     assert "<|im_end|>" not in text and "<|im_start|>" not in text
