@@ -319,7 +319,9 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     result = trainer.train(resume_from_checkpoint=ckpt if resume else None)
     wall = time.time() - t0
 
-    model_dir = save_final_model(cfg, trainer.model, tokenizer)
+    model_dir = save_final_model(cfg, trainer)
+    if not trainer.is_world_process_zero():  # under accelerate/torchrun only rank 0 writes reports
+        return {}
     write_loss_csv(trainer.state.log_history, out / "loss.csv")
     n_answer = sum(sum(1 for x in ex["labels"] if x != IGNORE_INDEX) for ex in dataset.examples)
     summary = {
@@ -342,16 +344,21 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     return summary
 
 
-def save_final_model(cfg: TrainConfig, model, tokenizer) -> Path:
+def save_final_model(cfg: TrainConfig, trainer) -> Path:
     """Save what evaluation loads by path: full weights, a LoRA adapter (base = cfg.model, a spec
-    kvlib.models resolves anywhere) or the merged LoRA model."""
+    kvlib.models resolves anywhere) or the merged LoRA model. `trainer.save_model` gathers FSDP/DeepSpeed
+    shards and writes on the main process only, with the tokenizer."""
     model_dir = Path(cfg.out_dir) / "model"
+    model = trainer.model
     if cfg.method == "lora" and cfg.merge_lora:
-        model = model.merge_and_unload()
-    elif cfg.method == "lora":
+        if trainer.is_world_process_zero():  # merging needs the whole model in one process (no FSDP)
+            merged = model.merge_and_unload()
+            merged.save_pretrained(model_dir)
+            trainer.processing_class.save_pretrained(model_dir)
+        return model_dir
+    if cfg.method == "lora":
         model.peft_config["default"].base_model_name_or_path = cfg.model
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    trainer.save_model(str(model_dir))
     return model_dir
 
 
