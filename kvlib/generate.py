@@ -155,6 +155,33 @@ def _draw_int(rng: random.Random, digits: tuple[int, int]) -> int:
     return rng.randint(10 ** (n - 1), 10 ** n - 1)
 
 
+def _fill_dictionaries(rng: random.Random, cfg: GenerationConfig, gold_pos: int, gold_key, gold_value: int,
+                       draw_key: Callable[[], object], value_allowed: Callable[[int], bool]) -> tuple[list[dict], int]:
+    """The num_dicts dictionaries: at gold_pos the gold dictionary (gold_dict_size entries, the gold pair in
+    a random slot), elsewhere dictionaries of random size. Distractor keys come from draw_key() and are
+    distinct within a dictionary; distractor values are redrawn until value_allowed(value)."""
+
+    def make(size: int, gold_slot: int = -1) -> dict:
+        d: dict = {}
+        for slot in range(size):
+            if slot == gold_slot:
+                d[gold_key] = gold_value
+                continue
+            key = draw_key()
+            while key in d:
+                key = draw_key()
+            value = _draw_int(rng, cfg.value_digits)
+            while not value_allowed(value):
+                value = _draw_int(rng, cfg.value_digits)
+            d[key] = value
+        return d
+
+    gold_slot = rng.randrange(cfg.gold_dict_size)
+    dicts = [make(cfg.gold_dict_size, gold_slot) if i == gold_pos else make(rng.randint(*cfg.dict_size_range))
+             for i in range(cfg.num_dicts)]
+    return dicts, gold_slot
+
+
 def _draw_simple(rng: random.Random, cfg: GenerationConfig, gold_pos: int) -> tuple[list[dict], dict]:
     """Dictionaries for the simple task. The gold key and gold value each occur exactly once among all
     integers of the prompt (no distractor key or value equals either)."""
@@ -164,27 +191,14 @@ def _draw_simple(rng: random.Random, cfg: GenerationConfig, gold_pos: int) -> tu
         gold_value = _draw_int(rng, cfg.value_digits)
     reserved = {gold_key, gold_value}
 
-    def distractor_dict(size: int, gold_slot: int = -1) -> dict:
-        d: dict = {}
-        for slot in range(size):
-            if slot == gold_slot:
-                d[gold_key] = gold_value
-                continue
+    def draw_key() -> int:
+        key = _draw_int(rng, cfg.key_digits)
+        while key in reserved:
             key = _draw_int(rng, cfg.key_digits)
-            while key in reserved or key in d:
-                key = _draw_int(rng, cfg.key_digits)
-            value = _draw_int(rng, cfg.value_digits)
-            while value in reserved:
-                value = _draw_int(rng, cfg.value_digits)
-            d[key] = value
-        return d
+        return key
 
-    gold_slot = rng.randrange(cfg.gold_dict_size)
-    dicts = [
-        distractor_dict(cfg.gold_dict_size, gold_slot) if i == gold_pos
-        else distractor_dict(rng.randint(*cfg.dict_size_range))
-        for i in range(cfg.num_dicts)
-    ]
+    dicts, gold_slot = _fill_dictionaries(rng, cfg, gold_pos, gold_key, gold_value, draw_key,
+                                          lambda v: v not in reserved)
     return dicts, {"key": gold_key, "value": gold_value, "key_index": gold_slot}
 
 
@@ -203,7 +217,7 @@ def _draw_multisubkey(rng: random.Random, cfg: GenerationConfig, gold_pos: int) 
         gold_value = _draw_int(rng, cfg.value_digits)
     common = rng.sample(gold_key, cfg.common_subkeys)
 
-    def distractor_key() -> tuple[int, ...]:
+    def draw_key() -> tuple[int, ...]:
         size = rng.randint(*cfg.subkeys_per_key)
         while True:
             key: list[int] = []
@@ -218,27 +232,8 @@ def _draw_multisubkey(rng: random.Random, cfg: GenerationConfig, gold_pos: int) 
             if not gold_set.issubset(key):
                 return tuple(key)
 
-    def make_dict(size: int, gold_slot: int = -1) -> dict:
-        d: dict = {}
-        for slot in range(size):
-            if slot == gold_slot:
-                d[tuple(gold_key)] = gold_value
-                continue
-            key = distractor_key()
-            while key in d:
-                key = distractor_key()
-            value = _draw_int(rng, cfg.value_digits)
-            while value == gold_value or value in gold_set:
-                value = _draw_int(rng, cfg.value_digits)
-            d[key] = value
-        return d
-
-    gold_slot = rng.randrange(cfg.gold_dict_size)
-    dicts = [
-        make_dict(cfg.gold_dict_size, gold_slot) if i == gold_pos
-        else make_dict(rng.randint(*cfg.dict_size_range))
-        for i in range(cfg.num_dicts)
-    ]
+    dicts, gold_slot = _fill_dictionaries(rng, cfg, gold_pos, tuple(gold_key), gold_value, draw_key,
+                                          lambda v: v != gold_value and v not in gold_set)
     query = list(gold_key)
     rng.shuffle(query)
     return dicts, {"key": tuple(gold_key), "value": gold_value, "key_index": gold_slot, "query_subkeys": query}
