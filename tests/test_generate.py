@@ -206,8 +206,7 @@ def test_cli_paper_config_deterministic(tmp_path, capsys):
     runs = {}
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
         out = tmp_path / name
-        rc = cli_main(["generate", "--params", str(params), "--seed", str(seed), "--out", str(out), "--quiet",
-                       "--tokenizer", "smollm2-135m-instruct"])
+        rc = cli_main(["generate", "--params", str(params), "--seed", str(seed), "--out", str(out), "--quiet"])
         assert rc == 0
         runs[name] = {p.name: _sha(p) for p in sorted(out.iterdir())}
     assert runs["a"] == runs["b"]
@@ -216,7 +215,7 @@ def test_cli_paper_config_deterministic(tmp_path, capsys):
     evals = gen.read_jsonl(tmp_path / "a" / "eval.meta.jsonl")
     assert (len(metas), len(evals)) == (350, 150)
     assert all(m["n_tokens"] <= 4096 - 100 for m in metas + evals)
-    assert all(m["num_dicts"] == 85 for m in metas)
+    assert all(m["num_dicts"] == 85 and m["tokenizer"] == "mistral-7b-v0.1" for m in metas)
     openai_rows = gen.read_jsonl(tmp_path / "a" / "train.openai.jsonl")
     assert openai_rows[0]["messages"][0] == {
         "role": "system", "content": "Write a response that appropriately completes the request."}
