@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import inspect
 import json
 import sys
@@ -26,6 +25,7 @@ import torch
 
 from kvlib.config import check_positive, fail, from_mapping
 from kvlib.models import DEFAULT_MODEL, default_device_dtype, load_model, model_identity
+from kvlib.reporting import sha256_text
 
 Message = Mapping[str, str]
 Request = Union[str, Sequence[Message]]  # a plain user prompt, or a chat conversation
@@ -164,10 +164,6 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(ids))  # dedupe, keep order
 
 
-def _sha256_text(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 # ------------------------------------------------------------------------------------------- params
 
 
@@ -244,7 +240,7 @@ class HFBackend:
             "dtype": self.dtype,
             "device": str(self.device),
             "attn_implementation": self.attn_implementation,
-            "chat_template_sha256": _sha256_text(template),
+            "chat_template_sha256": None if template is None else sha256_text(template),
             "stop_token_ids": self.stop_ids,
         }
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -26,14 +25,14 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
-from kvlib.config import ParamError, fail
+from kvlib.config import fail
+from kvlib.reporting import files_sha256
 
 # name -> (python package that ships the GGUF, file name inside the package)
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
@@ -95,29 +94,6 @@ def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
 
 # --------------------------------------------------------------------------------------------- hashing
 
-_hash_cache: dict[tuple, str] = {}
-_hash_lock = threading.Lock()
-
-
-def _sha256_files(paths: Sequence[Path]) -> str:
-    """sha256 over the bytes of `paths` in the given order (for one file: its plain sha256, as `sha256sum`
-    prints it). Cached in-process by each file's (path, size, mtime), so re-asking is free until a file
-    changes."""
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    key = tuple(stats)
-    with _hash_lock:
-        if key in _hash_cache:
-            return _hash_cache[key]
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-    with _hash_lock:
-        _hash_cache[key] = digest.hexdigest()
-    return _hash_cache[key]
-
-
 def _weight_files(directory: Path) -> list[Path]:
     files = sorted(
         p for p in directory.iterdir()
@@ -177,7 +153,7 @@ def _converted_checkpoint(name: str, gguf: Path) -> Path:
     and renamed into place, so the directory exists only once complete; when two processes race, both
     convert and the loser of the rename discards its copy and uses the winner's.
     """
-    sha = _sha256_files([gguf])
+    sha = files_sha256([gguf])
     models_dir = cache_dir() / "models"
     target = models_dir / f"{name}-{sha[:12]}"
     if (target / _SOURCE_FILE).is_file():
@@ -355,9 +331,9 @@ def model_identity(spec: str) -> dict:
     path = resolve_model(spec)
     source = _gguf_source(spec)
     if source is not None:
-        sha = _sha256_files([source[1]])
+        sha = files_sha256([source[1]])
     elif Path(path).is_dir():
-        sha = _sha256_files(_weight_files(Path(path)))
+        sha = files_sha256(_weight_files(Path(path)))
     else:
         sha = None
     return {"spec": spec, "path": path, "weights_sha256": sha}

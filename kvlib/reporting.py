@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -22,8 +23,9 @@ FIGURE_DPI = 120
 CSV_FLOAT_FORMAT = "%.6g"  # machine-readable copy: enough digits for any accuracy/latency we report
 DISPLAY_DIGITS = 4  # significant digits in the markdown/LaTeX tables meant for reading
 
-# (resolved path, size, mtime_ns) -> sha256; a file is hashed once per process unless it changes.
-_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+# ((resolved path, size, mtime_ns), ...) -> sha256; files are hashed once per process unless they change.
+_SHA256_CACHE: dict[tuple, str] = {}
+_SHA256_LOCK = threading.Lock()  # evaluation threads may hash model files concurrently
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -47,19 +49,30 @@ def dumps_json(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, streamed (datasets can be large) and cached by (path, size, mtime)."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    digest = _SHA256_CACHE.get(key)
-    if digest is None:
-        h = hashlib.sha256()
+def files_sha256(paths: Iterable[str | Path]) -> str:
+    """sha256 over the bytes of `paths` in order (one file: its plain sha256, as `sha256sum` prints it),
+    streamed (weights and datasets are large) and cached by each file's (path, size, mtime)."""
+    paths = [Path(p) for p in paths]
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    with _SHA256_LOCK:
+        if key in _SHA256_CACHE:
+            return _SHA256_CACHE[key]
+    h = hashlib.sha256()
+    for path in paths:
         with path.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
-        digest = _SHA256_CACHE[key] = h.hexdigest()
-    return digest
+    with _SHA256_LOCK:
+        _SHA256_CACHE[key] = h.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def file_sha256(path: str | Path) -> str:
+    return files_sha256([path])
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def notebook_output_dir(results_dir: str | Path, name: str) -> Path:

@@ -11,7 +11,6 @@ params, notebook file, recorded inputs and outputs are unchanged is skipped on t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import html
 import importlib
 import importlib.metadata
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kvlib.config import ParamError, from_mapping, load_yaml, to_mapping
-from kvlib.reporting import INPUTS_FILE, atomic_write_text, dumps_json, file_sha256, read_inputs
+from kvlib.reporting import INPUTS_FILE, atomic_write_text, dumps_json, file_sha256, read_inputs, sha256_text
 
 # Notebook name -> params dataclass ("module:ClassName", imported only when that notebook is selected, or the
 # class itself). Every notebook must be listed: adding a notebook means adding its params class here.
@@ -143,10 +142,6 @@ def _canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _make_job(name: str, notebook: Path, profile: str, profile_dir: Path, results_dir: Path) -> NotebookJob:
     params_file = profile_dir / f"{name}.yaml"
     if not params_file.is_file():
@@ -174,7 +169,7 @@ def _make_job(name: str, notebook: Path, profile: str, profile_dir: Path, result
         params_file=params_file,
         injected=injected,
         seeds=find_seeds(to_mapping(obj)),
-        params_sha256=_sha256_text(params_json),
+        params_sha256=sha256_text(params_json),
         notebook_sha256=file_sha256(notebook),
     )
 

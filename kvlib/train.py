@@ -15,7 +15,6 @@ Layout of an output directory:
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import math
@@ -202,12 +201,6 @@ def build_dataset(tokenizer, chats: list[list[dict]], max_length: int, source: s
     return ChatDataset(examples)
 
 
-def file_sha256(path: Path) -> str:
-    from kvlib.reporting import file_sha256 as sha
-
-    return sha(Path(path))
-
-
 # ---------------------------------------------------------------- model
 
 def _use_bf16(cfg: TrainConfig, cuda: bool) -> bool:
@@ -293,7 +286,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     import torch
     from transformers import Trainer
 
-    from kvlib import models
+    from kvlib import models, reporting
 
     out = Path(cfg.out_dir)
     if is_finished(cfg):
@@ -327,7 +320,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     summary = {
         "config": to_mapping(cfg),
         "config_sha256": config_hash(cfg),
-        "train_file_sha256": file_sha256(Path(cfg.train_file)),
+        "train_file_sha256": reporting.file_sha256(cfg.train_file),
         "base_model": models.model_identity(cfg.model),
         "model_dir": str(model_dir),
         "n_examples": len(dataset),
