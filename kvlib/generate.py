@@ -463,23 +463,12 @@ def format_stats(result: dict) -> str:
     return "\n".join(lines)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({exc.msg})") from None
-    return rows
-
-
 def load_dataset(out_dir: Path, split: str) -> list[Sample]:
     """Read back a split written by write_dataset."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    from kvlib.data import read_jsonl
+
     chats = read_jsonl(Path(out_dir) / f"{split}.jsonl")
     metas = read_jsonl(Path(out_dir) / f"{split}.meta.jsonl")
     if len(chats) != len(metas):

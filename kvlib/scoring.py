@@ -99,3 +99,36 @@ def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95)
     means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
     alpha = (1 - level) / 2
     return float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+# ---------------------------------------------------------------- open-domain QA (MDQA, NQ-Open)
+
+import string
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)  # ASCII only, as in the SQuAD script: "×", "—" survive
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD answer normalisation (the one "Lost in the Middle" scores with): lower-case, drop ASCII
+    punctuation, drop the articles a/an/the, collapse whitespace. Order matters: punctuation goes
+    before articles, so "the-end" -> "theend" keeps its "the"."""
+    if not isinstance(s, str):
+        raise TypeError(f"normalize_answer needs a str, got {type(s).__name__}")
+    text = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def best_subspan_em(prediction: str, ground_truths) -> float:
+    """1.0 if any normalised gold answer occurs as a substring of the normalised prediction, else 0.0
+    (LitM's metric). As in LitM, a gold answer that normalises to "" (e.g. "*") matches every
+    prediction; in the LitM oracle file that happens once ("what is the multiplication sign on the
+    computer"). LitM scores only the first line of the model output: that cut is the caller's job."""
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a str, got {type(prediction).__name__}")
+    if isinstance(ground_truths, str) or not isinstance(ground_truths, (list, tuple)) or not ground_truths:
+        raise ValueError(f"ground_truths must be a non-empty list of str, got {ground_truths!r}")
+    if not all(isinstance(g, str) for g in ground_truths):
+        raise TypeError(f"ground_truths must all be str, got {ground_truths!r}")
+    normalized_prediction = normalize_answer(prediction)
+    return 1.0 if any(normalize_answer(g) in normalized_prediction for g in ground_truths) else 0.0

@@ -123,16 +123,16 @@ def config_hash(cfg: TrainConfig) -> str:
 
 def read_chat_file(path: Path) -> list[list[dict]]:
     """Conversations from a chat JSONL; each must end with an assistant message (the training target)."""
-    from kvlib.generate import read_jsonl
+    from kvlib.data import read_jsonl_records
 
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"train_file: {path} does not exist (generate it first, e.g. `kvlib generate`)")
-    rows = read_jsonl(path)
+    rows, _ = read_jsonl_records(path)
     if not rows:
         raise ParamError(f"train_file: {path} holds no examples")
     chats = []
-    for lineno, row in enumerate(rows, 1):
+    for lineno, row in rows:
         msgs = row.get("messages") if isinstance(row, dict) else None
         if (not isinstance(msgs, list) or len(msgs) < 2
                 or any(not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")

@@ -14,6 +14,7 @@ import pytest
 from kvlib import generate as gen
 from kvlib.cli import main as cli_main
 from kvlib.config import ParamError, from_mapping
+from kvlib.data import read_jsonl
 from kvlib.generate import GenerationConfig
 
 
@@ -211,12 +212,12 @@ def test_cli_paper_config_deterministic(tmp_path, capsys):
         runs[name] = {p.name: _sha(p) for p in sorted(out.iterdir())}
     assert runs["a"] == runs["b"]
     assert runs["a"]["train.jsonl"] != runs["c"]["train.jsonl"]
-    metas = gen.read_jsonl(tmp_path / "a" / "train.meta.jsonl")
-    evals = gen.read_jsonl(tmp_path / "a" / "eval.meta.jsonl")
+    metas = read_jsonl(tmp_path / "a" / "train.meta.jsonl")
+    evals = read_jsonl(tmp_path / "a" / "eval.meta.jsonl")
     assert (len(metas), len(evals)) == (350, 150)
     assert all(m["n_tokens"] <= 4096 - 100 for m in metas + evals)
     assert all(m["num_dicts"] == 85 and m["tokenizer"] == "mistral-7b-v0.1" for m in metas)
-    openai_rows = gen.read_jsonl(tmp_path / "a" / "train.openai.jsonl")
+    openai_rows = read_jsonl(tmp_path / "a" / "train.openai.jsonl")
     assert openai_rows[0]["messages"][0] == {
         "role": "system", "content": "Write a response that appropriately completes the request."}
     assert "prompt tokens" in capsys.readouterr().out
