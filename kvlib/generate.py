@@ -528,11 +528,13 @@ def preview(sample: Sample, head: int = 3, tail: int = 1) -> str:
 def stats_rows(name: str, result: dict) -> list[dict]:
     """Rows of the token-length table for one written dataset (one row per split)."""
     cfg = result["config"]
+    columns = ("n", "min", "mean", "median", "max", "mean_draws")  # fixed order, fresh or read from stats.json
     return [
         {"dataset": name, "split": split, "task": cfg["task"], "template": cfg["template"],
          "num_dicts": cfg["num_dicts"], "tokenizer": cfg["tokenizer"], "seed": cfg["seed"],
-         "budget": cfg["max_tokens"] - cfg["reserve_tokens"], **st}
-        for split, st in result["splits"].items()
+         "budget": cfg["max_tokens"] - cfg["reserve_tokens"],
+         **{c: result["splits"][split].get(c) for c in columns}}
+        for split in SPLITS if split in result["splits"]
     ]
 
 
