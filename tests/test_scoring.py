@@ -60,3 +60,27 @@ def test_score_multisubkey():
 def test_score_needs_metadata():
     with pytest.raises(KeyError, match="gold_dict_name"):
         score_kv_answer("x", {"task": "simple", "key": 1, "value": 2})
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+    from kvlib.scoring import bootstrap_ci
+
+    values = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1]
+    mean, lo, hi = bootstrap_ci(values)
+    assert mean == 0.7 and lo <= mean <= hi and 0 <= lo < hi <= 1
+    assert bootstrap_ci(values) == (mean, lo, hi), "same seed, same interval"
+    assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_summarize_groups_rows_with_cis():
+    from kvlib.evaluate import summarize
+
+    rows = [{"run": "a", "model": m, "exact": e} for m, e in
+            [("original", False), ("original", False), ("finetuned", True), ("finetuned", False)]]
+    table = summarize(rows, ["run", "model"], ["exact"])
+    by_model = {r["model"]: r for r in table}
+    assert by_model["original"]["n"] == 2 and by_model["original"]["exact"] == 0.0
+    assert by_model["finetuned"]["exact"] == 0.5
+    assert by_model["finetuned"]["exact_ci_low"] <= 0.5 <= by_model["finetuned"]["exact_ci_high"]
