@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 from kvlib.config import ParamError, from_mapping
-from kvlib.data import OnTruncated, read_jsonl_records
+from kvlib.data import JsonlReport, OnTruncated, read_jsonl_records
 from kvlib.generate import load_template
 from kvlib.scoring import normalize_answer
 
@@ -277,23 +277,14 @@ def example_to_record(example: MDQAExample) -> dict:
 
 
 @dataclass(frozen=True)
-class MDQALoadReport:
-    """What `load_mdqa` read. `truncated_line`: a cut-off final line that was dropped (stop mode)."""
+class MDQALoadReport(JsonlReport):
+    """What `load_mdqa` read: the JSONL report plus the record layout and the top-level keys it ignored."""
 
-    path: str
-    records: int
-    layout: str
-    truncated_line: int | None = None
+    layout: str = ""
     ignored_keys: tuple[str, ...] = ()
 
-    @property
-    def truncated(self) -> bool:
-        return self.truncated_line is not None
-
     def summary(self) -> str:
-        text = f"{self.path}: {self.records} records read ({self.layout} layout)"
-        if self.truncated:
-            text += f"; line {self.truncated_line} was truncated and dropped"
+        text = super().summary().replace(" records read", f" records read ({self.layout} layout)", 1)
         if self.ignored_keys:
             text += f"; ignored keys: {', '.join(self.ignored_keys)}"
         return text
@@ -329,7 +320,8 @@ def load_mdqa(
         examples.append(example)
     if not examples:
         raise MDQAFormatError(f"{path}: no records")
-    report = MDQALoadReport(str(path), len(examples), file_layout, jsonl.truncated_line, tuple(sorted(ignored)))
+    report = MDQALoadReport(str(path), len(examples), truncated_line=jsonl.truncated_line,
+                            blank_lines=jsonl.blank_lines, layout=file_layout, ignored_keys=tuple(sorted(ignored)))
     if report.truncated:
         warnings.warn(report.summary(), stacklevel=2)
     return examples, report
