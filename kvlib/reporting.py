@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from matplotlib.figure import Figure
 
 INPUTS_FILE = "inputs.json"
+FACTS_FILE = "facts.json"  # facts a run produced that belong in the manifest (e.g. a fine-tuned model name)
+BOOKKEEPING_FILES = (INPUTS_FILE, FACTS_FILE)  # merged into the manifest, not outputs
 FIGURE_DPI = 120
 CSV_FLOAT_FORMAT = "%.6g"  # machine-readable copy: enough digits for any accuracy/latency we report
 DISPLAY_DIGITS = 4  # significant digits in the markdown/LaTeX tables meant for reading
@@ -152,3 +154,17 @@ def record_inputs(results_dir: str | Path, name: str, paths: Iterable[str | Path
     entries = [recorded[k] for k in sorted(recorded)]
     atomic_write_text(notebook_output_dir(results_dir, name) / INPUTS_FILE, dumps_json(entries))
     return entries
+
+
+def read_facts(results_dir: str | Path, name: str) -> dict:
+    """The facts recorded so far for notebook `name` (empty when none)."""
+    path = Path(results_dir) / name / FACTS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def record_facts(results_dir: str | Path, name: str, facts: dict) -> dict:
+    """Merge `facts` (plain JSON data) into `results_dir/name/facts.json`; `kvlib reproduce` copies them into
+    the notebook's manifest entry. Returns everything recorded so far."""
+    merged = {**read_facts(results_dir, name), **facts}
+    atomic_write_text(notebook_output_dir(results_dir, name) / FACTS_FILE, dumps_json(merged))
+    return merged

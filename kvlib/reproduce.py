@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kvlib.config import ParamError, from_mapping, load_yaml, to_mapping
-from kvlib.reporting import INPUTS_FILE, atomic_write_text, dumps_json, file_sha256, read_inputs, sha256_text
+from kvlib.reporting import (
+    BOOKKEEPING_FILES, atomic_write_text, dumps_json, file_sha256, read_facts, read_inputs, sha256_text,
+)
 
 # Notebook name -> params dataclass ("module:ClassName", imported only when that notebook is selected, or the
 # class itself). Every notebook must be listed: adding a notebook means adding its params class here.
@@ -317,12 +319,12 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _notebook_artifacts(out_dir: Path, name: str) -> list[str]:
-    """Files the notebook wrote under results/<profile>/<name>/ (inputs.json is bookkeeping, not output)."""
+    """Files the notebook wrote under results/<profile>/<name>/ (inputs.json, facts.json are bookkeeping)."""
     art_dir = out_dir / name
     if not art_dir.is_dir():
         return []
     return sorted(
-        p.relative_to(out_dir).as_posix() for p in art_dir.rglob("*") if p.is_file() and p.name != INPUTS_FILE
+        p.relative_to(out_dir).as_posix() for p in art_dir.rglob("*") if p.is_file() and p.name not in BOOKKEEPING_FILES
     )
 
 
@@ -373,8 +375,9 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
     import papermill
 
     tmp_nb, tmp_html = out_dir / f".{job.name}.running.ipynb", out_dir / f".{job.name}.running.html"
-    # inputs.json describes one run: drop the previous run's record so this run's reads are not mixed in.
-    (out_dir / job.name / INPUTS_FILE).unlink(missing_ok=True)
+    # inputs.json and facts.json describe one run: drop the previous run's records so they are not mixed in.
+    for bookkeeping in BOOKKEEPING_FILES:
+        (out_dir / job.name / bookkeeping).unlink(missing_ok=True)
     started, t0 = _now(), time.perf_counter()
     error: BaseException | None = None
     try:
@@ -407,6 +410,9 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         "outputs": outputs,
         "inputs": read_inputs(out_dir, job.name),
     }
+    facts = read_facts(out_dir, job.name)
+    if facts:
+        entry["facts"] = facts
     if error is not None:
         entry["error"] = {"ename": getattr(error, "ename", type(error).__name__),
                           "evalue": getattr(error, "evalue", str(error))}

@@ -59,6 +59,7 @@ from kvlib import reporting
 out = reporting.notebook_output_dir(results_dir, "{NB1}")
 (out / "message.txt").write_text(message * repeat)
 reporting.record_inputs(results_dir, "{NB1}", ["data/input.txt"])
+reporting.record_facts(results_dir, "{NB1}", {{"fine_tuned_model": "ft:demo:" + message}})
 print("key seen by the kernel:", os.environ.get("OPENAI_API_KEY"))  # a careless notebook: must be redacted
 """
 NB2_CODE = """\
@@ -173,6 +174,7 @@ def test_run_writes_notebooks_html_and_manifest(first_run):
         {"path": "data/input.txt", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     ]
     assert e2["inputs"] == []
+    assert e1["facts"] == {"fine_tuned_model": "ft:demo:hi"} and "facts" not in e2  # not an output either
     assert e1["notebook"] == f"notebooks/{NB1}.ipynb" and e1["params_file"] == f"params/{PROFILE}/{NB1}.yaml"
 
 
