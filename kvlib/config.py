@@ -155,6 +155,16 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def params_section(data: Mapping[str, Any], section: str) -> tuple[dict, str]:
+    """One command's keys of a params mapping: those under `section:` when the file has that mapping (one
+    YAML may hold several commands' sections), else the top level. Also returns the dotted prefix that
+    names where they came from ("" for the top level)."""
+    inner = data.get(section)
+    if isinstance(inner, Mapping):
+        return dict(inner), section
+    return dict(data), ""
+
+
 def check_range(field: str, value: tuple[int, int], minimum: int | None = None) -> None:
     lo, hi = value
     if lo > hi:

@@ -34,6 +34,7 @@ from kvlib.config import (
     fail,
     from_mapping,
     load_yaml,
+    params_section,
     to_mapping,
 )
 
@@ -481,11 +482,7 @@ def load_dataset(out_dir: Path, split: str) -> list[Sample]:
 def config_from_sources(params_file: Path | None, overrides: dict) -> GenerationConfig:
     """GenerationConfig from an optional YAML file (top-level keys, or under `generation:`) plus CLI
     overrides; validated as a whole."""
-    data: dict = {}
-    if params_file is not None:
-        data = load_yaml(params_file)
-        if "generation" in data and isinstance(data["generation"], dict):
-            data = data["generation"]
+    data = params_section(load_yaml(params_file), "generation")[0] if params_file is not None else {}
     data.update(overrides)
     return from_mapping(GenerationConfig, data)
 

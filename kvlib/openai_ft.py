@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from kvlib.config import check_positive, fail, from_mapping, load_yaml
+from kvlib.config import check_positive, fail, from_mapping, load_yaml, params_section
 from kvlib.reporting import atomic_write_text, dumps_json, file_sha256
 
 STATE_FILE = "openai_job.json"
@@ -133,9 +133,7 @@ class OpenAIFinetuneConfig:
 def load_config(params: str | Path | Mapping[str, Any]) -> OpenAIFinetuneConfig:
     """Config from a params YAML (or a mapping): top-level keys, or the `openai_finetune:` section."""
     data = dict(params) if isinstance(params, Mapping) else load_yaml(params)
-    if isinstance(data.get("openai_finetune"), Mapping):
-        return from_mapping(OpenAIFinetuneConfig, data["openai_finetune"], "openai_finetune")
-    return from_mapping(OpenAIFinetuneConfig, data)
+    return from_mapping(OpenAIFinetuneConfig, *params_section(data, "openai_finetune"))
 
 
 # ------------------------------------------------------------------------------------ file validation

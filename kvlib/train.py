@@ -30,6 +30,7 @@ from kvlib.config import (
     fail,
     from_mapping,
     load_yaml,
+    params_section,
     to_mapping,
 )
 
@@ -108,9 +109,7 @@ class TrainConfig:
 
 def config_from_file(path: Path, overrides: dict | None = None) -> TrainConfig:
     """TrainConfig from YAML (top-level keys or under `train:`), plus overrides."""
-    data = load_yaml(path)
-    if isinstance(data.get("train"), dict):
-        data = data["train"]
+    data = params_section(load_yaml(path), "train")[0]
     data.update(overrides or {})
     return from_mapping(TrainConfig, data)
 
