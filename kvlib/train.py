@@ -537,6 +537,47 @@ class FinetuneNotebookParams:
         return jobs
 
 
+def profile_finetune_params(profile: str, params_root: str | Path = "params") -> FinetuneNotebookParams:
+    """The profile's 02_finetune params (params/<profile>/02_finetune.yaml), validated: where evaluation
+    notebooks look up the runs they evaluate."""
+    path = Path(params_root) / profile / "02_finetune.yaml"
+    data = load_yaml(path)
+    try:
+        return from_mapping(FinetuneNotebookParams, {**data, "profile": profile, "params_root": str(params_root)})
+    except ParamError as exc:
+        raise ParamError(f"{path}: {exc}") from None
+
+
+def run_names(profile: str, params_root: str | Path = "params") -> tuple[list[str], list[str]]:
+    """(HF runs, OpenAI runs) that the profile's 02_finetune params define."""
+    params = profile_finetune_params(profile, params_root)
+    return list(params.runs), list(params.openai_runs)
+
+
+def ensure_run_model(profile: str, run: str, params_root: str | Path = "params") -> str:
+    """The model a finetuning run of the profile produced: an HF run's saved model directory (trained now,
+    from its dataset, if it has not finished: finished runs are reused, interrupted ones resume), or an
+    OpenAI run's fine-tuned model name (which needs notebook 02 with openai_submit)."""
+    from kvlib.generate import ensure_dataset
+    from kvlib.openai_ft import STATE_FILE
+
+    params = profile_finetune_params(profile, params_root)
+    jobs, openai_jobs = params.jobs(), params.openai_jobs()
+    if run in jobs:
+        job = jobs[run]
+        ensure_dataset(job.data_config, job.data_dir)
+        return train(job.train_config, resume="auto")["model_dir"]
+    if run in openai_jobs:
+        state_file = Path(openai_jobs[run].train_config.job_dir) / STATE_FILE
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        if not state.get("fine_tuned_model"):
+            raise ParamError(f"run {run!r}: no fine-tuned model yet ({state_file}); run notebook 02 with "
+                             f"openai_submit: true and OPENAI_API_KEY set first")
+        return state["fine_tuned_model"]
+    known = ", ".join([*jobs, *openai_jobs]) or "none"
+    raise ParamError(f"run: {run!r} is not a run of params/{profile}/02_finetune.yaml (runs: {known})")
+
+
 # ---------------------------------------------------------------- CLI
 
 def main_cli(params: Path, out: str | None = None, resume: bool = False, dry_run: bool = False) -> int:

@@ -34,3 +34,24 @@ def hf_backend_bf16():
     from kvlib.models import DEFAULT_MODEL
 
     return HFBackend(DEFAULT_MODEL, device="cpu", dtype="bfloat16", batch_size=3, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, hf_backend) -> str:
+    """A tiny random Llama (2 layers, width 32, context 128) with the embedded model's tokenizer and chat
+    template, saved as a checkpoint: loads and generates in milliseconds, for plumbing tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = hf_backend.tokenizer
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

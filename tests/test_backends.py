@@ -4,6 +4,7 @@ tokens, so the file runs in well under a minute on 2 CPU cores."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,27 +230,24 @@ def test_backend_config_validation():
         build_backend({"batch_size": 0})
     with pytest.raises(ParamError, match=r"backend\.max_batch_tokens: must be >= 1"):
         build_backend({"max_batch_tokens": 0})
-    with pytest.raises(ParamError, match=r"backend\.kind: must be one of \['hf'\]"):
+    with pytest.raises(ParamError, match=r"backend\.kind: must be one of \['hf', 'openai'\]"):
         build_backend({"kind": "vllm"})
+    with pytest.raises(ParamError, match=r"backend\.run: give either model or run"):
+        build_backend({"model": "x", "run": "y"})
+    with pytest.raises(ParamError, match=r"backend\.model: kind openai needs"):
+        build_backend({"kind": "openai"})
+    with pytest.raises(ParamError, match=r"backend\.api_key_env: must name an environment variable"):
+        build_backend({"kind": "openai", "model": "m", "api_key_env": "sk-abc123"})
+    with pytest.raises(ParamError, match=r"backend\.base_url: must be an http"):
+        build_backend({"kind": "openai", "model": "m", "base_url": "localhost:8000"})
+    with pytest.raises(ValueError, match="not resolved to a model"):
+        build_backend({"run": "simple-template"})
     with pytest.raises(ParamError, match="batch_size: must be >= 1"):  # the constructor validates the same way
         HFBackend(batch_size=0)
 
 
-def test_tiny_random_llama_loads_by_path(tmp_path, hf_backend):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = hf_backend.tokenizer
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-
-    backend = build_backend({"model": str(tmp_path), "dtype": "float32", "device": "cpu", "batch_size": 2},
+def test_tiny_random_llama_loads_by_path(tiny_llama_dir):
+    backend = build_backend({"model": tiny_llama_dir, "dtype": "float32", "device": "cpu", "batch_size": 2},
                             progress=False)
     assert isinstance(backend, HFBackend) and backend.context_length() == 128
     outputs = backend.generate(["hi", "hello there", "a"], 5)
@@ -257,4 +255,4 @@ def test_tiny_random_llama_loads_by_path(tmp_path, hf_backend):
     assert backend.fits(["hi", "word " * 200], 5) == [True, False]
     ((logprob, _),) = backend.loglikelihood([("hello", " world")])
     assert math.isfinite(logprob) and logprob < 0
-    assert backend.identity()["model"]["path"] == str(tmp_path.resolve())
+    assert backend.identity()["model"]["path"] == str(Path(tiny_llama_dir).resolve())
