@@ -161,7 +161,8 @@ def evaluate_kv(backend, samples: Sequence[Sample], max_new_tokens: int, label: 
 
 
 def summarize(rows: list[dict], by: list[str], metrics: list[str], seed: int = 0) -> list[dict]:
-    """Mean and bootstrap 95% CI of each metric per group of rows (one row per item in, one per group out)."""
+    """Mean and bootstrap 95% CI of each metric per group of rows (one row per item in, one per group out).
+    `n` counts the group's items; a metric's mean is over the items it was scored on (not None)."""
     from kvlib.scoring import bootstrap_ci
 
     groups: dict[tuple, list[dict]] = {}
@@ -171,7 +172,215 @@ def summarize(rows: list[dict], by: list[str], metrics: list[str], seed: int = 0
     for key, items in groups.items():
         row = dict(zip(by, key), n=len(items))
         for m in metrics:
-            mean, lo, hi = bootstrap_ci([float(i[m]) for i in items], seed=seed)
+            # None: not scored (an over-length prompt; count_over_length reports how many)
+            values = [float(i[m]) for i in items if i[m] is not None]
+            if not values:
+                row.update({m: None, f"{m}_ci_low": None, f"{m}_ci_high": None})
+                continue
+            mean, lo, hi = bootstrap_ci(values, seed=seed)
             row.update({m: mean, f"{m}_ci_low": lo, f"{m}_ci_high": hi})
         out.append(row)
     return out
+
+
+def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_key: str,
+                  model_key: str = "model", seed: int = 0) -> list[dict]:
+    """Each other model minus `base` on the same items, per group: mean of the per-item differences with a
+    paired bootstrap 95% CI (resampling items, so question difficulty cancels out). Items either model did
+    not score (None) are left out of that pair and counted in `n_unpaired`."""
+    from kvlib.scoring import bootstrap_ci
+
+    scores: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        scores.setdefault(tuple(r[k] for k in by), {}).setdefault(r[model_key], {})[r[item_key]] = r[metric]
+    out = []
+    for key, by_model in scores.items():
+        reference = by_model.get(base, {})
+        for model, values in by_model.items():
+            if model == base:
+                continue
+            shared = [i for i in values if i in reference]
+            pairs = [(values[i], reference[i]) for i in shared if values[i] is not None and reference[i] is not None]
+            row = dict(zip(by, key), model=model, base=base, n_pairs=len(pairs),
+                       n_unpaired=len(set(values) | set(reference)) - len(pairs))
+            if pairs:
+                mean, lo, hi = bootstrap_ci([float(a) - float(b) for a, b in pairs], seed=seed)
+                row.update({f"delta_{metric}": mean, "ci_low": lo, "ci_high": hi})
+            out.append(row)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- MDQA
+
+
+def evaluate_mdqa(backend: Any, eval_set: Any, positions: Sequence[int], max_new_tokens: int,
+                  label: str) -> list[dict]:
+    """Every question of a kvlib.mdqa.MDQAEvalSet with its gold at each 1-based position, answered through the
+    chat template (LitM's prompt as the user turn) and scored with LitM's metric. One row per (question,
+    position); a prompt over the model's context gets `over_length=True`, `correct=None` (counted, not scored)."""
+    from kvlib.mdqa import position_prompts
+    from kvlib.scoring import score_mdqa_answer
+
+    keys, requests = [], []
+    for example in eval_set.examples:
+        for position, prompt in position_prompts(example, positions):
+            keys.append((example, position))
+            requests.append([{"role": "user", "content": prompt}])
+    answers = answer_requests(backend, requests, max_new_tokens)
+    fields = result_fields(backend, max_new_tokens)
+    rows = []
+    for (example, position), answer in zip(keys, answers):
+        rows.append({"model": label, "setting": eval_set.label, "position": position,
+                     "num_documents": len(example.documents), "qid": example.qid, "question": example.question,
+                     "answers": " | ".join(example.answers), "response": answer, "over_length": answer is None,
+                     "correct": None if answer is None else score_mdqa_answer(answer, example.answers), **fields})
+    return rows
+
+
+def count_over_length(rows: list[dict], by: list[str]) -> list[dict]:
+    """Per group: how many items were evaluated and how many did not fit the context (never dropped silently)."""
+    groups: dict[tuple, list[int]] = {}
+    for r in rows:
+        counts = groups.setdefault(tuple(r[k] for k in by), [0, 0])
+        counts[0] += 1
+        counts[1] += bool(r.get("over_length"))
+    return [dict(zip(by, key), n_items=n, n_over_length=over) for key, (n, over) in groups.items()]
+
+
+# -------------------------------------------------------------------------- key-value retrieval (07)
+
+
+def evaluate_litm_kv(backend: Any, examples: Sequence[Any], positions: Sequence[int], num_pairs: int | None,
+                     max_new_tokens: int, label: str) -> list[dict]:
+    """LitM key-value retrieval (kvlib.litm_kv): each example with its gold pair at each 1-based position,
+    LitM's prompt as the user turn, LitM's metric. Over-length prompts: `over_length=True`, `correct=None`."""
+    from kvlib import litm_kv
+
+    keys, requests = [], []
+    for index, example in enumerate(examples):
+        for position in positions:
+            pairs = litm_kv.with_gold_at(example, position, num_pairs)
+            keys.append((index, example, position, len(pairs)))
+            requests.append([{"role": "user", "content": litm_kv.format_kv_prompt(pairs, example.key)}])
+    answers = answer_requests(backend, requests, max_new_tokens)
+    fields = result_fields(backend, max_new_tokens)
+    return [{"model": label, "example": index, "num_pairs": n, "position": position, "key": example.key,
+             "value": example.value, "response": answer, "over_length": answer is None,
+             "correct": None if answer is None else litm_kv.score_kv_retrieval(answer, example.value), **fields}
+            for (index, example, position, n), answer in zip(keys, answers)]
+
+
+def evaluate_kv_grid(backend: Any, samples: Sequence[Sample], max_new_tokens: int, label: str) -> list[dict]:
+    """Synthetic key-value samples of kvlib.generate.position_length_grid, scored like evaluate_kv, with the
+    cell (number of dictionaries, relative gold position) and over-length prompts counted (correct None)."""
+    requests = [[{"role": "user", "content": s.prompt}] for s in samples]
+    answers = answer_requests(backend, requests, max_new_tokens)
+    fields = result_fields(backend, max_new_tokens)
+    rows = []
+    for s, answer in zip(samples, answers):
+        scores = score_kv_answer(answer, s.meta) if answer is not None else {
+            k: None for k in score_kv_answer("", s.meta)}
+        d, pos = s.meta["num_dicts"], s.meta["gold_position"]
+        rows.append({"model": label, "id": s.meta["id"], "num_dicts": d, "gold_position": pos,
+                     "relative_position": s.meta["grid_relative_position"],
+                     "n_tokens": s.meta["n_tokens"], "response": answer, "over_length": answer is None,
+                     **scores, **fields})
+    return rows
+
+
+@dataclass
+class InDistributionParams:
+    """Accuracy on a synthetic dataset's eval split by gold-dictionary position."""
+
+    dataset: str = "simple-template"  # a dataset of the profile's 01_synthetic_data params
+    eval_samples: int = 60
+    position_bins: int = 5  # gold positions grouped into this many equal-width bins
+
+
+@dataclass
+class LitMKVParams:
+    """LitM's key-value retrieval (UUID pairs), gold pair at each position."""
+
+    num_keys: int = 75  # which LitM file: 75, 140 (or 300 if you have it)
+    num_pairs: int | None = None  # gold + the first num_pairs-1 other pairs; None: all num_keys
+    positions: list[int] = field(default_factory=lambda: [1, 25, 50, 75])
+    num_examples: int = 20
+    seed: int = 0
+    max_new_tokens: int = 48
+
+
+@dataclass
+class KVGridParams:
+    """Beyond the paper: synthetic task accuracy on a grid of context length x gold position."""
+
+    dataset: str = "simple-template"  # whose task/template/value ranges (and seed) the grid reuses
+    num_dicts: list[int] = field(default_factory=lambda: [10, 40, 80])
+    relative_positions: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples_per_cell: int = 8
+    max_tokens: int = 8000  # prompt budget of the grid (the embedded model's context is 8192)
+
+
+@dataclass
+class KVRetrievalNotebookParams(EvalModelsParams):
+    """Parameters of notebooks/07_kv_retrieval.ipynb; a section set to null is skipped."""
+
+    in_distribution: InDistributionParams | None = field(default_factory=InDistributionParams)
+    litm: LitMKVParams | None = field(default_factory=LitMKVParams)
+    grid: KVGridParams | None = field(default_factory=KVGridParams)
+    max_new_tokens: int = 48  # synthetic answers ("The value of key K is V and it is in Dictionary [D].")
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        from kvlib.config import check_positive
+        from kvlib.generate import profile_dataset
+
+        super().validate()
+        check_positive("max_new_tokens", self.max_new_tokens)
+        if self.in_distribution is not None:
+            s = self.in_distribution
+            _dataset_of(self.profile, self.params_root, "in_distribution.dataset", s.dataset, profile_dataset)
+            check_positive("in_distribution.eval_samples", s.eval_samples)
+            check_positive("in_distribution.position_bins", s.position_bins)
+        if self.litm is not None:
+            s = self.litm
+            if s.num_keys not in (75, 140, 300):
+                fail("litm.num_keys", f"LitM's files have 75, 140 or 300 keys, got {s.num_keys}")
+            total = s.num_keys if s.num_pairs is None else s.num_pairs
+            if not 2 <= total <= s.num_keys:
+                fail("litm.num_pairs", f"must be in [2, {s.num_keys}], got {s.num_pairs}")
+            if not s.positions or any(isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= total
+                                      for p in s.positions):
+                fail("litm.positions", f"1-based positions in [1, {total}] required, got {s.positions}")
+            check_positive("litm.num_examples", s.num_examples)
+            check_positive("litm.max_new_tokens", s.max_new_tokens)
+        if self.grid is not None:
+            s = self.grid
+            _dataset_of(self.profile, self.params_root, "grid.dataset", s.dataset, profile_dataset)
+            if not s.num_dicts or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 for d in s.num_dicts):
+                fail("grid.num_dicts", f"integers >= 2 required, got {s.num_dicts}")
+            if not s.relative_positions or any(not 0 <= r <= 1 for r in s.relative_positions):
+                fail("grid.relative_positions", f"fractions in [0, 1] required, got {s.relative_positions}")
+            check_positive("grid.samples_per_cell", s.samples_per_cell)
+            check_positive("grid.max_tokens", s.max_tokens)
+
+    def grid_config(self):
+        """The generation config of the grid: the dataset's, with the grid's prompt budget."""
+        from kvlib.generate import profile_dataset
+
+        cfg, _ = profile_dataset(self.profile, self.grid.dataset, Path(self.params_root))
+        return dataclasses.replace(cfg, max_tokens=self.grid.max_tokens)
+
+
+def _dataset_of(profile: str, params_root: str, where: str, name: str, profile_dataset) -> None:
+    try:
+        profile_dataset(profile, name, Path(params_root))
+    except ParamError as exc:
+        raise ParamError(f"{where}: {exc}") from None
+
+
+def position_bin(position: int, num_dicts: int, bins: int) -> str:
+    """Label of the equal-width bin of a 1-based gold position among num_dicts, e.g. "1-4"."""
+    width = num_dicts / bins
+    b = min(int((position - 1) / width), bins - 1)
+    low, high = int(b * width) + 1, int((b + 1) * width)
+    return f"{low}-{high}" if high > low else str(low)

@@ -320,12 +320,19 @@ def generate_split(
     exclude_prompts: set[str] | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[Sample]:
     """Draw n samples; each is redrawn (from its own stream) until it fits the token budget and its
-    prompt is not in exclude_prompts (hashes of the other split's prompts: eval never repeats train)."""
+    prompt is not in exclude_prompts (hashes of the other split's prompts: eval never repeats train).
+    `positions` (0-based gold dictionary per sample, n of them) overrides the config's position draw: the
+    position x length grid of notebook 07 asks for each cell's position explicitly."""
     exclude = exclude_prompts or set()
     draw = _draw_simple if cfg.task == "simple" else _draw_multisubkey
-    positions, rngs = _split_streams(cfg, split, n)
+    drawn_positions, rngs = _split_streams(cfg, split, n)
+    if positions is None:
+        positions = drawn_positions
+    elif len(positions) != n or not all(isinstance(p, int) and 0 <= p < cfg.num_dicts for p in positions):
+        raise ValueError(f"positions must be {n} integers in [0, {cfg.num_dicts})")
     budget = _prompt_budget(cfg)
     samples: list[Sample | None] = [None] * n
     attempts = [0] * n
@@ -407,6 +414,40 @@ def generate(
         if bar is not None:
             bar.close()
     return {"train": train, "eval": eval_}
+
+
+def position_length_grid(cfg: GenerationConfig, num_dicts: Sequence[int], relative_positions: Sequence[float],
+                         per_cell: int, count_tokens: Callable[[list[str]], list[int]] | None = None,
+                         exclude_prompts: set[str] | None = None) -> list[Sample]:
+    """Samples of `cfg`'s task on a grid of context lengths (number of dictionaries) x gold positions
+    (fractions of the way through the context: 0 = first dictionary, 1 = last), `per_cell` per cell.
+    Each length draws from its own streams (split "grid-<num_dicts>"), so the grid is deterministic per seed
+    and independent of the other cells; `exclude_prompts` (hashes of training prompts) are never repeated."""
+    if count_tokens is None:
+        from kvlib.models import load_token_counter
+
+        count_tokens = load_token_counter(cfg.tokenizer).count
+    if per_cell < 1 or not num_dicts or not relative_positions:
+        raise ValueError("the grid needs per_cell >= 1 and at least one length and one position")
+    if not all(0.0 <= r <= 1.0 for r in relative_positions):
+        raise ValueError(f"relative_positions must be fractions in [0, 1], got {list(relative_positions)}")
+    samples = []
+    for d in num_dicts:
+        cell_cfg = dataclasses.replace(cfg, num_dicts=d)
+        cell_cfg.validate()
+        check_budget_feasible(cell_cfg, count_tokens)
+        cells = [r for r in relative_positions for _ in range(per_cell)]
+        drawn = generate_split(cell_cfg, f"grid-{d}", len(cells), count_tokens, exclude_prompts=exclude_prompts,
+                               positions=[round(r * (d - 1)) for r in cells])
+        for sample, r in zip(drawn, cells):  # the cell asked for (the position is its nearest dictionary)
+            sample.meta["grid_relative_position"] = r
+        samples += drawn
+    return samples
+
+
+def prompt_hashes(samples: Iterable[Sample]) -> set[str]:
+    """Hashes of the samples' prompts (for exclude_prompts: evaluation never repeats a training prompt)."""
+    return {_prompt_hash(s.prompt) for s in samples}
 
 
 # ---------------------------------------------------------------- files

@@ -36,6 +36,7 @@ from typing import Iterable, Literal, Sequence
 
 from kvlib.config import ParamError, from_mapping
 from kvlib.data import JsonlReport, OnTruncated, read_jsonl_records
+from kvlib.evaluate import EvalModelsParams
 from kvlib.generate import load_template
 from kvlib.scoring import normalize_answer
 
@@ -613,3 +614,128 @@ def read_question_ids(path: str | Path) -> set[str]:
     ):
         raise ValueError(f"{path}: not a kvlib question-id file with id_scheme {QID_SCHEME!r}")
     return set(record["qids"])
+
+
+# ---------------------------------------------------------------- evaluation sets (notebook 03)
+
+SETTINGS = {"random": SETTING_RANDOM, "retrieved": SETTING_RETRIEVED}
+
+
+@dataclass(frozen=True)
+class MDQAEvalSet:
+    """One distractor setting's questions, each with its K documents in a fixed order and the gold first;
+    `place_gold` moves the gold to each evaluated position (the distractors stay in the same order)."""
+
+    setting: str  # "random" | "retrieved"
+    label: str  # how reports name it (SETTINGS)
+    examples: list[MDQAExample]
+    source: str  # where the documents came from
+
+
+def sample_questions(examples: Sequence[MDQAExample], n: int | None, seed: int) -> list[MDQAExample]:
+    """`n` examples drawn without replacement with `seed` (all when n is None), in file order."""
+    examples = list(examples)
+    if n is None or n >= len(examples):
+        return examples
+    chosen = sorted(random.Random(f"kvlib/mdqa-questions/{seed}").sample(range(len(examples)), n))
+    return [examples[i] for i in chosen]
+
+
+def build_eval_sets(settings: Sequence[str], num_documents: int, num_questions: int | None, question_seed: int,
+                    distractor_seed: int, data_dir: str | Path | None = None,
+                    random_documents_file: str | Path | None = None) -> dict[str, MDQAEvalSet]:
+    """The MDQA evaluation sets of the paper's two settings, on the SAME questions.
+
+    Questions: drawn with `question_seed` from the 441 questions whose real retrieved distractors the data
+    directory holds (so both panels ask the same questions); only "random" alone draws from all 2655.
+    - retrieved: LitM's K-document variant (gold + the top K-1 retrieved distractors).
+    - random: K-1 random DPR passages without any answer (see build_random_distractor_set), drawn with
+      `distractor_seed` from the pool of every retrieved distractor + the other questions' gold passages;
+      with the official LitM random-documents file given instead, its passages (top K-1) are used.
+    """
+    from kvlib.data import mdqa_paths
+
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown or not settings:
+        raise ParamError(f"settings: expected a non-empty list of {list(SETTINGS)}, got {list(settings)!r}")
+    paths = mdqa_paths(data_dir)
+    oracle, _ = load_mdqa(paths["oracle"])
+    subset, _ = load_mdqa(paths["subset_20docs"][0])  # gold at 0 + the 19 retrieved distractors in order
+    pool_questions = subset if "retrieved" in settings else oracle
+    questions = sample_questions(pool_questions, num_questions, question_seed)
+    sets = {}
+    if "retrieved" in settings:
+        examples = [k_document_variant(e, num_documents, gold_position=0) for e in questions]
+        sets["retrieved"] = MDQAEvalSet("retrieved", SETTING_RETRIEVED, examples,
+                                        _data_relative(paths["subset_20docs"][0], data_dir))
+    if "random" in settings:
+        by_qid = {e.qid: e for e in oracle}
+        golds = [by_qid[e.qid] for e in questions]
+        if random_documents_file is not None:
+            official, _ = load_mdqa(random_documents_file)
+            official_by_qid = {e.qid: e for e in official}
+            missing = [e.question for e in golds if e.qid not in official_by_qid]
+            if missing:
+                raise ParamError(f"random_documents_file: {len(missing)} questions missing, e.g. {missing[0]!r}")
+            examples = [k_document_variant(official_by_qid[e.qid], num_documents, gold_position=0) for e in golds]
+            source = str(random_documents_file)
+        else:
+            pool = build_distractor_pool(subset, oracle)
+            examples = build_random_distractor_set(golds, pool, num_documents, distractor_seed)
+            source = (f"derived: {len(pool)} DPR passages ({pool.from_retrieved} retrieved distractors of "
+                      f"{_data_relative(paths['subset_20docs'][0], data_dir)}, {pool.from_oracle_gold} gold "
+                      f"passages of {_data_relative(paths['oracle'], data_dir)}), seed {distractor_seed}")
+        sets["random"] = MDQAEvalSet("random", SETTING_RANDOM, examples, source)
+    return {s: sets[s] for s in settings}
+
+
+def _data_relative(path: str | Path, data_dir: str | Path | None) -> str:
+    # results name data files relative to the data directory, so they do not depend on where it lives
+    from kvlib.data import resolve_data_dir
+
+    try:
+        return str(Path(path).resolve().relative_to(resolve_data_dir(data_dir).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def position_prompts(example: MDQAExample, positions: Sequence[int]) -> list[tuple[int, str]]:
+    """(1-based gold position, LitM QA prompt) for each position: the same documents, only the gold moves."""
+    out = []
+    for position in positions:
+        placed = place_gold(example, position - 1)
+        out.append((position, format_qa_prompt(placed.question, placed.documents)))
+    return out
+
+
+@dataclass
+class MDQANotebookParams(EvalModelsParams):
+    """Parameters of notebooks/03_mdqa.ipynb (models, backend, cache_dir: kvlib.evaluate.EvalModelsParams)."""
+
+    settings: list[str] = dataclasses.field(default_factory=lambda: ["random", "retrieved"])
+    num_documents: int = 20
+    positions: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 10, 15, 20])  # 1-based
+    num_questions: int | None = 200  # per position (the same questions at every position); None: all
+    question_seed: int = 0
+    distractor_seed: int = 0
+    max_new_tokens: int = 100  # LitM's
+    data_dir: str | None = None  # None: $KVLIB_DATA_DIR or ../shared/data
+    random_documents_file: str | None = None  # LitM's official nq-open-random-documents.jsonl.gz, if you have it
+
+    def validate(self) -> None:
+        from kvlib.config import check_positive, fail
+
+        super().validate()
+        if not self.settings or any(s not in SETTINGS for s in self.settings) or len(set(self.settings)) != len(self.settings):
+            fail("settings", f"expected distinct values of {list(SETTINGS)}, got {self.settings!r}")
+        if not 2 <= self.num_documents <= 20:
+            fail("num_documents", f"must be in [2, 20] (the retrieved-distractor data has 20 documents), "
+                                  f"got {self.num_documents}")
+        if not self.positions or len(set(self.positions)) != len(self.positions):
+            fail("positions", f"expected distinct 1-based gold positions, got {self.positions!r}")
+        for p in self.positions:
+            if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= self.num_documents:
+                fail("positions", f"every position must be an integer in [1, {self.num_documents}], got {p!r}")
+        if self.num_questions is not None:
+            check_positive("num_questions", self.num_questions)
+        check_positive("max_new_tokens", self.max_new_tokens)

@@ -72,3 +72,73 @@ def before_after_bars(table, metric: str = "exact"):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def accuracy_curves(table, panel: str, x: str, series: str, metric: str, xlabel: str, ylabel: str = "accuracy",
+                    title_prefix: str = ""):
+    """One panel per value of `panel`: `metric` against `x`, one line per value of `series`, with the 95% CI
+    (`<metric>_ci_low`/`_ci_high` columns, as kvlib.evaluate.summarize writes them) as a shaded band."""
+    panels = list(dict.fromkeys(table[panel]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], panels):
+        sub = table[table[panel] == name]
+        for label in dict.fromkeys(sub[series]):
+            line = sub[sub[series] == label].sort_values(x)
+            ax.plot(line[x], line[metric], marker="o", label=str(label))
+            ax.fill_between(line[x], line[f"{metric}_ci_low"], line[f"{metric}_ci_high"], alpha=0.15)
+        ax.set_title(f"{title_prefix}{name}", fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_xticks(sorted(set(sub[x])))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def delta_bars(table, group: str = "task", series: str = "model", ylabel: str = "difference vs baseline (points)"):
+    """Paired differences as bars in percentage points, one group of bars per value of `group`, one bar per
+    value of `series`, with 95% CI whiskers and a line at zero (`table`: a DataFrame with columns `group`,
+    `series`, delta, ci_low, ci_high as fractions, as kvlib.general.paired_deltas writes them)."""
+    groups = list(dict.fromkeys(table[group]))
+    names = list(dict.fromkeys(table[series]))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 * len(groups)), 3.2))
+    for j, name in enumerate(names):
+        sub = table[table[series] == name].set_index(group).reindex(groups)
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
+        delta = 100 * sub["delta"]
+        err = [(delta - 100 * sub["ci_low"]).clip(lower=0), (100 * sub["ci_high"] - delta).clip(lower=0)]
+        ax.bar(xs, delta, width, yerr=err, capsize=3, label=str(name))
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def heatmaps(table, panel: str, rows: str, cols: str, value: str, row_label: str, col_label: str):
+    """One heatmap per value of `panel` (e.g. model): `value` (0-1) by `rows` x `cols`, numbers printed."""
+    import numpy as np
+
+    panels = list(dict.fromkeys(table[panel]))
+    row_values, col_values = sorted(set(table[rows])), sorted(set(table[cols]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        sub = table[table[panel] == name].set_index([rows, cols])[value]
+        grid = np.array([[sub.get((r, c), np.nan) for c in col_values] for r in row_values], dtype=float)
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        for i in range(len(row_values)):
+            for j in range(len(col_values)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if grid[i, j] < 0.6 else "black")
+        ax.set_xticks(range(len(col_values)), [str(c) for c in col_values], fontsize=7)
+        ax.set_yticks(range(len(row_values)), [str(r) for r in row_values], fontsize=7)
+        ax.set_xlabel(col_label)
+        ax.set_title(str(name), fontsize=9)
+    axes[0][0].set_ylabel(row_label)
+    fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
+    return fig

@@ -37,6 +37,10 @@ from kvlib.reporting import (
 NOTEBOOK_PARAMS: dict[str, str | type] = {
     "01_synthetic_data": "kvlib.generate:SyntheticDataNotebookParams",
     "02_finetune": "kvlib.train:FinetuneNotebookParams",
+    "03_mdqa": "kvlib.mdqa:MDQANotebookParams",
+    "04_flenqa": "kvlib.flenqa:FLenQANotebookParams",
+    "07_kv_retrieval": "kvlib.evaluate:KVRetrievalNotebookParams",
+    "05_general_benchmarks": "kvlib.general:GeneralBenchmarksNotebookParams",
 }
 
 # Injected by the runner, never read from a params file: the profile name and the absolute results directory.

@@ -1,0 +1,183 @@
+"""The evaluation runners of notebooks 03 and 07 on real data with a fake backend (no model): MDQA eval sets
+and scoring, LitM key-value retrieval, the synthetic position x length grid, paired deltas, params."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from kvlib import data, evaluate, generate, litm_kv, mdqa
+from kvlib.config import ParamError, from_mapping
+from kvlib.scoring import score_mdqa_answer
+
+
+class ScriptedBackend:
+    """Answers each prompt by a function of its text; prompts longer than `limit` characters do not fit."""
+
+    name = "scripted"
+
+    def __init__(self, answer, limit: int | None = None):
+        self.answer, self.limit = answer, limit
+
+    def identity(self):
+        return {"backend": self.name, "model": {"spec": "scripted", "weights_sha256": None}}
+
+    def fits(self, requests, max_new_tokens):
+        return [self.limit is None or len(r[-1]["content"]) <= self.limit for r in requests]
+
+    def generate(self, requests, max_new_tokens, on_result=None):
+        return [self.answer(r[-1]["content"]) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def sets():
+    try:
+        data.mdqa_paths()
+    except FileNotFoundError as exc:
+        pytest.skip(f"MDQA data not available: {exc}")
+    return mdqa.build_eval_sets(["random", "retrieved"], 5, 6, question_seed=3, distractor_seed=1)
+
+
+def test_mdqa_settings_share_questions_and_move_only_the_gold(sets):
+    random_set, retrieved = sets["random"], sets["retrieved"]
+    assert [e.qid for e in random_set.examples] == [e.qid for e in retrieved.examples]
+    assert random_set.label == mdqa.SETTING_RANDOM and retrieved.label == mdqa.SETTING_RETRIEVED
+    for example in random_set.examples + retrieved.examples:
+        assert len(example.documents) == 5 and example.gold_index == 0
+        prompts = dict(mdqa.position_prompts(example, [1, 3, 5]))
+        for position, prompt in prompts.items():
+            lines = [line for line in prompt.splitlines() if line.startswith("Document [")]
+            gold_line = f"Document [{position}](Title: {example.gold.title}) {example.gold.text}"
+            assert lines[position - 1] == gold_line and len(lines) == 5
+            others = [line.split(") ", 1)[1] for i, line in enumerate(lines) if i != position - 1]
+            assert others == [d.text for d in example.distractors]  # same order at every position
+        for d in example.distractors:
+            assert not mdqa.passage_has_answer(d, example.answers) or example in retrieved.examples
+    again = mdqa.build_eval_sets(["random", "retrieved"], 5, 6, question_seed=3, distractor_seed=1)
+    assert again["random"].examples == random_set.examples  # deterministic
+    assert not random_set.source.startswith("/")  # recorded relative to the data directory
+
+
+def test_mdqa_first_line_metric():
+    assert score_mdqa_answer("Paris\nnot London", ["London"]) == 0.0
+    assert score_mdqa_answer("  The answer is Paris.\nfoo", ["paris"]) == 1.0
+    with pytest.raises(TypeError):
+        score_mdqa_answer(None, ["x"])
+
+
+def test_evaluate_mdqa_rows_scores_and_over_length(sets):
+    s = sets["retrieved"]
+    backend = ScriptedBackend(lambda prompt: "zzz", limit=None)
+    rows = evaluate.evaluate_mdqa(backend, s, [1, 5], 16, "m")
+    assert len(rows) == 2 * len(s.examples) and {r["position"] for r in rows} == {1, 5}
+    assert all(r["correct"] == 0.0 and r["backend"] == "scripted" and r["max_new_tokens"] == 16 for r in rows)
+    by_question = {e.question: e.answers[0] for e in s.examples}  # a model that knows every answer
+    knows = ScriptedBackend(lambda p: by_question[p.split("Question: ")[-1].split("\nAnswer:")[0]])
+    rows = evaluate.evaluate_mdqa(knows, s, [2], 16, "m")
+    assert all(r["correct"] == 1.0 for r in rows)
+    shortest = min(len(p) for e in s.examples for _, p in mdqa.position_prompts(e, [1]))
+    rows = evaluate.evaluate_mdqa(ScriptedBackend(lambda p: "x", limit=shortest), s, [1], 16, "m")
+    counts = evaluate.count_over_length(rows, ["setting"])
+    assert counts[0]["n_items"] == len(s.examples) and counts[0]["n_over_length"] == len(s.examples) - 1
+    table = evaluate.summarize(rows, ["setting"], ["correct"])
+    assert table[0]["n"] == len(s.examples) and table[0]["correct"] == 0.0  # over the one scored item
+
+
+def test_paired_deltas():
+    rows = [{"model": m, "g": 1, "qid": q, "c": c} for m, q, c in [
+        ("base", "a", 0.0), ("base", "b", 1.0), ("base", "c", 0.0), ("ft", "a", 1.0), ("ft", "b", 1.0),
+        ("ft", "c", None), ("ft", "d", 1.0)]]
+    (row,) = evaluate.paired_deltas(rows, "base", ["g"], "c", "qid")
+    assert row["model"] == "ft" and row["n_pairs"] == 2 and row["n_unpaired"] == 2
+    assert row["delta_c"] == 0.5 and 0.0 <= row["ci_low"] <= 0.5 <= row["ci_high"] <= 1.0
+
+
+def test_mdqa_params_validation():
+    ok = from_mapping(mdqa.MDQANotebookParams, {"models": {"o": {}}, "num_documents": 10, "positions": [1, 10]})
+    assert ok.positions == [1, 10]
+    for bad, message in [({"positions": [0]}, "positions: every position"), ({"settings": ["rnd"]}, "settings"),
+                         ({"num_documents": 30}, "num_documents"), ({"models": {}}, "models: at least one"),
+                         ({"models": {"x": {"run": "nope"}}}, "models.x.run: 'nope' is not a run")]:
+        with pytest.raises(ParamError, match=message):
+            from_mapping(mdqa.MDQANotebookParams, {"models": {"o": {}}, **bad})
+
+
+def _kv_file(tmp_path, records, name="kv-retrieval-3_keys.jsonl.gz"):
+    path = tmp_path / name
+    with gzip.open(path, "wt") as fh:
+        for r in records:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+def test_litm_kv_prompt_position_and_metric(tmp_path):
+    pairs = [["k1", "v1"], ["k2", "v2"], ["k3", "v3"]]
+    (example,), report = litm_kv.load_kv_retrieval(_kv_file(tmp_path, [{"ordered_kv_records": pairs, "key": "k2",
+                                                                          "value": "v2"}]))
+    assert report.records == 1 and example.gold_index == 1
+    assert litm_kv.with_gold_at(example, 3) == [("k1", "v1"), ("k3", "v3"), ("k2", "v2")]
+    assert litm_kv.with_gold_at(example, 1, num_pairs=2) == [("k2", "v2"), ("k1", "v1")]
+    prompt = litm_kv.format_kv_prompt(litm_kv.with_gold_at(example, 1), "k2")
+    assert prompt == ('Extract the value corresponding to the specified key in the JSON object below.\n\n'
+                      'JSON data:\n{"k2": "v2",\n "k1": "v1",\n "k3": "v3"}\n\nKey: "k2"\nCorresponding value:')
+    assert json.loads(prompt.split("JSON data:\n")[1].split("\n\nKey")[0]) == {"k2": "v2", "k1": "v1", "k3": "v3"}
+    assert litm_kv.score_kv_retrieval("The value is V2.", "v2") == 1.0
+    assert litm_kv.score_kv_retrieval("v1", "v2") == 0.0
+    with pytest.raises(ValueError, match="position"):
+        litm_kv.with_gold_at(example, 4)
+
+
+def test_litm_kv_malformed_lines_name_file_and_line(tmp_path):
+    good = {"ordered_kv_records": [["a", "1"], ["b", "2"], ["c", "3"]], "key": "a", "value": "1"}
+    for bad, message in [({**good, "key": "z"}, "not among the records"), ({**good, "ordered_kv_records": [["a", "1"]] * 3},
+                                                                           "duplicate"), ("{oops", "")]:
+        with pytest.raises((litm_kv.KVRetrievalFormatError, ValueError), match=r":2"):
+            litm_kv.load_kv_retrieval(_kv_file(tmp_path, [good, bad]))
+    with pytest.raises(litm_kv.KVRetrievalFormatError, match="promises 3 pairs"):
+        litm_kv.load_kv_retrieval(_kv_file(tmp_path, [{**good, "ordered_kv_records": [["a", "1"], ["b", "2"]]}]))
+
+
+def test_litm_kv_real_files_and_over_length():
+    try:
+        path = litm_kv.kv_retrieval_path(75)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    examples, report = litm_kv.load_kv_retrieval(path)
+    assert report.records == 500 and all(len(e.pairs) == 75 for e in examples)
+    chosen = litm_kv.sample_examples(examples, 3, seed=0)
+    assert chosen == litm_kv.sample_examples(examples, 3, seed=0) and len(chosen) == 3
+    rows = evaluate.evaluate_litm_kv(ScriptedBackend(lambda p: p.split('Key: "')[1], limit=2000), chosen, [1, 10],
+                                     10, 48, "m")
+    assert len(rows) == 6 and all(r["num_pairs"] == 10 for r in rows)
+    assert all(r["correct"] == 0.0 for r in rows)  # the key is not the value
+    rows = evaluate.evaluate_litm_kv(ScriptedBackend(lambda p: "x", limit=2000), chosen, [1], None, 48, "m")
+    assert all(r["over_length"] and r["correct"] is None for r in rows)  # 75 pairs >> 2000 characters
+
+
+def test_position_length_grid():
+    cfg = generate.GenerationConfig(num_dicts=10, n_train=4, n_eval=2, max_tokens=1200, seed=5)
+    grid = generate.position_length_grid(cfg, [4, 9], [0.0, 0.5, 1.0], 2)
+    cells = [(s.meta["num_dicts"], s.meta["gold_position"]) for s in grid]
+    assert cells == [(4, 1), (4, 1), (4, 3), (4, 3), (4, 4), (4, 4), (9, 1), (9, 1), (9, 5), (9, 5), (9, 9), (9, 9)]
+    assert all(f"Dictionary [{s.meta['gold_position']}]" in s.answer for s in grid)
+    assert [s.prompt for s in generate.position_length_grid(cfg, [4, 9], [0.0, 0.5, 1.0], 2)] == [s.prompt for s in grid]
+    rows = evaluate.evaluate_kv_grid(ScriptedBackend(lambda p: "no idea"), grid, 32, "m")
+    assert {r["relative_position"] for r in rows} == {0.0, 0.5, 1.0} and all(r["value"] == 0 for r in rows)
+    with pytest.raises(ParamError, match="max_tokens"):
+        generate.position_length_grid(cfg, [200], [0.0], 1)
+
+
+def test_kv_notebook_params():
+    p = from_mapping(evaluate.KVRetrievalNotebookParams, {
+        "profile": "smoke", "models": {"o": {}}, "in_distribution": {"dataset": "simple-template"}, "litm": None,
+        "grid": {"dataset": "simple-template", "num_dicts": [4]}})
+    assert p.litm is None and p.grid_config().max_tokens == 8000
+    for bad, message in [({"litm": {"num_keys": 80}}, "litm.num_keys"),
+                         ({"litm": {"num_pairs": 10, "positions": [11]}}, "litm.positions"),
+                         ({"grid": {"dataset": "nope"}}, "grid.dataset"),
+                         ({"grid": {"dataset": "simple-template", "relative_positions": [1.5]}}, "grid.relative")]:
+        with pytest.raises(ParamError, match=message):
+            from_mapping(evaluate.KVRetrievalNotebookParams, {
+                "profile": "smoke", "models": {"o": {}}, "in_distribution": None, "litm": None, "grid": None, **bad})
+    assert [evaluate.position_bin(p, 20, 4) for p in (1, 5, 6, 20)] == ["1-5", "1-5", "6-10", "16-20"]
