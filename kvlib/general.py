@@ -590,9 +590,26 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
     fewshot_format: FewshotFormat = "multiturn"  # how few-shot examples reach a chat model (generation only)
     n_boot: int = 2000
     examples_to_show: int = 2
+    # labels of local HF models to run again through lm-evaluation-harness on the same items (kvlib.harness)
+    harness_crosscheck: list[str] = field(default_factory=list)
+    harness_dir: str = "runs/harness"  # where the harness's task files and local data go
 
     def validate(self) -> None:
         configs = self.model_configs()  # every model's backend, checked before any work
+        for label in self.harness_crosscheck:
+            if label not in configs:
+                fail("harness_crosscheck", f"{label!r} is not one of the models {list(configs)}")
+            if configs[label].kind != "hf":
+                fail("harness_crosscheck", f"{label!r} is a {configs[label].kind} backend; the cross-check scores "
+                                           f"a local HF model")
+        if self.harness_crosscheck:
+            from kvlib import harness
+
+            if not harness.available():
+                fail("harness_crosscheck", 'needs lm-evaluation-harness: pip install -e ".[harness]"')
+            unsupported = [n for n, s in self.tasks.items() if s.n_shot is not None and s.n_shot != TASKS[n].n_shot]
+            if unsupported:
+                fail("harness_crosscheck", f"the harness runs its own shot counts; {unsupported} set n_shot")
         if self.baseline not in self.models:
             fail("baseline", f"must be one of the models {list(self.models)}, got {self.baseline!r}")
         if not self.tasks:

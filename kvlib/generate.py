@@ -473,6 +473,19 @@ def token_stats(samples: Sequence[Sample]) -> dict:
     }
 
 
+def write_split(out_dir: Path, split: str, samples: Sequence[Sample], system: str | None = None) -> dict:
+    """Write one split's `<split>.jsonl` (HF chat format: what `kvlib train` reads), `<split>.openai.jsonl`
+    (with `system`, default the paper's system message) and the aligned `<split>.meta.jsonl`; returns its
+    token_stats. The one writer of chat datasets: synthetic sets and the baselines (kvlib.baselines)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    system = load_template("openai_system") if system is None else system
+    _dump_jsonl(out_dir / f"{split}.jsonl", ({"messages": s.messages()} for s in samples))
+    _dump_jsonl(out_dir / f"{split}.openai.jsonl", ({"messages": s.messages(system)} for s in samples))
+    _dump_jsonl(out_dir / f"{split}.meta.jsonl", (s.meta for s in samples))
+    return token_stats(samples)
+
+
 def write_dataset(cfg: GenerationConfig, out_dir: Path, progress: bool = False) -> dict:
     """Generate and write, per split: `<split>.jsonl` (HF chat format, no system message),
     `<split>.openai.jsonl` (OpenAI fine-tuning format with the paper's system message),
@@ -482,10 +495,7 @@ def write_dataset(cfg: GenerationConfig, out_dir: Path, progress: bool = False) 
     system = load_template("openai_system")
     stats = {"config": to_mapping(cfg), "splits": {}}
     for split, samples in data.items():
-        _dump_jsonl(out_dir / f"{split}.jsonl", ({"messages": s.messages()} for s in samples))
-        _dump_jsonl(out_dir / f"{split}.openai.jsonl", ({"messages": s.messages(system)} for s in samples))
-        _dump_jsonl(out_dir / f"{split}.meta.jsonl", (s.meta for s in samples))
-        stats["splits"][split] = token_stats(samples)
+        stats["splits"][split] = write_split(out_dir, split, samples, system)
     (out_dir / "config.json").write_text(json.dumps(to_mapping(cfg), indent=2, sort_keys=True) + "\n")
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return {"out_dir": str(out_dir), **stats}
