@@ -754,3 +754,406 @@ def write_baseline(cfg: BaselineConfig, out_dir: str | Path, count_tokens: Calla
     (out_dir / "config.json").write_text(json.dumps(to_mapping(cfg), indent=2, sort_keys=True) + "\n")
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return {"out_dir": str(out_dir), **stats}
+
+
+# ---------------------------------------------------------------- notebook 06
+
+
+from typing import Any, Mapping  # noqa: E402
+
+from kvlib.evaluate import EvalModelsParams  # noqa: E402
+
+# the rows of the paper's Table 2 (kvlib.general.PAPER_REFERENCE, Mistral-7B-Instruct-v0.1) for each kind
+PAPER_MODEL = "Mistral-7B-Instruct-v0.1"
+PAPER_ROWS = {"multidocqa": "MultidocQA", "in2": "IN2", "niah": "needle-in-a-haystack"}
+_COMMON = ("profile", "results_dir", "params_root", "models", "backend", "cache_dir")
+_SET_BY_MATCH = ("token_total",)  # read from the matched synthetic set (matched_config)
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+@dataclass
+class PreparedBaseline:
+    """A baseline set on disk, token-matched and checked, with the training run that learns it."""
+
+    label: str
+    config: BaselineConfig  # matched (token_total and sample_tokens from the synthetic set)
+    data_dir: Path
+    tokens: dict  # token_report
+    contamination: Any  # kvlib.contamination.ContaminationReport
+    train_config: Any  # kvlib.train.TrainConfig: the matched run's recipe on this set
+
+
+@dataclass
+class BaselinesNotebookParams(EvalModelsParams):
+    """Parameters of notebooks/06_baselines.ipynb.
+
+    `models`: the models the baselines are compared with (kvlib.evaluate.EvalModelsParams: the original and the
+    synthetic-data runs of notebook 02); `original`: the label every delta is taken against.
+    `baselines`: label -> {kind: mdqa|multidocqa|in2|niah, other BaselineConfig fields}; each set is
+    token-matched to the train split of the dataset of `match` (a run of the profile's 02_finetune params) and
+    trained with that run's recipe (only train_file and out_dir change). Sections `mdqa`, `flenqa`, `general`
+    take the task fields of notebooks 03, 04 and 05 (validated by those notebooks' params classes); null skips
+    a section. `paper_rows`: label of a synthetic model -> the Table 2 row it corresponds to (e.g. "key-value,
+    with template"); baselines map by kind."""
+
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    match: str | None = None
+    original: str = "original"
+    data_dir: str = "runs/data"  # baseline sets: <data_dir>/<profile>/baselines/<label>; FLenQA: .../flenqa
+    models_dir: str = "runs/models"  # baseline runs: <models_dir>/<profile>/baselines/<label>-<data sha256[:8]>
+    source_data_dir: str | None = None  # the kvlib data directory (None: $KVLIB_DATA_DIR or ../shared/data)
+    mdqa: dict[str, Any] | None = None
+    flenqa: dict[str, Any] | None = None
+    general: dict[str, Any] | None = None
+    paper_rows: dict[str, str] = field(default_factory=dict)
+    bootstrap_seed: int = 0
+
+    def validate(self) -> None:
+        configs = self.model_configs()
+        if self.original not in configs:
+            fail("original", f"must be one of the models {list(configs)}, got {self.original!r}")
+        if self.baselines and self.match is None:
+            fail("match", f"required with baselines: a run of {self.params_root}/{self.profile}/02_finetune.yaml "
+                          f"whose dataset sets the token budget and whose recipe every baseline reuses")
+        if self.match is not None:
+            self.match_job()
+        slugs = {}
+        for label in self.baselines:
+            if label in configs:
+                fail(f"baselines.{label}", f"label already used by models {list(configs)}")
+            slug = _slug(label) if isinstance(label, str) else ""
+            if not slug or slug in slugs:
+                fail(f"baselines.{label}", f"labels must give distinct directory names, got {label!r}"
+                                           + (f" (same as {slugs[slug]!r})" if slug in slugs else ""))
+            slugs[slug] = label
+            self.baseline_config(label)
+        if self.baselines:
+            self.baseline_backend("placeholder")
+        for label, row in self.paper_rows.items():
+            if label not in configs:
+                fail(f"paper_rows.{label}", f"not one of the models {list(configs)} (baselines map by kind)")
+            if f"{PAPER_MODEL}: {row}" not in _paper_reference():
+                known = [k.split(": ", 1)[1] for k in _paper_reference() if k.startswith(PAPER_MODEL)]
+                fail(f"paper_rows.{label}", f"unknown Table 2 row {row!r}; known: {known}")
+        self.mdqa_params(), self.flenqa_params(), self.general_params()
+
+    # -- baselines
+
+    def match_job(self):
+        """The 02_finetune job named by `match` (its dataset and TrainConfig)."""
+        from kvlib.train import profile_finetune_params
+
+        jobs = profile_finetune_params(self.profile, self.params_root).jobs()
+        if self.match not in jobs:
+            fail("match", f"{self.match!r} is not a (local) run of {self.params_root}/{self.profile}/02_finetune.yaml "
+                          f"(runs: {', '.join(jobs) or 'none'})")
+        return jobs[self.match]
+
+    def baseline_config(self, label: str) -> BaselineConfig:
+        """The baseline's BaselineConfig before matching: tokenizer defaults to the matched dataset's, data_dir
+        to source_data_dir."""
+        from kvlib.config import from_mapping
+
+        spec = self.baselines[label]
+        if not isinstance(spec, Mapping) or "kind" not in spec:
+            fail(f"baselines.{label}", f"expected a mapping with kind ({'|'.join(KINDS)}), got {spec!r}")
+        for key in _SET_BY_MATCH:
+            if key in spec:
+                fail(f"baselines.{label}.{key}", f"is set from the matched synthetic set ({self.match!r})")
+        job = self.match_job()
+        defaults = {"tokenizer": job.data_config.tokenizer, "data_dir": self.source_data_dir}
+        if spec["kind"] == "in2":  # matching replaces sample_tokens; until then leave room for the segments
+            low = 4 * spec.get("segment_tokens", BaselineConfig.segment_tokens)
+            defaults["sample_tokens"] = [low, max(low, BaselineConfig.sample_tokens[1])]
+        return from_mapping(BaselineConfig, {**defaults, **spec}, f"baselines.{label}")
+
+    def baseline_backend(self, model_dir: str):
+        """The BackendConfig of a trained baseline: its model directory over the shared backend defaults."""
+        from kvlib.backends import BackendConfig
+        from kvlib.config import from_mapping
+
+        config = from_mapping(BackendConfig, {**self.backend, "model": model_dir}, "backend")
+        if config.kind != "hf":
+            fail("backend.kind", "baselines are trained locally and evaluated as hf models; set kind per model "
+                                 "in models instead")
+        return config
+
+    def baseline_dir(self, label: str) -> Path:
+        return Path(self.data_dir) / self.profile / "baselines" / _slug(label)
+
+    @property
+    def flenqa_data_dir(self) -> Path:
+        return Path(self.data_dir) / self.profile / "baselines" / "flenqa"
+
+    # -- sections: notebooks 03, 04, 05's params classes validate them
+
+    def _section(self, name: str, cls: type, defaults: dict):
+        from kvlib.config import from_mapping
+
+        data = getattr(self, name)
+        if data is None:
+            return None
+        if not isinstance(data, Mapping):
+            fail(name, f"expected a mapping of the task fields of {cls.__name__}, or null to skip; got {data!r}")
+        for key in _COMMON:
+            if key in data:
+                fail(f"{name}.{key}", "is set once, at the top level of this notebook's params")
+        common = {k: getattr(self, k) for k in _COMMON}
+        return from_mapping(cls, {**common, **defaults, **data}, name)
+
+    def mdqa_params(self):
+        from kvlib.mdqa import MDQANotebookParams
+
+        return self._section("mdqa", MDQANotebookParams, {"data_dir": self.source_data_dir})
+
+    def flenqa_params(self):
+        from kvlib.flenqa import FLenQANotebookParams
+
+        return self._section("flenqa", FLenQANotebookParams, {"source_data_dir": self.source_data_dir})
+
+    def general_params(self):
+        from kvlib.general import GeneralBenchmarksNotebookParams
+
+        params = self._section("general", GeneralBenchmarksNotebookParams,
+                               {"data_dir": self.source_data_dir, "baseline": self.original})
+        if params is not None and params.baseline != self.original:
+            fail("general.baseline", f"deltas are taken against original ({self.original!r}); remove it")
+        if params is not None and params.harness_crosscheck:
+            fail("general.harness_crosscheck", "notebook 05 runs the harness cross-check; remove it here")
+        return params
+
+    def paper_row(self, label: str) -> str | None:
+        """The Table 2 row (without the model prefix) a model or baseline corresponds to, if any."""
+        if label in self.baselines:
+            return PAPER_ROWS.get(self.baselines[label]["kind"])
+        return self.paper_rows.get(label)
+
+
+def _paper_reference() -> dict:
+    from kvlib.general import PAPER_REFERENCE
+
+    return PAPER_REFERENCE
+
+
+# ---------------------------------------------------------------- building, matching, training
+
+
+def evaluation_reference(P: BaselinesNotebookParams, mdqa_sets: Mapping | None = None, flenqa_config=None):
+    """Every evaluation set the guard compares with: the default reference (kvlib.contamination) plus the
+    MDQA sets this notebook evaluates, and FLenQA drawn at the evaluated seed for at least the release's
+    100 problems per task (a superset of the evaluated problems)."""
+    from kvlib.contamination import load_eval_reference
+    from kvlib.flenqa import FLenQAConfig
+
+    if flenqa_config is not None:
+        flenqa_config = dataclasses.replace(
+            flenqa_config, samples_per_task=max(flenqa_config.samples_per_task, FLenQAConfig().samples_per_task))
+    return load_eval_reference(P.source_data_dir, mdqa_sets=mdqa_sets, flenqa=flenqa_config)
+
+
+def synthetic_lengths(P: BaselinesNotebookParams, count_tokens=None) -> tuple[Path, list[int]]:
+    """The matched synthetic set (written now if missing) and its per-sample prompt + answer tokens."""
+    from kvlib.generate import ensure_dataset
+
+    job = P.match_job()
+    ensure_dataset(job.data_config, job.data_dir)
+    count_tokens = count_tokens or _counter_for(P.baseline_config(next(iter(P.baselines))))
+    return job.data_dir, sample_lengths(load_dataset(job.data_dir, "train"), count_tokens)
+
+
+def prepare_baselines(P: BaselinesNotebookParams, reference, count_tokens=None) -> dict[str, PreparedBaseline]:
+    """Every baseline set of P: matched to the synthetic set of `match` (matched_config), built (or read back
+    when its directory holds the same config), checked against `reference` (kvlib.contamination: raises on any
+    overlap), with its training config (the match run's recipe; out_dir keyed by the data's sha256)."""
+    from kvlib.contamination import check_contamination
+    from kvlib.generate import ensure_dataset
+    from kvlib.reporting import file_sha256
+
+    job = P.match_job()
+    ensure_dataset(job.data_config, job.data_dir)
+    counters: dict[str, Callable] = {}
+    out = {}
+    for label in P.baselines:
+        raw = P.baseline_config(label)
+        if count_tokens is None and raw.tokenizer not in counters:
+            counters[raw.tokenizer] = _counter_for(raw)
+        count = count_tokens or counters[raw.tokenizer]
+        cfg = matched_config(raw, job.data_dir, count)
+        where = P.baseline_dir(label)
+        config_file = where / "config.json"
+        same = (config_file.is_file() and (where / "train.jsonl").is_file() and (where / "stats.json").is_file()
+                and json.loads(config_file.read_text()) == json.loads(json.dumps(to_mapping(cfg))))
+        if same:
+            tokens = json.loads((where / "stats.json").read_text())["tokens"]
+        else:
+            tokens = write_baseline(cfg, where, count, reference)["tokens"]
+        guard = check_contamination(where, reference, name=label)  # again on the files as written
+        train_file = where / "train.jsonl"
+        train_config = dataclasses.replace(
+            job.train_config, train_file=str(train_file),
+            out_dir=str(Path(P.models_dir) / P.profile / "baselines" / f"{_slug(label)}-{file_sha256(train_file)[:8]}"))
+        train_config.validate()
+        out[label] = PreparedBaseline(label, cfg, where, tokens, guard, train_config)
+    return out
+
+
+def token_matching_table(synthetic_name: str, synthetic: Sequence[int], prepared: Mapping[str, PreparedBaseline],
+                         tolerance: float | None = None) -> list[dict]:
+    """One row per training set: samples, total tokens and its ratio to the synthetic set's, per-sample
+    min/mean/max, and whether the total is within tolerance and every sample within the synthetic range."""
+    total, lo, hi = sum(synthetic), min(synthetic), max(synthetic)
+    rows = [{"set": synthetic_name, "kind": "synthetic", "n": len(synthetic), "total_tokens": total,
+             "ratio_to_synthetic": 1.0, "min": lo, "mean": round(statistics.fmean(synthetic), 1), "max": hi,
+             "within_tolerance": True, "in_synthetic_range": True}]
+    for label, b in prepared.items():
+        t = b.tokens
+        tol = b.config.token_tolerance if tolerance is None else tolerance
+        rows.append({"set": label, "kind": b.config.kind, "n": t["n"], "total_tokens": t["total_tokens"],
+                     "ratio_to_synthetic": round(t["total_tokens"] / total, 4), "min": t["min"], "mean": t["mean"],
+                     "max": t["max"], "within_tolerance": abs(t["total_tokens"] - total) <= tol * total,
+                     "in_synthetic_range": lo <= t["min"] and t["max"] <= hi})
+    return rows
+
+
+def contamination_table(prepared: Mapping[str, PreparedBaseline], synthetic=None) -> list[dict]:
+    """One row per checked training set: what the guard compared and the NQ-Open questions to exclude."""
+    reports = ([synthetic] if synthetic is not None else []) + [b.contamination for b in prepared.values()]
+    return [{"set": r.name, "samples": r.samples, "questions_checked": r.questions_checked,
+             "gold_passages_checked": r.passages_checked, "overlaps": 0,
+             "nq_open_questions_to_exclude": len(r.nq_open_overlap),
+             "evaluation_sets": ", ".join(f"{k} ({v})" for k, v in r.reference_sizes.items())} for r in reports]
+
+
+def train_baselines(prepared: Mapping[str, PreparedBaseline]) -> dict[str, dict]:
+    """Train every baseline with kvlib.train.train (a finished run is reused, an interrupted one resumes);
+    label -> the run summary (model_dir, steps, tokens, loss)."""
+    from kvlib.train import train
+
+    return {label: train(b.train_config, resume="auto") for label, b in prepared.items()}
+
+
+# ---------------------------------------------------------------- evaluation and verdicts
+
+
+def evaluate_models(configs: Mapping[str, Any], P: BaselinesNotebookParams, mdqa_sets=None, flenqa_records=None,
+                    general_tasks=None) -> dict[str, list[dict]]:
+    """Each model loaded once and run through the sections' pipelines (those of notebooks 03, 04, 05);
+    {"mdqa": rows, "flenqa": rows, "general": rows}."""
+    from kvlib import evaluate, flenqa, general
+
+    M, F, G = P.mdqa_params(), P.flenqa_params(), P.general_params()
+    rows: dict[str, list[dict]] = {"mdqa": [], "flenqa": [], "general": []}
+    for label, config in configs.items():
+        with evaluate.open_backend(config, P.cache_dir, P.profile, P.params_root) as model:
+            for s in (mdqa_sets or {}).values():
+                rows["mdqa"] += evaluate.evaluate_mdqa(model, s, M.positions, M.max_new_tokens, label)
+            if flenqa_records:
+                for style in F.styles:
+                    answers = evaluate.answer_requests(model, flenqa.build_requests(flenqa_records, style),
+                                                       F.new_tokens(style))
+                    rows["flenqa"] += flenqa.result_rows(flenqa_records, answers, style, label,
+                                                         evaluate.result_fields(model, F.new_tokens(style)))
+            for task in general_tasks or ():
+                rows["general"] += general.evaluate_task(model, task, label, G.fewshot_format)
+    return rows
+
+
+def question_means(rows: Sequence[dict]) -> list[dict]:
+    """MDQA rows pooled over gold positions: per (model, setting, question) the mean correctness over the
+    positions it was scored at (None when none was), so paired CIs resample questions, not prompts."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["setting"], r["qid"]), []).append(r["correct"])
+    return [{"model": m, "setting": s, "qid": q,
+             "correct": (statistics.fmean(float(v) for v in vals if v is not None)
+                         if any(v is not None for v in vals) else None)}
+            for (m, s, q), vals in groups.items()]
+
+
+Expect = Literal["increase", "decrease", "no_loss"]
+
+
+def verdict(ci_low: float | None, ci_high: float | None, expect: Expect) -> str:
+    """Whether a claimed direction holds, from a 95% CI of a difference: "increase" holds when the CI is above
+    0, "decrease" when below; "no_loss" holds unless the CI is below 0. Otherwise "inconclusive" (the CI
+    contains 0) or "does not hold" (the CI excludes 0 on the other side)."""
+    import math
+
+    if expect not in ("increase", "decrease", "no_loss"):
+        raise ValueError(f"expect must be increase, decrease or no_loss, got {expect!r}")
+    if ci_low is None or ci_high is None or math.isnan(ci_low) or math.isnan(ci_high):
+        return "not measured"
+    if expect == "no_loss":
+        return "does not hold" if ci_high < 0 else "holds"
+    above, below = ci_low > 0, ci_high < 0
+    if expect == "increase":
+        return "holds" if above else "does not hold" if below else "inconclusive"
+    return "holds" if below else "does not hold" if above else "inconclusive"
+
+
+def table2_deltas(P: BaselinesNotebookParams, deltas: Sequence[dict]) -> list[dict]:
+    """Our paired headline deltas (points, with CI) beside the paper's Table 2 delta for the same kind of model
+    (its score minus the original's, Mistral-7B-Instruct-v0.1), one row per model x benchmark."""
+    from kvlib.general import TASKS
+
+    ref = _paper_reference()
+    original = ref[f"{PAPER_MODEL}: original"]
+    out = []
+    for d in deltas:
+        if d["metric"] != TASKS[d["task"]].headline:
+            continue
+        row = P.paper_row(d["model"])
+        paper = ref.get(f"{PAPER_MODEL}: {row}", {}).get(d["task"]) if row else None
+        out.append({"model": d["model"], "paper_row": row or "", "benchmark": TASKS[d["task"]].title,
+                    "metric": d["metric"], "n": d["n"], "delta_points": 100 * d["delta"],
+                    "ci_low_points": 100 * d["ci_low"], "ci_high_points": 100 * d["ci_high"],
+                    "paper_delta_points": None if paper is None else round(paper - original[d["task"]], 2)})
+    return out
+
+
+def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_deltas: Sequence[dict] = (),
+           general_deltas: Sequence[dict] = ()) -> list[dict]:
+    """The paper's claims this notebook can check, each judged by `verdict` from our paired deltas vs the
+    original (points, 95% CI): synthetic finetuning improves MDQA with random distractors (Fig. 5) and
+    FLenQA (Figs. 6-7); the MDQA-finetuned baseline improves MDQA (Fig. 5's baseline curve); synthetic
+    finetuning loses nothing on the general benchmarks while the baselines lose on TriviaQA and NQ-Open
+    (Table 2)."""
+    from kvlib.general import TASKS
+    from kvlib.mdqa import SETTING_RANDOM
+
+    synthetic = [label for label in P.models if label != P.original]
+    kinds = {label: spec["kind"] for label, spec in P.baselines.items()}
+    out = []
+
+    def add(claim, source, d, expect, value="delta"):
+        out.append({"claim": claim, "paper": source, "model": d["model"], "n": d.get("n_pairs", d.get("n")),
+                    "delta_points": 100 * d[value] if d.get(value) is not None else None,
+                    "ci_points": (f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+                                  if d.get("ci_low") is not None else ""),
+                    "verdict": verdict(d.get("ci_low"), d.get("ci_high"), expect)})
+
+    for d in mdqa_deltas:
+        if d.get("setting") != SETTING_RANDOM:
+            continue
+        if d["model"] in synthetic:
+            add("synthetic finetuning improves MDQA (random distractors, mean over positions)", "Fig. 5", d,
+                "increase", "delta_correct")
+        elif kinds.get(d["model"]) == "mdqa":
+            add("finetuning on MDQA itself improves MDQA (random distractors, mean over positions)",
+                "Fig. 5 (baseline)", d, "increase", "delta_correct")
+    for d in flenqa_deltas:
+        if d["model"] in synthetic:
+            add(f"synthetic finetuning improves FLenQA ({d['style']} prompts, pooled over lengths)", "Figs. 6-7", d,
+                "increase", "delta_correct")
+    for d in general_deltas:
+        if d["metric"] != TASKS[d["task"]].headline:
+            continue
+        title = TASKS[d["task"]].title
+        if d["model"] in synthetic:
+            add(f"synthetic finetuning loses nothing on {title}", "Table 2", d, "no_loss")
+        elif d["task"] in ("triviaqa", "nq_open") and kinds.get(d["model"]) in PAPER_ROWS:
+            add(f"the {PAPER_ROWS[kinds[d['model']]]} baseline loses on {title}", "Table 2", d, "decrease")
+    return out

@@ -32,7 +32,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Literal, Mapping, Sequence
 
 from kvlib.config import check_positive, fail
 from kvlib.evaluate import EvalModelsParams
@@ -730,8 +730,11 @@ class PreparedTask:
 
 
 def prepare_task(name: str, settings: TaskParams | Mapping[str, Any] | None = None,
-                 data_dir: str | Path | None = None, seed: int = 0) -> PreparedTask:
-    """Load (validating every record), subsample and attach few-shot examples for benchmark `name`."""
+                 data_dir: str | Path | None = None, seed: int = 0,
+                 exclude_questions: Collection[str] = ()) -> PreparedTask:
+    """Load (validating every record), subsample and attach few-shot examples for benchmark `name`.
+    `exclude_questions`: question keys (kvlib.contamination.question_key) to drop before subsampling, e.g.
+    the NQ-Open questions a finetuning set trained on; the report counts them (`excluded_trained_on`)."""
     from kvlib.config import from_mapping
 
     spec = task_spec(name)
@@ -740,6 +743,11 @@ def prepare_task(name: str, settings: TaskParams | Mapping[str, Any] | None = No
     settings.check_against(spec, f"tasks.{name}")
     path = task_path(spec, data_dir, settings.path)
     items, report = spec.loader(path)
+    if exclude_questions:
+        from kvlib.contamination import exclude_questions as _exclude
+
+        items, dropped = _exclude(items, set(exclude_questions))
+        report = dataclasses.replace(report, notes=report.notes + (("excluded_trained_on", dropped),))
     chosen = subsample(items, settings.max_examples, settings.fraction, seed=seed, stratify=spec.macro)
     n_shot = spec.n_shot if settings.n_shot is None else settings.n_shot
     if name == "mmlu":

@@ -41,6 +41,7 @@ NOTEBOOK_PARAMS: dict[str, str | type] = {
     "04_flenqa": "kvlib.flenqa:FLenQANotebookParams",
     "07_kv_retrieval": "kvlib.evaluate:KVRetrievalNotebookParams",
     "05_general_benchmarks": "kvlib.general:GeneralBenchmarksNotebookParams",
+    "06_baselines": "kvlib.baselines:BaselinesNotebookParams",
 }
 
 # Injected by the runner, never read from a params file: the profile name and the absolute results directory.

@@ -1,0 +1,149 @@
+"""Notebook 06 (baselines): its params class rejects bad params naming the field, before any compute, and the
+library helpers it calls work on tiny inputs (verdicts, pooling, token-matching and Table 2 tables, NQ-Open
+exclusion in kvlib.general.prepare_task). Reads the repo's params and the data directory; no model weights."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from kvlib import baselines as bl
+from kvlib.config import ParamError, from_mapping
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # params refer to each other relative to the repo root
+
+
+def _params(**over) -> dict:
+    base = {"profile": "smoke", "params_root": "params",
+            "models": {"original": {"model": "smollm2-135m-instruct"}, "finetuned": {"run": "simple-template"}},
+            "match": "simple-template",
+            "baselines": {"MDQA": {"kind": "mdqa", "num_documents": 3}, "needle": {"kind": "niah"}},
+            "mdqa": {"settings": ["random"], "num_documents": 3, "positions": [1, 3], "num_questions": 2},
+            "flenqa": {"styles": ["normal"]},
+            "general": {"tasks": {"nq_open": {"max_examples": 2}}}}
+    base.update(over)
+    return base
+
+
+def test_valid_params_and_derived_configs():
+    P = from_mapping(bl.BaselinesNotebookParams, _params(paper_rows={"finetuned": "key-value, with template"}))
+    cfg = P.baseline_config("MDQA")
+    assert cfg.kind == "mdqa" and cfg.tokenizer == "smollm2-135m-instruct"  # the matched dataset's tokenizer
+    assert P.match_job().name == "simple-template"
+    assert P.mdqa_params().num_documents == 3 and P.general_params().baseline == "original"
+    assert P.flenqa_params().styles == ["normal"]
+    assert P.baseline_dir("needle") == Path("runs/data/smoke/baselines/needle")
+    assert P.paper_row("needle") == "needle-in-a-haystack" and P.paper_row("MDQA") is None
+    assert P.paper_row("finetuned") == "key-value, with template"
+    assert P.baseline_backend("/some/model").model == "/some/model"
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"match": None}, "match"),
+    ({"match": "nope"}, "match"),
+    ({"original": "base"}, "original"),
+    ({"baselines": {"x": {"kind": "in3"}}}, "baselines.x.kind"),
+    ({"baselines": {"x": {"num_documents": 3}}}, "baselines.x"),
+    ({"baselines": {"x": {"kind": "niah", "token_total": 100}}}, "baselines.x.token_total"),
+    ({"baselines": {"original": {"kind": "niah"}}}, "baselines.original"),
+    ({"baselines": {"A b": {"kind": "niah"}, "a-B": {"kind": "in2"}}}, "baselines.a-B"),
+    ({"baselines": {"x": {"kind": "niah", "sample_token": [1, 2]}}}, "baselines.x.sample_token"),
+    ({"mdqa": {"num_documents": 30}}, "mdqa.num_documents"),
+    ({"mdqa": {"models": {}}}, "mdqa.models"),
+    ({"mdqa": [1]}, "mdqa"),
+    ({"flenqa": {"styles": []}}, "flenqa.styles"),
+    ({"general": {"tasks": {"nq_opn": {}}}}, "general.tasks.nq_opn"),
+    ({"general": {"tasks": {"nq_open": {}}, "baseline": "finetuned"}}, "general.baseline"),
+    ({"general": {"tasks": {"nq_open": {}}, "harness_crosscheck": ["original"]}}, "general.harness_crosscheck"),
+    ({"backend": {"kind": "openai"}, "models": {"original": {"model": "gpt-x"}}}, "backend.kind"),
+    ({"paper_rows": {"finetuned": "key-value"}}, "paper_rows.finetuned"),
+    ({"paper_rows": {"ghost": "IN2"}}, "paper_rows.ghost"),
+])
+def test_bad_params_name_the_field(over, field):
+    with pytest.raises(ParamError, match=rf"^{field.replace('.', '[.]')}: "):
+        from_mapping(bl.BaselinesNotebookParams, _params(**over))
+
+
+def test_no_baselines_profile_validates_without_match():
+    P = from_mapping(bl.BaselinesNotebookParams, {
+        "profile": "paper-gpt35", "models": {"original": {"model": "gpt-3.5-turbo-1106"}},
+        "backend": {"kind": "openai"}, "baselines": {}, "mdqa": None, "flenqa": None, "general": None})
+    assert P.mdqa_params() is None and P.flenqa_params() is None and P.general_params() is None
+    assert bl.claims(P) == []
+
+
+@pytest.mark.parametrize("lo, hi, expect, want", [
+    (0.01, 0.2, "increase", "holds"), (-0.1, 0.2, "increase", "inconclusive"), (-0.3, -0.1, "increase", "does not hold"),
+    (-0.3, -0.1, "decrease", "holds"), (0.1, 0.3, "decrease", "does not hold"), (-0.1, 0.1, "decrease", "inconclusive"),
+    (-0.1, 0.1, "no_loss", "holds"), (-0.2, -0.01, "no_loss", "does not hold"), (math.nan, 0.1, "increase", "not measured"),
+    (None, None, "no_loss", "not measured"),
+])
+def test_verdict(lo, hi, expect, want):
+    assert bl.verdict(lo, hi, expect) == want
+
+
+def test_verdict_rejects_unknown_expectation():
+    with pytest.raises(ValueError, match="expect"):
+        bl.verdict(0, 1, "up")
+
+
+def test_question_means_pool_positions():
+    rows = [{"model": "m", "setting": "s", "qid": "q1", "position": p, "correct": c}
+            for p, c in ((1, True), (2, False), (3, None))] + [
+           {"model": "m", "setting": "s", "qid": "q2", "position": 1, "correct": None}]
+    pooled = {r["qid"]: r["correct"] for r in bl.question_means(rows)}
+    assert pooled == {"q1": 0.5, "q2": None}
+
+
+def test_token_matching_table():
+    class B:
+        def __init__(self, kind, total, lo, hi, n):
+            self.config = bl.BaselineConfig(kind=kind)
+            self.tokens = {"n": n, "total_tokens": total, "min": lo, "max": hi, "mean": total / n}
+
+    rows = bl.token_matching_table("synthetic", [100, 110, 120], {"a": B("niah", 330, 100, 120, 3),
+                                                                  "b": B("mdqa", 360, 60, 120, 4)})
+    assert [r["set"] for r in rows] == ["synthetic", "a", "b"] and rows[0]["total_tokens"] == 330
+    assert rows[1]["within_tolerance"] and rows[1]["in_synthetic_range"] and rows[1]["ratio_to_synthetic"] == 1.0
+    assert not rows[2]["within_tolerance"] and not rows[2]["in_synthetic_range"]
+
+
+def test_table2_deltas_and_claims():
+    P = from_mapping(bl.BaselinesNotebookParams, _params(paper_rows={"finetuned": "key-value, with template"}))
+    deltas = [{"model": "needle", "task": "triviaqa", "metric": "em", "n": 10, "delta": -0.05, "ci_low": -0.09,
+               "ci_high": -0.01},
+              {"model": "finetuned", "task": "nq_open", "metric": "em", "n": 10, "delta": 0.0, "ci_low": -0.1,
+               "ci_high": 0.1},
+              {"model": "finetuned", "task": "nq_open", "metric": "contains", "n": 10, "delta": 0.0, "ci_low": -0.1,
+               "ci_high": 0.1}]
+    beside = bl.table2_deltas(P, deltas)
+    assert len(beside) == 2  # headline metrics only
+    assert beside[0]["paper_delta_points"] == pytest.approx(41.30 - 47.63)
+    assert beside[1]["paper_delta_points"] == pytest.approx(11.98 - 11.61)
+    mdqa = [{"setting": "derived (random distractors)", "model": "finetuned", "n_pairs": 2, "delta_correct": 0.5,
+             "ci_low": 0.1, "ci_high": 0.9},
+            {"setting": "derived (random distractors)", "model": "MDQA", "n_pairs": 2, "delta_correct": 0.0,
+             "ci_low": -0.5, "ci_high": 0.5},
+            {"setting": "retrieved distractors (LitM)", "model": "finetuned", "n_pairs": 2, "delta_correct": 0.5,
+             "ci_low": 0.1, "ci_high": 0.9}]
+    verdicts = {(c["model"], c["paper"]): c["verdict"] for c in bl.claims(P, mdqa, [], deltas)}
+    assert verdicts == {("finetuned", "Fig. 5"): "holds", ("MDQA", "Fig. 5 (baseline)"): "inconclusive",
+                        ("needle", "Table 2"): "holds", ("finetuned", "Table 2"): "holds"}
+
+
+def test_prepare_task_excludes_trained_on_questions():
+    from kvlib import general
+    from kvlib.contamination import question_key
+
+    full = general.prepare_task("nq_open", {"max_examples": 3}, seed=0)
+    used = {question_key(full.items[0].question)}
+    task = general.prepare_task("nq_open", {"max_examples": 3}, seed=0, exclude_questions=used)
+    assert dict(task.report.notes)["excluded_trained_on"] == 1 and len(task.items) == 3
+    assert all(question_key(i.question) not in used for i in task.items)
+    assert "excluded_trained_on: 1" in task.report.summary()
