@@ -108,6 +108,14 @@ def check_max_new_tokens(max_new_tokens: Any) -> int:
     return max_new_tokens
 
 
+# On a CPU, left-padded batches of long prompts are slower than one prompt at a time: the padding mask takes
+# SDPA off its causal fast path and materialises rows x heads x length^2 attention scores. Measured with the
+# embedded model (2 cores, float32, 32 new tokens, 8 prompts): 3.1K-token MDQA prompts 72 s batched by 8 vs
+# 48 s one at a time; ~750-token prompts 12.2 s vs 13.9 s; ~50-token prompts 4.7 s vs 13.3 s. So a CPU batch
+# holds at most this many padded tokens: prompts over half of it go alone, short ones still batch.
+CPU_MAX_BATCH_TOKENS = 2048
+
+
 def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
     """Indices of `lengths` grouped into batches, longest first, so each batch pads little.
 
@@ -150,16 +158,46 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
+# bf16 must beat float32 by this factor in cpu_bf16_speedup to be chosen: a clear margin, so that timing noise
+# never flips the choice (and with it the answers) between two runs on the same machine
+BF16_MIN_SPEEDUP = 1.3
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup(size: int = 1024, repeats: int = 5) -> float:
+    """float32 time / bfloat16 time of a (size x size) linear layer on this CPU (once per process, ~0.2 s).
+    The `avx512_bf16` flag alone does not say bf16 is faster: on one host of this project bf16 prefill was 2x
+    faster than float32, on another (same flags, no AMX) 1.7x slower, because PyTorch's bf16 kernels there
+    fell back to slower code paths. So "auto" measures instead of trusting the flag."""
+    import time
+
+    x = torch.randn(size, size)
+    w = torch.randn(size, size)
+    timings = {}
+    with torch.inference_mode():
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = x.to(dt), w.to(dt)
+            torch.nn.functional.linear(a, b)  # warm-up (kernel selection, caches)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.nn.functional.linear(a, b)
+                best = min(best, time.perf_counter() - start)
+            timings[dt] = best
+    return timings[torch.float32] / timings[torch.bfloat16]
+
+
 def resolve_eval_dtype(device: str | None = None, dtype: str = "auto") -> str:
-    """The dtype name evaluation runs in. "auto": bfloat16 on CUDA (float16 on GPUs without bf16), and on a
-    CPU that has native bf16 (cpu_supports_bf16: there bf16 prefill measured 2x faster than float32);
-    float32 on other CPUs. Explicit "float32"/"bfloat16"/"float16" are honoured (float16 not on CPU).
+    """The dtype name evaluation runs in. "auto": bfloat16 on CUDA (float16 on GPUs without bf16); on a CPU,
+    bfloat16 only where the CPU has native bf16 (cpu_supports_bf16) AND bf16 measures at least
+    BF16_MIN_SPEEDUP faster than float32 here (cpu_bf16_speedup), else float32. Explicit
+    "float32"/"bfloat16"/"float16" are honoured (float16 not on CPU). The dtype is recorded with every result.
 
     Differs from kvlib.models.default_device_dtype (whose auto is float32 on every CPU, the safe choice for
-    training) only in the CPU-with-bf16 case; device and dtype are validated there.
+    training) only in that CPU case; device and dtype are validated there.
     """
     dev, torch_dtype = default_device_dtype(device, dtype)
-    if dtype == "auto" and dev.type == "cpu" and cpu_supports_bf16():
+    if dtype == "auto" and dev.type == "cpu" and cpu_supports_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
         return "bfloat16"
     return _DTYPE_NAMES[torch_dtype]
 
@@ -197,7 +235,8 @@ class BackendConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # see resolve_eval_dtype
     device: str | None = None  # None/"auto": CUDA if available, else CPU
     batch_size: int = 8
-    max_batch_tokens: int | None = None  # cap on rows x padded tokens per batch (memory), None: no cap
+    # cap on rows x padded tokens per batch; None: CPU_MAX_BATCH_TOKENS on a CPU, no cap on a GPU
+    max_batch_tokens: int | None = None
     attn_implementation: str = "sdpa"
     # openai
     base_url: str | None = None
@@ -270,6 +309,8 @@ class HFBackend:
         self.progress = progress
         self.model, self.tokenizer = load_model(self.spec, config.device, self.dtype, self.attn_implementation)
         self.device = next(self.model.parameters()).device
+        if self.max_batch_tokens is None and self.device.type == "cpu":
+            self.max_batch_tokens = CPU_MAX_BATCH_TOKENS
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
         self._logits_to_keep = _accepts_logits_to_keep(self.model)

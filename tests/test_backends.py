@@ -198,9 +198,19 @@ def test_cpu_supports_bf16_parses_cpuinfo():
     assert isinstance(cpu_supports_bf16(), bool)  # this machine
 
 
+def test_cpu_bf16_speedup_is_measured_once():
+    first = backends.cpu_bf16_speedup()
+    assert first > 0 and backends.cpu_bf16_speedup() == first  # cached: the choice never flips within a run
+
+
 def test_resolve_eval_dtype(monkeypatch):
     monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: True)
+    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 2.0)
     assert resolve_eval_dtype("cpu", "auto") == "bfloat16"
+    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 0.6)  # native bf16 that is slower here: float32
+    assert resolve_eval_dtype("cpu", "auto") == "float32"
+    assert resolve_eval_dtype("cpu", "bfloat16") == "bfloat16"
+    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 2.0)
     assert resolve_eval_dtype("cpu", "float32") == "float32"
     monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: False)
     assert resolve_eval_dtype("cpu", "auto") == "float32"
