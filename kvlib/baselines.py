@@ -67,6 +67,7 @@ from typing import Callable, Literal, Sequence
 
 from kvlib.config import ParamError, check_fraction, check_positive, check_range, fail, to_mapping
 from kvlib.generate import Sample, load_dataset, load_template, write_split
+from kvlib.models import MemoTokenCounter
 from kvlib.scoring import normalize_answer
 
 Kind = Literal["mdqa", "multidocqa", "in2", "niah"]
@@ -326,23 +327,7 @@ def _no_period(answer: str) -> str:
     return answer[:-1] if answer.endswith(".") else answer
 
 
-class _Counter:
-    """Token counts, each text counted once (batched through the tokenizer)."""
-
-    def __init__(self, count: Callable[[list[str]], list[int]]):
-        self.count, self.cache = count, {}
-
-    def prime(self, texts: Sequence[str]) -> None:
-        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        if missing:
-            self.cache.update(zip(missing, self.count(missing)))
-
-    def __getitem__(self, text: str) -> int:
-        self.prime([text])
-        return self.cache[text]
-
-
-def _fill(candidates, budget: int, counter: _Counter, sep: int = 1, batch: int = 16, patience: int = 64) -> list:
+def _fill(candidates, budget: int, counter: MemoTokenCounter, sep: int = 1, batch: int = 16, patience: int = 64) -> list:
     """Items from the iterator `candidates` (item, text), in order, whose tokens (+ `sep` each) fit `budget`.
     A candidate that does not fit the room left is skipped (best fit: the last items are the short ones
     that still fit); the fill stops after `patience` misfits in a row, or when under 8 tokens are left."""
@@ -384,7 +369,7 @@ def _pick(order: list[int], i: int, attempt: int, rng: random.Random) -> int:
 class _Generator:
     """Draws one sample at a time: `draw(i, rng, target, attempt)` -> (prompt, answer, meta) or None."""
 
-    def __init__(self, cfg: BaselineConfig, data_dir: str, counter: _Counter, reference, rewrite):
+    def __init__(self, cfg: BaselineConfig, data_dir: str, counter: MemoTokenCounter, reference, rewrite):
         self.cfg, self.data_dir, self.counter, self.reference, self.rewrite = cfg, data_dir, counter, reference, rewrite
 
 
@@ -696,7 +681,7 @@ def build_baseline(cfg: BaselineConfig, count_tokens: Callable[[list[str]], list
     if reference is None:
         reference = load_eval_reference(data_dir)
     count_tokens = count_tokens or _counter_for(cfg)
-    counter = _Counter(count_tokens)
+    counter = MemoTokenCounter(count_tokens)
     gen = _GENERATORS[cfg.kind](cfg, data_dir, counter, reference, rewrite)
     lo, hi = cfg.sample_tokens
     goal = cfg.token_total

@@ -79,6 +79,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 from kvlib.config import ParamError, check_positive, fail, from_mapping, to_mapping
 from kvlib.evaluate import EvalModelsParams
 from kvlib.generate import load_template
+from kvlib.models import MemoTokenCounter
 
 Task = Literal["MonoRel", "PIR", "Simplified RuleTaker"]
 Padding = Literal["duplicate", "similar", "different"]
@@ -481,23 +482,14 @@ def load_padding_passages(data_dir: str | Path | None = None) -> tuple[list[str]
     return [p for p in passages if len(p.split(" ")) >= 20], path
 
 
-class _TokenCache:
-    """Token counts of padding and key paragraphs, each text counted once, in batches."""
+class _TokenCache(MemoTokenCounter):
+    """Token counts of padding and key paragraphs, each text counted once, in batches; `sep` is what the
+    paragraph separator adds when two paragraphs are joined (1 for most tokenizers)."""
 
     def __init__(self, count: Callable[[list[str]], list[int]]):
-        self.count, self.cache = count, {}
-        # tokens the paragraph separator adds when two paragraphs are joined (1 for most tokenizers)
+        super().__init__(count)
         a, b, joined = self.count(["Alpha beta.", "Gamma delta.", f"Alpha beta.{_SEP}Gamma delta."])
         self.sep = max(0, joined - a - b)
-
-    def prime(self, texts: Sequence[str]) -> None:
-        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        if missing:
-            self.cache.update(zip(missing, self.count(missing)))
-
-    def __getitem__(self, text: str) -> int:
-        self.prime([text])
-        return self.cache[text]
 
 
 class _Stream:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -357,6 +357,24 @@ class TokenCounter:
             if not isinstance(text, str):
                 raise TypeError(f"TokenCounter.count: texts[{i}] is {type(text).__name__}, not str")
         return self._count_batch(texts) if texts else []
+
+
+class MemoTokenCounter:
+    """Token counts of texts, each text counted once, missing ones in batches (`prime`), looked up with
+    `counter[text]`; for generators that measure the same paragraphs many times (kvlib.flenqa,
+    kvlib.baselines). `count` is any batch counter, e.g. TokenCounter.count."""
+
+    def __init__(self, count: Callable[[list[str]], list[int]]):
+        self.count, self.cache = count, {}
+
+    def prime(self, texts: Sequence[str]) -> None:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if missing:
+            self.cache.update(zip(missing, self.count(missing)))
+
+    def __getitem__(self, text: str) -> int:
+        self.prime([text])
+        return self.cache[text]
 
 
 @functools.lru_cache(maxsize=None)
