@@ -378,9 +378,14 @@ def _dataset_of(profile: str, params_root: str, where: str, name: str, profile_d
         raise ParamError(f"{where}: {exc}") from None
 
 
+def position_bin_index(position: int, num_dicts: int, bins: int) -> int:
+    """1-based index of the equal-width bin that a 1-based gold position among num_dicts falls in."""
+    return min(int((position - 1) / (num_dicts / bins)), bins - 1) + 1
+
+
 def position_bin(position: int, num_dicts: int, bins: int) -> str:
     """Label of the equal-width bin of a 1-based gold position among num_dicts, e.g. "1-4"."""
     width = num_dicts / bins
-    b = min(int((position - 1) / width), bins - 1)
+    b = position_bin_index(position, num_dicts, bins) - 1
     low, high = int(b * width) + 1, int((b + 1) * width)
     return f"{low}-{high}" if high > low else str(low)

@@ -181,3 +181,4 @@ def test_kv_notebook_params():
             from_mapping(evaluate.KVRetrievalNotebookParams, {
                 "profile": "smoke", "models": {"o": {}}, "in_distribution": None, "litm": None, "grid": None, **bad})
     assert [evaluate.position_bin(p, 20, 4) for p in (1, 5, 6, 20)] == ["1-5", "1-5", "6-10", "16-20"]
+    assert [evaluate.position_bin_index(p, 20, 4) for p in (1, 5, 6, 20)] == [1, 1, 2, 4]
