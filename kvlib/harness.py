@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kvlib.general import PreparedTask
+from kvlib.scoring import multiple_choice_scores
 
 # kvlib task -> the harness task definition it follows (relative to lm_eval/tasks)
 HARNESS_FILES = {
@@ -162,14 +163,15 @@ def _context(model: Any) -> int | None:
 
 
 def _prediction(sample: dict, metric: str) -> int | str:
-    """What the harness chose: the choice index (acc: highest log-likelihood; acc_norm: per character of the
-    choice, as the harness normalises) or the raw generated text up to its stop strings."""
+    """What the harness chose: the choice index by kvlib's own multiple-choice rule over the harness's
+    log-likelihoods (acc: highest; acc_norm: highest per character of the choice, as the harness normalises),
+    or the raw generated text up to its stop strings."""
     if sample.get("filter", "none") == "none" and metric in ("acc", "acc_norm"):
-        lls = [float(r[0]) for r in sample["filtered_resps"]]
-        if metric == "acc_norm":
-            choices = sample["doc"].get("endings") or sample["doc"].get("choices")
-            lls = [ll / len(c) for ll, c in zip(lls, choices)]
-        return max(range(len(lls)), key=lambda k: (lls[k], -k))
+        doc = sample["doc"]
+        choices = doc.get("endings") or doc.get("choices")  # HellaSwag endings, MMLU option texts
+        gold = int(doc["label"]) if "label" in doc else int(doc["answer"])
+        scores = multiple_choice_scores([float(r[0]) for r in sample["filtered_resps"]], choices, gold)
+        return scores["pred_norm" if metric == "acc_norm" else "pred"]
     return str(sample["resps"][0][0]).strip()
 
 
@@ -183,9 +185,10 @@ def compare(kvlib_rows: Sequence[dict], harness_rows: Sequence[dict], model: str
         mine = ours.get((h["task"], h["id"]))
         if mine is None or h["metric"] not in mine:
             continue
-        predicted = {"acc": mine.get("pred"), "acc_norm": mine.get("pred_norm")}.get(h["metric"], mine.get("answer"))
-        if isinstance(h["harness_prediction"], str):
+        if isinstance(h["harness_prediction"], str):  # generation: the reply up to the stop strings
             predicted = mine.get("answer")
+        else:  # multiple choice: the chosen index
+            predicted = mine.get("pred_norm" if h["metric"] == "acc_norm" else "pred")
         same = predicted == h["harness_prediction"]
         table.setdefault((h["task"], h["metric"]), []).append((float(mine[h["metric"]]), h["harness"], same))
     out = []
