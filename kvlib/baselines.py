@@ -741,6 +741,19 @@ def write_baseline(cfg: BaselineConfig, out_dir: str | Path, count_tokens: Calla
     return {"out_dir": str(out_dir), **stats}
 
 
+def ensure_baseline(cfg: BaselineConfig, out_dir: str | Path, count_tokens: Callable[[list[str]], list[int]] | None = None,
+                    reference=None) -> dict:
+    """write_baseline unless out_dir already holds the set of this exact config (as kvlib.generate.ensure_dataset
+    does for the synthetic sets: generation is deterministic, so reuse and rebuilding give the same bytes)."""
+    out_dir = Path(out_dir)
+    stats_file = out_dir / "stats.json"
+    if stats_file.is_file() and (out_dir / "train.jsonl").is_file():
+        stats = json.loads(stats_file.read_text())
+        if stats.get("config") == json.loads(json.dumps(to_mapping(cfg))):
+            return {"out_dir": str(out_dir), **stats}
+    return write_baseline(cfg, out_dir, count_tokens, reference)
+
+
 # ---------------------------------------------------------------- notebook 06
 
 
@@ -968,13 +981,7 @@ def prepare_baselines(P: BaselinesNotebookParams, reference, count_tokens=None) 
         count = count_tokens or counters[raw.tokenizer]
         cfg = matched_config(raw, job.data_dir, count)
         where = P.baseline_dir(label)
-        config_file = where / "config.json"
-        same = (config_file.is_file() and (where / "train.jsonl").is_file() and (where / "stats.json").is_file()
-                and json.loads(config_file.read_text()) == json.loads(json.dumps(to_mapping(cfg))))
-        if same:
-            tokens = json.loads((where / "stats.json").read_text())["tokens"]
-        else:
-            tokens = write_baseline(cfg, where, count, reference)["tokens"]
+        tokens = ensure_baseline(cfg, where, count, reference)["tokens"]
         guard = check_contamination(where, reference, name=label)  # again on the files as written
         train_file = where / "train.jsonl"
         train_config = dataclasses.replace(
