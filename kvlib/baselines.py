@@ -63,9 +63,10 @@ import statistics
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from kvlib.config import ParamError, check_fraction, check_positive, check_range, fail, to_mapping
+from kvlib.evaluate import EvalModelsParams
 from kvlib.generate import Sample, load_dataset, load_template, write_split
 from kvlib.models import MemoTokenCounter
 from kvlib.scoring import normalize_answer
@@ -756,10 +757,6 @@ def ensure_baseline(cfg: BaselineConfig, out_dir: str | Path, count_tokens: Call
 
 # ---------------------------------------------------------------- notebook 06
 
-
-from typing import Any, Mapping  # noqa: E402
-
-from kvlib.evaluate import EvalModelsParams  # noqa: E402
 
 # the rows of the paper's Table 2 (kvlib.general.PAPER_REFERENCE, Mistral-7B-Instruct-v0.1) for each kind
 PAPER_MODEL = "Mistral-7B-Instruct-v0.1"
