@@ -758,7 +758,7 @@ def ensure_baseline(cfg: BaselineConfig, out_dir: str | Path, count_tokens: Call
 # ---------------------------------------------------------------- notebook 06
 
 
-# the rows of the paper's Table 2 (kvlib.general.PAPER_REFERENCE, Mistral-7B-Instruct-v0.1) for each kind
+# the rows of the paper's Table 2 (params/paper_reference.yaml via kvlib.paper, Mistral-7B-Instruct-v0.1) for each kind
 PAPER_MODEL = "Mistral-7B-Instruct-v0.1"
 PAPER_ROWS = {"multidocqa": "MultidocQA", "in2": "IN2", "niah": "needle-in-a-haystack"}
 _COMMON = ("profile", "results_dir", "params_root", "models", "backend", "cache_dir")
@@ -928,9 +928,9 @@ class BaselinesNotebookParams(EvalModelsParams):
 
 
 def _paper_reference() -> dict:
-    from kvlib.general import PAPER_REFERENCE
+    from kvlib import paper
 
-    return PAPER_REFERENCE
+    return paper.load().general_scores()
 
 
 # ---------------------------------------------------------------- building, matching, training

@@ -45,7 +45,7 @@ def _openai_finetune(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from kvlib import reproduce
 
-    return reproduce.run_profile(
+    return (reproduce.dry_run if args.dry_run else reproduce.run_profile)(
         args.profile,
         only=args.only,
         results_root=Path(args.results),
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--params-dir", default="params")
     rep.add_argument("--notebooks", default="notebooks")
     rep.add_argument("--force", action="store_true", help="re-run notebooks that already finished")
+    rep.add_argument("--dry-run", action="store_true",
+                     help="validate the profile offline and print what would run and what its models need")
     rep.set_defaults(func=_reproduce)
     return parser
 

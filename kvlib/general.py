@@ -510,24 +510,6 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 
-# Published reference numbers (percent), arXiv 2406.19292 v2: Table 2 (Mistral-7B-Instruct-v0.1, the
-# baselines with roughly the same number of training tokens) and Table 1 (GPT-3.5 Turbo, with template;
-# its MMLU is on a 20% subset). Shown beside kvlib's numbers, never mixed into them.
-PAPER_REFERENCE: dict[str, dict[str, float]] = {
-    "Mistral-7B-Instruct-v0.1: original": {"mmlu": 53.42, "hellaswag": 56.31, "gsm8k": 34.65, "triviaqa": 47.63,
-                                           "nq_open": 11.61},
-    "Mistral-7B-Instruct-v0.1: key-value, with template": {"mmlu": 53.44, "hellaswag": 56.22, "gsm8k": 34.34,
-                                                           "triviaqa": 47.74, "nq_open": 11.98},
-    "Mistral-7B-Instruct-v0.1: MultidocQA": {"mmlu": 53.19, "hellaswag": 56.27, "gsm8k": 33.28, "triviaqa": 45.20,
-                                             "nq_open": 8.69},
-    "Mistral-7B-Instruct-v0.1: IN2": {"mmlu": 53.49, "hellaswag": 56.44, "gsm8k": 34.98, "triviaqa": 45.44,
-                                      "nq_open": 9.80},
-    "Mistral-7B-Instruct-v0.1: needle-in-a-haystack": {"mmlu": 52.83, "hellaswag": 56.22, "gsm8k": 33.79,
-                                                       "triviaqa": 41.30, "nq_open": 4.88},
-    "GPT-3.5 Turbo (1106): original": {"mmlu": 68.07, "gsm8k": 72.33},
-    "GPT-3.5 Turbo (1106): key-value, with template": {"mmlu": 67.75, "gsm8k": 71.65},
-}
-
 
 def task_spec(name: str, where: str = "tasks") -> TaskSpec:
     if name not in TASKS:
@@ -1106,8 +1088,7 @@ def conventions_table(tasks: Sequence[PreparedTask], fewshot_format: str = "mult
 
 
 def paper_reference_table():
-    """PAPER_REFERENCE as a DataFrame (percent), for side-by-side reading."""
-    import pandas as pd
+    """The paper's published scores (kvlib.paper, params/paper_reference.yaml) under these tasks' titles."""
+    from kvlib import paper
 
-    return pd.DataFrame([{"model": name, **{TASKS[t].title: v.get(t) for t in TASKS}}
-                         for name, v in PAPER_REFERENCE.items()])
+    return paper.general_table({name: spec.title for name, spec in TASKS.items()})

@@ -168,3 +168,70 @@ def record_facts(results_dir: str | Path, name: str, facts: dict) -> dict:
     merged = {**read_facts(results_dir, name), **facts}
     atomic_write_text(notebook_output_dir(results_dir, name) / FACTS_FILE, dumps_json(merged))
     return merged
+
+
+# ---------------------------------------------------------------------------------------- index page
+
+INDEX_FILE = "index.html"
+_INDEX_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+                "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+                "vertical-align:top;text-align:left}code{font-size:90%}.failed{color:#b00}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def render_index(manifest: dict, repo_prefix: str = "../../") -> str:
+    """`results/<profile>/index.html` from the run manifest: every rendered notebook linked, with its status,
+    wall time, seeds, params file, tables and figures, input data hashes and recorded facts, under the
+    environment (versions, commit) that produced them. `repo_prefix` leads from the page to the repo root.
+    Deterministic: the same manifest gives the same bytes."""
+    from html import escape as e
+
+    entries = manifest.get("notebooks", {})
+    git = manifest.get("git") or {}
+    commit = git.get("commit") or "not a git checkout"
+    rows = []
+    for name in sorted(entries):
+        entry = entries[name]
+        ok = entry.get("status") == "ok"
+        title = (f'<a href="{e(name)}.html">{e(name)}</a>' if ok else e(name))
+        outputs = [o for o in entry.get("outputs", []) if o.endswith((".csv", ".png"))]
+        inputs = "<br>".join(f"<code>{e(i['path'])}</code> {e(i['sha256'][:12])}" for i in entry.get("inputs", []))
+        seeds = ", ".join(f"{k}={v}" for k, v in sorted((entry.get("seeds") or {}).items()))
+        facts = entry.get("facts")
+        links = "<br>".join(f'<a href="{e(o)}">{e(o)}</a>' for o in outputs)
+        rows.append(
+            "<tr>"
+            f"<td>{title}</td><td class=\"{'' if ok else 'failed'}\">{e(str(entry.get('status')))}</td>"
+            f"<td>{e(str(entry.get('finished', '')))}</td><td>{_duration(entry.get('wall_seconds'))}</td>"
+            f"<td>{e(seeds)}</td>"
+            f"<td><a href=\"{e(repo_prefix + entry.get('params_file', ''))}\">{e(entry.get('params_file', ''))}</a></td>"
+            f"<td>{links}</td>"
+            f"<td>{inputs}</td>"
+            f"<td>{'<pre>' + e(dumps_json(facts)) + '</pre>' if facts else ''}</td>"
+            "</tr>")
+    total = sum(entry.get("wall_seconds") or 0 for entry in entries.values())
+    packages = ", ".join(f"{k} {v}" for k, v in sorted((manifest.get("packages") or {}).items()) if v)
+    profile = str(manifest.get("profile", ""))
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>kvlib results: {e(profile)}</title><style>{_INDEX_STYLE}</style></head><body>\n"
+        f"<h1>kvlib results: profile <code>{e(profile)}</code></h1>\n"
+        f"<p>Produced by <code>kvlib reproduce --profile {e(profile)}</code>; "
+        f"<a href=\"manifest.json\">manifest.json</a> has every field below and the full params.</p>\n"
+        "<table>"
+        f"<tr><th>kvlib</th><td>{e(str(manifest.get('kvlib_version', '')))}</td></tr>"
+        f"<tr><th>commit</th><td><code>{e(commit)}</code>{' (uncommitted changes)' if git.get('dirty') else ''}</td></tr>"
+        f"<tr><th>python</th><td>{e(str(manifest.get('python', '')))}</td></tr>"
+        f"<tr><th>platform</th><td>{e(str(manifest.get('platform', '')))}</td></tr>"
+        f"<tr><th>packages</th><td>{e(packages)}</td></tr>"
+        f"<tr><th>wall time</th><td>{_duration(total)} over {len(entries)} notebooks (sum of the latest runs)</td></tr>"
+        "</table>\n"
+        "<table><tr><th>notebook</th><th>status</th><th>finished (UTC)</th><th>wall time</th><th>seeds</th>"
+        "<th>params</th><th>tables and figures</th><th>input data (sha256)</th><th>facts</th></tr>\n"
+        + "\n".join(rows) + "\n</table>\n</body></html>\n")

@@ -29,7 +29,8 @@ from typing import Any, Mapping
 
 from kvlib.config import ParamError, from_mapping, load_yaml, to_mapping
 from kvlib.reporting import (
-    BOOKKEEPING_FILES, atomic_write_text, dumps_json, file_sha256, read_facts, read_inputs, sha256_text,
+    BOOKKEEPING_FILES, INDEX_FILE, atomic_write_text, dumps_json, file_sha256, read_facts, read_inputs,
+    render_index, sha256_text,
 )
 
 # Notebook name -> params dataclass ("module:ClassName", imported only when that notebook is selected, or the
@@ -69,6 +70,7 @@ class NotebookJob:
     seeds: dict  # dotted path -> value, from the validated params (so defaults count too)
     params_sha256: str
     notebook_sha256: str
+    config: Any = dataclasses.field(default=None, compare=False, repr=False)  # the validated params object
 
     @property
     def params(self) -> dict:
@@ -178,6 +180,7 @@ def _make_job(name: str, notebook: Path, profile: str, profile_dir: Path, result
         seeds=find_seeds(to_mapping(obj)),
         params_sha256=sha256_text(params_json),
         notebook_sha256=file_sha256(notebook),
+        config=obj,
     )
 
 
@@ -279,7 +282,16 @@ def load_manifest_entries(out_dir: Path) -> dict[str, dict]:
 
 
 def write_manifest(out_dir: Path, header: dict, entries: dict[str, dict]) -> None:
-    atomic_write_text(out_dir / MANIFEST_FILE, redact(dumps_json({**header, "notebooks": entries})))
+    """manifest.json and the index.html page rendered from it, always together."""
+    manifest = {**header, "notebooks": entries}
+    atomic_write_text(out_dir / MANIFEST_FILE, redact(dumps_json(manifest)))
+    atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest)))
+
+
+def write_index(out_dir: Path) -> Path:
+    """Re-render index.html from an existing manifest.json (e.g. after the page's layout changed)."""
+    manifest = json.loads((Path(out_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    return atomic_write_text(Path(out_dir) / INDEX_FILE, redact(render_index(manifest)))
 
 
 def _now() -> str:
@@ -422,6 +434,72 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         entry["error"] = {"ename": getattr(error, "ename", type(error).__name__),
                           "evalue": getattr(error, "evalue", str(error))}
     return entry, error
+
+
+def _describe_model(spec: str | None) -> str:
+    from kvlib import models
+
+    spec = spec or models.DEFAULT_MODEL
+    if models._gguf_source(spec) is not None:
+        return f"{spec} (embedded, ready offline)"
+    if Path(spec).expanduser().is_dir():
+        return f"{spec} (local directory)"
+    return f"{spec} (Hugging Face hub: weights downloaded on first use)"
+
+
+def _describe_api(model: str | None, base_url: str | None, key_env: str) -> str:
+    if str(base_url or "").startswith(("http://127.", "http://localhost")):
+        return f"{model} via the OpenAI-compatible server at {base_url} (loopback, no key)"
+    where = base_url or "api.openai.com"
+    return f"{model} via {where} (${key_env} {'set' if os.environ.get(key_env) else 'unset'})"
+
+
+def model_requirements(config: Any) -> list[str]:
+    """What a notebook's models need before it can run, from its validated params object: an embedded or local
+    model is ready; a hub id needs its weights (downloaded on first use); an API model needs its key's
+    environment variable (reported as set or unset, never the value); a `run` is trained by 02_finetune."""
+    needs: list[str] = []
+    if hasattr(config, "model_configs"):
+        for label, cfg in config.model_configs().items():
+            if cfg.kind == "openai":
+                needs.append(f"{label}: " + _describe_api(cfg.model or f"run {cfg.run}", cfg.base_url, cfg.api_key_env))
+            elif cfg.run is not None:
+                needs.append(f"{label}: run {cfg.run} of 02_finetune (trained there, or on first use)")
+            else:
+                needs.append(f"{label}: {_describe_model(cfg.model)}")
+    if getattr(config, "runs", None):
+        needs.append(f"finetuning base: {_describe_model(config.base_model)}")
+    if hasattr(config, "openai_jobs"):
+        for name, job in config.openai_jobs().items():
+            submit = ("submitted: " + _describe_api(job.train_config.model, None, "OPENAI_API_KEY")
+                      if config.openai_submit else "validated and costed only (openai_submit: false)")
+            needs.append(f"OpenAI fine-tuning {name}: {submit}")
+    return needs
+
+
+def dry_run(
+    profile: str,
+    only: list[str] | None = None,
+    results_root: Path = Path("results"),
+    params_root: Path = Path("params"),
+    notebooks_dir: Path = Path("notebooks"),
+    force: bool = False,
+) -> int:
+    """Validate a profile offline and print what `run_profile` would do, without running or writing anything:
+    each notebook, whether it would run (and why) or be skipped, and what its models need (weights, API keys).
+    Raises ParamError (every problem listed) like run_profile; returns 0 when the profile is valid."""
+    results_root, params_root, notebooks_dir = Path(results_root), Path(params_root), Path(notebooks_dir)
+    out_dir = (results_root / profile).resolve()
+    jobs = plan_profile(profile, only, params_root, notebooks_dir, out_dir)
+    repo_root = notebooks_dir.resolve().parent
+    entries = load_manifest_entries(out_dir)
+    print(f"kvlib reproduce --profile {profile} --dry-run: {len(jobs)} notebooks, params valid")
+    for i, job in enumerate(jobs, 1):
+        reason = "forced" if force else stale_reason(job, entries.get(job.name), out_dir, repo_root)
+        print(f"[{i}/{len(jobs)}] {job.name}: {'would run (' + reason + ')' if reason else 'up to date, would skip'}")
+        for line in model_requirements(job.config):
+            print(f"    {line}")
+    return 0
 
 
 def run_profile(

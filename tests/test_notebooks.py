@@ -25,6 +25,24 @@ def test_every_notebook_has_valid_params_for_every_profile(profile, monkeypatch,
     assert sorted(job.name for job in jobs) == sorted(NOTEBOOKS)
 
 
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p.startswith("paper-")])
+def test_paper_profiles_dry_run_offline(profile, monkeypatch, tmp_path, capsys):
+    """`kvlib reproduce --profile paper-* --dry-run` validates the paper's configurations without weights, an
+    API key or the network, writes nothing, and says what each notebook's models need."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-dry-run-secret-0123456789")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from kvlib import cli
+
+    assert cli.main(["reproduce", "--profile", profile, "--dry-run", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(NOTEBOOKS)} notebooks, params valid" in out
+    assert out.count("would run (no previous run)") == len(NOTEBOOKS)
+    assert "Hugging Face hub" in out or "$OPENAI_API_KEY set" in out  # the paper's models are not local
+    assert "sk-dry-run-secret" not in out
+    assert not any(tmp_path.iterdir()), "a dry run must not write results"
+
+
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_sources_are_clean(name):
     nb = json.loads(NOTEBOOKS[name].read_text())

@@ -178,6 +178,25 @@ def test_run_writes_notebooks_html_and_manifest(first_run):
     assert e1["notebook"] == f"notebooks/{NB1}.ipynb" and e1["params_file"] == f"params/{PROFILE}/{NB1}.yaml"
 
 
+def test_index_page_links_every_notebook_and_shows_the_manifest(first_run):
+    """index.html is rendered from the manifest: every href resolves (notebooks, tables, params file via the
+    repo root) and the seeds, data hashes and wall times are on the page."""
+    import re
+
+    root, _ = first_run
+    out = out_dir(root)
+    page = (out / "index.html").read_text()
+    m = manifest(root)
+    hrefs = re.findall(r'href="([^"]+)"', page)
+    assert f"{NB1}.html" in hrefs and f"{NB2}.html" in hrefs and "manifest.json" in hrefs
+    for href in hrefs:
+        assert (out / href).resolve().is_file(), href
+    assert f"params/{PROFILE}/{NB2}.yaml" in page and "seed=7" in page and "split.seed=1" in page
+    assert m["notebooks"][NB1]["inputs"][0]["sha256"][:12] in page
+    assert "ft:demo:hi" in page  # facts
+    assert reproduce.render_index(m) == page  # deterministic: the manifest alone decides the page
+
+
 def test_secret_env_value_is_never_written(first_run):
     root, _ = first_run
     files = [p for p in (root / "results").rglob("*") if p.is_file()]
