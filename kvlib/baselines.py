@@ -1050,39 +1050,6 @@ def evaluate_models(configs: Mapping[str, Any], P: BaselinesNotebookParams, mdqa
     return rows
 
 
-def question_means(rows: Sequence[dict]) -> list[dict]:
-    """MDQA rows pooled over gold positions: per (model, setting, question) the mean correctness over the
-    positions it was scored at (None when none was), so paired CIs resample questions, not prompts."""
-    groups: dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["setting"], r["qid"]), []).append(r["correct"])
-    return [{"model": m, "setting": s, "qid": q,
-             "correct": (statistics.fmean(float(v) for v in vals if v is not None)
-                         if any(v is not None for v in vals) else None)}
-            for (m, s, q), vals in groups.items()]
-
-
-Expect = Literal["increase", "decrease", "no_loss"]
-
-
-def verdict(ci_low: float | None, ci_high: float | None, expect: Expect) -> str:
-    """Whether a claimed direction holds, from a 95% CI of a difference: "increase" holds when the CI is above
-    0, "decrease" when below; "no_loss" holds unless the CI is below 0. Otherwise "inconclusive" (the CI
-    contains 0) or "does not hold" (the CI excludes 0 on the other side)."""
-    import math
-
-    if expect not in ("increase", "decrease", "no_loss"):
-        raise ValueError(f"expect must be increase, decrease or no_loss, got {expect!r}")
-    if ci_low is None or ci_high is None or math.isnan(ci_low) or math.isnan(ci_high):
-        return "not measured"
-    if expect == "no_loss":
-        return "does not hold" if ci_high < 0 else "holds"
-    above, below = ci_low > 0, ci_high < 0
-    if expect == "increase":
-        return "holds" if above else "does not hold" if below else "inconclusive"
-    return "holds" if below else "does not hold" if above else "inconclusive"
-
-
 def table2_deltas(P: BaselinesNotebookParams, deltas: Sequence[dict]) -> list[dict]:
     """Our paired headline deltas (points, with CI) beside the paper's Table 2 delta for the same kind of model
     (its score minus the original's, Mistral-7B-Instruct-v0.1), one row per model x benchmark."""
@@ -1105,44 +1072,35 @@ def table2_deltas(P: BaselinesNotebookParams, deltas: Sequence[dict]) -> list[di
 
 def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_deltas: Sequence[dict] = (),
            general_deltas: Sequence[dict] = ()) -> list[dict]:
-    """The paper's claims this notebook can check, each judged by `verdict` from our paired deltas vs the
-    original (points, 95% CI): synthetic finetuning improves MDQA with random distractors (Fig. 5) and
-    FLenQA (Figs. 6-7); the MDQA-finetuned baseline improves MDQA (Fig. 5's baseline curve); synthetic
-    finetuning loses nothing on the general benchmarks while the baselines lose on TriviaQA and NQ-Open
-    (Table 2)."""
+    """The paper's claims this notebook can check, each judged by kvlib.paper.judge from our paired deltas vs
+    the original (95% CI): synthetic finetuning improves MDQA with random distractors and FLenQA (Fig. 8, as in
+    Figs. 5-7); the MDQA-finetuned baseline improves MDQA (Fig. 5's baseline curve); synthetic finetuning loses
+    nothing on the general benchmarks while the baselines lose on TriviaQA and NQ-Open (Table 2)."""
+    from kvlib import paper
     from kvlib.general import TASKS
     from kvlib.mdqa import SETTING_RANDOM
 
     synthetic = [label for label in P.models if label != P.original]
     kinds = {label: spec["kind"] for label, spec in P.baselines.items()}
     out = []
-
-    def add(claim, source, d, expect, value="delta"):
-        out.append({"claim": claim, "paper": source, "model": d["model"], "n": d.get("n_pairs", d.get("n")),
-                    "delta_points": 100 * d[value] if d.get(value) is not None else None,
-                    "ci_points": (f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-                                  if d.get("ci_low") is not None else ""),
-                    "verdict": verdict(d.get("ci_low"), d.get("ci_high"), expect)})
-
     for d in mdqa_deltas:
         if d.get("setting") != SETTING_RANDOM:
             continue
         if d["model"] in synthetic:
-            add("synthetic finetuning improves MDQA (random distractors, mean over positions)", "Fig. 5", d,
-                "increase", "delta_correct")
+            out.append(paper.judge("fig8", "synthetic finetuning improves MDQA (random distractors, mean over "
+                                           "positions)", d["model"], d, "increase", "delta_correct"))
         elif kinds.get(d["model"]) == "mdqa":
-            add("finetuning on MDQA itself improves MDQA (random distractors, mean over positions)",
-                "Fig. 5 (baseline)", d, "increase", "delta_correct")
+            out.append(paper.judge("fig5", "finetuning on MDQA itself improves MDQA (random distractors, mean over "
+                                           "positions)", d["model"], d, "increase", "delta_correct"))
     for d in flenqa_deltas:
         if d["model"] in synthetic:
-            add(f"synthetic finetuning improves FLenQA ({d['style']} prompts, pooled over lengths)", "Figs. 6-7", d,
-                "increase", "delta_correct")
+            out.append(paper.judge("fig8", f"synthetic finetuning improves FLenQA ({d['style']} prompts, pooled "
+                                           f"over lengths)", d["model"], d, "increase", "delta_correct"))
+    out += paper.general_claims(general_deltas, synthetic, {t: s.headline for t, s in TASKS.items()},
+                                {t: s.title for t, s in TASKS.items()}, artifact="table2")
     for d in general_deltas:
-        if d["metric"] != TASKS[d["task"]].headline:
-            continue
-        title = TASKS[d["task"]].title
-        if d["model"] in synthetic:
-            add(f"synthetic finetuning loses nothing on {title}", "Table 2", d, "no_loss")
-        elif d["task"] in ("triviaqa", "nq_open") and kinds.get(d["model"]) in PAPER_ROWS:
-            add(f"the {PAPER_ROWS[kinds[d['model']]]} baseline loses on {title}", "Table 2", d, "decrease")
+        kind = kinds.get(d["model"])
+        if d["metric"] == TASKS[d["task"]].headline and d["task"] in ("triviaqa", "nq_open") and kind in PAPER_ROWS:
+            out.append(paper.judge("table2", f"the {PAPER_ROWS[kind]} baseline loses on {TASKS[d['task']].title}",
+                                   d["model"], d, "decrease"))
     return out

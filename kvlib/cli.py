@@ -55,6 +55,17 @@ def _reproduce(args: argparse.Namespace) -> int:
     )
 
 
+def _map(args: argparse.Namespace) -> int:
+    from kvlib import paper
+
+    if args.update:
+        changed = paper.update_readme_map(args.update, args.profile, args.results, args.params_dir)
+        print(f"{args.update}: {args.profile} map {'updated' if changed else 'already up to date'}")
+    else:
+        print(paper.map_markdown(paper.reproduction_map(args.profile, args.results, args.params_dir)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true",
                      help="validate the profile offline and print what would run and what its models need")
     rep.set_defaults(func=_reproduce)
+
+    mp = sub.add_parser("map", help="the paper-artifact reproduction map of a profile's results (Markdown)")
+    mp.add_argument("--profile", required=True)
+    mp.add_argument("--results", default="results")
+    mp.add_argument("--params-dir", default="params")
+    mp.add_argument("--update", metavar="README", help="rewrite the map between the profile's markers in this file")
+    mp.set_defaults(func=_map)
     return parser
 
 

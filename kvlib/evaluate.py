@@ -237,6 +237,20 @@ def evaluate_mdqa(backend: Any, eval_set: Any, positions: Sequence[int], max_new
     return rows
 
 
+def mdqa_question_means(rows: Sequence[dict]) -> list[dict]:
+    """MDQA rows pooled over gold positions: per (model, setting, question) the mean correctness over the
+    positions it was scored at (None when none was), so paired CIs resample questions, not prompts."""
+    import statistics
+
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["setting"], r["qid"]), []).append(r["correct"])
+    return [{"model": m, "setting": s, "qid": q,
+             "correct": (statistics.fmean(float(v) for v in vals if v is not None)
+                         if any(v is not None for v in vals) else None)}
+            for (m, s, q), vals in groups.items()]
+
+
 def count_over_length(rows: list[dict], by: list[str]) -> list[dict]:
     """Per group: how many items were evaluated and how many did not fit the context (never dropped silently)."""
     groups: dict[tuple, list[int]] = {}

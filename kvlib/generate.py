@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 from kvlib.config import (
     ParamError,
@@ -567,10 +567,23 @@ def preview(sample: Sample, head: int = 3, tail: int = 1) -> str:
     gold = next(i for i in dict_rows if lines[i].startswith(f"Dictionary [{sample.meta['gold_dict_name']}] "))
     kept = lines[:cut_from]
     if cut_from <= gold < cut_to:  # always show the gold dictionary
-        kept += [f"... ({gold - cut_from} dictionaries)", lines[gold], f"... ({cut_to - gold - 1} dictionaries)"]
+        kept += ([f"... ({gold - cut_from} dictionaries)"] if gold > cut_from else []) + [lines[gold]]
+        kept += [f"... ({cut_to - gold - 1} dictionaries)"] if cut_to - gold > 1 else []
     else:
         kept += [f"... ({cut_to - cut_from} dictionaries)"]
     return "\n".join(kept + lines[cut_to:])
+
+
+def examples_markdown(samples: Mapping[str, Sequence[Sample]], per_dataset: int = 1) -> str:
+    """The first `per_dataset` samples of each dataset as Markdown (prompt previewed, then the target answer):
+    the paper's Figs. 1-3 (simple task, multi-subkey task, the answer template) drawn from our data."""
+    parts = []
+    for name, rows in samples.items():
+        for s in list(rows)[:per_dataset]:
+            parts.append(f"**{name}** (task `{s.meta['task']}`, template {s.meta['template']}, "
+                         f"{s.meta['n_tokens']} prompt tokens, gold in dictionary {s.meta['gold_dict_name']})\n\n"
+                         f"```\n{preview(s)}\n```\n\nTarget answer: `{s.answer}`\n")
+    return "\n".join(parts)
 
 
 def stats_rows(name: str, result: dict) -> list[dict]:

@@ -630,6 +630,7 @@ class MDQAEvalSet:
     label: str  # how reports name it (SETTINGS)
     examples: list[MDQAExample]
     source: str  # where the documents came from
+    files: tuple[Path, ...] = ()  # the data files read to build it (recorded with their hashes in the manifest)
 
 
 def sample_questions(examples: Sequence[MDQAExample], n: int | None, seed: int) -> list[MDQAExample]:
@@ -667,7 +668,8 @@ def build_eval_sets(settings: Sequence[str], num_documents: int, num_questions: 
     if "retrieved" in settings:
         examples = [k_document_variant(e, num_documents, gold_position=0) for e in questions]
         sets["retrieved"] = MDQAEvalSet("retrieved", SETTING_RETRIEVED, examples,
-                                        _data_relative(paths["subset_20docs"][0], data_dir))
+                                        _data_relative(paths["subset_20docs"][0], data_dir),
+                                        (Path(paths["subset_20docs"][0]),))
     if "random" in settings:
         by_qid = {e.qid: e for e in oracle}
         golds = [by_qid[e.qid] for e in questions]
@@ -679,13 +681,15 @@ def build_eval_sets(settings: Sequence[str], num_documents: int, num_questions: 
                 raise ParamError(f"random_documents_file: {len(missing)} questions missing, e.g. {missing[0]!r}")
             examples = [k_document_variant(official_by_qid[e.qid], num_documents, gold_position=0) for e in golds]
             source = str(random_documents_file)
+            files = (Path(paths["oracle"]), Path(random_documents_file))
         else:
             pool = build_distractor_pool(subset, oracle)
             examples = build_random_distractor_set(golds, pool, num_documents, distractor_seed)
             source = (f"derived: {len(pool)} DPR passages ({pool.from_retrieved} retrieved distractors of "
                       f"{_data_relative(paths['subset_20docs'][0], data_dir)}, {pool.from_oracle_gold} gold "
                       f"passages of {_data_relative(paths['oracle'], data_dir)}), seed {distractor_seed}")
-        sets["random"] = MDQAEvalSet("random", SETTING_RANDOM, examples, source)
+            files = (Path(paths["subset_20docs"][0]), Path(paths["oracle"]))
+        sets["random"] = MDQAEvalSet("random", SETTING_RANDOM, examples, source, files)
     return {s: sets[s] for s in settings}
 
 

@@ -142,3 +142,42 @@ def heatmaps(table, panel: str, rows: str, cols: str, value: str, row_label: str
     axes[0][0].set_ylabel(row_label)
     fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
     return fig
+
+
+def token_losses(rows, pairs: Sequence[tuple[str, str]]):
+    """Paper Fig. 4. Left: per-token loss over the answer of the first sample, with vs without the template
+    (original and finetuned); right: mean loss per token kind (format / key / value) for every run and model.
+    `rows`: a DataFrame of kvlib.train.answer_token_losses rows with a "run" column."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [3, 2]})
+    styles = {"original": "-", "finetuned": "--"}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {run: palette[i % len(palette)] for i, run in enumerate(dict.fromkeys(rows["run"]))}  # one per run
+    if pairs:
+        with_t, without = pairs[0]
+        for run in (with_t, without):
+            color = colors[run]
+            sub = rows[rows["run"] == run]
+            first = sub["id"].iloc[0]
+            for model, style in styles.items():
+                one = sub[(sub["id"] == first) & (sub["model"] == model)]
+                if len(one):
+                    left.plot(one["index"], one["loss"], style, color=color, marker=".", label=f"{run} ({model})")
+                    tokens = list(one["token"])
+        left.set_xticks(range(len(tokens)))
+        left.set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=70, fontsize=7)
+        left.set_ylabel("loss (nats)")
+        left.set_title("answer of the first held-out sample", fontsize=9)
+        left.legend(fontsize=7)
+    means = rows.groupby(["run", "model", "kind"], sort=False)["loss"].mean().unstack("kind")
+    kinds = [k for k in ("format", "key", "value") if k in means.columns]
+    width = 0.8 / max(len(means), 1)
+    for i, ((run, model), row) in enumerate(means.iterrows()):
+        right.bar([k + i * width for k in range(len(kinds))], [row[k] for k in kinds], width, color=colors[run],
+                  label=f"{run} ({model})", hatch="//" if model == "finetuned" else None, edgecolor="white")
+    right.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))])
+    right.set_xticklabels(kinds)
+    right.set_ylabel("mean loss per token (nats)")
+    right.set_title("by token kind", fontsize=9)
+    right.legend(fontsize=6)
+    fig.tight_layout()
+    return fig

@@ -185,10 +185,23 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def render_index(manifest: dict, repo_prefix: str = "../../") -> str:
+def _markdown_links_to_html(text: str) -> str:
+    """`[text](href), ...` (the reproduction map's cells) as escaped HTML links."""
+    import re
+    from html import escape
+
+    parts, last = [], 0
+    for m in re.finditer(r"\[([^\]]*)\]\(([^)]*)\)", text):
+        parts += [escape(text[last:m.start()]), f'<a href="{escape(m.group(2))}">{escape(m.group(1))}</a>']
+        last = m.end()
+    return "".join(parts) + escape(text[last:])
+
+
+def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix: str = "../../") -> str:
     """`results/<profile>/index.html` from the run manifest: every rendered notebook linked, with its status,
     wall time, seeds, params file, tables and figures, input data hashes and recorded facts, under the
     environment (versions, commit) that produced them. `repo_prefix` leads from the page to the repo root.
+    `map_rows` (kvlib.paper.reproduction_map, links relative to this page) adds the paper-artifact map on top.
     Deterministic: the same manifest gives the same bytes."""
     from html import escape as e
 
@@ -232,6 +245,10 @@ def render_index(manifest: dict, repo_prefix: str = "../../") -> str:
         f"<tr><th>packages</th><td>{e(packages)}</td></tr>"
         f"<tr><th>wall time</th><td>{_duration(total)} over {len(entries)} notebooks (sum of the latest runs)</td></tr>"
         "</table>\n"
-        "<table><tr><th>notebook</th><th>status</th><th>finished (UTC)</th><th>wall time</th><th>seeds</th>"
+        + ("" if not map_rows else
+           "<h2>Paper artifacts</h2>\n<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in map_rows[0]) + "</tr>\n"
+           + "\n".join("<tr>" + "".join(f"<td>{_markdown_links_to_html(str(v))}</td>" for v in r.values()) + "</tr>"
+                       for r in map_rows) + "\n</table>\n<h2>Notebooks</h2>\n")
+        + "<table><tr><th>notebook</th><th>status</th><th>finished (UTC)</th><th>wall time</th><th>seeds</th>"
         "<th>params</th><th>tables and figures</th><th>input data (sha256)</th><th>facts</th></tr>\n"
         + "\n".join(rows) + "\n</table>\n</body></html>\n")

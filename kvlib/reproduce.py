@@ -281,17 +281,23 @@ def load_manifest_entries(out_dir: Path) -> dict[str, dict]:
         return {}
 
 
-def write_manifest(out_dir: Path, header: dict, entries: dict[str, dict]) -> None:
+def write_manifest(out_dir: Path, header: dict, entries: dict[str, dict], params_root: Path = Path("params")) -> None:
     """manifest.json and the index.html page rendered from it, always together."""
-    manifest = {**header, "notebooks": entries}
-    atomic_write_text(out_dir / MANIFEST_FILE, redact(dumps_json(manifest)))
-    atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest)))
+    atomic_write_text(out_dir / MANIFEST_FILE, redact(dumps_json({**header, "notebooks": entries})))
+    write_index(out_dir, params_root)
 
 
-def write_index(out_dir: Path) -> Path:
-    """Re-render index.html from an existing manifest.json (e.g. after the page's layout changed)."""
-    manifest = json.loads((Path(out_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))
-    return atomic_write_text(Path(out_dir) / INDEX_FILE, redact(render_index(manifest)))
+def write_index(out_dir: Path, params_root: Path = Path("params")) -> Path:
+    """index.html from out_dir/manifest.json, with the reproduction map (kvlib.paper) when the profile ran any
+    notebook of the paper's artifacts."""
+    from kvlib import paper
+
+    out_dir = Path(out_dir)
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    map_rows = None
+    if {a["notebook"] for a in paper.load().artifacts} & set(manifest.get("notebooks", {})):
+        map_rows = paper.reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir)
+    return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows)))
 
 
 def _now() -> str:
@@ -531,7 +537,7 @@ def run_profile(
         print(f"{tag}: run ({reason})", flush=True)
         entry, error = run_job(job, out_dir, repo_root)
         entries[job.name] = entry
-        write_manifest(out_dir, header, entries)
+        write_manifest(out_dir, header, entries, params_root)
         if error is not None:
             kept = f"; executed notebook kept at {out_dir / entry['outputs'][0]}" if entry["outputs"] else ""
             print(f"kvlib reproduce: {job.name} failed{kept}\n{redact(format_error(error))}", file=sys.stderr)

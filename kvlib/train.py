@@ -200,6 +200,65 @@ def build_dataset(tokenizer, chats: list[list[dict]], max_length: int, source: s
     return ChatDataset(examples)
 
 
+# ---------------------------------------------------------------- token-level loss (paper Fig. 4)
+
+TOKEN_KINDS = ("format", "key", "value")
+
+
+def _answer_token_kinds(tokenizer, answer: str, answer_ids: list[int], meta: dict) -> list[str]:
+    """Each answer token's kind by the answer characters it covers: "value" (the value or the dictionary name,
+    what retrieval must find), "key" (the key, copied from the question) or "format" (everything else).
+    Tokens after the answer text (end-of-turn) are "format"."""
+    import re
+
+    spans = {"key": [], "value": []}
+    for kind, text in (("key", str(meta.get("key", ""))), ("value", str(meta.get("value", ""))),
+                       ("value", str(meta.get("gold_dict_name", "")))):
+        if text:
+            # whole numbers only: key 97 must not match inside value 975
+            spans[kind] += [m.span() for m in re.finditer(rf"(?<![0-9]){re.escape(text)}(?![0-9])", answer)]
+    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != answer_ids[:len(enc["input_ids"])]:
+        raise ValueError("the answer tokenizes differently inside the chat template; token kinds would be misaligned")
+    kinds = []
+    for start, end in enc["offset_mapping"]:
+        kind = "format"
+        for k in ("value", "key"):  # a token spanning both counts as value
+            if any(start < e and s < end for s, e in spans[k]):
+                kind = k
+                break
+        kinds.append(kind)
+    return kinds + ["format"] * (len(answer_ids) - len(kinds))
+
+
+def answer_token_losses(model_spec: str, samples, label: str, dtype: str = "float32") -> list[dict]:
+    """Per-token cross-entropy (nats) on each sample's answer, tokenized and masked exactly as in training
+    (`tokenize_chat`: the model's chat template, loss on the final assistant turn only), one row per answer
+    token with its kind (`_answer_token_kinds`). The paper's Fig. 4: with the answer template the formatting
+    tokens are predictable, so the loss (and the gradient) concentrates on the value."""
+    import torch
+
+    from kvlib import models
+
+    model, tokenizer = models.load_model(model_spec, dtype=dtype)
+    rows = []
+    with torch.inference_mode():
+        for s in samples:
+            ex = tokenize_chat(tokenizer, s.messages())
+            ids = torch.tensor([ex["input_ids"]], device=model.device)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = torch.tensor(ex["labels"][1:], device=model.device)
+            keep = targets != IGNORE_INDEX
+            losses = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none").tolist()
+            answer_ids = targets[keep].tolist()
+            kinds = _answer_token_kinds(tokenizer, s.answer, answer_ids, s.meta)
+            for i, (tok, loss, kind) in enumerate(zip(answer_ids, losses, kinds)):
+                rows.append({"model": label, "id": s.meta["id"], "template": s.meta["template"], "index": i,
+                             "token": tokenizer.decode([tok]), "kind": kind, "loss": loss})
+    del model
+    return rows
+
+
 # ---------------------------------------------------------------- model
 
 def _use_bf16(cfg: TrainConfig, cuda: bool) -> bool:
@@ -482,6 +541,7 @@ class FinetuneNotebookParams:
     eval_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     eval_batch_size: int = 8
     examples_to_show: int = 3
+    token_loss_samples: int = 8  # held-out samples per run for the token-level loss (Fig. 4); 0: skip
     # GPT-3.5 arm: name -> {dataset, OpenAIFinetuneConfig fields}; the train file is the dataset's
     # train.openai.jsonl. Without openai_submit only validation and the cost estimate run (offline, no key).
     openai_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -494,6 +554,7 @@ class FinetuneNotebookParams:
         check_positive("max_new_tokens", self.max_new_tokens)
         check_positive("eval_batch_size", self.eval_batch_size)
         check_positive("examples_to_show", self.examples_to_show, 0)
+        check_positive("token_loss_samples", self.token_loss_samples, 0)
         self.jobs()  # every run's dataset and training fields, checked before any work
         self.openai_jobs()
 
@@ -522,6 +583,18 @@ class FinetuneNotebookParams:
                                              "model": self.base_model}, f"runs.{name}")
             jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
         return jobs
+
+    def template_pairs(self) -> list[tuple[str, str]]:
+        """(run with template, run without) pairs whose datasets differ only in the template, so their samples
+        are the same dictionaries and answers (compared item by item in Fig. 4)."""
+        import dataclasses
+
+        jobs = self.jobs()
+        def key(job):
+            return {k: v for k, v in dataclasses.asdict(job.data_config).items() if k != "template"}
+        return [(a, b) for a, ja in jobs.items() if ja.data_config.template
+                for b, jb in jobs.items() if not jb.data_config.template and key(ja) == key(jb)
+                and ja.train_config.seed == jb.train_config.seed]
 
     def openai_jobs(self) -> dict[str, FinetuneJob]:
         from kvlib.openai_ft import OpenAIFinetuneConfig

@@ -3,7 +3,6 @@ library helpers it calls work on tiny inputs (verdicts, pooling, token-matching 
 exclusion in kvlib.general.prepare_task). Reads the repo's params and the data directory; no model weights."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -78,29 +77,6 @@ def test_no_baselines_profile_validates_without_match():
     assert bl.claims(P) == []
 
 
-@pytest.mark.parametrize("lo, hi, expect, want", [
-    (0.01, 0.2, "increase", "holds"), (-0.1, 0.2, "increase", "inconclusive"), (-0.3, -0.1, "increase", "does not hold"),
-    (-0.3, -0.1, "decrease", "holds"), (0.1, 0.3, "decrease", "does not hold"), (-0.1, 0.1, "decrease", "inconclusive"),
-    (-0.1, 0.1, "no_loss", "holds"), (-0.2, -0.01, "no_loss", "does not hold"), (math.nan, 0.1, "increase", "not measured"),
-    (None, None, "no_loss", "not measured"),
-])
-def test_verdict(lo, hi, expect, want):
-    assert bl.verdict(lo, hi, expect) == want
-
-
-def test_verdict_rejects_unknown_expectation():
-    with pytest.raises(ValueError, match="expect"):
-        bl.verdict(0, 1, "up")
-
-
-def test_question_means_pool_positions():
-    rows = [{"model": "m", "setting": "s", "qid": "q1", "position": p, "correct": c}
-            for p, c in ((1, True), (2, False), (3, None))] + [
-           {"model": "m", "setting": "s", "qid": "q2", "position": 1, "correct": None}]
-    pooled = {r["qid"]: r["correct"] for r in bl.question_means(rows)}
-    assert pooled == {"q1": 0.5, "q2": None}
-
-
 def test_token_matching_table():
     class B:
         def __init__(self, kind, total, lo, hi, n):
@@ -132,9 +108,9 @@ def test_table2_deltas_and_claims():
              "ci_low": -0.5, "ci_high": 0.5},
             {"setting": "retrieved distractors (LitM)", "model": "finetuned", "n_pairs": 2, "delta_correct": 0.5,
              "ci_low": 0.1, "ci_high": 0.9}]
-    verdicts = {(c["model"], c["paper"]): c["verdict"] for c in bl.claims(P, mdqa, [], deltas)}
-    assert verdicts == {("finetuned", "Fig. 5"): "holds", ("MDQA", "Fig. 5 (baseline)"): "inconclusive",
-                        ("needle", "Table 2"): "holds", ("finetuned", "Table 2"): "holds"}
+    verdicts = {(c["model"], c["artifact"]): c["verdict"] for c in bl.claims(P, mdqa, [], deltas)}
+    assert verdicts == {("finetuned", "fig8"): "holds", ("MDQA", "fig5"): "inconclusive",
+                        ("needle", "table2"): "holds", ("finetuned", "table2"): "holds"}
 
 
 def test_prepare_task_excludes_trained_on_questions():

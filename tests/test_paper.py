@@ -1,6 +1,8 @@
 """params/paper_reference.yaml: validated on load, consistent with itself, and a malformed file fails clearly."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from kvlib import paper
@@ -44,3 +46,104 @@ def test_malformed_reference_fails_with_the_field(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ParamError, match=message.replace("[", r"\[").replace("]", r"\]")):
         paper.load(path)
+
+
+@pytest.mark.parametrize("lo, hi, expect, want", [
+    (0.01, 0.2, "increase", "holds"), (-0.1, 0.2, "increase", "inconclusive"), (-0.3, -0.1, "increase", "does not hold"),
+    (-0.3, -0.1, "decrease", "holds"), (0.1, 0.3, "decrease", "does not hold"), (-0.1, 0.1, "decrease", "inconclusive"),
+    (-0.1, 0.1, "no_loss", "holds"), (-0.2, -0.01, "no_loss", "does not hold"), (0.01, 0.2, "no_loss", "holds"),
+    (-0.1, 0.1, "no_gain", "holds"), (0.01, 0.2, "no_gain", "does not hold"), (-0.2, -0.01, "no_gain", "holds"),
+    (math.nan, 0.1, "increase", "not measured"), (None, None, "no_loss", "not measured"),
+])
+def test_verdict(lo, hi, expect, want):
+    assert paper.verdict(lo, hi, expect) == want
+
+
+def test_verdict_and_judge_reject_unknown_names():
+    with pytest.raises(ValueError, match="expect"):
+        paper.verdict(0, 1, "up")
+    with pytest.raises(ValueError, match="unknown paper artifact 'fig99'"):
+        paper.judge("fig99", "c", "m", {"delta": 0.1, "ci_low": 0, "ci_high": 0.2}, "increase")
+
+
+@pytest.mark.parametrize("verdicts, want", [
+    (["holds", "holds"], "holds"), (["holds", "inconclusive"], "partly holds"),
+    (["inconclusive", "does not hold"], "inconclusive at this n"), (["does not hold"], "does not hold on this model"),
+    (["not measured"], "not measured"), (["holds", "not measured"], "holds"),
+])
+def test_artifact_verdict(verdicts, want):
+    assert paper.artifact_verdict(verdicts) == want
+
+
+def test_mdqa_and_general_claims_pick_the_right_artifact_and_direction():
+    pooled = [{"model": "ft", "setting": "R", "n_pairs": 50, "delta_correct": 0.1, "ci_low": 0.02, "ci_high": 0.2},
+              {"model": "ft", "setting": "T", "n_pairs": 50, "delta_correct": 0.1, "ci_low": 0.02, "ci_high": 0.2},
+              {"model": "other", "setting": "R", "n_pairs": 50, "delta_correct": 0.1, "ci_low": 0.02, "ci_high": 0.2}]
+    rows = paper.mdqa_claims(pooled, ["ft"], random_label="R", retrieved_label="T")
+    assert [(r["artifact"], r["verdict"], r["n"]) for r in rows] == [("fig5", "holds", 50), ("fig10", "does not hold", 50)]
+    assert rows[0]["delta"] == pytest.approx(10) and rows[0]["ci"] == "[+2.0, +20.0]" and rows[0]["unit"] == "points"
+    deltas = [{"model": "ft", "task": "mmlu", "metric": "acc", "n": 9, "delta": -0.1, "ci_low": -0.2, "ci_high": -0.01},
+              {"model": "ft", "task": "mmlu", "metric": "acc_macro", "n": 9, "delta": 0, "ci_low": -0.1, "ci_high": 0.1}]
+    general = paper.general_claims(deltas, ["ft"], {"mmlu": "acc"}, {"mmlu": "MMLU"})
+    assert [(g["artifact"], g["claim"], g["verdict"]) for g in general] == [
+        ("table1", "synthetic finetuning loses nothing on MMLU", "does not hold")]
+
+
+def test_reproduction_map_reads_claims_from_the_manifest(tmp_path):
+    """Verdicts come from the claims a notebook recorded; links only to files that exist."""
+    import json
+
+    out = tmp_path / "results" / "p"
+    (out / "03_mdqa").mkdir(parents=True)
+    (out / "03_mdqa.html").write_text("x")
+    (out / "03_mdqa" / "mdqa_by_position.png").write_bytes(b"png")
+    claims = [{"artifact": "fig5", "verdict": "holds"}, {"artifact": "fig5", "verdict": "inconclusive"},
+              {"artifact": "fig10", "verdict": "holds"}]
+    (out / "manifest.json").write_text(json.dumps({"notebooks": {"03_mdqa": {
+        "status": "ok", "params": {"models": {"finetuned": {"run": "r"}, "original": {"model": "tiny"}}},
+        "facts": {"claims": claims}}}}))
+    rows = {r["artifact"].split(":")[0]: r for r in paper.reproduction_map("p", tmp_path / "results",
+                                                                            tmp_path / "params", tmp_path)}
+    assert rows["Fig. 5"]["verdict"] == "partly holds (1 holds, 1 inconclusive)"
+    assert rows["Fig. 10"]["verdict"] == "holds (1 holds)"
+    assert rows["Fig. 5"]["notebook"] == "[03_mdqa](results/p/03_mdqa.html)"
+    assert rows["Fig. 5"]["results"] == "[mdqa_by_position.png](results/p/03_mdqa/mdqa_by_position.png)"
+    assert rows["Fig. 5"]["model"] == "tiny" and rows["Fig. 5"]["params"] == ""  # no params file: no link
+    assert rows["Table 1"]["verdict"] == "not run in this profile yet"
+    table = paper.map_markdown(list(rows.values()))
+    assert table.count("\n") == len(paper.load().artifacts) + 2
+
+
+def test_readme_maps_cover_every_artifact_are_current_and_every_link_resolves(monkeypatch):
+    """The README's maps list every artifact of params/paper_reference.yaml, match what `kvlib map` generates from
+    the committed results (re-run it after a notebook re-renders), and every link in the README resolves."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    text = (root / "README.md").read_text()
+    for profile in ("cpu", "quick"):
+        start, end = paper.MAP_START.format(profile=profile), paper.MAP_END.format(profile=profile)
+        section = text.split(start, 1)[1].split(end, 1)[0]
+        for art in paper.load().artifacts:
+            assert f"| {art['title']} |" in section, (profile, art["id"])
+        current = paper.map_markdown(paper.reproduction_map(profile, "results", "params", link_root=root))
+        assert section == "\n" + current, f"the README's {profile} map is stale: run kvlib map --update README.md"
+    for href in re.findall(r"\]\(([^)#]+)\)", text):
+        if not href.startswith(("http://", "https://")):
+            assert (root / href).exists(), href
+
+
+def test_token_loss_claim_pairs_samples_by_index():
+    rows = []
+    for run, template, base in (("t", True, 0.2), ("n", False, 1.0)):
+        for i in range(6):
+            sid = f"{run}-s0-eval-{i:05d}"
+            rows += [{"run": run, "model": "original", "id": sid, "kind": "format", "loss": base + 0.01 * i},
+                     {"run": run, "model": "original", "id": sid, "kind": "value", "loss": 5.0},
+                     {"run": run, "model": "finetuned", "id": sid, "kind": "format", "loss": 9.0}]
+    (claim,) = paper.token_loss_claims(rows, [("t", "n")])
+    assert claim["artifact"] == "fig4" and claim["n"] == 6 and claim["unit"] == "nats"
+    assert claim["delta"] == pytest.approx(-0.8) and claim["verdict"] == "holds"
+    assert paper.token_loss_claims(rows, [("t", "missing")]) == []

@@ -90,6 +90,31 @@ def test_only_answer_tokens_carry_loss(embedded_checkpoint):
     assert msgs[1]["content"] not in tok.decode(prompt)
 
 
+def test_answer_token_losses_classify_tokens_and_match_the_training_loss(tiny_model):
+    """Fig. 4's per-token losses: one row per answer token (incl. end of turn), kinds by whole numbers (key 97
+    is not found inside value 975), and their mean equals the model's own answer-only training loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sample = gen.Sample("Report the value of key 97 and the dictionary it is in.",
+                        "The value of key 97 is 975 and it is in Dictionary [3].",
+                        {"id": "x-eval-00000", "template": True, "key": 97, "value": 975, "gold_dict_name": "3"})
+    rows = train.answer_token_losses(tiny_model, [sample], "tiny")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = "".join(r["token"] for r in rows)
+    assert text.startswith(sample.answer) and "<|im_end|>" in text
+    by_kind = {}
+    for r in rows:
+        by_kind.setdefault(r["kind"], "")
+        by_kind[r["kind"]] += r["token"]
+    assert by_kind["key"].strip() == "97" and by_kind["value"].replace(" ", "") == "9753"
+    ex = train.tokenize_chat(tok, sample.messages())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.inference_mode():
+        loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss.item()
+    assert sum(r["loss"] for r in rows) / len(rows) == pytest.approx(loss, rel=1e-4)
+
+
 def test_collate_right_pads_and_masks():
     fn = train.collate(pad_token_id=0)
     batch = fn([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
