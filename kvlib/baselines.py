@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 from kvlib.config import ParamError, check_fraction, check_positive, check_range, fail, to_mapping
-from kvlib.evaluate import EvalModelsParams
+from kvlib.evaluate import EvalModelsParams, check_seed_groups
 from kvlib.generate import Sample, load_dataset, load_template, write_split
 from kvlib.models import MemoTokenCounter
 from kvlib.scoring import normalize_answer
@@ -810,6 +810,7 @@ class BaselinesNotebookParams(EvalModelsParams):
         configs = self.model_configs()
         if self.original not in configs:
             fail("original", f"must be one of the models {list(configs)}, got {self.original!r}")
+        check_seed_groups(self.seed_groups, list(configs), self.original)
         if self.baselines and self.match is None:
             fail("match", f"required with baselines: a run of {self.params_root}/{self.profile}/02_finetune.yaml "
                           f"whose dataset sets the token budget and whose recipe every baseline reuses")

@@ -45,13 +45,14 @@ def _openai_finetune(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from kvlib import reproduce
 
-    return (reproduce.dry_run if args.dry_run else reproduce.run_profile)(
+    return reproduce.run_profile(
         args.profile,
         only=args.only,
         results_root=Path(args.results),
         params_root=Path(args.params_dir),
         notebooks_dir=Path(args.notebooks),
         force=args.force,
+        dry_run=args.dry_run,
     )
 
 

@@ -69,12 +69,37 @@ class EvalModelsParams:
     models: dict[str, Any] = field(default_factory=lambda: {"original": {}})
     backend: dict[str, Any] = field(default_factory=dict)  # BackendConfig defaults for every model
     cache_dir: str | None = "runs/cache"  # on-disk response cache; None: off
+    # group label -> model labels trained alike on datasets of different seeds (the paper averages seeds
+    # 0/1/2): reported as the mean over seeds with a CI across seeds beside the per-item bootstrap CI
+    seed_groups: dict[str, list[str]] = field(default_factory=dict)
 
     def model_configs(self) -> dict[str, BackendConfig]:
         return model_configs(self.models, self.backend, self.profile, self.params_root)
 
     def validate(self) -> None:
-        self.model_configs()
+        configs = self.model_configs()
+        check_seed_groups(self.seed_groups, list(configs))
+
+
+def check_seed_groups(groups: Mapping[str, Sequence[str]], labels: Sequence[str], base: str | None = None) -> None:
+    """Each group names >= 2 distinct models other than `base` (default: the first model, the baseline every
+    delta is taken against), no model in two groups, and no group label that is also a model label."""
+    base = base if base is not None else (labels[0] if labels else None)
+    seen: dict[str, str] = {}
+    for group, members in groups.items():
+        where = f"seed_groups.{group}"
+        if group in labels:
+            fail(where, f"a group label must differ from the model labels {list(labels)}")
+        if not isinstance(members, (list, tuple)) or len(set(members)) < 2 or len(set(members)) != len(members):
+            fail(where, f"expected a list of at least two distinct model labels, got {members!r}")
+        for m in members:
+            if m not in labels:
+                fail(where, f"{m!r} is not one of the models {list(labels)}")
+            if m == base:
+                fail(where, f"{m!r} is the baseline every difference is taken against; it cannot be in a group")
+            if m in seen:
+                fail(where, f"{m!r} is already in seed group {seen[m]!r}")
+            seen[m] = group
 
 
 @contextlib.contextmanager
@@ -183,6 +208,15 @@ def summarize(rows: list[dict], by: list[str], metrics: list[str], seed: int = 0
     return out
 
 
+def _scores_by_group(rows: Sequence[dict], by: Sequence[str], model_key: str, item_key: str, metric: str
+                     ) -> dict[tuple, dict[str, dict]]:
+    """(values of `by`) -> model -> item -> metric value (None: not scored)."""
+    scores: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        scores.setdefault(tuple(r[k] for k in by), {}).setdefault(r[model_key], {})[r[item_key]] = r[metric]
+    return scores
+
+
 def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_key: str,
                   model_key: str = "model", seed: int = 0) -> list[dict]:
     """Each other model minus `base` on the same items, per group: mean of the per-item differences with a
@@ -190,11 +224,8 @@ def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_
     not score (None) are left out of that pair and counted in `n_unpaired`."""
     from kvlib.scoring import bootstrap_ci
 
-    scores: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        scores.setdefault(tuple(r[k] for k in by), {}).setdefault(r[model_key], {})[r[item_key]] = r[metric]
     out = []
-    for key, by_model in scores.items():
+    for key, by_model in _scores_by_group(rows, by, model_key, item_key, metric).items():
         reference = by_model.get(base, {})
         for model, values in by_model.items():
             if model == base:
@@ -208,6 +239,61 @@ def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_
                 row.update({f"delta_{metric}": mean, "ci_low": lo, "ci_high": hi})
             out.append(row)
     return out
+
+
+def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence[str]], by: list[str], metric: str,
+                      item_key: str, model_key: str = "model", seed: int = 0) -> list[dict]:
+    """Seed-averaged differences from `base`, per group of models trained alike on datasets of different seeds
+    and per `by` group: `delta`, the mean over seeds of each seed's mean paired difference, with two 95% CIs:
+    across seeds (t interval over the per-seed means, n_seeds - 1 degrees of freedom: training variability)
+    and per item (bootstrap over the items all seeds scored of each item's seed-averaged difference: item
+    variability). Per-seed means are listed so nothing is hidden behind the average."""
+    import statistics
+
+    from scipy import stats
+
+    from kvlib.scoring import bootstrap_ci
+
+    out = []
+    for key, by_model in _scores_by_group(rows, by, model_key, item_key, metric).items():
+        reference = by_model.get(base, {})
+        for group, members in groups.items():
+            diffs = {}  # member -> item -> difference
+            for m in members:
+                values = by_model.get(m, {})
+                diffs[m] = {i: float(v) - float(reference[i]) for i, v in values.items()
+                            if v is not None and reference.get(i) is not None}
+            if not all(diffs.values()):
+                continue
+            seed_means = [statistics.fmean(d.values()) for d in diffs.values()]
+            mean = statistics.fmean(seed_means)
+            half = (stats.t.ppf(0.975, len(seed_means) - 1) * statistics.stdev(seed_means) / len(seed_means) ** 0.5)
+            shared = set.intersection(*(set(d) for d in diffs.values()))
+            row = dict(zip(by, key), group=group, base=base, metric=metric, n_seeds=len(members),
+                       n_items=len(shared), delta=mean, seed_ci_low=mean - half, seed_ci_high=mean + half,
+                       per_seed=", ".join(f"{m}: {v:+.4f}" for m, v in zip(members, seed_means)))
+            if shared:
+                _, lo, hi = bootstrap_ci([statistics.fmean(diffs[m][i] for m in members) for i in sorted(shared)],
+                                         seed=seed)
+                row.update(item_ci_low=lo, item_ci_high=hi)
+            out.append(row)
+    return out
+
+
+def with_seed_groups(deltas: Sequence[dict], seed_rows: Sequence[dict], groups: Mapping[str, Sequence[str]]) -> list[dict]:
+    """Paired-delta rows with each seed group's members replaced by the group's seed-averaged row (model = the
+    group label, its per-item CI as ci_low/ci_high, `delta_<metric>` and `delta` both set), so claims are judged
+    on the average over seeds as the paper reports them."""
+    members = {m for ms in groups.values() for m in ms}
+    grouped = [{**g, "model": g["group"], "n_pairs": g["n_items"], "n": g["n_items"], f"delta_{g['metric']}": g["delta"],
+                "ci_low": g.get("item_ci_low"), "ci_high": g.get("item_ci_high")} for g in seed_rows]
+    return [d for d in deltas if d["model"] not in members] + grouped
+
+
+def compared_labels(labels: Sequence[str], base: str, groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """The labels compared with `base` once seed groups stand in for their members."""
+    members = {m for ms in groups.values() for m in ms}
+    return [label for label in labels if label != base and label not in members] + list(groups)
 
 
 # -------------------------------------------------------------------------------------------- MDQA
@@ -249,6 +335,32 @@ def mdqa_question_means(rows: Sequence[dict]) -> list[dict]:
              "correct": (statistics.fmean(float(v) for v in vals if v is not None)
                          if any(v is not None for v in vals) else None)}
             for (m, s, q), vals in groups.items()]
+
+
+def evaluate_mdqa_sets(configs: Mapping[str, BackendConfig], sets: Mapping[str, Any], positions: Sequence[int],
+                       max_new_tokens: int, cache_dir: str | Path | None, profile: str,
+                       params_root: str | Path = "params") -> list[dict]:
+    """Every model (label -> BackendConfig, opened one at a time) on every MDQA set at every gold position:
+    the rows of `evaluate_mdqa` (notebooks 03 and 08)."""
+    rows = []
+    for label, config in configs.items():
+        with open_backend(config, cache_dir, profile, params_root) as model:
+            for eval_set in sets.values():
+                rows += evaluate_mdqa(model, eval_set, positions, max_new_tokens, label)
+    return rows
+
+
+def mdqa_pooled_deltas(rows: list[dict], base: str, seed_groups: Mapping[str, Sequence[str]]
+                       ) -> tuple[list[dict], list[dict]]:
+    """MDQA differences from `base` pooled over gold positions (per question, its mean over positions, so the
+    paired bootstrap resamples questions), per setting; with seed groups, each group's seed-averaged row
+    replaces its members (`with_seed_groups`). Returns (pooled rows, seed-group rows)."""
+    means = mdqa_question_means(rows)
+    pooled = paired_deltas(means, base, ["setting"], "correct", "qid")
+    if not seed_groups:
+        return pooled, []
+    seed_rows = seed_group_deltas(means, base, seed_groups, ["setting"], "correct", "qid")
+    return with_seed_groups(pooled, seed_rows, seed_groups), seed_rows
 
 
 def count_over_length(rows: list[dict], by: list[str]) -> list[dict]:

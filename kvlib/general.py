@@ -577,6 +577,8 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
     harness_dir: str = "runs/harness"  # where the harness's task files and local data go
 
     def validate(self) -> None:
+        from kvlib.evaluate import check_seed_groups
+
         configs = self.model_configs()  # every model's backend, checked before any work
         for label in self.harness_crosscheck:
             if label not in configs:
@@ -594,6 +596,7 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
                 fail("harness_crosscheck", f"the harness runs its own shot counts; {unsupported} set n_shot")
         if self.baseline not in self.models:
             fail("baseline", f"must be one of the models {list(self.models)}, got {self.baseline!r}")
+        check_seed_groups(self.seed_groups, list(configs), self.baseline)
         if not self.tasks:
             fail("tasks", f"at least one benchmark is required; known: {', '.join(TASKS)}")
         for name, settings in self.tasks.items():
@@ -999,6 +1002,20 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
                         delta, lo, hi = stat(diff)
                         row.update(value=stat(a)[0], baseline_value=stat(b)[0], delta=delta, ci_low=lo, ci_high=hi)
                     out.append(row)
+    return out
+
+
+def seed_group_deltas(rows: Sequence[dict], baseline: str, groups: Mapping[str, Sequence[str]], seed: int = 0
+                      ) -> list[dict]:
+    """kvlib.evaluate.seed_group_deltas on each benchmark's headline metric (items the harness way: skipped
+    items left out), one row per group x task with `task` and `metric` set."""
+    from kvlib.evaluate import seed_group_deltas as by_seed
+
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        metric = TASKS[task].headline
+        scored = [r for r in rows if r["task"] == task and r["skipped"] is None]
+        out += by_seed(scored, baseline, groups, ["task"], metric, "id", seed=seed)
     return out
 
 

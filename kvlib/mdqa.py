@@ -619,6 +619,8 @@ def read_question_ids(path: str | Path) -> set[str]:
 # ---------------------------------------------------------------- evaluation sets (notebook 03)
 
 SETTINGS = {"random": SETTING_RANDOM, "retrieved": SETTING_RETRIEVED}
+RETRIEVED_DOCUMENTS = 20  # LitM's retrieved-distractor files hold 20 documents per question
+MAX_RANDOM_DOCUMENTS = 200  # random distractors: any K (the paper's longer-context test uses 120)
 
 
 @dataclass(frozen=True)
@@ -732,9 +734,11 @@ class MDQANotebookParams(EvalModelsParams):
         super().validate()
         if not self.settings or any(s not in SETTINGS for s in self.settings) or len(set(self.settings)) != len(self.settings):
             fail("settings", f"expected distinct values of {list(SETTINGS)}, got {self.settings!r}")
-        if not 2 <= self.num_documents <= 20:
-            fail("num_documents", f"must be in [2, 20] (the retrieved-distractor data has 20 documents), "
-                                  f"got {self.num_documents}")
+        most = RETRIEVED_DOCUMENTS if "retrieved" in self.settings else MAX_RANDOM_DOCUMENTS
+        if isinstance(self.num_documents, bool) or not 2 <= self.num_documents <= most:
+            why = ("the retrieved-distractor data has 20 documents" if "retrieved" in self.settings
+                   else "random distractors only")
+            fail("num_documents", f"must be in [2, {most}] ({why}), got {self.num_documents}")
         if not self.positions or len(set(self.positions)) != len(self.positions):
             fail("positions", f"expected distinct 1-based gold positions, got {self.positions!r}")
         for p in self.positions:
@@ -743,3 +747,35 @@ class MDQANotebookParams(EvalModelsParams):
         if self.num_questions is not None:
             check_positive("num_questions", self.num_questions)
         check_positive("max_new_tokens", self.max_new_tokens)
+
+
+def accuracy_table(rows: list[dict], keys: Sequence[str]):
+    """Accuracy with bootstrap 95% CIs per `keys` group (e.g. setting, model, position), with the over-length
+    prompts of each group counted beside (not scored): the table notebooks 03 and 08 save and plot."""
+    import pandas as pd
+
+    from kvlib import evaluate
+
+    keys = list(keys)
+    table = pd.DataFrame(evaluate.summarize(rows, keys, ["correct"])).merge(
+        pd.DataFrame(evaluate.count_over_length(rows, keys)).drop(columns="n_items"), on=keys)
+    return table.rename(columns={"correct": "accuracy", "correct_ci_low": "accuracy_ci_low",
+                                 "correct_ci_high": "accuracy_ci_high"})
+
+
+@dataclass
+class LongerContextNotebookParams(MDQANotebookParams):
+    """Parameters of notebooks/08_longer_context.ipynb (paper Fig. 9): MDQA with random distractors and as many
+    documents as the model's context holds, original vs a model finetuned on long key-value prompts. The fields
+    are notebook 03's; only random distractors (LitM's retrieved files stop at 20 documents)."""
+
+    settings: list[str] = dataclasses.field(default_factory=lambda: ["random"])
+    num_documents: int = 50
+    positions: list[int] = dataclasses.field(default_factory=lambda: [1, 10, 25, 40, 50])
+
+    def validate(self) -> None:
+        from kvlib.config import fail
+
+        if list(self.settings) != ["random"]:
+            fail("settings", f"the longer-context test uses random distractors only, got {self.settings!r}")
+        super().validate()

@@ -218,6 +218,15 @@ def mdqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], r
     return out
 
 
+def longer_context_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], num_documents: int
+                          ) -> list[dict]:
+    """Fig. 9 from MDQA paired deltas pooled over gold positions at the longer context: finetuning on long
+    key-value prompts improves MDQA with many documents."""
+    return [judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA (random "
+                          f"distractors, mean over positions)", d["model"], d, "increase", "delta_correct")
+            for d in pooled if d["model"] in synthetic]
+
+
 def flenqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str]) -> list[dict]:
     """Figs. 6-7 from FLenQA paired deltas pooled over lengths (one row per model and prompt style)."""
     return [judge("fig6_7", f"synthetic finetuning improves FLenQA ({d['style']} prompts, pooled over lengths)",
@@ -305,7 +314,9 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
         entry = entries.get(nb)
         ok = entry is not None and entry.get("status") == "ok"
         claims = [c for c in ((entry or {}).get("facts") or {}).get("claims", []) if c.get("artifact") == art["id"]]
-        if not ok:
+        if entry is not None and entry.get("status") == "skipped":
+            verdict_text = f"not for this profile: {entry.get('reason', '')}"
+        elif not ok:
             verdict_text = "not run in this profile yet"
         elif not art["claims"]:
             verdict_text = "shown (illustration)"

@@ -212,6 +212,7 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
     for name in sorted(entries):
         entry = entries[name]
         ok = entry.get("status") == "ok"
+        status = str(entry.get("status")) + (f": {entry['reason']}" if entry.get("reason") else "")
         title = (f'<a href="{e(name)}.html">{e(name)}</a>' if ok else e(name))
         outputs = [o for o in entry.get("outputs", []) if o.endswith((".csv", ".png"))]
         inputs = "<br>".join(f"<code>{e(i['path'])}</code> {e(i['sha256'][:12])}" for i in entry.get("inputs", []))
@@ -220,7 +221,7 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         links = "<br>".join(f'<a href="{e(o)}">{e(o)}</a>' for o in outputs)
         rows.append(
             "<tr>"
-            f"<td>{title}</td><td class=\"{'' if ok else 'failed'}\">{e(str(entry.get('status')))}</td>"
+            f"<td>{title}</td><td class=\"{'' if ok else 'failed'}\">{e(status)}</td>"
             f"<td>{e(str(entry.get('finished', '')))}</td><td>{_duration(entry.get('wall_seconds'))}</td>"
             f"<td>{e(seeds)}</td>"
             f"<td><a href=\"{e(repo_prefix + entry.get('params_file', ''))}\">{e(entry.get('params_file', ''))}</a></td>"

@@ -43,10 +43,14 @@ NOTEBOOK_PARAMS: dict[str, str | type] = {
     "07_kv_retrieval": "kvlib.evaluate:KVRetrievalNotebookParams",
     "05_general_benchmarks": "kvlib.general:GeneralBenchmarksNotebookParams",
     "06_baselines": "kvlib.baselines:BaselinesNotebookParams",
+    "08_longer_context": "kvlib.mdqa:LongerContextNotebookParams",
 }
 
 # Injected by the runner, never read from a params file: the profile name and the absolute results directory.
 RESERVED_PARAMS = ("profile", "results_dir")
+# `skip: <why>` as the whole params file: the notebook does not apply to this profile (e.g. the longer-context
+# experiment for GPT-3.5); recorded as skipped with the reason, never run.
+SKIP_KEY = "skip"
 KERNEL_NAME = "python3"
 MANIFEST_FILE = "manifest.json"
 PACKAGES = (
@@ -71,6 +75,7 @@ class NotebookJob:
     params_sha256: str
     notebook_sha256: str
     config: Any = dataclasses.field(default=None, compare=False, repr=False)  # the validated params object
+    skip: str | None = None  # the params file says this notebook does not apply to the profile, and why
 
     @property
     def params(self) -> dict:
@@ -156,6 +161,14 @@ def _make_job(name: str, notebook: Path, profile: str, profile_dir: Path, result
     if not params_file.is_file():
         raise ParamError(f"{params_file}: params file not found (every notebook run in {profile!r} needs one)")
     data = load_yaml(params_file)
+    if isinstance(data, dict) and SKIP_KEY in data:
+        reason = data[SKIP_KEY]
+        if set(data) != {SKIP_KEY} or not isinstance(reason, str) or not reason.strip():
+            raise ParamError(f"{params_file}: {SKIP_KEY}: a notebook that does not apply to a profile has a params "
+                             f"file holding only `{SKIP_KEY}: <why>`")
+        return NotebookJob(name=name, notebook=notebook, params_file=params_file, injected={"profile": profile},
+                           seeds={}, params_sha256=sha256_text(_canonical_json(data)),
+                           notebook_sha256=file_sha256(notebook), skip=reason.strip())
     reserved = sorted(set(data) & set(RESERVED_PARAMS))
     if reserved:
         raise ParamError(f"{params_file}: {reserved[0]}: set by kvlib reproduce, remove it from the params file")
@@ -308,7 +321,7 @@ def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root:
     """Why `job` must run again, or None when its previous result is still valid."""
     if entry is None:
         return "no previous run"
-    if entry.get("status") != "ok":
+    if entry.get("status") not in ("ok", "skipped"):
         return f"previous run {entry.get('status')}"
     if entry.get("params_sha256") != job.params_sha256:
         return "params changed"
@@ -483,24 +496,16 @@ def model_requirements(config: Any) -> list[str]:
     return needs
 
 
-def dry_run(
-    profile: str,
-    only: list[str] | None = None,
-    results_root: Path = Path("results"),
-    params_root: Path = Path("params"),
-    notebooks_dir: Path = Path("notebooks"),
-    force: bool = False,
-) -> int:
-    """Validate a profile offline and print what `run_profile` would do, without running or writing anything:
-    each notebook, whether it would run (and why) or be skipped, and what its models need (weights, API keys).
-    Raises ParamError (every problem listed) like run_profile; returns 0 when the profile is valid."""
-    results_root, params_root, notebooks_dir = Path(results_root), Path(params_root), Path(notebooks_dir)
-    out_dir = (results_root / profile).resolve()
-    jobs = plan_profile(profile, only, params_root, notebooks_dir, out_dir)
-    repo_root = notebooks_dir.resolve().parent
-    entries = load_manifest_entries(out_dir)
+def print_plan(jobs: list[NotebookJob], entries: dict[str, dict], out_dir: Path, repo_root: Path, profile: str,
+               force: bool = False) -> int:
+    """What `run_profile` would do, printed without running or writing anything (`--dry-run`): each notebook,
+    whether it would run (and why), be skipped as up to date, or does not apply to the profile, and what its
+    models need (weights, API keys)."""
     print(f"kvlib reproduce --profile {profile} --dry-run: {len(jobs)} notebooks, params valid")
     for i, job in enumerate(jobs, 1):
+        if job.skip:
+            print(f"[{i}/{len(jobs)}] {job.name}: not for this profile ({job.skip})")
+            continue
         reason = "forced" if force else stale_reason(job, entries.get(job.name), out_dir, repo_root)
         print(f"[{i}/{len(jobs)}] {job.name}: {'would run (' + reason + ')' if reason else 'up to date, would skip'}")
         for line in model_requirements(job.config):
@@ -515,8 +520,10 @@ def run_profile(
     params_root: Path = Path("params"),
     notebooks_dir: Path = Path("notebooks"),
     force: bool = False,
+    dry_run: bool = False,
 ) -> int:
     """Run the notebooks of `profile` (or the `only` ones) in order; 0 when all succeed, 1 at the first failure.
+    `dry_run`: validate and print the plan (`print_plan`) instead, offline, writing nothing.
 
     Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid.
     """
@@ -524,6 +531,8 @@ def run_profile(
     out_dir = (results_root / profile).resolve()
     jobs = plan_profile(profile, only, params_root, notebooks_dir, out_dir)
     repo_root = notebooks_dir.resolve().parent
+    if dry_run:
+        return print_plan(jobs, load_manifest_entries(out_dir), out_dir, repo_root, profile, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {"profile": profile, **environment_info(repo_root, results_root)}
     entries = load_manifest_entries(out_dir)
@@ -533,6 +542,14 @@ def run_profile(
         reason = "forced" if force else stale_reason(job, entries.get(job.name), out_dir, repo_root)
         if reason is None:
             print(f"{tag}: skip (up to date)", flush=True)
+            continue
+        if job.skip:
+            print(f"{tag}: not for this profile ({job.skip})", flush=True)
+            entries[job.name] = {"notebook": _relative(job.notebook, repo_root),
+                                 "params_file": _relative(job.params_file, repo_root), "status": "skipped",
+                                 "reason": job.skip, "params_sha256": job.params_sha256,
+                                 "notebook_sha256": job.notebook_sha256, "outputs": [], "inputs": []}
+            write_manifest(out_dir, header, entries, params_root)
             continue
         print(f"{tag}: run ({reason})", flush=True)
         entry, error = run_job(job, out_dir, repo_root)

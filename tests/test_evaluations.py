@@ -182,3 +182,45 @@ def test_kv_notebook_params():
                 "profile": "smoke", "models": {"o": {}}, "in_distribution": None, "litm": None, "grid": None, **bad})
     assert [evaluate.position_bin(p, 20, 4) for p in (1, 5, 6, 20)] == ["1-5", "1-5", "6-10", "16-20"]
     assert [evaluate.position_bin_index(p, 20, 4) for p in (1, 5, 6, 20)] == [1, 1, 2, 4]
+
+
+def test_seed_group_deltas_average_seeds_with_both_cis():
+    """Three seeds of a finetuned model vs the original: the mean over seeds, a t interval across the per-seed
+    means (n_seeds - 1 df) and a bootstrap over items of the seed-averaged differences; groups then stand in
+    for their members when claims are judged."""
+    from scipy import stats
+
+    from kvlib import evaluate
+
+    rows = []
+    for q in range(10):
+        rows.append({"model": "original", "setting": "s", "qid": q, "correct": 0.0})
+        for m, p in (("ft-s0", 0.2), ("ft-s1", 0.4), ("ft-s2", 0.6)):
+            rows.append({"model": m, "setting": "s", "qid": q, "correct": float(q < 10 * p)})
+        rows.append({"model": "other", "setting": "s", "qid": q, "correct": 1.0})
+    groups = {"ft": ["ft-s0", "ft-s1", "ft-s2"]}
+    (g,) = evaluate.seed_group_deltas(rows, "original", groups, ["setting"], "correct", "qid")
+    assert g["group"] == "ft" and g["n_seeds"] == 3 and g["n_items"] == 10 and g["delta"] == pytest.approx(0.4)
+    half = stats.t.ppf(0.975, 2) * 0.2 / 3 ** 0.5  # stdev of (0.2, 0.4, 0.6) is 0.2
+    assert (g["seed_ci_low"], g["seed_ci_high"]) == (pytest.approx(0.4 - half), pytest.approx(0.4 + half))
+    assert 0 <= g["item_ci_low"] < 0.4 < g["item_ci_high"] <= 1
+    assert g["per_seed"] == "ft-s0: +0.2000, ft-s1: +0.4000, ft-s2: +0.6000"
+    pooled = evaluate.paired_deltas(rows, "original", ["setting"], "correct", "qid")
+    merged = evaluate.with_seed_groups(pooled, [g], groups)
+    assert sorted(d["model"] for d in merged) == ["ft", "other"]
+    ft = next(d for d in merged if d["model"] == "ft")
+    assert ft["delta_correct"] == ft["delta"] == pytest.approx(0.4) and ft["ci_low"] == g["item_ci_low"]
+    assert evaluate.compared_labels(["original", "ft-s0", "ft-s1", "ft-s2", "other"], "original", groups) == ["other", "ft"]
+
+
+@pytest.mark.parametrize("groups, message", [
+    ({"ft": ["a"]}, "at least two distinct"), ({"ft": ["a", "zz"]}, "'zz' is not one of the models"),
+    ({"ft": ["original", "a"]}, "is the baseline"), ({"a": ["b", "c"]}, "must differ from the model labels"),
+    ({"g1": ["a", "b"], "g2": ["b", "c"]}, "already in seed group 'g1'"),
+])
+def test_seed_groups_are_validated(groups, message):
+    from kvlib import evaluate
+    from kvlib.config import ParamError
+
+    with pytest.raises(ParamError, match=message):
+        evaluate.check_seed_groups(groups, ["original", "a", "b", "c"])

@@ -338,3 +338,24 @@ def test_question_ids_file(subset, tmp_path):
     assert mdqa.read_question_ids(path) == mdqa.question_ids(subset[0])
     record = json.loads(path.read_text())
     assert (record["num_questions"], record["setting"]) == (441, "retrieved distractors (LitM)")
+
+
+def test_longer_context_params_allow_many_random_documents_only():
+    """Notebook 08 (Fig. 9): more than 20 documents with random distractors; retrieved ones stop at 20 in both
+    notebooks, and positions must lie within the documents."""
+    from kvlib import mdqa
+    from kvlib.config import ParamError, from_mapping
+
+    base = {"profile": "quick", "models": {"original": {}}}
+    P = from_mapping(mdqa.LongerContextNotebookParams, {**base, "num_documents": 120, "positions": [1, 60, 120]})
+    assert P.settings == ["random"] and P.num_documents == 120
+    with pytest.raises(ParamError, match="random distractors only"):
+        from_mapping(mdqa.LongerContextNotebookParams, {**base, "settings": ["random", "retrieved"]})
+    with pytest.raises(ParamError, match=r"num_documents: must be in \[2, 20\]"):
+        from_mapping(mdqa.MDQANotebookParams, {**base, "num_documents": 30})
+    with pytest.raises(ParamError, match=r"num_documents: must be in \[2, 200\]"):
+        from_mapping(mdqa.LongerContextNotebookParams, {**base, "num_documents": 201})
+    with pytest.raises(ParamError, match="positions"):
+        from_mapping(mdqa.LongerContextNotebookParams, {**base, "num_documents": 30, "positions": [31]})
+    assert from_mapping(mdqa.MDQANotebookParams, {**base, "settings": ["random"], "num_documents": 30,
+                                                  "positions": [1, 30]}).num_documents == 30

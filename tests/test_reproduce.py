@@ -312,3 +312,18 @@ def test_cli_reports_param_errors_with_exit_code_2(tmp_path):
     )
     assert proc.returncode == 2
     assert "invalid parameter: profile: unknown profile 'nope'" in proc.stderr
+
+
+def test_skip_params_file_records_the_reason_without_running(clone, capsys):
+    """`skip: <why>` as a notebook's whole params file: recorded as skipped with the reason, never executed,
+    and up to date on the next run; a skip file with anything else in it is refused before anything runs."""
+    (clone / "params" / PROFILE / f"{NB2}.yaml").write_text("skip: not part of this profile\n")
+    assert run(clone) == 0
+    assert "not for this profile (not part of this profile)" in capsys.readouterr().out
+    entry = manifest(clone)["notebooks"][NB2]
+    assert entry["status"] == "skipped" and entry["reason"] == "not part of this profile"
+    assert "skipped: not part of this profile" in (out_dir(clone) / "index.html").read_text()
+    assert run(clone) == 0 and capsys.readouterr().out.count("skip (up to date)") == 2
+    (clone / "params" / PROFILE / f"{NB2}.yaml").write_text("skip: why\nseed: 3\n")
+    with pytest.raises(ParamError, match="holding only `skip: <why>`"):
+        run(clone)
