@@ -285,7 +285,7 @@ def with_seed_groups(deltas: Sequence[dict], seed_rows: Sequence[dict], groups: 
     group label, its per-item CI as ci_low/ci_high, `delta_<metric>` and `delta` both set), so claims are judged
     on the average over seeds as the paper reports them."""
     members = {m for ms in groups.values() for m in ms}
-    grouped = [{**g, "model": g["group"], "n_pairs": g["n_items"], "n": g["n_items"], f"delta_{g['metric']}": g["delta"],
+    grouped = [{**g, "model": g["group"], "n_pairs": g["n_items"], f"delta_{g['metric']}": g["delta"],
                 "ci_low": g.get("item_ci_low"), "ci_high": g.get("item_ci_high")} for g in seed_rows]
     return [d for d in deltas if d["model"] not in members] + grouped
 

@@ -7,7 +7,6 @@ IN2"), scores are percent.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,12 +163,11 @@ def judge(artifact: str, claim: str, model: str, delta: Mapping[str, Any], expec
     known = [a["id"] for a in load().artifacts]
     if artifact not in known:
         raise ValueError(f"unknown paper artifact {artifact!r}; known: {', '.join(known)}")
-    scale = 100 if unit == "points" else 1
+    scale, digits = (100, 1) if unit == "points" else (1, 3)
     lo, hi, v = delta.get("ci_low"), delta.get("ci_high"), delta.get(value)
     return {"artifact": artifact, "claim": claim, "model": model, "n": delta.get("n_pairs", delta.get("n")),
             "delta": None if v is None else scale * v,
-            "ci": "" if lo is None or hi is None else f"[{scale * lo:+.{1 if scale == 100 else 3}f}, "
-                                                     f"{scale * hi:+.{1 if scale == 100 else 3}f}]",
+            "ci": "" if lo is None or hi is None else f"[{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]",
             "unit": unit, "verdict": verdict(lo, hi, expect)}
 
 
@@ -256,9 +254,6 @@ def general_claims(deltas: Sequence[Mapping[str, Any]], synthetic: Sequence[str]
 
 # -------------------------------------------------------------------------------- reproduction map
 
-_SUMMARY_ORDER = ("holds", "partly holds", "inconclusive", "does not hold")
-
-
 def artifact_verdict(verdicts: Sequence[str]) -> str:
     """One verdict for an artifact from its claims' verdicts: all hold -> "holds"; some hold -> "partly holds";
     none holds but some are inconclusive -> "inconclusive at this n"; all fail -> "does not hold on this model"."""
@@ -287,26 +282,25 @@ def _model_of(entry: Mapping[str, Any]) -> str:
 
 
 def reproduction_map(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
-                     link_root: str | Path | None = None) -> list[dict]:
-    """One row per paper artifact for `profile`, from results/<profile>/manifest.json: the notebook (its html),
-    params file, result files and model, and the verdict aggregated from the claims the notebook recorded.
-    Links are relative to `link_root` (default: the working directory, i.e. the repository root) and are
-    given only for files that exist, so every link resolves."""
+                     link_root: str | Path | None = None, entries: Mapping[str, dict] | None = None) -> list[dict]:
+    """One row per paper artifact for `profile`, from its manifest's notebook entries (`entries`, default: read
+    from results/<profile>/manifest.json): the notebook (its html), params file, result files and model, and the
+    verdict aggregated from the claims the notebook recorded. Links are relative to `link_root` (default: the
+    working directory, i.e. the repository root) and are given only for files that exist, so every link
+    resolves."""
+    import os
+
+    from kvlib.reproduce import load_manifest_entries
+
     results_dir = Path(results_root) / profile
     link_root = Path(link_root) if link_root is not None else Path.cwd()
-    manifest_path = results_dir / "manifest.json"
-    entries = json.loads(manifest_path.read_text(encoding="utf-8"))["notebooks"] if manifest_path.is_file() else {}
+    if entries is None:
+        entries = load_manifest_entries(results_dir)
 
     def link(path: Path, text: str) -> str:
         if not path.is_file():
             return ""
-        try:
-            rel = path.resolve().relative_to(link_root.resolve()).as_posix()
-        except ValueError:
-            import os
-
-            rel = Path(os.path.relpath(path.resolve(), link_root.resolve())).as_posix()
-        return f"[{text}]({rel})"
+        return f"[{text}]({Path(os.path.relpath(path.resolve(), link_root.resolve())).as_posix()})"
 
     rows = []
     for art in load().artifacts:

@@ -296,20 +296,24 @@ def load_manifest_entries(out_dir: Path) -> dict[str, dict]:
 
 def write_manifest(out_dir: Path, header: dict, entries: dict[str, dict], params_root: Path = Path("params")) -> None:
     """manifest.json and the index.html page rendered from it, always together."""
-    atomic_write_text(out_dir / MANIFEST_FILE, redact(dumps_json({**header, "notebooks": entries})))
-    write_index(out_dir, params_root)
+    manifest = {**header, "notebooks": entries}
+    atomic_write_text(out_dir / MANIFEST_FILE, redact(dumps_json(manifest)))
+    write_index(out_dir, params_root, manifest)
 
 
-def write_index(out_dir: Path, params_root: Path = Path("params")) -> Path:
-    """index.html from out_dir/manifest.json, with the reproduction map (kvlib.paper) when the profile ran any
-    notebook of the paper's artifacts."""
+def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dict | None = None) -> Path:
+    """index.html from the manifest (default: read from out_dir/manifest.json), with the reproduction map
+    (kvlib.paper) when the profile ran any notebook of the paper's artifacts."""
     from kvlib import paper
 
     out_dir = Path(out_dir)
-    manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    if manifest is None:
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    entries = manifest.get("notebooks", {})
     map_rows = None
-    if {a["notebook"] for a in paper.load().artifacts} & set(manifest.get("notebooks", {})):
-        map_rows = paper.reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir)
+    if {a["notebook"] for a in paper.load().artifacts} & set(entries):
+        map_rows = paper.reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir,
+                                          entries=entries)
     return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows)))
 
 
@@ -406,6 +410,12 @@ def format_error(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc))
 
 
+def _entry_identity(job: NotebookJob, repo_root: Path) -> dict:
+    """The manifest fields that say which notebook and params a run (or skip) was: what stale_reason compares."""
+    return {"notebook": _relative(job.notebook, repo_root), "params_file": _relative(job.params_file, repo_root),
+            "params_sha256": job.params_sha256, "notebook_sha256": job.notebook_sha256}
+
+
 def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, BaseException | None]:
     """Execute one notebook; returns its manifest entry and the error (None on success)."""
     import papermill
@@ -433,12 +443,9 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         tmp_nb.unlink(missing_ok=True)
         tmp_html.unlink(missing_ok=True)
     entry = {
-        "notebook": _relative(job.notebook, repo_root),
-        "params_file": _relative(job.params_file, repo_root),
+        **_entry_identity(job, repo_root),
         "params": job.params,
         "seeds": job.seeds,
-        "params_sha256": job.params_sha256,
-        "notebook_sha256": job.notebook_sha256,
         "status": "ok" if error is None else "failed",
         "started": started,
         "finished": _now(),
@@ -545,10 +552,8 @@ def run_profile(
             continue
         if job.skip:
             print(f"{tag}: not for this profile ({job.skip})", flush=True)
-            entries[job.name] = {"notebook": _relative(job.notebook, repo_root),
-                                 "params_file": _relative(job.params_file, repo_root), "status": "skipped",
-                                 "reason": job.skip, "params_sha256": job.params_sha256,
-                                 "notebook_sha256": job.notebook_sha256, "outputs": [], "inputs": []}
+            entries[job.name] = {**_entry_identity(job, repo_root), "status": "skipped", "reason": job.skip,
+                                 "outputs": [], "inputs": []}
             write_manifest(out_dir, header, entries, params_root)
             continue
         print(f"{tag}: run ({reason})", flush=True)
