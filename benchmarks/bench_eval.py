@@ -1,8 +1,9 @@
 """MDQA answering speed: kvlib's HF backend against a naive one-prompt-at-a-time `generate` loop, and the
 llama.cpp server through kvlib's OpenAI-compatible backend, on the same prompts in the same run.
 
-Prompts: --prompts MDQA questions of the derived random-distractor setting with --documents documents, the
-gold in the middle, LitM's prompt through the chat template; greedy, --new-tokens new tokens at most.
+Prompts: --questions MDQA questions of the derived random-distractor setting with --documents documents, each
+with the gold at every one of --positions (as the MDQA notebooks ask them), LitM's prompt through the chat
+template; greedy, --new-tokens new tokens at most.
 - naive: transformers' defaults a user starts from (float32, SDPA), one prompt per `generate` call;
 - each kvlib lever alone: float32 batched without a token cap, bfloat16 one at a time; then kvlib's default
   (dtype auto: bf16 only where it measures faster; on a CPU at most CPU_MAX_BATCH_TOKENS padded tokens per
@@ -10,7 +11,7 @@ gold in the middle, LitM's prompt through the chat template; greedy, --new-token
 - llama.cpp: the embedded Q4_1 GGUF behind `python -m llama_cpp.server`, one request at a time.
 Target: kvlib default >= 2x the naive loop.
 
-    python benchmarks/bench_eval.py [--prompts 8] [--documents 20] [--new-tokens 32] [--batch-size 8]
+    python benchmarks/bench_eval.py [--questions 3] [--positions 1,10,20] [--documents 20] [--new-tokens 32]
 """
 from __future__ import annotations
 
@@ -24,10 +25,9 @@ from kvlib import mdqa, models
 from kvlib.backends import HFBackend, OpenAIChatBackend, cpu_bf16_speedup, cpu_supports_bf16
 
 
-def mdqa_prompts(n: int, documents: int) -> list[str]:
+def mdqa_prompts(n: int, documents: int, positions: list[int]) -> list[str]:
     (eval_set,) = mdqa.build_eval_sets(["random"], documents, n, question_seed=0, distractor_seed=0).values()
-    middle = (documents + 1) // 2
-    return [mdqa.position_prompts(e, [middle])[0][1] for e in eval_set.examples]
+    return [prompt for e in eval_set.examples for _, prompt in mdqa.position_prompts(e, positions)]
 
 
 def time_naive(prompts: list[str], new_tokens: int, dtype: torch.dtype) -> tuple[float, list[str]]:
@@ -54,13 +54,14 @@ def time_backend(backend, prompts: list[str], new_tokens: int) -> tuple[float, l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--questions", type=int, default=3)
+    parser.add_argument("--positions", default="1,10,20", help="gold positions, comma-separated")
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp server")
     args = parser.parse_args()
-    prompts = mdqa_prompts(args.prompts, args.documents)
+    prompts = mdqa_prompts(args.questions, args.documents, [int(p) for p in args.positions.split(",")])
     counter = HFBackend(models.DEFAULT_MODEL, dtype="float32", progress=False)
     prompt_tokens = sum(counter.prompt_lengths(prompts))
     del counter
@@ -71,10 +72,14 @@ def main() -> None:
     results = {}
     results["naive loop, float32"] = time_naive(prompts, args.new_tokens, torch.float32)
     no_cap = 10**9  # batches of batch_size whatever their length (the CPU default caps padded tokens)
-    for label, dtype, batch, cap in (("kvlib float32, batched, no token cap", "float32", args.batch_size, no_cap),
-                                     ("kvlib bfloat16, one at a time", "bfloat16", 1, None),
-                                     ("kvlib default (dtype auto, batch auto)", "auto", args.batch_size, None)):
-        backend = HFBackend(models.DEFAULT_MODEL, dtype=dtype, batch_size=batch, max_batch_tokens=cap, progress=False)
+    for label, dtype, batch, cap, prefix in (
+            ("kvlib float32, batched, no token cap", "float32", args.batch_size, no_cap, False),
+            ("kvlib bfloat16, one at a time", "bfloat16", 1, None, False),
+            ("kvlib float32, prefix cache", "float32", 1, None, True),
+            ("kvlib default (dtype auto, batch auto)", "auto", args.batch_size, None, False),
+            ("kvlib default + prefix cache", "auto", args.batch_size, None, True)):
+        backend = HFBackend(models.DEFAULT_MODEL, dtype=dtype, batch_size=batch, max_batch_tokens=cap,
+                            prefix_cache=prefix, progress=False)
         results[label + f" [{backend.dtype}, <={backend.max_batch_tokens} tok]"] = time_backend(
             backend, prompts, args.new_tokens)
         del backend
@@ -87,13 +92,15 @@ def main() -> None:
             results["llama.cpp server (Q4_1 GGUF), one at a time"] = time_backend(backend, prompts, args.new_tokens)
 
     naive_s, naive_answers = results["naive loop, float32"]
-    print(f"{'':64s} {'wall s':>8s} {'prompt tok/s':>13s} {'vs naive':>9s} {'same answers':>13s}")
+    print(f"{'':72s} {'wall s':>8s} {'prompt tok/s':>13s} {'vs naive':>9s} {'same answers':>13s}")
     for label, (seconds, answers) in results.items():
         same = sum(a == b for a, b in zip(answers, naive_answers))
-        print(f"{label:64s} {seconds:8.1f} {prompt_tokens / seconds:13.0f} {naive_s / seconds:8.2f}x "
+        print(f"{label:72s} {seconds:8.1f} {prompt_tokens / seconds:13.0f} {naive_s / seconds:8.2f}x "
               f"{same:>6d}/{len(prompts)}")
     default = next(v for k, v in results.items() if k.startswith("kvlib default"))
     print(f"kvlib default vs naive loop: {naive_s / default[0]:.2f}x (target >= 2x)")
+    with_prefix = next(v for k, v in results.items() if k.startswith("kvlib default + prefix cache"))
+    print(f"kvlib default + prefix cache vs naive loop: {naive_s / with_prefix[0]:.2f}x")
 
 
 if __name__ == "__main__":

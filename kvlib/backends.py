@@ -238,6 +238,9 @@ class BackendConfig:
     # cap on rows x padded tokens per batch; None: CPU_MAX_BATCH_TOKENS on a CPU, no cap on a GPU
     max_batch_tokens: int | None = None
     attn_implementation: str = "sdpa"
+    # one prompt at a time in token order, reusing the KV cache of the prefix each shares with the previous one
+    # (the documents before the gold in MDQA, few-shot examples): less prefill, no batching; see HFBackend
+    prefix_cache: bool = False
     # openai
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -278,7 +281,8 @@ def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = Tr
                                  timeout_s=config.timeout_s, progress=progress)
     return HFBackend(config.model or DEFAULT_MODEL, device=config.device, dtype=config.dtype,
                      batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
-                     attn_implementation=config.attn_implementation, progress=progress)
+                     attn_implementation=config.attn_implementation, prefix_cache=config.prefix_cache,
+                     progress=progress)
 
 
 # ----------------------------------------------------------------------------------------- HF backend
@@ -290,22 +294,30 @@ class HFBackend:
     Requests are tokenized once through the tokenizer's chat template, sorted longest first and left-padded
     in batches of at most `batch_size` rows and (if set) `max_batch_tokens` padded tokens. A request that
     does not fit the context window raises ContextLengthError; see fits() to count them beforehand.
+
+    With `prefix_cache`, generation instead goes one prompt at a time in lexicographic token order, and each
+    prompt reuses the KV cache of the prefix it shares with the previous one, prefilling only the rest. Prompts
+    that share long prefixes (MDQA: one question at several gold positions shares the documents before the
+    gold; few-shot prompts share their shots) then cost a fraction of their length. Greedy answers equal the
+    batched ones up to floating-point rounding of a prefill split in two (benchmarks/bench_eval.py counts them).
     """
 
     name = "hf"
 
     def __init__(self, spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto",
                  batch_size: int = 8, max_batch_tokens: int | None = None, attn_implementation: str = "sdpa",
-                 progress: bool = True):
+                 prefix_cache: bool = False, progress: bool = True):
         # one validation home for constructor arguments and params files
         config = from_mapping(BackendConfig, {
             "kind": "hf", "model": spec, "device": device, "dtype": dtype, "batch_size": batch_size,
             "max_batch_tokens": max_batch_tokens, "attn_implementation": attn_implementation,
+            "prefix_cache": prefix_cache,
         })
         self.spec = config.model
         self.dtype = resolve_eval_dtype(config.device, config.dtype)
         self.batch_size, self.max_batch_tokens = config.batch_size, config.max_batch_tokens
         self.attn_implementation = config.attn_implementation
+        self.prefix_cache = config.prefix_cache
         self.progress = progress
         self.model, self.tokenizer = load_model(self.spec, config.device, self.dtype, self.attn_implementation)
         self.device = next(self.model.parameters()).device
@@ -314,6 +326,7 @@ class HFBackend:
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
         self._logits_to_keep = _accepts_logits_to_keep(self.model)
+        self._cache_kwarg = _cache_kwarg(self.model)
 
     # ------------------------------------------------------------------------------------- describe
 
@@ -329,6 +342,8 @@ class HFBackend:
             "attn_implementation": self.attn_implementation,
             "chat_template_sha256": None if template is None else sha256_text(template),
             "stop_token_ids": self.stop_ids,
+            # batch_size, max_batch_tokens and prefix_cache are left out on purpose: they choose how prompts are
+            # computed, not what answers them (equal up to floating-point rounding), so cached answers stay valid
         }
 
     def context_length(self) -> int:
@@ -416,6 +431,8 @@ class HFBackend:
         # a batch grows to prompt + max_new_tokens: that is what the context window and max_batch_tokens bound
         totals = [len(p) + max_new_tokens for p in prompts]
         self._check_fit(totals, f"prompt + max_new_tokens={max_new_tokens}")
+        if self.prefix_cache:
+            return self._generate_sharing_prefixes(prompts, max_new_tokens, on_result)
         return self._run_batched(prompts, totals, lambda batch: self._generate_batch(batch, max_new_tokens),
                                  "generate", on_result)
 
@@ -431,6 +448,35 @@ class HFBackend:
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return [self.tokenizer.decode(_until_stop(row, self.stop_ids), skip_special_tokens=True).strip()
                 for row in new_tokens]
+
+    def _generate_sharing_prefixes(self, prompts: list[list[int]], max_new_tokens: int,
+                                   on_result: Callable[[int, str], None] | None) -> list[str]:
+        """generate() with prefix_cache: prompts in lexicographic token order (prompts with a common prefix are
+        neighbours), one at a time; the cache holds the previous prompt and is cut back to the shared prefix."""
+        from transformers import DynamicCache
+
+        results: list = [None] * len(prompts)
+        cache, held = DynamicCache(), []
+        with self._progress(len(prompts), "generate") as bar, torch.inference_mode():
+            for i in sorted(range(len(prompts)), key=prompts.__getitem__):
+                prompt = prompts[i]
+                # keep at least one prompt token to feed: generate() needs the last one's logits
+                keep = min(shared_prefix_length(held, prompt), len(prompt) - 1)
+                _truncate_cache(cache, keep)
+                input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                    do_sample=False, num_beams=1, repetition_penalty=1.0,  # as _generate_batch
+                    eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **{self._cache_kwarg: cache},
+                )
+                _truncate_cache(cache, len(prompt))  # drop the generated tokens: the next prompt shares none
+                held = prompt
+                results[i] = self.tokenizer.decode(_until_stop(output[0, len(prompt):].tolist(), self.stop_ids),
+                                                   skip_special_tokens=True).strip()
+                if on_result is not None:
+                    on_result(i, results[i])
+                bar.update(1)
+        return results
 
     # ---------------------------------------------------------------------------------- loglikelihood
 
@@ -503,6 +549,31 @@ def _until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
         if token in stops:
             return tokens[:n]
     return tokens
+
+
+def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens `a` and `b` have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _truncate_cache(cache: Any, length: int) -> None:
+    """Cut a KV cache back to its first `length` tokens (a negative crop removes tokens, in transformers 4.x
+    and 5.x alike)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The name under which this transformers version passes a KV cache to generate(): `cache` (5.x), or
+    `past_key_values`, which later versions deprecate."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _check_list(requests: Any, where: str) -> None:

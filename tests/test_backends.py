@@ -63,6 +63,38 @@ def test_generation_batches_respect_max_batch_tokens(hf_backend, monkeypatch):
     assert sizes[0] == 2 and sum(sizes[:2]) == 3
 
 
+def test_prefix_cache_reuses_shared_prefixes_and_answers_like_batches(hf_backend, monkeypatch):
+    context = "Dictionary [1] {122: 765, 4548: 1475, 93: 3021}\nDictionary [2] {77: 12, 5012: 8810}\n"
+    prompts = PROMPTS + [context + f"What is the value of key {key}?" for key in (4548, 5012, 93)]
+    batched = hf_backend.generate(prompts, MAX_NEW)
+    reused = []  # tokens already in the cache when each prompt starts
+    generate = hf_backend.model.generate
+
+    def recording_generate(**kwargs):
+        reused.append(kwargs[hf_backend._cache_kwarg].get_seq_length())
+        return generate(**kwargs)
+
+    monkeypatch.setattr(hf_backend.model, "generate", recording_generate)
+    monkeypatch.setattr(hf_backend, "prefix_cache", True)
+    seen = []
+    assert hf_backend.generate(prompts, MAX_NEW, on_result=lambda i, a: seen.append(i)) == batched
+    assert sorted(seen) == list(range(len(prompts)))
+    ids = hf_backend._encode_prompts(prompts)
+    in_order = sorted(ids)  # lexicographic: the three dictionary questions are neighbours
+    expected = [0] + [backends.shared_prefix_length(a, b) for a, b in zip(in_order, in_order[1:])]
+    assert reused == expected
+    shared_context = len(hf_backend._encode_prompts([context + "What"])[0]) - 3  # minus the end of the template
+    assert sum(n >= shared_context for n in reused) == 2  # the 2nd and 3rd dictionary questions reuse it
+    assert "prefix_cache" not in hf_backend.identity()  # how answers are computed, like batch_size
+
+
+def test_shared_prefix_length():
+    assert backends.shared_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert backends.shared_prefix_length([], [1]) == 0
+    assert backends.shared_prefix_length([1, 2], [1, 2]) == 2
+    assert backends.shared_prefix_length([7], [1, 7]) == 0
+
+
 def test_generation_stops_at_end_of_turn(hf_backend):
     (text,) = hf_backend.generate(["Say only the word yes."], 32)
     assert "<|im_end|>" not in text and "<|im_start|>" not in text
@@ -240,6 +272,8 @@ def test_backend_config_validation():
         build_backend({"batch_size": 0})
     with pytest.raises(ParamError, match=r"backend\.max_batch_tokens: must be >= 1"):
         build_backend({"max_batch_tokens": 0})
+    with pytest.raises(ParamError, match=r"backend\.prefix_cache"):
+        build_backend({"prefix_cache": "yes"})
     with pytest.raises(ParamError, match=r"backend\.kind: must be one of \['hf', 'openai'\]"):
         build_backend({"kind": "vllm"})
     with pytest.raises(ParamError, match=r"backend\.run: give either model or run"):
