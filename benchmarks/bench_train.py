@@ -1,10 +1,13 @@
-"""Per-step time of `kvlib.train` (transformers Trainer, answer-only loss) against a bare
-forward + backward + AdamW step of the same model on the same batch, measured in the same run.
+"""Per-step training time of the embedded model, every lever as a ratio against a bare fp32
+forward + backward + AdamW loop, all measured in the same run on the same batches:
+- bare loop, fp32 (the baseline) and bf16 autocast (the mixed-precision lever alone);
+- `kvlib.train` (transformers Trainer, answer-only loss) in fp32 and bf16: its overhead over the bare loop of
+  the same precision (target <= +15%), and its speed against the fp32 baseline;
+- what `precision: auto` picks here (fp32 on a CPU, bf16 on CUDA).
+Batch 1, synthetic simple-task prompts of about --tokens tokens; the first --warmup steps of each are not
+timed; medians.
 
-Both use the embedded model, batch 1, the same precision, and the same synthetic prompt of about
---tokens tokens; the first --warmup steps of each are not timed. Target: kvlib overhead <= 15%.
-
-    python benchmarks/bench_train.py [--tokens 1024] [--steps 6] [--precision bf16]
+    python benchmarks/bench_train.py [--tokens 1024] [--steps 6] [--warmup 2]
 """
 from __future__ import annotations
 
@@ -81,19 +84,31 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     torch.manual_seed(0)
+    medians = {}
     with tempfile.TemporaryDirectory() as tmp:
         train_file = make_data(Path(tmp), args.tokens, args.steps)
-        bare = time_bare(train_file, args.steps, args.precision)[args.warmup:]
-        ours = time_kvlib(train_file, Path(tmp) / "run", args.steps, args.precision)[args.warmup:]
-    b, o = statistics.median(bare), statistics.median(ours)
-    print(f"embedded model, ~{args.tokens}-token samples, batch 1, {args.precision}, "
-          f"median of {len(bare)} timed steps, {torch.get_num_threads()} threads")
-    print(f"bare forward+backward+AdamW: {b:6.2f} s/step")
-    print(f"kvlib train (Trainer):       {o:6.2f} s/step")
-    print(f"kvlib overhead: {100 * (o / b - 1):+.1f}% (ratio {o / b:.2f}x; target <= +15%)")
+        for precision in ("fp32", "bf16"):
+            medians[f"bare loop, {precision}"] = statistics.median(
+                time_bare(train_file, args.steps, precision)[args.warmup:])
+            medians[f"kvlib train, {precision}"] = statistics.median(
+                time_kvlib(train_file, Path(tmp) / f"run-{precision}", args.steps, precision)[args.warmup:])
+    auto = "bf16" if train._use_bf16(train.TrainConfig(train_file="x", out_dir="x"), torch.cuda.is_available()) \
+        else "fp32"
+    baseline = medians["bare loop, fp32"]
+    print(f"embedded model, ~{args.tokens}-token samples, batch 1, median of {args.steps - args.warmup} timed "
+          f"steps, {torch.get_num_threads()} threads")
+    print(f"{'':26s} {'s/step':>7s} {'vs bare fp32':>13s}")
+    for label, seconds in medians.items():
+        print(f"{label:26s} {seconds:7.2f} {baseline / seconds:12.2f}x")
+    for precision in ("fp32", "bf16"):
+        overhead = medians[f"kvlib train, {precision}"] / medians[f"bare loop, {precision}"] - 1
+        print(f"kvlib overhead over the bare loop, {precision}: {100 * overhead:+.1f}% (target <= +15%)")
+    print(f"precision auto picks {auto} here: kvlib train {baseline / medians[f'kvlib train, {auto}']:.2f}x "
+          f"the bare fp32 loop")
 
 
 if __name__ == "__main__":

@@ -494,7 +494,24 @@ class HFBackend:
         pairs = [self._encode_pair(request, f"requests[{i}]") for i, request in enumerate(requests)]
         totals = [len(context) + len(continuation) for context, continuation in pairs]
         self._check_fit(totals, "context + continuation")
-        return self._run_batched(pairs, totals, self._score_batch, "loglikelihood", on_result)
+        # Requests whose model input (context + continuation minus its last token) is the same share one
+        # forward pass, as in lm-evaluation-harness: every choice of a multiple-choice question whose answers
+        # are single tokens (MMLU's " A".." D") is scored from the logits of one pass over the context.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (context, continuation) in enumerate(pairs):
+            groups.setdefault(tuple((context + continuation)[:-1]), []).append(i)
+        shared = list(groups.values())
+        results: list = [None] * len(pairs)
+
+        def store(group: int, scores: list[tuple[float, bool]]) -> None:
+            for i, score in zip(shared[group], scores):
+                results[i] = score
+                if on_result is not None:
+                    on_result(i, score)
+
+        self._run_batched([[pairs[i] for i in g] for g in shared], [max(totals[i] for i in g) for g in shared],
+                          self._score_batch, "loglikelihood", store)
+        return results
 
     def _encode_pair(self, request: Any, where: str) -> tuple[list[int], list[int]]:
         """(context tokens, continuation tokens), split like lm-evaluation-harness: encode the whole text and
@@ -522,23 +539,27 @@ class HFBackend:
             raise ValueError(f"{where}: the continuation {continuation!r} encodes to no tokens after the context")
         return context_ids, continuation_ids
 
-    def _score_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        # Input is context + continuation minus its last token; the logits at the last len(continuation)
-        # positions predict the continuation. Left padding aligns every row's end, so one `logits_to_keep`
-        # (the longest continuation) covers all rows and the full (rows x length x vocab) logits are never
-        # built. Position ids are given explicitly so padding does not shift them (as in generate()).
-        input_ids, attention_mask = self._left_pad([(c + k)[:-1] for c, k in pairs])
+    def _score_batch(self, groups: list[list[tuple[list[int], list[int]]]]) -> list[list[tuple[float, bool]]]:
+        # One row per group of (context, continuation) pairs with the same input: context + continuation minus
+        # its last token; the logits at the last len(continuation) positions predict the continuation. Left
+        # padding aligns every row's end, so one `logits_to_keep` (the longest continuation) covers all rows and
+        # the full (rows x length x vocab) logits are never built. Position ids are given explicitly so padding
+        # does not shift them (as in generate()).
+        input_ids, attention_mask = self._left_pad([(c + k)[:-1] for c, k in (group[0] for group in groups)])
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        keep = max(len(k) for _, k in pairs)
+        keep = max(len(k) for group in groups for _, k in group)
         extra = {"logits_to_keep": keep} if self._logits_to_keep else {}
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             **extra).logits[:, -keep:]
         results = []
-        for row, (_, continuation) in enumerate(pairs):
-            logprobs = logits[row, keep - len(continuation):].float().log_softmax(-1)
-            target = torch.tensor(continuation, device=logprobs.device)
-            total = logprobs.gather(-1, target[:, None]).sum().item()
-            results.append((total, bool((logprobs.argmax(-1) == target).all())))
+        for row, group in enumerate(groups):
+            scores = []
+            for _, continuation in group:
+                logprobs = logits[row, keep - len(continuation):].float().log_softmax(-1)
+                target = torch.tensor(continuation, device=logprobs.device)
+                total = logprobs.gather(-1, target[:, None]).sum().item()
+                scores.append((total, bool((logprobs.argmax(-1) == target).all())))
+            results.append(scores)
         return results
 
 

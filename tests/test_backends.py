@@ -197,6 +197,29 @@ def test_loglikelihood_batched_equals_unbatched(hf_backend, monkeypatch):
         assert math.isfinite(a) and a < 0
 
 
+def test_loglikelihood_choices_of_one_context_share_a_forward_pass(hf_backend, monkeypatch):
+    question = "Question: Which number is largest?\nA. 3\nB. 9\nC. 1\nD. 4\nAnswer:"
+    other = "Question: Which color is the sky?\nA. blue\nB. red\nC. green\nD. black\nAnswer:"
+    requests = [(q, f" {letter}") for q in (question, other) for letter in "ABCD"] + [(other, " blue sky")]
+    rows = []
+    score = hf_backend._score_batch
+
+    def recording_score(groups):
+        rows.append(len(groups))
+        return score(groups)
+
+    monkeypatch.setattr(hf_backend, "_score_batch", recording_score)
+    seen = []
+    shared = hf_backend.loglikelihood(requests, on_result=lambda i, r: seen.append(i))
+    assert sum(rows) == 3  # one pass per question for its four one-token letters, one for " blue sky"
+    assert sorted(seen) == list(range(len(requests)))
+    alone = [hf_backend.loglikelihood([request])[0] for request in requests]
+    for (a, greedy_a), (b, greedy_b) in zip(shared, alone):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+    assert len({round(a, 4) for a, _ in shared[:4]}) == 4  # four different letters, four different scores
+    assert sum(greedy for _, greedy in shared[:4]) <= 1  # at most one letter is the greedy next token
+
+
 def test_loglikelihood_context_boundary_like_lm_eval(hf_backend):
     # trailing whitespace of a raw context belongs to the continuation, so both spellings score " Paris"
     pairs = [("The capital of France is ", "Paris"), ("The capital of France is", " Paris")]
