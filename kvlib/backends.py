@@ -7,8 +7,9 @@ produced them), and `generate(requests, max_new_tokens) -> list[str]`. A *reques
 (temperature 0) and stops at the end of the assistant's turn. Evaluations pick a backend by params through
 `BackendConfig` / `build_backend`.
 
-Two backends: `HFBackend` (a local Hugging Face model) and `OpenAIChatBackend` (any OpenAI-compatible chat API:
-OpenAI itself, vLLM, llama.cpp's server). Both take an optional `on_result(index, result)` callback, called as
+Three backends: `HFBackend` (a local Hugging Face model in transformers), `VLLMBackend` (the same model in
+vLLM's offline engine, on a GPU) and `OpenAIChatBackend` (any OpenAI-compatible chat API: OpenAI itself, vLLM's
+or llama.cpp's server). Both take an optional `on_result(index, result)` callback, called as
 each answer arrives, which is how kvlib.cache.CachedBackend stores every response the moment it exists.
 """
 from __future__ import annotations
@@ -220,7 +221,9 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 class BackendConfig:
     """Which backend an evaluation uses (the `backend:` mapping of a params file or notebook).
 
-    kind "hf": a local model (`model`: embedded name, checkpoint or LoRA-adapter dir, hub id).
+    kind "hf": a local model (`model`: embedded name, checkpoint or LoRA-adapter dir, hub id) in transformers.
+    kind "vllm": the same local model (not a LoRA adapter) in vLLM's offline engine (CUDA); kind "auto": vLLM
+    when it is installed and a CUDA GPU is visible, else transformers.
     kind "openai": an OpenAI-compatible chat API at `base_url` (None: api.openai.com) serving `model`; the API
     key is read from the environment variable named by `api_key_env`, never from params. A loopback server
     (llama.cpp, vLLM on 127.0.0.1) needs no key.
@@ -228,7 +231,7 @@ class BackendConfig:
     resolves it to the trained model (or the fine-tuned OpenAI model's name).
     """
 
-    kind: Literal["hf", "openai"] = "hf"
+    kind: Literal["hf", "vllm", "auto", "openai"] = "hf"
     model: str | None = None  # None: the embedded default (kind hf), or the model of `run`
     run: str | None = None
     # hf
@@ -238,6 +241,8 @@ class BackendConfig:
     # cap on rows x padded tokens per batch; None: CPU_MAX_BATCH_TOKENS on a CPU, no cap on a GPU
     max_batch_tokens: int | None = None
     attn_implementation: str = "sdpa"
+    # vllm: share of GPU memory vLLM's engine may take (weights, activations and its paged KV cache)
+    gpu_memory_utilization: float = 0.85
     # one prompt at a time in token order, reusing the KV cache of the prefix each shares with the previous one
     # (the documents before the gold in MDQA, few-shot examples): less prefill, no batching; see HFBackend
     prefix_cache: bool = False
@@ -262,6 +267,8 @@ class BackendConfig:
             fail("base_url", f"must be an http(s) URL, got {self.base_url!r}")
         if not self.api_key_env.strip() or self.api_key_env.startswith(("sk-", "sk_")):
             fail("api_key_env", "must name an environment variable (never the key itself)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            fail("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization!r}")
         check_positive("concurrency", self.concurrency)
         check_positive("max_retries", self.max_retries, 0)
         if not self.timeout_s > 0:
@@ -279,76 +286,47 @@ def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = Tr
         return OpenAIChatBackend(config.model, base_url=config.base_url, api_key_env=config.api_key_env,
                                  concurrency=config.concurrency, max_retries=config.max_retries,
                                  timeout_s=config.timeout_s, progress=progress)
+    if config.kind == "vllm" or (config.kind == "auto" and vllm_usable()):
+        return VLLMBackend(config.model or DEFAULT_MODEL, dtype=config.dtype,
+                           gpu_memory_utilization=config.gpu_memory_utilization, progress=progress)
     return HFBackend(config.model or DEFAULT_MODEL, device=config.device, dtype=config.dtype,
                      batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
                      attn_implementation=config.attn_implementation, prefix_cache=config.prefix_cache,
                      progress=progress)
 
 
-# ----------------------------------------------------------------------------------------- HF backend
+def vllm_usable() -> bool:
+    """Whether backend kind auto picks vLLM: it is installed and a CUDA GPU is visible (vLLM's CPU build is
+    slower than transformers on small models)."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
 
-class HFBackend:
-    """A local Hugging Face causal LM (any kvlib model spec), batched greedy generation and scoring.
+# ----------------------------------------------------------------------------------------- local models
 
-    Requests are tokenized once through the tokenizer's chat template, sorted longest first and left-padded
-    in batches of at most `batch_size` rows and (if set) `max_batch_tokens` padded tokens. A request that
-    does not fit the context window raises ContextLengthError; see fits() to count them beforehand.
 
-    With `prefix_cache`, generation instead goes one prompt at a time in lexicographic token order, and each
-    prompt reuses the KV cache of the prefix it shares with the previous one, prefilling only the rest. Prompts
-    that share long prefixes (MDQA: one question at several gold positions shares the documents before the
-    gold; few-shot prompts share their shots) then cost a fraction of their length. Greedy answers equal the
-    batched ones up to floating-point rounding of a prefill split in two (benchmarks/bench_eval.py counts them).
-    """
+class LocalChatModel:
+    """What the local backends (HF, vLLM) share: a kvlib model spec, its tokenizer and chat template, and one
+    tokenization of requests, so that both engines see exactly the same tokens. Subclasses set `spec`,
+    `tokenizer` and `stop_ids`, and give `_text_config()` (the model's text config)."""
 
-    name = "hf"
+    spec: str
+    tokenizer: Any
+    stop_ids: list[int]
 
-    def __init__(self, spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto",
-                 batch_size: int = 8, max_batch_tokens: int | None = None, attn_implementation: str = "sdpa",
-                 prefix_cache: bool = False, progress: bool = True):
-        # one validation home for constructor arguments and params files
-        config = from_mapping(BackendConfig, {
-            "kind": "hf", "model": spec, "device": device, "dtype": dtype, "batch_size": batch_size,
-            "max_batch_tokens": max_batch_tokens, "attn_implementation": attn_implementation,
-            "prefix_cache": prefix_cache,
-        })
-        self.spec = config.model
-        self.dtype = resolve_eval_dtype(config.device, config.dtype)
-        self.batch_size, self.max_batch_tokens = config.batch_size, config.max_batch_tokens
-        self.attn_implementation = config.attn_implementation
-        self.prefix_cache = config.prefix_cache
-        self.progress = progress
-        self.model, self.tokenizer = load_model(self.spec, config.device, self.dtype, self.attn_implementation)
-        self.device = next(self.model.parameters()).device
-        if self.max_batch_tokens is None and self.device.type == "cpu":
-            self.max_batch_tokens = CPU_MAX_BATCH_TOKENS
-        self.stop_ids = end_of_turn_ids(self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
-        self._logits_to_keep = _accepts_logits_to_keep(self.model)
-        self._cache_kwarg = _cache_kwarg(self.model)
+    def _text_config(self) -> Any:
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------------------------- describe
-
-    def identity(self) -> dict:
+    def _template_sha256(self) -> str | None:
         template = self.tokenizer.chat_template
         if template is not None and not isinstance(template, str):  # several named templates
             template = json.dumps(template, sort_keys=True)
-        return {
-            "backend": self.name,
-            "model": model_identity(self.spec),
-            "dtype": self.dtype,
-            "device": str(self.device),
-            "attn_implementation": self.attn_implementation,
-            "chat_template_sha256": None if template is None else sha256_text(template),
-            "stop_token_ids": self.stop_ids,
-            # batch_size, max_batch_tokens and prefix_cache are left out on purpose: they choose how prompts are
-            # computed, not what answers them (equal up to floating-point rounding), so cached answers stay valid
-        }
+        return None if template is None else sha256_text(template)
 
     def context_length(self) -> int:
         """Most tokens (prompt + generated) the model can attend to, from its config."""
-        config = self.model.config.get_text_config()
+        config = self._text_config()
         for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
             value = getattr(config, attr, None)
             if isinstance(value, int) and value > 0:
@@ -392,6 +370,94 @@ class HFBackend:
     def _encode_prompts(self, requests: Sequence[Request]) -> list[list[int]]:
         _check_list(requests, "requests")
         return self._encode([self._render(to_messages(r, f"requests[{i}]")) for i, r in enumerate(requests)])
+
+    def _encode_pair(self, request: Any, where: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens), split like lm-evaluation-harness: encode the whole text and
+        the context separately, and the continuation is the whole's tokens after len(context tokens); so a
+        token merging across the boundary is scored as part of the continuation."""
+        if not isinstance(request, (tuple, list)) or len(request) != 2:
+            raise TypeError(f"{where}: expected a (context, continuation) pair, got {request!r}")
+        context, continuation = request
+        if not isinstance(continuation, str) or not continuation:
+            raise TypeError(f"{where}: the continuation must be a non-empty string, got {continuation!r}")
+        if isinstance(context, str):
+            # raw text: trailing whitespace of the context moves to the continuation (lm-eval), since BPE
+            # tokenizers attach a space to the word after it
+            stripped = context.rstrip()
+            context, continuation = stripped, context[len(stripped):] + continuation
+        else:
+            # the template's own tail (e.g. "<|im_start|>assistant\n") stays in the context, as generate() sees it
+            context = self._render(to_messages(context, f"{where}[0]"))
+        whole, context_ids = self._encode([context + continuation, context])
+        continuation_ids = whole[len(context_ids):]
+        if not context_ids:  # empty context: condition on BOS (or eos) like lm-eval's prefix token
+            context_ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
+                           else self.stop_ids[0]]
+        if not continuation_ids:
+            raise ValueError(f"{where}: the continuation {continuation!r} encodes to no tokens after the context")
+        return context_ids, continuation_ids
+
+
+# ----------------------------------------------------------------------------------------- HF backend
+
+
+class HFBackend(LocalChatModel):
+    """A local Hugging Face causal LM (any kvlib model spec), batched greedy generation and scoring.
+
+    Requests are tokenized once through the tokenizer's chat template, sorted longest first and left-padded
+    in batches of at most `batch_size` rows and (if set) `max_batch_tokens` padded tokens. A request that
+    does not fit the context window raises ContextLengthError; see fits() to count them beforehand.
+
+    With `prefix_cache`, generation instead goes one prompt at a time in lexicographic token order, and each
+    prompt reuses the KV cache of the prefix it shares with the previous one, prefilling only the rest. Prompts
+    that share long prefixes (MDQA: one question at several gold positions shares the documents before the
+    gold; few-shot prompts share their shots) then cost a fraction of their length. Greedy answers equal the
+    batched ones up to floating-point rounding of a prefill split in two (benchmarks/bench_eval.py counts them).
+    """
+
+    name = "hf"
+
+    def __init__(self, spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto",
+                 batch_size: int = 8, max_batch_tokens: int | None = None, attn_implementation: str = "sdpa",
+                 prefix_cache: bool = False, progress: bool = True):
+        # one validation home for constructor arguments and params files
+        config = from_mapping(BackendConfig, {
+            "kind": "hf", "model": spec, "device": device, "dtype": dtype, "batch_size": batch_size,
+            "max_batch_tokens": max_batch_tokens, "attn_implementation": attn_implementation,
+            "prefix_cache": prefix_cache,
+        })
+        self.spec = config.model
+        self.dtype = resolve_eval_dtype(config.device, config.dtype)
+        self.batch_size, self.max_batch_tokens = config.batch_size, config.max_batch_tokens
+        self.attn_implementation = config.attn_implementation
+        self.prefix_cache = config.prefix_cache
+        self.progress = progress
+        self.model, self.tokenizer = load_model(self.spec, config.device, self.dtype, self.attn_implementation)
+        self.device = next(self.model.parameters()).device
+        if self.max_batch_tokens is None and self.device.type == "cpu":
+            self.max_batch_tokens = CPU_MAX_BATCH_TOKENS
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
+        self._logits_to_keep = _accepts_logits_to_keep(self.model)
+        self._cache_kwarg = _cache_kwarg(self.model)
+
+    # ------------------------------------------------------------------------------------- describe
+
+    def identity(self) -> dict:
+        return {
+            "backend": self.name,
+            "model": model_identity(self.spec),
+            "dtype": self.dtype,
+            "device": str(self.device),
+            "attn_implementation": self.attn_implementation,
+            "chat_template_sha256": self._template_sha256(),
+            "stop_token_ids": self.stop_ids,
+            # batch_size, max_batch_tokens and prefix_cache are left out on purpose: they choose how prompts are
+            # computed, not what answers them (equal up to floating-point rounding), so cached answers stay valid
+        }
+
+    def _text_config(self) -> Any:
+        return self.model.config.get_text_config()
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -513,32 +579,6 @@ class HFBackend:
                           self._score_batch, "loglikelihood", store)
         return results
 
-    def _encode_pair(self, request: Any, where: str) -> tuple[list[int], list[int]]:
-        """(context tokens, continuation tokens), split like lm-evaluation-harness: encode the whole text and
-        the context separately, and the continuation is the whole's tokens after len(context tokens); so a
-        token merging across the boundary is scored as part of the continuation."""
-        if not isinstance(request, (tuple, list)) or len(request) != 2:
-            raise TypeError(f"{where}: expected a (context, continuation) pair, got {request!r}")
-        context, continuation = request
-        if not isinstance(continuation, str) or not continuation:
-            raise TypeError(f"{where}: the continuation must be a non-empty string, got {continuation!r}")
-        if isinstance(context, str):
-            # raw text: trailing whitespace of the context moves to the continuation (lm-eval), since BPE
-            # tokenizers attach a space to the word after it
-            stripped = context.rstrip()
-            context, continuation = stripped, context[len(stripped):] + continuation
-        else:
-            # the template's own tail (e.g. "<|im_start|>assistant\n") stays in the context, as generate() sees it
-            context = self._render(to_messages(context, f"{where}[0]"))
-        whole, context_ids = self._encode([context + continuation, context])
-        continuation_ids = whole[len(context_ids):]
-        if not context_ids:  # empty context: condition on BOS (or eos) like lm-eval's prefix token
-            context_ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
-                           else self.stop_ids[0]]
-        if not continuation_ids:
-            raise ValueError(f"{where}: the continuation {continuation!r} encodes to no tokens after the context")
-        return context_ids, continuation_ids
-
     def _score_batch(self, groups: list[list[tuple[list[int], list[int]]]]) -> list[list[tuple[float, bool]]]:
         # One row per group of (context, continuation) pairs with the same input: context + continuation minus
         # its last token; the logits at the last len(continuation) positions predict the continuation. Left
@@ -560,6 +600,119 @@ class HFBackend:
                 total = logprobs.gather(-1, target[:, None]).sum().item()
                 scores.append((total, bool((logprobs.argmax(-1) == target).all())))
             results.append(scores)
+        return results
+
+
+# -------------------------------------------------------------------------------------------- vLLM
+
+
+class VLLMBackend(LocalChatModel):
+    """A local model in vLLM's offline engine (`pip install vllm`, CUDA): continuous batching and paged
+    attention with automatic prefix caching, for the GPU profiles. Prompts are tokenized by kvlib exactly as
+    for HFBackend (same chat template, same tokens) and handed to vLLM as token ids; answers are decoded by the
+    same code, so only the engine differs. Its identity says "vllm": its answers are cached apart from HF ones.
+
+    loglikelihood() reads vLLM's prompt log-probs of context + continuation (lm-evaluation-harness's method);
+    `is_greedy` compares each continuation token with the top token vLLM reports at that position.
+    """
+
+    name = "vllm"
+    chunk = 256  # prompts per engine call: results reach on_result (the response cache) every chunk
+
+    def __init__(self, spec: str = DEFAULT_MODEL, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
+                 progress: bool = True):
+        config = from_mapping(BackendConfig, {"kind": "vllm", "model": spec, "dtype": dtype,
+                                              "gpu_memory_utilization": gpu_memory_utilization})
+        try:
+            import vllm
+        except ImportError as exc:
+            raise RuntimeError("backend kind vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
+                               "kind hf runs the same evaluation with transformers") from exc
+        from transformers import AutoConfig
+
+        from kvlib.models import load_tokenizer, resolve_model
+
+        self.spec, self.progress = config.model, progress
+        path = resolve_model(self.spec)
+        if (Path(path) / "adapter_config.json").is_file():
+            raise ValueError(f"{self.spec}: a LoRA adapter; merge it into its base model first (vLLM loads plain "
+                             f"checkpoints here), or use backend kind hf")
+        self.dtype = "bfloat16" if config.dtype == "auto" else config.dtype
+        self.tokenizer = load_tokenizer(self.spec)
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+        self._config = AutoConfig.from_pretrained(path)
+        self.vllm_version = getattr(vllm, "__version__", None)
+        self._sampling_params = vllm.SamplingParams
+        self.engine = vllm.LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
+                               gpu_memory_utilization=config.gpu_memory_utilization,
+                               max_model_len=self.context_length(), enable_prefix_caching=True)
+
+    def _text_config(self) -> Any:
+        return self._config.get_text_config()
+
+    def identity(self) -> dict:
+        return {
+            "backend": self.name,
+            "vllm_version": self.vllm_version,
+            "model": model_identity(self.spec),
+            "dtype": self.dtype,
+            "chat_template_sha256": self._template_sha256(),
+            "stop_token_ids": self.stop_ids,
+        }
+
+    def _run(self, token_ids: list[list[int]], params: Any, on_output: Callable[[int, Any], None],
+             desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(token_ids), desc=f"{desc} {self.spec} (vllm)", unit="req",
+                  disable=not self.progress) as bar:
+            for start in range(0, len(token_ids), self.chunk):
+                piece = token_ids[start:start + self.chunk]
+                outputs = self.engine.generate([{"prompt_token_ids": ids} for ids in piece], params, use_tqdm=False)
+                for offset, output in enumerate(outputs):  # vLLM returns outputs in prompt order
+                    on_output(start + offset, output)
+                bar.update(len(piece))
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int,
+                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+        """Greedy completions, as HFBackend.generate (same prompts, same stopping, same decoding)."""
+        check_max_new_tokens(max_new_tokens)
+        prompts = self._encode_prompts(requests)
+        self._check_fit([len(p) + max_new_tokens for p in prompts], f"prompt + max_new_tokens={max_new_tokens}")
+        params = self._sampling_params(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=self.stop_ids,
+                                       skip_special_tokens=False)
+        results: list = [None] * len(prompts)
+
+        def store(i: int, output: Any) -> None:
+            tokens = _until_stop(list(output.outputs[0].token_ids), self.stop_ids)
+            results[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            if on_result is not None:
+                on_result(i, results[i])
+
+        self._run(prompts, params, store, "generate")
+        return results
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest],
+                      on_result: Callable[[int, tuple[float, bool]], None] | None = None) -> list[tuple[float, bool]]:
+        """As HFBackend.loglikelihood (same context/continuation split), from vLLM's prompt log-probs."""
+        _check_list(requests, "requests")
+        pairs = [self._encode_pair(request, f"requests[{i}]") for i, request in enumerate(requests)]
+        self._check_fit([len(c) + len(k) for c, k in pairs], "context + continuation")
+        params = self._sampling_params(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        results: list = [None] * len(pairs)
+
+        def store(i: int, output: Any) -> None:
+            context, continuation = pairs[i]
+            total, greedy = 0.0, True
+            for position, token in enumerate(continuation, start=len(context)):
+                logprobs = output.prompt_logprobs[position]  # {token id: Logprob}: this token and the top one
+                total += logprobs[token].logprob
+                greedy = greedy and max(logprobs, key=lambda t: logprobs[t].logprob) == token
+            results[i] = (total, greedy)
+            if on_result is not None:
+                on_result(i, results[i])
+
+        self._run([c + k for c, k in pairs], params, store, "loglikelihood")
         return results
 
 

@@ -872,9 +872,9 @@ class BaselinesNotebookParams(EvalModelsParams):
         from kvlib.config import from_mapping
 
         config = from_mapping(BackendConfig, {**self.backend, "model": model_dir}, "backend")
-        if config.kind != "hf":
-            fail("backend.kind", "baselines are trained locally and evaluated as hf models; set kind per model "
-                                 "in models instead")
+        if config.kind == "openai":
+            fail("backend.kind", "baselines are trained locally and evaluated as local models (hf, vllm or auto); "
+                                 "set kind per model in models instead")
         return config
 
     def baseline_dir(self, label: str) -> Path:

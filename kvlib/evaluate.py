@@ -52,9 +52,9 @@ def model_configs(models: Mapping[str, Any], backend: Mapping[str, Any] | None, 
             if config.run not in runs:
                 fail(f"models.{label}.run", f"{config.run!r} is not a run of params/{profile}/02_finetune.yaml "
                                             f"(runs: {', '.join(runs) or 'none'})")
-            if runs[config.run] != config.kind:
+            if (runs[config.run] == "openai") != (config.kind == "openai"):
                 fail(f"models.{label}.kind", f"run {config.run!r} is an {runs[config.run]} run: set kind: "
-                                             f"{runs[config.run]}")
+                                             f"{'openai' if runs[config.run] == 'openai' else 'hf, vllm or auto'}")
         configs[label] = config
     return configs
 

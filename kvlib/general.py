@@ -603,7 +603,7 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
             settings.check_against(task_spec(name), f"tasks.{name}")
             if settings.variant == "loglikelihood":
                 for label, config in configs.items():
-                    if config.kind != "hf":
+                    if config.kind == "openai":
                         fail(f"tasks.{name}.variant", f"model {label!r} is a {config.kind} backend, which has no "
                                                       f"log-likelihoods; use auto or generate")
         check_positive("n_boot", self.n_boot, 100)

@@ -297,8 +297,8 @@ def test_backend_config_validation():
         build_backend({"max_batch_tokens": 0})
     with pytest.raises(ParamError, match=r"backend\.prefix_cache"):
         build_backend({"prefix_cache": "yes"})
-    with pytest.raises(ParamError, match=r"backend\.kind: must be one of \['hf', 'openai'\]"):
-        build_backend({"kind": "vllm"})
+    with pytest.raises(ParamError, match=r"backend\.kind: must be one of \['hf', 'vllm', 'auto', 'openai'\]"):
+        build_backend({"kind": "tgi"})
     with pytest.raises(ParamError, match=r"backend\.run: give either model or run"):
         build_backend({"model": "x", "run": "y"})
     with pytest.raises(ParamError, match=r"backend\.model: kind openai needs"):
