@@ -67,24 +67,35 @@ def test_prefix_cache_reuses_shared_prefixes_and_answers_like_batches(hf_backend
     context = "Dictionary [1] {122: 765, 4548: 1475, 93: 3021}\nDictionary [2] {77: 12, 5012: 8810}\n"
     prompts = PROMPTS + [context + f"What is the value of key {key}?" for key in (4548, 5012, 93)]
     batched = hf_backend.generate(prompts, MAX_NEW)
-    reused = []  # tokens already in the cache when each prompt starts
-    generate = hf_backend.model.generate
+    reused, batch_sizes = [], []  # tokens already in the cache when each shared prompt starts; batched rows
+    generate, generate_batch = hf_backend.model.generate, hf_backend._generate_batch
 
     def recording_generate(**kwargs):
-        reused.append(kwargs[hf_backend._cache_kwarg].get_seq_length())
+        if hf_backend._cache_kwarg in kwargs:
+            reused.append(kwargs[hf_backend._cache_kwarg].get_seq_length())
         return generate(**kwargs)
 
+    def recording_batch(batch, max_new_tokens):
+        batch_sizes.append(len(batch))
+        return generate_batch(batch, max_new_tokens)
+
     monkeypatch.setattr(hf_backend.model, "generate", recording_generate)
+    monkeypatch.setattr(hf_backend, "_generate_batch", recording_batch)
     monkeypatch.setattr(hf_backend, "prefix_cache", True)
+    ids = hf_backend._encode_prompts(prompts)
+    header = backends.shared_prefix_length(ids[0], ids[2])  # what every prompt shares: the template's header
+    shared_context = len(hf_backend._encode_prompts([context + "What"])[0]) - 3  # minus the template's end
+    assert header < shared_context
+    monkeypatch.setattr(hf_backend, "prefix_min_shared", header + 8)
     seen = []
     assert hf_backend.generate(prompts, MAX_NEW, on_result=lambda i, a: seen.append(i)) == batched
     assert sorted(seen) == list(range(len(prompts)))
-    ids = hf_backend._encode_prompts(prompts)
-    in_order = sorted(ids)  # lexicographic: the three dictionary questions are neighbours
-    expected = [0] + [backends.shared_prefix_length(a, b) for a, b in zip(in_order, in_order[1:])]
-    assert reused == expected
-    shared_context = len(hf_backend._encode_prompts([context + "What"])[0]) - 3  # minus the end of the template
-    assert sum(n >= shared_context for n in reused) == 2  # the 2nd and 3rd dictionary questions reuse it
+    sharing = backends.prompts_sharing_prefixes(ids, header + 8)
+    assert sorted(sharing) == [5, 6, 7]  # the three dictionary questions; the others went in batches
+    assert sum(batch_sizes) == len(PROMPTS) and max(batch_sizes) > 1
+    in_order = [ids[i] for i in sharing]
+    assert reused == [0] + [backends.shared_prefix_length(a, b) for a, b in zip(in_order, in_order[1:])]
+    assert all(n >= shared_context for n in reused[1:])
     assert "prefix_cache" not in hf_backend.identity()  # how answers are computed, like batch_size
 
 
@@ -93,6 +104,11 @@ def test_shared_prefix_length():
     assert backends.shared_prefix_length([], [1]) == 0
     assert backends.shared_prefix_length([1, 2], [1, 2]) == 2
     assert backends.shared_prefix_length([7], [1, 7]) == 0
+    prompts = [[1, 2, 3, 9], [5, 6], [1, 2, 3, 4], [1, 2, 8], [5, 7]]
+    assert backends.prompts_sharing_prefixes(prompts, 3) == [2, 0]  # lexicographic order, pairs sharing >= 3
+    assert backends.prompts_sharing_prefixes(prompts, 2) == [2, 0, 3]
+    assert backends.prompts_sharing_prefixes(prompts, 1) == [2, 0, 3, 1, 4]
+    assert backends.prompts_sharing_prefixes([], 1) == []
 
 
 def test_generation_stops_at_end_of_turn(hf_backend):
