@@ -134,6 +134,9 @@ def claims_table():
 
 Expect = Literal["increase", "decrease", "no_loss", "no_gain"]
 EXPECTS = ("increase", "decrease", "no_loss", "no_gain")
+# A "loses nothing" claim where both models score 0 on every item: there was nothing to lose, so the CI of
+# [0, 0] says nothing about the claim (the 135M embedded model answers no closed-book TriviaQA question).
+AT_FLOOR = "untestable (both score 0)"
 
 
 def verdict(ci_low: float | None, ci_high: float | None, expect: Expect) -> str:
@@ -247,19 +250,26 @@ def general_claims(deltas: Sequence[Mapping[str, Any]], synthetic: Sequence[str]
                    titles: Mapping[str, str], artifact: str = "table1") -> list[dict]:
     """Table 1 (or 2): synthetic finetuning loses nothing on each general benchmark's headline metric, with the
     paper's own difference for its key-value (with template) models beside ours."""
-    return [{**judge(artifact, f"synthetic finetuning loses nothing on {titles[d['task']]}", d["model"], d, "no_loss"),
-             "published_delta_points": published_deltas(d["task"])}
-            for d in deltas if d["model"] in synthetic and d["metric"] == headline[d["task"]]]
+    out = []
+    for d in deltas:
+        if d["model"] not in synthetic or d["metric"] != headline[d["task"]]:
+            continue
+        row = judge(artifact, f"synthetic finetuning loses nothing on {titles[d['task']]}", d["model"], d, "no_loss")
+        if d.get("value") == 0 and d.get("baseline_value") == 0:
+            row["verdict"] = AT_FLOOR
+        out.append({**row, "published_delta_points": published_deltas(d["task"])})
+    return out
 
 
 # -------------------------------------------------------------------------------- reproduction map
 
 def artifact_verdict(verdicts: Sequence[str]) -> str:
     """One verdict for an artifact from its claims' verdicts: all hold -> "holds"; some hold -> "partly holds";
-    none holds but some are inconclusive -> "inconclusive at this n"; all fail -> "does not hold on this model"."""
-    measured = [v for v in verdicts if v != "not measured"]
+    none holds but some are inconclusive -> "inconclusive at this n"; all fail -> "does not hold on this model".
+    Claims not measured or untestable at the floor (AT_FLOOR) do not count."""
+    measured = [v for v in verdicts if v not in ("not measured", AT_FLOOR)]
     if not measured:
-        return "not measured"
+        return AT_FLOOR if AT_FLOOR in verdicts else "not measured"
     if all(v == "holds" for v in measured):
         return "holds"
     if any(v == "holds" for v in measured):

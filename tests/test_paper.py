@@ -70,6 +70,7 @@ def test_verdict_and_judge_reject_unknown_names():
     (["holds", "holds"], "holds"), (["holds", "inconclusive"], "partly holds"),
     (["inconclusive", "does not hold"], "inconclusive at this n"), (["does not hold"], "does not hold on this model"),
     (["not measured"], "not measured"), (["holds", "not measured"], "holds"),
+    (["holds", paper.AT_FLOOR], "holds"), ([paper.AT_FLOOR, "not measured"], paper.AT_FLOOR),
 ])
 def test_artifact_verdict(verdicts, want):
     assert paper.artifact_verdict(verdicts) == want
@@ -87,6 +88,13 @@ def test_mdqa_and_general_claims_pick_the_right_artifact_and_direction():
     general = paper.general_claims(deltas, ["ft"], {"mmlu": "acc"}, {"mmlu": "MMLU"})
     assert [(g["artifact"], g["claim"], g["verdict"]) for g in general] == [
         ("table1", "synthetic finetuning loses nothing on MMLU", "does not hold")]
+    floor = [{"model": "ft", "task": "triviaqa", "metric": "em", "n": 300, "value": 0.0, "baseline_value": 0.0,
+              "delta": 0.0, "ci_low": 0.0, "ci_high": 0.0},
+             {"model": "ft", "task": "nq_open", "metric": "em", "n": 300, "value": 0.01, "baseline_value": 0.0,
+              "delta": 0.01, "ci_low": 0.0, "ci_high": 0.02}]
+    verdicts = [g["verdict"] for g in paper.general_claims(floor, ["ft"], {"triviaqa": "em", "nq_open": "em"},
+                                                            {"triviaqa": "TriviaQA", "nq_open": "NQ-Open"})]
+    assert verdicts == [paper.AT_FLOOR, "holds"]  # nothing to lose at 0 is no evidence for the claim
 
 
 def test_reproduction_map_reads_claims_from_the_manifest(tmp_path):
