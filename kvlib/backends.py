@@ -296,8 +296,8 @@ def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = Tr
 
 
 def vllm_usable() -> bool:
-    """Whether backend kind auto picks vLLM: it is installed and a CUDA GPU is visible (vLLM's CPU build is
-    slower than transformers on small models)."""
+    """Whether backend kind auto picks vLLM: it is installed and a CUDA GPU is visible. On a CPU, auto stays
+    with transformers, whose CPU path kvlib measured and tuned (bf16 detection, the batch-token cap)."""
     import importlib.util
 
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
