@@ -12,7 +12,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pandas as pd
@@ -185,6 +185,14 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _wall_time(entry: Mapping[str, Any]) -> str:
+    """A notebook's wall time; when it took several attempts (interrupted and resumed), their sum too."""
+    text = _duration(entry.get("wall_seconds"))
+    if (entry.get("attempts") or 1) > 1:
+        text += f" (this attempt; {entry['attempts']} attempts: {_duration(entry.get('wall_seconds_all_attempts'))})"
+    return text
+
+
 def _markdown_links_to_html(text: str) -> str:
     """`[text](href), ...` (the reproduction map's cells) as escaped HTML links."""
     import re
@@ -222,14 +230,14 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         rows.append(
             "<tr>"
             f"<td>{title}</td><td class=\"{'' if ok else 'failed'}\">{e(status)}</td>"
-            f"<td>{e(str(entry.get('finished', '')))}</td><td>{_duration(entry.get('wall_seconds'))}</td>"
+            f"<td>{e(str(entry.get('finished', '')))}</td><td>{e(_wall_time(entry))}</td>"
             f"<td>{e(seeds)}</td>"
             f"<td><a href=\"{e(repo_prefix + entry.get('params_file', ''))}\">{e(entry.get('params_file', ''))}</a></td>"
             f"<td>{links}</td>"
             f"<td>{inputs}</td>"
             f"<td>{'<pre>' + e(dumps_json(facts)) + '</pre>' if facts else ''}</td>"
             "</tr>")
-    total = sum(entry.get("wall_seconds") or 0 for entry in entries.values())
+    total = sum(entry.get("wall_seconds_all_attempts", entry.get("wall_seconds")) or 0 for entry in entries.values())
     packages = ", ".join(f"{k} {v}" for k, v in sorted((manifest.get("packages") or {}).items()) if v)
     profile = str(manifest.get("profile", ""))
     return (
@@ -244,7 +252,7 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         f"<tr><th>python</th><td>{e(str(manifest.get('python', '')))}</td></tr>"
         f"<tr><th>platform</th><td>{e(str(manifest.get('platform', '')))}</td></tr>"
         f"<tr><th>packages</th><td>{e(packages)}</td></tr>"
-        f"<tr><th>wall time</th><td>{_duration(total)} over {len(entries)} notebooks (sum of the latest runs)</td></tr>"
+        f"<tr><th>wall time</th><td>{_duration(total)} over {len(entries)} notebooks (their latest results, all attempts of each)</td></tr>"
         "</table>\n"
         + ("" if not map_rows else
            "<h2>Paper artifacts</h2>\n<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in map_rows[0]) + "</tr>\n"

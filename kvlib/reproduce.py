@@ -425,6 +425,7 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
     for bookkeeping in BOOKKEEPING_FILES:
         (out_dir / job.name / bookkeeping).unlink(missing_ok=True)
     started, t0 = _now(), time.perf_counter()
+    attempts = _begin_attempt(out_dir, job.name, started)
     error: BaseException | None = None
     try:
         nb = papermill.execute_notebook(
@@ -442,6 +443,9 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
     finally:
         tmp_nb.unlink(missing_ok=True)
         tmp_html.unlink(missing_ok=True)
+    wall = round(time.perf_counter() - t0, 3)
+    attempts[-1].update(seconds=wall, ended="ok" if error is None else "failed")
+    _end_attempts(out_dir, job.name, attempts, done=error is None)
     entry = {
         **_entry_identity(job, repo_root),
         "params": job.params,
@@ -449,7 +453,11 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         "status": "ok" if error is None else "failed",
         "started": started,
         "finished": _now(),
-        "wall_seconds": round(time.perf_counter() - t0, 3),
+        "wall_seconds": wall,
+        # every attempt since the last success: a long notebook interrupted (a session ending) and resumed
+        # costs all of its attempts, though this one alone reused their cached work
+        "attempts": len(attempts),
+        "wall_seconds_all_attempts": round(sum(a["seconds"] for a in attempts), 3),
         "outputs": outputs,
         "inputs": read_inputs(out_dir, job.name),
     }
@@ -460,6 +468,39 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         entry["error"] = {"ename": getattr(error, "ename", type(error).__name__),
                           "evalue": getattr(error, "evalue", str(error))}
     return entry, error
+
+
+def _attempts_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f".{name}.attempts.json"
+
+
+def _begin_attempt(out_dir: Path, name: str, started: str) -> list[dict]:
+    """The attempts at notebook `name` since its last success, this one appended (and saved at once, so a
+    kill leaves it on disk). An earlier attempt that never ended was killed: it ran until papermill's last
+    save of its running notebook (papermill saves it at least every 30 s while a cell runs)."""
+    path = _attempts_path(out_dir, name)
+    try:
+        attempts = list(json.loads(path.read_text(encoding="utf-8")))
+    except (FileNotFoundError, ValueError, TypeError):
+        attempts = []
+    if attempts and attempts[-1].get("seconds") is None:
+        running = out_dir / f".{name}.running.ipynb"
+        last_save = running.stat().st_mtime if running.exists() else None
+        began = datetime.fromisoformat(attempts[-1]["started"]).timestamp()
+        attempts[-1].update(seconds=round(max(0.0, last_save - began), 3) if last_save else 0.0, ended="killed")
+    attempts.append({"started": started, "seconds": None})
+    atomic_write_text(path, dumps_json(attempts))
+    return attempts
+
+
+def _end_attempts(out_dir: Path, name: str, attempts: list[dict], done: bool) -> None:
+    """After a success the attempts live on in the manifest entry; after a failure they are kept, so the
+    rerun that fixes it counts them too."""
+    path = _attempts_path(out_dir, name)
+    if done:
+        path.unlink(missing_ok=True)
+    else:
+        atomic_write_text(path, dumps_json(attempts))
 
 
 def _describe_model(spec: str | None) -> str:

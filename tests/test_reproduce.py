@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import nbformat
@@ -225,6 +225,23 @@ def test_force_reruns_only_the_selected_notebook(clone, capsys):
     assert manifest(clone)["notebooks"][NB2]["status"] == "ok"
 
 
+def test_killed_attempts_count_in_the_wall_time(clone):
+    """A session ending kills `kvlib reproduce` mid-notebook; the rerun that finishes it records every attempt,
+    the killed one timed until papermill's last save of its running notebook."""
+    out = out_dir(clone)
+    began = datetime.now(timezone.utc) - timedelta(seconds=100)
+    (out / f".{NB1}.attempts.json").write_text(json.dumps([{"started": began.isoformat(), "seconds": None}]))
+    running = out / f".{NB1}.running.ipynb"
+    running.write_text("{}")
+    os.utime(running, (began.timestamp() + 40, began.timestamp() + 40))  # its last save, 40 s into the attempt
+    assert run(clone, only=[NB1], force=True) == 0
+    entry = manifest(clone)["notebooks"][NB1]
+    assert entry["attempts"] == 2
+    assert entry["wall_seconds_all_attempts"] == pytest.approx(40 + entry["wall_seconds"], abs=0.01)
+    assert not (out / f".{NB1}.attempts.json").exists() and not running.exists()
+    assert "2 attempts" in (out / "index.html").read_text()
+
+
 def test_params_change_reruns_that_notebook(clone, capsys):
     (clone / "params" / PROFILE / f"{NB1}.yaml").write_text("message: hi\nrepeat: 3\n")
     assert run(clone) == 0
@@ -258,6 +275,13 @@ def test_failing_notebook_stops_and_keeps_previous_results(clone, capsys):
     assert entries[NB2]["status"] == "failed"
     assert entries[NB2]["error"] == {"ename": "RuntimeError", "evalue": "boom from notebook"}
     assert entries[NB2]["outputs"] == [f"{NB2}.failed.ipynb"]
+    assert entries[NB2]["attempts"] == 1 and (out / f".{NB2}.attempts.json").is_file()  # kept for the rerun
+    (clone / "params" / PROFILE / f"{NB2}.yaml").write_text("seed: 7\n")
+    assert run(clone) == 0
+    entry = manifest(clone)["notebooks"][NB2]
+    assert entry["status"] == "ok" and entry["attempts"] == 2
+    assert entry["wall_seconds_all_attempts"] > entry["wall_seconds"]
+    assert not (out / f".{NB2}.attempts.json").exists()
 
 
 def test_failure_stops_the_run_before_later_notebooks(tmp_path, capsys):
