@@ -954,6 +954,25 @@ def accuracy_table(rows: Sequence[dict], by: list[str], seed: int = 0) -> list[d
     return sorted(out, key=order)
 
 
+def verdict_shares(rows: Sequence[dict], by: list[str]) -> list[dict]:
+    """Per group: how often the model said True, False or nothing parseable (over the scored rows), beside how
+    often the label is True. Labels are balanced, so a model that always gives one verdict scores 50%: this
+    tells a model at chance that reasons from one that always agrees."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if not r["over_length"]:
+            groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    out = []
+    for key, items in groups.items():
+        n = len(items)
+        out.append({**dict(zip(by, key)), "n": n,
+                    "said_true": sum(r["parsed"] is True for r in items) / n,
+                    "said_false": sum(r["parsed"] is False for r in items) / n,
+                    "unparseable": sum(bool(r["unparseable"]) for r in items) / n,
+                    "label_true": sum(r["label"] is True for r in items) / n})
+    return out
+
+
 # ---------------------------------------------------------------- notebook 04
 
 

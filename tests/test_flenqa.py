@@ -460,6 +460,20 @@ def test_unparseable_and_over_length_answers_are_counted_not_dropped(records):
     assert (table["n"], table["n_over_length"], table["n_unparseable"]) == (4, 1, 1)
     assert table["accuracy"] == pytest.approx(1 / 3)  # over the three answered prompts
     assert table["accuracy_ci_low"] <= table["accuracy"] <= table["accuracy_ci_high"]
+    (shares,) = flenqa.verdict_shares(rows, ["model", "style"])  # over the three answered prompts
+    assert shares["n"] == 3 and shares["unparseable"] == pytest.approx(1 / 3)
+    said_true = (sample[0].label is True) + (sample[3].label is False)
+    assert shares["said_true"] == pytest.approx(said_true / 3)
+    assert shares["said_true"] + shares["said_false"] + shares["unparseable"] == pytest.approx(1)
+    assert shares["label_true"] == pytest.approx(sum(r.label is True for r in (sample[0], sample[1], sample[3])) / 3)
+
+
+def test_a_model_always_saying_true_scores_half_on_balanced_labels(records):
+    rows = flenqa.result_rows(records, ["True"] * len(records), "normal", "m")
+    (table,) = flenqa.accuracy_table(rows, ["model"])
+    (shares,) = flenqa.verdict_shares(rows, ["model"])
+    assert shares["said_true"] == 1 and shares["label_true"] == pytest.approx(0.5)
+    assert table["accuracy"] == pytest.approx(0.5)
 
 
 # ---------------------------------------------------------------- notebook params
