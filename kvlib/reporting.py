@@ -186,10 +186,12 @@ def _duration(seconds: float | None) -> str:
 
 
 def _wall_time(entry: Mapping[str, Any]) -> str:
-    """A notebook's wall time; when it took several attempts (interrupted and resumed), their sum too."""
+    """A notebook's wall time; when its results took several runs or attempts with these params (interrupted
+    and resumed, or re-rendered from cached answers), their sum too."""
     text = _duration(entry.get("wall_seconds"))
     if (entry.get("attempts") or 1) > 1:
-        text += f" (this attempt; {entry['attempts']} attempts: {_duration(entry.get('wall_seconds_all_attempts'))})"
+        text += (f" (the last run; {entry['attempts']} runs and attempts with these params: "
+                 f"{_duration(entry.get('wall_seconds_all_attempts'))})")
     return text
 
 
@@ -252,7 +254,7 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         f"<tr><th>python</th><td>{e(str(manifest.get('python', '')))}</td></tr>"
         f"<tr><th>platform</th><td>{e(str(manifest.get('platform', '')))}</td></tr>"
         f"<tr><th>packages</th><td>{e(packages)}</td></tr>"
-        f"<tr><th>wall time</th><td>{_duration(total)} over {len(entries)} notebooks (their latest results, all attempts of each)</td></tr>"
+        f"<tr><th>wall time</th><td>{_duration(total)} over {len(entries)} notebooks (all runs and attempts behind their latest results)</td></tr>"
         "</table>\n"
         + ("" if not map_rows else
            "<h2>Paper artifacts</h2>\n<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in map_rows[0]) + "</tr>\n"

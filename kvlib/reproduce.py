@@ -454,8 +454,9 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         "started": started,
         "finished": _now(),
         "wall_seconds": wall,
-        # every attempt since the last success: a long notebook interrupted (a session ending) and resumed
-        # costs all of its attempts, though this one alone reused their cached work
+        # every attempt since the last success, and every earlier run with these params (_carry_over_cost):
+        # a notebook interrupted (a session ending) and resumed, or re-rendered from the answer cache, costs
+        # all of them, though the last one alone reused their work
         "attempts": len(attempts),
         "wall_seconds_all_attempts": round(sum(a["seconds"] for a in attempts), 3),
         "outputs": outputs,
@@ -468,6 +469,17 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         entry["error"] = {"ename": getattr(error, "ename", type(error).__name__),
                           "evalue": getattr(error, "evalue", str(error))}
     return entry, error
+
+
+def _carry_over_cost(entry: dict, previous: Mapping[str, Any] | None) -> None:
+    """A re-run with unchanged params (a changed notebook, --force) is fed by the models and cached answers its
+    predecessors computed, so their time counts toward what these results cost; changed params start over."""
+    if (previous and previous.get("status") == "ok" and "params_sha256" in entry
+            and previous.get("params_sha256") == entry["params_sha256"]):
+        entry["attempts"] += previous.get("attempts", 1)
+        entry["wall_seconds_all_attempts"] = round(
+            entry["wall_seconds_all_attempts"]
+            + previous.get("wall_seconds_all_attempts", previous.get("wall_seconds") or 0), 3)
 
 
 def _attempts_path(out_dir: Path, name: str) -> Path:
@@ -599,6 +611,7 @@ def run_profile(
             continue
         print(f"{tag}: run ({reason})", flush=True)
         entry, error = run_job(job, out_dir, repo_root)
+        _carry_over_cost(entry, entries.get(job.name))
         entries[job.name] = entry
         write_manifest(out_dir, header, entries, params_root)
         if error is not None:

@@ -234,12 +234,20 @@ def test_killed_attempts_count_in_the_wall_time(clone):
     running = out / f".{NB1}.running.ipynb"
     running.write_text("{}")
     os.utime(running, (began.timestamp() + 40, began.timestamp() + 40))  # its last save, 40 s into the attempt
+    first = manifest(clone)["notebooks"][NB1]
+    assert first["attempts"] == 1 and first["wall_seconds_all_attempts"] == first["wall_seconds"]
     assert run(clone, only=[NB1], force=True) == 0
     entry = manifest(clone)["notebooks"][NB1]
-    assert entry["attempts"] == 2
-    assert entry["wall_seconds_all_attempts"] == pytest.approx(40 + entry["wall_seconds"], abs=0.01)
+    # the killed attempt, this one, and the first run with the same params (whose work a re-run reuses)
+    assert entry["attempts"] == 3
+    assert entry["wall_seconds_all_attempts"] == pytest.approx(40 + entry["wall_seconds"] + first["wall_seconds"],
+                                                               abs=0.01)
     assert not (out / f".{NB1}.attempts.json").exists() and not running.exists()
-    assert "2 attempts" in (out / "index.html").read_text()
+    assert "3 runs and attempts with these params" in (out / "index.html").read_text()
+    (clone / "params" / PROFILE / f"{NB1}.yaml").write_text("message: other\nrepeat: 2\n")
+    assert run(clone, only=[NB1]) == 0
+    changed = manifest(clone)["notebooks"][NB1]
+    assert changed["attempts"] == 1 and changed["wall_seconds_all_attempts"] == changed["wall_seconds"]
 
 
 def test_params_change_reruns_that_notebook(clone, capsys):
