@@ -96,8 +96,7 @@ def main() -> None:
                 time_bare(train_file, args.steps, precision)[args.warmup:])
             medians[f"kvlib train, {precision}"] = statistics.median(
                 time_kvlib(train_file, Path(tmp) / f"run-{precision}", args.steps, precision)[args.warmup:])
-    auto = "bf16" if train._use_bf16(train.TrainConfig(train_file="x", out_dir="x"), torch.cuda.is_available()) \
-        else "fp32"
+    auto = train.resolve_precision("auto", torch.cuda.is_available())
     baseline = medians["bare loop, fp32"]
     print(f"embedded model, ~{args.tokens}-token samples, batch 1, median of {args.steps - args.warmup} timed "
           f"steps, {torch.get_num_threads()} threads")

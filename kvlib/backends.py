@@ -371,6 +371,11 @@ class LocalChatModel:
         _check_list(requests, "requests")
         return self._encode([self._render(to_messages(r, f"requests[{i}]")) for i, r in enumerate(requests)])
 
+    def _decode_answer(self, tokens: list[int]) -> str:
+        """Generated tokens as the answer text: up to the first end-of-turn token, special tokens removed,
+        whitespace stripped (the same for every local engine)."""
+        return self.tokenizer.decode(_until_stop(tokens, self.stop_ids), skip_special_tokens=True).strip()
+
     def _encode_pair(self, request: Any, where: str) -> tuple[list[int], list[int]]:
         """(context tokens, continuation tokens), split like lm-evaluation-harness: encode the whole text and
         the context separately, and the continuation is the whole's tokens after len(context tokens); so a
@@ -410,9 +415,9 @@ class HFBackend(LocalChatModel):
 
     With `prefix_cache`, prompts that share a prefix of at least `prefix_min_shared` tokens with another instead
     go one at a time in lexicographic token order, and each reuses the KV cache of the prefix it shares with
-    the previous one, prefilling only the rest (the others still go in batches). Prompts
-    that share long prefixes (MDQA: one question at several gold positions shares the documents before the
-    gold; few-shot prompts share their shots) then cost a fraction of their length. Greedy answers equal the
+    the previous one, prefilling only the rest (the others still go in batches). Prompts that share long
+    prefixes (MDQA: one question at several gold positions shares the documents before the gold; few-shot
+    prompts share their shots) then cost a fraction of their length. Greedy answers equal the
     batched ones up to floating-point rounding of a prefill split in two (benchmarks/bench_eval.py counts them).
     """
 
@@ -442,8 +447,14 @@ class HFBackend(LocalChatModel):
             self.max_batch_tokens = CPU_MAX_BATCH_TOKENS
         self.stop_ids = end_of_turn_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
-        self._logits_to_keep = _accepts_logits_to_keep(self.model)
-        self._cache_kwarg = _cache_kwarg(self.model)
+        forward = _forward_parameters(self.model)
+        self._logits_to_keep = "logits_to_keep" in forward  # current transformers models take it
+        # the name under which generate() takes a KV cache: `cache` (transformers 5.x) or `past_key_values`
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        # plain greedy decoding whatever the checkpoint's generation_config.json suggests; passing do_sample=False
+        # explicitly also silences its warnings about inherited sampling settings
+        self._greedy = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, eos_token_id=self.stop_ids,
+                            pad_token_id=self.pad_id)
 
     # ------------------------------------------------------------------------------------- describe
 
@@ -524,24 +535,17 @@ class HFBackend(LocalChatModel):
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         input_ids, attention_mask = self._left_pad(prompts)
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            # plain greedy decoding whatever the checkpoint's generation_config.json suggests; passing
-            # do_sample=False explicitly also silences its warnings about inherited sampling settings
-            do_sample=False, num_beams=1, repetition_penalty=1.0,
-            eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-        )
-        new_tokens = output[:, input_ids.shape[1]:].tolist()
-        return [self.tokenizer.decode(_until_stop(row, self.stop_ids), skip_special_tokens=True).strip()
-                for row in new_tokens]
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     max_new_tokens=max_new_tokens, **self._greedy)
+        return [self._decode_answer(row) for row in output[:, input_ids.shape[1]:].tolist()]
 
     def _generate_sharing_prefixes(self, prompts: list[list[int]], max_new_tokens: int,
-                                   on_result: Callable[[int, str], None] | None) -> list[str]:
+                                   on_result: Callable[[int, str], None]) -> None:
         """generate() with prefix_cache: prompts in lexicographic token order (prompts with a common prefix are
-        neighbours), one at a time; the cache holds the previous prompt and is cut back to the shared prefix."""
+        neighbours), one at a time, each answer passed to on_result(index, answer); the cache holds the
+        previous prompt and is cut back to the shared prefix."""
         from transformers import DynamicCache
 
-        results: list = [None] * len(prompts)
         cache, held = DynamicCache(), []
         with self._progress(len(prompts), "generate") as bar, torch.inference_mode():
             for i in sorted(range(len(prompts)), key=prompts.__getitem__):
@@ -550,19 +554,13 @@ class HFBackend(LocalChatModel):
                 keep = min(shared_prefix_length(held, prompt), len(prompt) - 1)
                 _truncate_cache(cache, keep)
                 input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-                output = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                    do_sample=False, num_beams=1, repetition_penalty=1.0,  # as _generate_batch
-                    eos_token_id=self.stop_ids, pad_token_id=self.pad_id, **{self._cache_kwarg: cache},
-                )
+                output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                             max_new_tokens=max_new_tokens, **self._greedy,
+                                             **{self._cache_kwarg: cache})
                 _truncate_cache(cache, len(prompt))  # drop the generated tokens: the next prompt shares none
                 held = prompt
-                results[i] = self.tokenizer.decode(_until_stop(output[0, len(prompt):].tolist(), self.stop_ids),
-                                                   skip_special_tokens=True).strip()
-                if on_result is not None:
-                    on_result(i, results[i])
+                on_result(i, self._decode_answer(output[0, len(prompt):].tolist()))
                 bar.update(1)
-        return results
 
     # ---------------------------------------------------------------------------------- loglikelihood
 
@@ -704,8 +702,7 @@ class VLLMBackend(LocalChatModel):
         results: list = [None] * len(prompts)
 
         def store(i: int, output: Any) -> None:
-            tokens = _until_stop(list(output.outputs[0].token_ids), self.stop_ids)
-            results[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results[i] = self._decode_answer(list(output.outputs[0].token_ids))
             if on_result is not None:
                 on_result(i, results[i])
 
@@ -774,24 +771,16 @@ def _truncate_cache(cache: Any, length: int) -> None:
         cache.crop(-excess)
 
 
-def _cache_kwarg(model: Any) -> str:
-    """The name under which this transformers version passes a KV cache to generate(): `cache` (5.x), or
-    `past_key_values`, which later versions deprecate."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def _check_list(requests: Any, where: str) -> None:
     # a bare string would otherwise be iterated character by character
     if isinstance(requests, str) or not isinstance(requests, Sequence):
         raise TypeError(f"{where}: expected a list of requests, got {type(requests).__name__}")
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
-    """Whether the causal LM's forward takes `logits_to_keep` (current transformers models do); a peft
-    wrapper forwards it to its base model."""
+def _forward_parameters(model: Any) -> frozenset[str]:
+    """The parameter names of the causal LM's forward (a peft wrapper forwards them to its base model)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return frozenset(inspect.signature(base.forward).parameters)
 
 
 # ------------------------------------------------------------------------------- OpenAI-compatible API

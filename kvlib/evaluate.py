@@ -185,16 +185,21 @@ def evaluate_kv(backend, samples: Sequence[Sample], max_new_tokens: int, label: 
     return rows
 
 
+def group_rows(rows: Sequence[dict], by: Sequence[str]) -> dict[tuple, list[dict]]:
+    """Rows by their values of the `by` columns (key: that tuple), groups in order of first appearance."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    return groups
+
+
 def summarize(rows: list[dict], by: list[str], metrics: list[str], seed: int = 0) -> list[dict]:
     """Mean and bootstrap 95% CI of each metric per group of rows (one row per item in, one per group out).
     `n` counts the group's items; a metric's mean is over the items it was scored on (not None)."""
     from kvlib.scoring import bootstrap_ci
 
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in by), []).append(r)
     out = []
-    for key, items in groups.items():
+    for key, items in group_rows(rows, by).items():
         row = dict(zip(by, key), n=len(items))
         for m in metrics:
             # None: not scored (an over-length prompt; count_over_length reports how many)
@@ -365,12 +370,8 @@ def mdqa_pooled_deltas(rows: list[dict], base: str, seed_groups: Mapping[str, Se
 
 def count_over_length(rows: list[dict], by: list[str]) -> list[dict]:
     """Per group: how many items were evaluated and how many did not fit the context (never dropped silently)."""
-    groups: dict[tuple, list[int]] = {}
-    for r in rows:
-        counts = groups.setdefault(tuple(r[k] for k in by), [0, 0])
-        counts[0] += 1
-        counts[1] += bool(r.get("over_length"))
-    return [dict(zip(by, key), n_items=n, n_over_length=over) for key, (n, over) in groups.items()]
+    return [dict(zip(by, key), n_items=len(items), n_over_length=sum(bool(r.get("over_length")) for r in items))
+            for key, items in group_rows(rows, by).items()]
 
 
 # -------------------------------------------------------------------------- key-value retrieval (07)

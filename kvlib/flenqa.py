@@ -932,13 +932,10 @@ def accuracy_table(rows: Sequence[dict], by: list[str], seed: int = 0) -> list[d
     """Per group: `n` items, `n_over_length` (not scored) and `n_unparseable` (scored wrong), and accuracy
     over the scored items with a bootstrap 95% CI (kvlib.evaluate.summarize). Rows are ordered by model
     (first appearance), style, task and length."""
-    from kvlib.evaluate import count_over_length, summarize
+    from kvlib.evaluate import count_over_length, group_rows, summarize
 
     over = {tuple(c[k] for k in by): c["n_over_length"] for c in count_over_length(list(rows), by)}
-    unparseable: dict[tuple, int] = {}
-    for r in rows:
-        key = tuple(r[k] for k in by)
-        unparseable[key] = unparseable.get(key, 0) + bool(r["unparseable"])
+    unparseable = {key: sum(bool(r["unparseable"]) for r in items) for key, items in group_rows(rows, by).items()}
     out = []
     for s in summarize(list(rows), by, ["correct"], seed=seed):
         key = tuple(s[k] for k in by)
@@ -958,12 +955,10 @@ def verdict_shares(rows: Sequence[dict], by: list[str]) -> list[dict]:
     """Per group: how often the model said True, False or nothing parseable (over the scored rows), beside how
     often the label is True. Labels are balanced, so a model that always gives one verdict scores 50%: this
     tells a model at chance that reasons from one that always agrees."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if not r["over_length"]:
-            groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    from kvlib.evaluate import group_rows
+
     out = []
-    for key, items in groups.items():
+    for key, items in group_rows([r for r in rows if not r["over_length"]], by).items():
         n = len(items)
         out.append({**dict(zip(by, key)), "n": n,
                     "said_true": sum(r["parsed"] is True for r in items) / n,

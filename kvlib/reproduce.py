@@ -425,7 +425,7 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
     for bookkeeping in BOOKKEEPING_FILES:
         (out_dir / job.name / bookkeeping).unlink(missing_ok=True)
     started, t0 = _now(), time.perf_counter()
-    attempts = _begin_attempt(out_dir, job.name, started)
+    attempts = _begin_attempt(out_dir, job.name, started, tmp_nb)
     error: BaseException | None = None
     try:
         nb = papermill.execute_notebook(
@@ -474,8 +474,7 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
 def _carry_over_cost(entry: dict, previous: Mapping[str, Any] | None) -> None:
     """A re-run with unchanged params (a changed notebook, --force) is fed by the models and cached answers its
     predecessors computed, so their time counts toward what these results cost; changed params start over."""
-    if (previous and previous.get("status") == "ok" and "params_sha256" in entry
-            and previous.get("params_sha256") == entry["params_sha256"]):
+    if previous and previous.get("status") == "ok" and previous.get("params_sha256") == entry["params_sha256"]:
         entry["attempts"] += previous.get("attempts", 1)
         entry["wall_seconds_all_attempts"] = round(
             entry["wall_seconds_all_attempts"]
@@ -486,17 +485,16 @@ def _attempts_path(out_dir: Path, name: str) -> Path:
     return out_dir / f".{name}.attempts.json"
 
 
-def _begin_attempt(out_dir: Path, name: str, started: str) -> list[dict]:
+def _begin_attempt(out_dir: Path, name: str, started: str, running: Path) -> list[dict]:
     """The attempts at notebook `name` since its last success, this one appended (and saved at once, so a
     kill leaves it on disk). An earlier attempt that never ended was killed: it ran until papermill's last
-    save of its running notebook (papermill saves it at least every 30 s while a cell runs)."""
+    save of its `running` notebook (papermill saves it at least every 30 s while a cell runs)."""
     path = _attempts_path(out_dir, name)
     try:
         attempts = list(json.loads(path.read_text(encoding="utf-8")))
     except (FileNotFoundError, ValueError, TypeError):
         attempts = []
     if attempts and attempts[-1].get("seconds") is None:
-        running = out_dir / f".{name}.running.ipynb"
         last_save = running.stat().st_mtime if running.exists() else None
         began = datetime.fromisoformat(attempts[-1]["started"]).timestamp()
         attempts[-1].update(seconds=round(max(0.0, last_save - began), 3) if last_save else 0.0, ended="killed")

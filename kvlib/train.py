@@ -261,8 +261,9 @@ def answer_token_losses(model_spec: str, samples, label: str, dtype: str = "floa
 
 # ---------------------------------------------------------------- model
 
-def _use_bf16(cfg: TrainConfig, cuda: bool) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """The precision a TrainConfig.precision trains in: "auto" is bf16 mixed precision on CUDA, fp32 on a CPU."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and cuda) else "fp32"
 
 
 def load_for_training(cfg: TrainConfig):
@@ -302,7 +303,7 @@ def _training_arguments(cfg: TrainConfig, cuda: bool):
         warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps in transformers 5
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        bf16=_use_bf16(cfg, cuda),
+        bf16=resolve_precision(cfg.precision, cuda) == "bf16",
         use_cpu=not cuda,
         activation_checkpointing=cfg.gradient_checkpointing,
         seed=cfg.seed,
@@ -386,7 +387,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
         "n_answer_tokens": n_answer,
         "global_steps": trainer.state.global_step,
         "final_train_loss": result.training_loss,
-        "precision": "bf16" if _use_bf16(cfg, cuda) else "fp32",
+        "precision": resolve_precision(cfg.precision, cuda),
         "device": "cuda" if cuda else "cpu",
         "resumed_from": Path(ckpt).name if (ckpt and resume) else None,
         "wall_seconds_this_session": round(wall, 1),
