@@ -460,7 +460,7 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         "attempts": len(attempts),
         "wall_seconds_all_attempts": round(sum(a["seconds"] for a in attempts), 3),
         "outputs": outputs,
-        "inputs": read_inputs(out_dir, job.name),
+        "inputs": _merge_inputs(read_inputs(out_dir, job.name), run_summary_inputs(job, repo_root)),
     }
     facts = read_facts(out_dir, job.name)
     if facts:
@@ -469,6 +469,51 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         entry["error"] = {"ename": getattr(error, "ename", type(error).__name__),
                           "evalue": getattr(error, "evalue", str(error))}
     return entry, error
+
+
+RUN_REFERENCE_KEYS = ("run", "match")  # params keys whose value names a finetuning run of 02_finetune
+
+
+def referenced_runs(data: Any) -> list[str]:
+    """Names of the finetuning runs a notebook's params refer to (`{run: X}` models, `match: X`), sorted."""
+    found: set[str] = set()
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if key in RUN_REFERENCE_KEYS and isinstance(value, str):
+                found.add(value)
+            else:
+                found.update(referenced_runs(value))
+    elif isinstance(data, (list, tuple)):
+        for value in data:
+            found.update(referenced_runs(value))
+    return sorted(found)
+
+
+def run_summary_inputs(job: NotebookJob, repo_root: Path) -> list[dict]:
+    """The train_summary.json of every HF run the job's params refer to, as recorded inputs: a run retrained
+    (another recipe or dataset) then makes the notebook stale, as a changed data file does. Recorded after the
+    notebook ran, so the runs it trained on first use are included."""
+    from kvlib.train import SUMMARY_FILE, profile_finetune_params
+
+    names = referenced_runs({k: v for k, v in job.injected.items() if k != "profile"})
+    if not names or job.skip:
+        return []
+    jobs = profile_finetune_params(job.injected["profile"], job.params_file.parent.parent).jobs()
+    entries = []
+    for name in names:
+        if name not in jobs:  # an OpenAI run: its model is a name on the API, nothing local to hash
+            continue
+        summary = Path(jobs[name].train_config.out_dir) / SUMMARY_FILE
+        path = summary if summary.is_absolute() else repo_root / summary
+        if path.is_file():
+            entries.append({"path": _relative(path, repo_root), "sha256": file_sha256(path),
+                            "bytes": path.stat().st_size})
+    return entries
+
+
+def _merge_inputs(*groups: list[dict]) -> list[dict]:
+    merged = {item["path"]: item for group in groups for item in group}
+    return [merged[k] for k in sorted(merged)]
 
 
 def _carry_over_cost(entry: dict, previous: Mapping[str, Any] | None) -> None:

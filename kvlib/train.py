@@ -9,6 +9,9 @@ Layout of an output directory:
     model/                      final model: full weights, or a LoRA adapter whose base is `cfg.model`
                                 (or merged weights with `merge_lora`); loadable by kvlib.models.load_model
     loss.csv                    training loss per logged step
+    train_config.json           the config the checkpoints belong to, written when training starts
+    run_identity.json           config and training-file hashes of those checkpoints: a run whose config or
+                                data changed starts over instead of resuming someone else's checkpoints
     train_summary.json          config, data hash, model identity, steps, tokens, wall time; written last,
                                 so its presence means the run finished
 """
@@ -18,6 +21,7 @@ import csv
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ from kvlib.config import (
 
 IGNORE_INDEX = -100  # label value the HF loss ignores
 SUMMARY_FILE = "train_summary.json"
+IDENTITY_FILE = "run_identity.json"
 
 
 @dataclass
@@ -61,8 +66,8 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # auto: bf16 mixed precision on CUDA, fp32 on CPU; "bf16" on a CPU uses bf16 autocast (fast on CPUs with
-    # native bf16 such as avx512_bf16)
+    # auto: bf16 mixed precision on CUDA, fp32 on CPU; "bf16" on a CPU uses bf16 autocast, which only pays off
+    # where bf16 matmuls are fast (AMX): on an avx512_bf16 host without AMX it measured 0.52x (bench_train.py)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -321,12 +326,36 @@ def _training_arguments(cfg: TrainConfig, cuda: bool):
 
 # ---------------------------------------------------------------- running
 
+def run_identity(cfg: TrainConfig) -> dict:
+    """What makes two runs the same run: the config and the bytes of its training file."""
+    from kvlib.reporting import file_sha256
+
+    train_file = Path(cfg.train_file)
+    return {"config_sha256": config_hash(cfg),
+            "train_file_sha256": file_sha256(train_file) if train_file.is_file() else None}
+
+
 def is_finished(cfg: TrainConfig) -> bool:
-    """True when out_dir holds a finished run of this exact config."""
+    """True when out_dir holds a finished run of this exact config and training file (a regenerated
+    dataset with other contents at the same path is a new run)."""
     path = Path(cfg.out_dir) / SUMMARY_FILE
     if not path.is_file():
         return False
-    return json.loads(path.read_text()).get("config_sha256") == config_hash(cfg)
+    summary = json.loads(path.read_text())
+    identity = run_identity(cfg)
+    return (summary.get("config_sha256") == identity["config_sha256"]
+            and summary.get("train_file_sha256") == identity["train_file_sha256"])
+
+
+def checkpoints_belong_to(cfg: TrainConfig) -> bool:
+    """True when out_dir's checkpoints were written by this config on this training file. Directories from
+    before run_identity.json existed are judged by their train_config.json (the config only)."""
+    out = Path(cfg.out_dir)
+    if (out / IDENTITY_FILE).is_file():
+        return json.loads((out / IDENTITY_FILE).read_text()) == run_identity(cfg)
+    if (out / "train_config.json").is_file():
+        return json.loads((out / "train_config.json").read_text()) == json.loads(json.dumps(to_mapping(cfg)))
+    return False
 
 
 def last_checkpoint(cfg: TrainConfig) -> str | None:
@@ -339,8 +368,9 @@ def last_checkpoint(cfg: TrainConfig) -> str | None:
 def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: list | None = None) -> dict:
     """Run (or resume, or reuse) one finetuning run; returns the summary.
 
-    resume: "auto" continues from the last checkpoint if there is one (pipelines); True requires one
-    (`kvlib train --resume`); False refuses to start over existing checkpoints.
+    resume: "auto" continues from the last checkpoint if there is one of this run (pipelines; checkpoints of
+    another config or training file are discarded: run_identity); True requires one (`kvlib train --resume`);
+    False refuses to start over existing checkpoints.
     """
     import torch
     from transformers import Trainer
@@ -351,6 +381,16 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     if is_finished(cfg):
         return json.loads((out / SUMMARY_FILE).read_text())
     ckpt = last_checkpoint(cfg)
+    if ckpt is not None and not checkpoints_belong_to(cfg):
+        if resume == "auto":  # pipelines: nothing of this run to continue, so start it afresh
+            print(f"kvlib train: {out / 'checkpoints'} holds checkpoints of another config or training file; "
+                  f"starting this run over", flush=True)
+            shutil.rmtree(out / "checkpoints")
+            (out / SUMMARY_FILE).unlink(missing_ok=True)
+            ckpt = None
+        elif resume is True:
+            raise ParamError(f"out_dir: --resume given but the checkpoints in {out / 'checkpoints'} are of another "
+                             f"config or training file ({IDENTITY_FILE} differs)")
     if resume is True and ckpt is None:
         raise ParamError(f"out_dir: --resume given but {out / 'checkpoints'} holds no checkpoint")
     if resume is False and ckpt is not None:
@@ -363,6 +403,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     dataset = build_dataset(tokenizer, chats, max_length, cfg.train_file)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(to_mapping(cfg), indent=2, sort_keys=True) + "\n")
+    (out / IDENTITY_FILE).write_text(json.dumps(run_identity(cfg), indent=2, sort_keys=True) + "\n")
 
     trainer = Trainer(model=model, args=_training_arguments(cfg, cuda), train_dataset=dataset,
                       data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer,

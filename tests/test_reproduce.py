@@ -359,3 +359,26 @@ def test_skip_params_file_records_the_reason_without_running(clone, capsys):
     (clone / "params" / PROFILE / f"{NB2}.yaml").write_text("skip: why\nseed: 3\n")
     with pytest.raises(ParamError, match="holding only `skip: <why>`"):
         run(clone)
+
+
+def test_a_retrained_run_makes_the_notebooks_that_evaluate_it_stale(tmp_path):
+    repo_params = Path(KVLIB_ROOT) / "params"
+    assert reproduce.referenced_runs({"models": {"a": {"run": "x"}, "b": {"model": "m"}}, "match": "y",
+                                      "grid": [{"run": "z"}]}) == ["x", "y", "z"]
+    job = reproduce.NotebookJob(
+        name="03_mdqa", notebook=Path(KVLIB_ROOT) / "notebooks" / "03_mdqa.ipynb",
+        params_file=repo_params / "quick" / "03_mdqa.yaml",
+        injected={"profile": "quick", "models": {"finetuned": {"run": "simple-template"}}},
+        seeds={}, params_sha256="p", notebook_sha256="n")
+    assert reproduce.run_summary_inputs(job, tmp_path) == []  # not trained yet: nothing to record
+    summary = tmp_path / "runs" / "models" / "quick" / "simple-template" / "train_summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text('{"config_sha256": "a"}\n')
+    inputs = reproduce.run_summary_inputs(job, tmp_path)
+    assert [i["path"] for i in inputs] == ["runs/models/quick/simple-template/train_summary.json"]
+    (tmp_path / "results").mkdir()
+    entry = {"status": "ok", "params_sha256": "p", "notebook_sha256": "n", "outputs": [], "inputs": inputs}
+    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) is None
+    summary.write_text('{"config_sha256": "b"}\n')  # the run was retrained with another recipe
+    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
+        "input runs/models/quick/simple-template/train_summary.json changed")

@@ -174,6 +174,28 @@ def test_resume_gives_same_final_weights(chat_file, tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+def test_changed_recipe_or_data_starts_over_instead_of_resuming(chat_file, tiny_model, tmp_path):
+    own_file = tmp_path / "train.jsonl"  # a copy: this test rewrites it
+    own_file.write_text(Path(chat_file).read_text())
+    chat_file = own_file
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(make_cfg(chat_file, tiny_model, out), resume=False, callbacks=[KillAt(3)])
+    assert train.checkpoints_belong_to(make_cfg(chat_file, tiny_model, out))
+    # another learning rate in the same out_dir: its checkpoints are not this run's
+    other = make_cfg(chat_file, tiny_model, out, learning_rate=1e-4)
+    assert not train.checkpoints_belong_to(other)
+    with pytest.raises(ParamError, match="another config or training file"):
+        train.train(other, resume=True)
+    summary = train.train(other, resume="auto")
+    assert summary["resumed_from"] is None and summary["global_steps"] == 6
+    assert train.is_finished(other) and not train.is_finished(make_cfg(chat_file, tiny_model, out))
+    # the same config on a regenerated training file (same path, other bytes) is a new run too
+    Path(chat_file).write_text(Path(chat_file).read_text().replace("Dictionary", "Dict"))
+    assert not train.is_finished(other)
+
+
+@pytest.mark.slow
 def test_full_finetune_lowers_loss_and_saves_loadable_model(chat_file, tiny_model, tmp_path):
     from kvlib import models
 
