@@ -134,9 +134,17 @@ def claims_table():
 
 Expect = Literal["increase", "decrease", "no_loss", "no_gain"]
 EXPECTS = ("increase", "decrease", "no_loss", "no_gain")
-# A "loses nothing" claim where both models score 0 on every item: there was nothing to lose, so the CI of
-# [0, 0] says nothing about the claim (the 135M embedded model answers no closed-book TriviaQA question).
+# A claim about a general-benchmark difference where both models score 0 on every item: there was nothing to
+# lose, so the CI of [0, 0] says nothing about "loses nothing" or "loses" (the 135M embedded model answers no
+# closed-book TriviaQA question).
 AT_FLOOR = "untestable (both score 0)"
+
+
+def at_floor(row: dict, d: Mapping[str, Any]) -> dict:
+    """`row` (a judge() claim on difference `d`) with the AT_FLOOR verdict when both models scored 0."""
+    if d.get("value") == 0 and d.get("baseline_value") == 0:
+        row["verdict"] = AT_FLOOR
+    return row
 
 
 def verdict(ci_low: float | None, ci_high: float | None, expect: Expect) -> str:
@@ -254,9 +262,8 @@ def general_claims(deltas: Sequence[Mapping[str, Any]], synthetic: Sequence[str]
     for d in deltas:
         if d["model"] not in synthetic or d["metric"] != headline[d["task"]]:
             continue
-        row = judge(artifact, f"synthetic finetuning loses nothing on {titles[d['task']]}", d["model"], d, "no_loss")
-        if d.get("value") == 0 and d.get("baseline_value") == 0:
-            row["verdict"] = AT_FLOOR
+        row = at_floor(judge(artifact, f"synthetic finetuning loses nothing on {titles[d['task']]}", d["model"], d,
+                             "no_loss"), d)
         out.append({**row, "published_delta_points": published_deltas(d["task"])})
     return out
 

@@ -5,7 +5,8 @@ or several GPUs under `accelerate launch` / `torchrun` with FSDP or DeepSpeed (s
 `params/paper-mistral/accelerate_fsdp.yaml`).
 
 Layout of an output directory:
-    checkpoints/checkpoint-N/   Trainer checkpoints (model, optimizer, scheduler, RNG states)
+    checkpoints/checkpoint-N/   Trainer checkpoints (model, optimizer, scheduler, RNG states); deleted when the
+                                run finishes, unless keep_checkpoints
     model/                      final model: full weights, or a LoRA adapter whose base is `cfg.model`
                                 (or merged weights with `merge_lora`); loadable by kvlib.models.load_model
     loss.csv                    training loss per logged step
@@ -73,6 +74,9 @@ class TrainConfig:
     seed: int = 0
     save_steps: int = 50
     save_total_limit: int = 2
+    # checkpoints (weights + optimizer state: ~1.6 GB each for the 135M model) only serve resuming, so a finished
+    # run deletes them unless asked to keep them; not part of the run's identity (config_hash)
+    keep_checkpoints: bool = False
     logging_steps: int = 1
     max_length: int = 0  # 0: the model's context; a longer sample is an error, never truncated
     # dry run only: how to count tokens when the model's tokenizer is not available locally (a
@@ -119,8 +123,12 @@ def config_from_file(path: Path, overrides: dict | None = None) -> TrainConfig:
     return from_mapping(TrainConfig, data)
 
 
+NOT_IN_IDENTITY = ("keep_checkpoints",)  # fields that do not change what a run trains
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    return hashlib.sha256(json.dumps(to_mapping(cfg), sort_keys=True).encode()).hexdigest()
+    fields = {k: v for k, v in to_mapping(cfg).items() if k not in NOT_IN_IDENTITY}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- data
@@ -354,7 +362,8 @@ def checkpoints_belong_to(cfg: TrainConfig) -> bool:
     if (out / IDENTITY_FILE).is_file():
         return json.loads((out / IDENTITY_FILE).read_text()) == run_identity(cfg)
     if (out / "train_config.json").is_file():
-        return json.loads((out / "train_config.json").read_text()) == json.loads(json.dumps(to_mapping(cfg)))
+        strip = lambda m: {k: v for k, v in m.items() if k not in NOT_IN_IDENTITY}  # noqa: E731
+        return strip(json.loads((out / "train_config.json").read_text())) == strip(json.loads(json.dumps(to_mapping(cfg))))
     return False
 
 
@@ -434,6 +443,8 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
         "wall_seconds_this_session": round(wall, 1),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if not cfg.keep_checkpoints:  # after the summary: a crash before this leaves a resumable run, not a lost one
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return summary
 
 

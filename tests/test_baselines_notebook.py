@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import baselines as bl
+from kvlib import baselines as bl, paper
 from kvlib.config import ParamError, from_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,10 @@ def test_table2_deltas_and_claims():
     verdicts = {(c["model"], c["artifact"]): c["verdict"] for c in bl.claims(P, mdqa, [], deltas)}
     assert verdicts == {("finetuned", "fig8"): "holds", ("MDQA", "fig5"): "inconclusive",
                         ("needle", "table2"): "holds", ("finetuned", "table2"): "holds"}
+    # at the floor (both models answer nothing), a baseline's "loses" claim cannot be tested either
+    floor = [{"model": "needle", "task": "nq_open", "metric": "em", "n": 10, "value": 0.0, "baseline_value": 0.0,
+              "delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}]
+    assert [c["verdict"] for c in bl.claims(P, [], [], floor)] == [paper.AT_FLOOR]
 
 
 def test_prepare_task_excludes_trained_on_questions():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from kvlib import generate as gen
 from kvlib import train
-from kvlib.config import ParamError, from_mapping
+from kvlib.config import ParamError, from_mapping, load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,8 +207,11 @@ def test_full_finetune_lowers_loss_and_saves_loadable_model(chat_file, tiny_mode
     assert summary["n_answer_tokens"] < summary["n_tokens"]
     model, tok = models.load_model(summary["model_dir"], dtype="float32")
     assert model.config.num_hidden_layers == 2
-    # a finished run is reused, not retrained
+    # a finished run is reused, not retrained; its checkpoints (only for resuming) are gone unless kept
+    assert not (tmp_path / "full" / "checkpoints").exists()
     assert train.train(cfg)["wall_seconds_this_session"] == summary["wall_seconds_this_session"]
+    kept = dataclasses.replace(cfg, keep_checkpoints=True)
+    assert train.config_hash(kept) == train.config_hash(cfg) and train.is_finished(kept)
     with pytest.raises(ParamError, match="holds no checkpoint"):
         train.train(make_cfg(chat_file, tiny_model, tmp_path / "empty"), resume=True)
 
@@ -272,7 +276,8 @@ def test_finetune_notebook_params_resolve_datasets_of_the_profile():
     job = p.jobs()["a"]
     assert job.train_config.train_file.endswith("quick/simple-template/train.jsonl")
     assert job.train_config.out_dir == "m/quick/a" and job.train_config.epochs == 1
-    assert job.data_config.num_dicts == 10
+    quick_datasets = load_yaml(ROOT / "params" / "quick" / "01_synthetic_data.yaml")["datasets"]
+    assert job.data_config.num_dicts == quick_datasets["simple-template"]["num_dicts"]
 
 
 @pytest.mark.parametrize("runs, message", [
