@@ -242,8 +242,12 @@ def _git(repo_root: Path, *args: str) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
+SOURCE_DIRS = ("kvlib", "notebooks", "params")  # where an untracked file can change what a run computes
+
+
 def git_info(repo_root: Path, results_root: Path) -> dict:
-    """HEAD commit and whether code/params differ from it; results/ is excluded since runs write there."""
+    """HEAD commit and whether code/params differ from it: a changed tracked file (results/ excluded, since runs
+    write there) or an untracked file under SOURCE_DIRS. Other untracked files (logs, caches) do not count."""
     commit = _git(repo_root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
@@ -252,8 +256,11 @@ def git_info(repo_root: Path, results_root: Path) -> dict:
         pathspec.append(f":(exclude){results_root.resolve().relative_to(repo_root.resolve()).as_posix()}")
     except ValueError:
         pass  # results outside the checkout cannot make it dirty
-    status = _git(repo_root, "status", "--porcelain", *pathspec)
-    return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
+    tracked = _git(repo_root, "status", "--porcelain", "--untracked-files=no", *pathspec)
+    untracked = _git(repo_root, "ls-files", "--others", "--exclude-standard", "--", *SOURCE_DIRS)
+    if tracked is None or untracked is None:
+        return {"commit": commit.strip(), "dirty": None}
+    return {"commit": commit.strip(), "dirty": bool(tracked.strip() or untracked.strip())}
 
 
 def package_versions() -> dict[str, str | None]:

@@ -382,3 +382,25 @@ def test_a_retrained_run_makes_the_notebooks_that_evaluate_it_stale(tmp_path):
     summary.write_text('{"config_sha256": "b"}\n')  # the run was retrained with another recipe
     assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
         "input runs/models/quick/simple-template/train_summary.json changed")
+
+
+def test_git_info_dirty_means_changed_code_not_stray_files(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "kvlib").mkdir(parents=True)
+    (repo / "kvlib" / "a.py").write_text("x = 1\n")
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init", "--allow-empty")
+    git("add", "kvlib/a.py")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "code")
+    results = repo / "results"
+    assert reproduce.git_info(repo, results)["dirty"] is False
+    (repo / "run.log").write_text("a log beside the checkout\n")
+    (results / "p").mkdir(parents=True)
+    (results / "p" / "x.csv").write_text("1\n")
+    assert reproduce.git_info(repo, results)["dirty"] is False
+    (repo / "kvlib" / "b.py").write_text("y = 2\n")  # untracked code can change a run
+    assert reproduce.git_info(repo, results)["dirty"] is True
+    (repo / "kvlib" / "b.py").unlink()
+    (repo / "kvlib" / "a.py").write_text("x = 2\n")
+    assert reproduce.git_info(repo, results)["dirty"] is True
