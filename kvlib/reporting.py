@@ -228,11 +228,14 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         inputs = "<br>".join(f"<code>{e(i['path'])}</code> {e(i['sha256'][:12])}" for i in entry.get("inputs", []))
         seeds = ", ".join(f"{k}={v}" for k, v in sorted((entry.get("seeds") or {}).items()))
         facts = entry.get("facts")
+        ran_at = entry.get("git") or {}  # the commit this notebook ran at (the header names the latest run's)
+        ran_at = (f"<br><code>{e(ran_at['commit'][:12])}</code>{' (uncommitted changes)' if ran_at.get('dirty') else ''}"
+                  if ran_at.get("commit") else "")
         links = "<br>".join(f'<a href="{e(o)}">{e(o)}</a>' for o in outputs)
         rows.append(
             "<tr>"
             f"<td>{title}</td><td class=\"{'' if ok else 'failed'}\">{e(status)}</td>"
-            f"<td>{e(str(entry.get('finished', '')))}</td><td>{e(_wall_time(entry))}</td>"
+            f"<td>{e(str(entry.get('finished', '')))}{ran_at}</td><td>{e(_wall_time(entry))}</td>"
             f"<td>{e(seeds)}</td>"
             f"<td><a href=\"{e(repo_prefix + entry.get('params_file', ''))}\">{e(entry.get('params_file', ''))}</a></td>"
             f"<td>{links}</td>"
@@ -250,7 +253,7 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         f"<a href=\"manifest.json\">manifest.json</a> has every field below and the full params.</p>\n"
         "<table>"
         f"<tr><th>kvlib</th><td>{e(str(manifest.get('kvlib_version', '')))}</td></tr>"
-        f"<tr><th>commit</th><td><code>{e(commit)}</code>{' (uncommitted changes)' if git.get('dirty') else ''}</td></tr>"
+        f"<tr><th>commit (latest run)</th><td><code>{e(commit)}</code>{' (uncommitted changes)' if git.get('dirty') else ''}</td></tr>"
         f"<tr><th>python</th><td>{e(str(manifest.get('python', '')))}</td></tr>"
         f"<tr><th>platform</th><td>{e(str(manifest.get('platform', '')))}</td></tr>"
         f"<tr><th>packages</th><td>{e(packages)}</td></tr>"
@@ -260,6 +263,6 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
            "<h2>Paper artifacts</h2>\n<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in map_rows[0]) + "</tr>\n"
            + "\n".join("<tr>" + "".join(f"<td>{_markdown_links_to_html(str(v))}</td>" for v in r.values()) + "</tr>"
                        for r in map_rows) + "\n</table>\n<h2>Notebooks</h2>\n")
-        + "<table><tr><th>notebook</th><th>status</th><th>finished (UTC)</th><th>wall time</th><th>seeds</th>"
+        + "<table><tr><th>notebook</th><th>status</th><th>finished (UTC), commit</th><th>wall time</th><th>seeds</th>"
         "<th>params</th><th>tables and figures</th><th>input data (sha256)</th><th>facts</th></tr>\n"
         + "\n".join(rows) + "\n</table>\n</body></html>\n")

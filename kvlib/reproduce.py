@@ -432,6 +432,7 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
     for bookkeeping in BOOKKEEPING_FILES:
         (out_dir / job.name / bookkeeping).unlink(missing_ok=True)
     started, t0 = _now(), time.perf_counter()
+    git = git_info(repo_root, out_dir.parent)  # per notebook: a profile's notebooks may run at different commits
     attempts = _begin_attempt(out_dir, job.name, started, tmp_nb)
     error: BaseException | None = None
     try:
@@ -460,6 +461,7 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         "status": "ok" if error is None else "failed",
         "started": started,
         "finished": _now(),
+        "git": git,
         "wall_seconds": wall,
         # every attempt since the last success, and every earlier run with these params (_carry_over_cost):
         # a notebook interrupted (a session ending) and resumed, or re-rendered from the answer cache, costs

@@ -160,6 +160,7 @@ def test_run_writes_notebooks_html_and_manifest(first_run):
     assert m["git"] == {"commit": None, "dirty": None}  # the temp repo is not a git checkout
 
     e1, e2 = m["notebooks"][NB1], m["notebooks"][NB2]
+    assert e1["git"] == e2["git"] == {"commit": None, "dirty": None}  # each notebook records its own commit
     assert e1["status"] == e2["status"] == "ok"
     assert e1["params"] == {"message": "hi", "repeat": 2, "profile": PROFILE}  # results_dir is machine-specific
     assert e2["seeds"] == {"seed": 7, "split.seed": 1}  # defaults of the params class count too
@@ -195,6 +196,11 @@ def test_index_page_links_every_notebook_and_shows_the_manifest(first_run):
     assert m["notebooks"][NB1]["inputs"][0]["sha256"][:12] in page
     assert "ft:demo:hi" in page  # facts
     assert reproduce.render_index(m) == page  # deterministic: the manifest alone decides the page
+    # each notebook shows the commit it ran at; the header names the latest run's
+    m["git"] = {"commit": "b" * 40, "dirty": False}
+    m["notebooks"][NB1]["git"] = {"commit": "a" * 40, "dirty": True}
+    page = reproduce.render_index(m)
+    assert "<code>aaaaaaaaaaaa</code> (uncommitted changes)" in page and "b" * 40 in page
 
 
 def test_secret_env_value_is_never_written(first_run):
