@@ -295,6 +295,25 @@ def with_seed_groups(deltas: Sequence[dict], seed_rows: Sequence[dict], groups: 
     return [d for d in deltas if d["model"] not in members] + grouped
 
 
+def seed_group_means(rows: Sequence[dict], groups: Mapping[str, Sequence[str]], item_keys: Sequence[str],
+                     metrics: Sequence[str], model_key: str = "model") -> list[dict]:
+    """For notebooks that describe accuracies rather than differences (07): per seed group, one row per item
+    (same `item_keys` values) whose metrics are the mean over the group's models that scored it (None when
+    none did), so `summarize` gives the seed-averaged accuracy with a CI across items. Other fields come from
+    the first member's row (they describe the item); `response` is dropped and `n_seeds` added."""
+    out = []
+    for group, members in groups.items():
+        by_item = group_rows([r for r in rows if r[model_key] in members], item_keys)
+        for items in by_item.values():
+            row = {k: v for k, v in items[0].items() if k != "response"}
+            row.update({model_key: group, "n_seeds": len(items)})
+            for m in metrics:
+                values = [float(i[m]) for i in items if i[m] is not None]
+                row[m] = sum(values) / len(values) if values else None
+            out.append(row)
+    return out
+
+
 def compared_labels(labels: Sequence[str], base: str, groups: Mapping[str, Sequence[str]]) -> list[str]:
     """The labels compared with `base` once seed groups stand in for their members."""
     members = {m for ms in groups.values() for m in ms}

@@ -213,6 +213,19 @@ def test_seed_group_deltas_average_seeds_with_both_cis():
     assert evaluate.compared_labels(["original", "ft-s0", "ft-s1", "ft-s2", "other"], "original", groups) == ["other", "ft"]
 
 
+def test_seed_group_means_average_each_item_over_seeds():
+    from kvlib import evaluate
+
+    rows = [{"model": m, "id": i, "gold_position": i + 1, "response": "r", "value": v, "exact": None if m == "b" else v}
+            for m, vals in (("a", [1.0, 0.0]), ("b", [0.0, 0.0]), ("o", [1.0, 1.0])) for i, v in enumerate(vals)]
+    means = evaluate.seed_group_means(rows, {"ab": ["a", "b"]}, ["id"], ["value", "exact"])
+    assert [(r["model"], r["id"], r["value"], r["exact"], r["n_seeds"]) for r in means] == [
+        ("ab", 0, 0.5, 1.0, 2), ("ab", 1, 0.0, 0.0, 2)]  # None (not scored) is left out of the mean
+    assert "response" not in means[0] and means[1]["gold_position"] == 2
+    (summary,) = evaluate.summarize(means, ["model"], ["value"])
+    assert summary["value"] == pytest.approx(0.25) and summary["n"] == 2
+
+
 @pytest.mark.parametrize("groups, message", [
     ({"ft": ["a"]}, "at least two distinct"), ({"ft": ["a", "zz"]}, "'zz' is not one of the models"),
     ({"ft": ["original", "a"]}, "is the baseline"), ({"a": ["b", "c"]}, "must differ from the model labels"),

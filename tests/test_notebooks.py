@@ -51,6 +51,30 @@ def test_notebook_sources_are_clean(name):
     assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in code), "needs a `parameters` cell"
 
 
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_every_param_a_profile_sets_reaches_the_notebook(name):
+    """papermill injects whatever a params file holds, and reproduce validates it against the params class, but
+    a key the notebook never passes on is silently ignored: each key some profile sets must be declared in
+    the parameters cell and used by the code after it."""
+    import re
+
+    from kvlib.config import load_yaml
+
+    nb = json.loads(NOTEBOOKS[name].read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    params_cell = next(c for c in code if "parameters" in c.get("metadata", {}).get("tags", []))
+    declared = "".join(params_cell["source"])
+    body = "\n".join("".join(c["source"]) for c in code if c is not params_cell)
+    keys = set()
+    for profile in PROFILES:
+        path = ROOT / "params" / profile / f"{name}.yaml"
+        data = load_yaml(path) if path.is_file() else {}
+        keys |= set(data) - {reproduce.SKIP_KEY}
+    for key in sorted(keys):
+        assert re.search(rf"^{key} = ", declared, re.M), f"{key}: set by a profile, not in the parameters cell"
+        assert re.search(rf"\b{key}\b", body), f"{key}: set by a profile, never used by the notebook"
+
+
 @pytest.mark.slow
 def test_smoke_profile_runs_every_notebook(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # notebooks write generated data relative to the repo root (runs/, git-ignored)
