@@ -314,8 +314,9 @@ def seed_group_means(rows: Sequence[dict], groups: Mapping[str, Sequence[str]], 
     return out
 
 
-def compared_labels(labels: Sequence[str], base: str, groups: Mapping[str, Sequence[str]]) -> list[str]:
-    """The labels compared with `base` once seed groups stand in for their members."""
+def compared_labels(labels: Sequence[str], base: str | None, groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """The labels compared with `base` once seed groups stand in for their members (base None: every label
+    that is not a member, then the groups, e.g. the series a figure shows)."""
     members = {m for ms in groups.values() for m in ms}
     return [label for label in labels if label != base and label not in members] + list(groups)
 

@@ -141,17 +141,25 @@ def read_inputs(results_dir: str | Path, name: str) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def input_record(path: Path, name: str) -> dict:
+    """One recorded input: the file at `path`, recorded under `name` (a portable path), with sha256 and size."""
+    return {"path": name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def merge_inputs(*groups: Iterable[dict]) -> list[dict]:
+    """Input records merged by path (a later group's record wins), sorted by path."""
+    merged = {item["path"]: item for group in groups for item in group}
+    return [merged[k] for k in sorted(merged)]
+
+
 def record_inputs(results_dir: str | Path, name: str, paths: Iterable[str | Path]) -> list[dict]:
     """Record the data files notebook `name` read, with sha256, in `results_dir/name/inputs.json`.
 
     Call it once per data source; entries are merged by path (the latest hash wins) and kept sorted, and
     `kvlib reproduce` copies them into the run manifest. Returns the full list now recorded.
     """
-    recorded = {e["path"]: e for e in read_inputs(results_dir, name)}
-    for f in _expand_files(paths):
-        entry = {"path": _portable_path(f), "sha256": file_sha256(f), "bytes": f.stat().st_size}
-        recorded[entry["path"]] = entry
-    entries = [recorded[k] for k in sorted(recorded)]
+    entries = merge_inputs(read_inputs(results_dir, name),
+                           [input_record(f, _portable_path(f)) for f in _expand_files(paths)])
     atomic_write_text(notebook_output_dir(results_dir, name) / INPUTS_FILE, dumps_json(entries))
     return entries
 

@@ -29,8 +29,8 @@ from typing import Any, Mapping
 
 from kvlib.config import ParamError, from_mapping, load_yaml, to_mapping
 from kvlib.reporting import (
-    BOOKKEEPING_FILES, INDEX_FILE, atomic_write_text, dumps_json, file_sha256, read_facts, read_inputs,
-    render_index, sha256_text,
+    BOOKKEEPING_FILES, INDEX_FILE, atomic_write_text, dumps_json, file_sha256, input_record, merge_inputs,
+    read_facts, read_inputs, render_index, sha256_text,
 )
 
 # Notebook name -> params dataclass ("module:ClassName", imported only when that notebook is selected, or the
@@ -469,7 +469,7 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         "attempts": len(attempts),
         "wall_seconds_all_attempts": round(sum(a["seconds"] for a in attempts), 3),
         "outputs": outputs,
-        "inputs": _merge_inputs(read_inputs(out_dir, job.name), run_summary_inputs(job, repo_root)),
+        "inputs": merge_inputs(read_inputs(out_dir, job.name), run_summary_inputs(job, repo_root)),
     }
     facts = read_facts(out_dir, job.name)
     if facts:
@@ -504,7 +504,7 @@ def run_summary_inputs(job: NotebookJob, repo_root: Path) -> list[dict]:
     notebook ran, so the runs it trained on first use are included."""
     from kvlib.train import SUMMARY_FILE, profile_finetune_params
 
-    names = referenced_runs({k: v for k, v in job.injected.items() if k != "profile"})
+    names = referenced_runs(job.params)
     if not names or job.skip:
         return []
     jobs = profile_finetune_params(job.injected["profile"], job.params_file.parent.parent).jobs()
@@ -515,14 +515,8 @@ def run_summary_inputs(job: NotebookJob, repo_root: Path) -> list[dict]:
         summary = Path(jobs[name].train_config.out_dir) / SUMMARY_FILE
         path = summary if summary.is_absolute() else repo_root / summary
         if path.is_file():
-            entries.append({"path": _relative(path, repo_root), "sha256": file_sha256(path),
-                            "bytes": path.stat().st_size})
+            entries.append(input_record(path, _relative(path, repo_root)))
     return entries
-
-
-def _merge_inputs(*groups: list[dict]) -> list[dict]:
-    merged = {item["path"]: item for group in groups for item in group}
-    return [merged[k] for k in sorted(merged)]
 
 
 def _carry_over_cost(entry: dict, previous: Mapping[str, Any] | None) -> None:

@@ -126,9 +126,13 @@ def config_from_file(path: Path, overrides: dict | None = None) -> TrainConfig:
 NOT_IN_IDENTITY = ("keep_checkpoints",)  # fields that do not change what a run trains
 
 
+def _identity_fields(config: dict) -> dict:
+    """A config mapping without the fields that do not change what a run trains."""
+    return {k: v for k, v in config.items() if k not in NOT_IN_IDENTITY}
+
+
 def config_hash(cfg: TrainConfig) -> str:
-    fields = {k: v for k, v in to_mapping(cfg).items() if k not in NOT_IN_IDENTITY}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_identity_fields(to_mapping(cfg)), sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- data
@@ -343,27 +347,27 @@ def run_identity(cfg: TrainConfig) -> dict:
             "train_file_sha256": file_sha256(train_file) if train_file.is_file() else None}
 
 
-def is_finished(cfg: TrainConfig) -> bool:
+def is_finished(cfg: TrainConfig, identity: dict | None = None) -> bool:
     """True when out_dir holds a finished run of this exact config and training file (a regenerated
-    dataset with other contents at the same path is a new run)."""
+    dataset with other contents at the same path is a new run). `identity`: run_identity(cfg), if known."""
     path = Path(cfg.out_dir) / SUMMARY_FILE
     if not path.is_file():
         return False
     summary = json.loads(path.read_text())
-    identity = run_identity(cfg)
+    identity = identity or run_identity(cfg)
     return (summary.get("config_sha256") == identity["config_sha256"]
             and summary.get("train_file_sha256") == identity["train_file_sha256"])
 
 
-def checkpoints_belong_to(cfg: TrainConfig) -> bool:
+def checkpoints_belong_to(cfg: TrainConfig, identity: dict | None = None) -> bool:
     """True when out_dir's checkpoints were written by this config on this training file. Directories from
     before run_identity.json existed are judged by their train_config.json (the config only)."""
     out = Path(cfg.out_dir)
     if (out / IDENTITY_FILE).is_file():
-        return json.loads((out / IDENTITY_FILE).read_text()) == run_identity(cfg)
+        return json.loads((out / IDENTITY_FILE).read_text()) == (identity or run_identity(cfg))
     if (out / "train_config.json").is_file():
-        strip = lambda m: {k: v for k, v in m.items() if k not in NOT_IN_IDENTITY}  # noqa: E731
-        return strip(json.loads((out / "train_config.json").read_text())) == strip(json.loads(json.dumps(to_mapping(cfg))))
+        written = json.loads((out / "train_config.json").read_text())
+        return _identity_fields(written) == _identity_fields(json.loads(json.dumps(to_mapping(cfg))))
     return False
 
 
@@ -384,13 +388,14 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     import torch
     from transformers import Trainer
 
-    from kvlib import models, reporting
+    from kvlib import models
 
     out = Path(cfg.out_dir)
-    if is_finished(cfg):
+    identity = run_identity(cfg)  # hashes the training file once for every check below and the summary
+    if is_finished(cfg, identity):
         return json.loads((out / SUMMARY_FILE).read_text())
     ckpt = last_checkpoint(cfg)
-    if ckpt is not None and not checkpoints_belong_to(cfg):
+    if ckpt is not None and not checkpoints_belong_to(cfg, identity):
         if resume == "auto":  # pipelines: nothing of this run to continue, so start it afresh
             print(f"kvlib train: {out / 'checkpoints'} holds checkpoints of another config or training file; "
                   f"starting this run over", flush=True)
@@ -412,7 +417,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     dataset = build_dataset(tokenizer, chats, max_length, cfg.train_file)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(to_mapping(cfg), indent=2, sort_keys=True) + "\n")
-    (out / IDENTITY_FILE).write_text(json.dumps(run_identity(cfg), indent=2, sort_keys=True) + "\n")
+    (out / IDENTITY_FILE).write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
     trainer = Trainer(model=model, args=_training_arguments(cfg, cuda), train_dataset=dataset,
                       data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer,
@@ -428,8 +433,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     n_answer = sum(sum(1 for x in ex["labels"] if x != IGNORE_INDEX) for ex in dataset.examples)
     summary = {
         "config": to_mapping(cfg),
-        "config_sha256": config_hash(cfg),
-        "train_file_sha256": reporting.file_sha256(cfg.train_file),
+        **identity,
         "base_model": models.model_identity(cfg.model),
         "model_dir": str(model_dir),
         "n_examples": len(dataset),

@@ -211,6 +211,8 @@ def test_seed_group_deltas_average_seeds_with_both_cis():
     ft = next(d for d in merged if d["model"] == "ft")
     assert ft["delta_correct"] == ft["delta"] == pytest.approx(0.4) and ft["ci_low"] == g["item_ci_low"]
     assert evaluate.compared_labels(["original", "ft-s0", "ft-s1", "ft-s2", "other"], "original", groups) == ["other", "ft"]
+    assert evaluate.compared_labels(["original", "ft-s0", "ft-s1", "ft-s2", "other"], None, groups) == [
+        "original", "other", "ft"]
 
 
 def test_seed_group_means_average_each_item_over_seeds():
