@@ -147,19 +147,31 @@ def at_floor(row: dict, d: Mapping[str, Any]) -> dict:
     return row
 
 
-def verdict(ci_low: float | None, ci_high: float | None, expect: Expect) -> str:
-    """Whether a claimed direction holds, from the 95% CI of a difference (ours minus the original):
+def equivalence_margin() -> float:
+    """The largest change (a fraction) that "loses nothing" / "does not improve" tolerates: the smallest drop the
+    paper itself calls a loss (Table 2's baseline TriviaQA drops start at 2.19 points). Why a margin: at small n a
+    CI like [-25, +0] points "contains 0" yet allows a loss ten times the paper's, so it must not count as holding."""
+    return load().claim("triviaqa_drop_baselines_table2")["range"][0] / 100
+
+
+def verdict(ci_low: float | None, ci_high: float | None, expect: Expect, margin: float | None = None) -> str:
+    """Whether a claimed direction holds, from the 95% CI of a difference (ours minus the original, fractions):
     "increase" holds when the CI is above 0 and "decrease" when below, else "inconclusive" (the CI contains 0)
-    or "does not hold" (it excludes 0 on the other side); "no_loss" holds unless the CI is below 0 and
-    "no_gain" unless it is above 0 (the paper's "will not improve")."""
+    or "does not hold" (it excludes 0 on the other side). "no_loss" does not hold when the CI is below 0 and
+    holds when it rules out any loss larger than `margin` (ci_low >= -margin); "no_gain" (the paper's "will not
+    improve") mirrors it. In between, the CI allows a change the paper would call real: "inconclusive".
+    `margin` defaults to `equivalence_margin()`."""
     if expect not in EXPECTS:
         raise ValueError(f"expect must be one of {', '.join(EXPECTS)}, got {expect!r}")
     if ci_low is None or ci_high is None or math.isnan(ci_low) or math.isnan(ci_high):
         return "not measured"
-    if expect == "no_loss":
-        return "does not hold" if ci_high < 0 else "holds"
-    if expect == "no_gain":
-        return "does not hold" if ci_low > 0 else "holds"
+    if expect in ("no_loss", "no_gain"):
+        margin = equivalence_margin() if margin is None else margin
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        if expect == "no_loss":
+            return "does not hold" if ci_high < 0 else "holds" if ci_low >= -margin else "inconclusive"
+        return "does not hold" if ci_low > 0 else "holds" if ci_high <= margin else "inconclusive"
     above, below = ci_low > 0, ci_high < 0
     if expect == "increase":
         return "holds" if above else "does not hold" if below else "inconclusive"
@@ -177,7 +189,7 @@ def judge(artifact: str, claim: str, model: str, delta: Mapping[str, Any], expec
     scale, digits = (100, 1) if unit == "points" else (1, 3)
     lo, hi, v = delta.get("ci_low"), delta.get("ci_high"), delta.get(value)
     return {"artifact": artifact, "claim": claim, "model": model, "n": delta.get("n_pairs", delta.get("n")),
-            "delta": None if v is None else scale * v,
+            "delta": None if v is None else round(scale * v, 9) + 0.0,  # no -1.8e-15 from float means, no -0.0
             "ci": "" if lo is None or hi is None else f"[{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]",
             "unit": unit, "verdict": verdict(lo, hi, expect)}
 

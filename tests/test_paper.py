@@ -51,12 +51,30 @@ def test_malformed_reference_fails_with_the_field(tmp_path, text, message):
 @pytest.mark.parametrize("lo, hi, expect, want", [
     (0.01, 0.2, "increase", "holds"), (-0.1, 0.2, "increase", "inconclusive"), (-0.3, -0.1, "increase", "does not hold"),
     (-0.3, -0.1, "decrease", "holds"), (0.1, 0.3, "decrease", "does not hold"), (-0.1, 0.1, "decrease", "inconclusive"),
-    (-0.1, 0.1, "no_loss", "holds"), (-0.2, -0.01, "no_loss", "does not hold"), (0.01, 0.2, "no_loss", "holds"),
-    (-0.1, 0.1, "no_gain", "holds"), (0.01, 0.2, "no_gain", "does not hold"), (-0.2, -0.01, "no_gain", "holds"),
+    (-0.01, 0.1, "no_loss", "holds"), (-0.1, 0.1, "no_loss", "inconclusive"), (-0.25, 0.0, "no_loss", "inconclusive"),
+    (-0.2, -0.01, "no_loss", "does not hold"), (0.01, 0.2, "no_loss", "holds"),
+    (-0.1, 0.01, "no_gain", "holds"), (-0.1, 0.1, "no_gain", "inconclusive"), (0.01, 0.2, "no_gain", "does not hold"),
+    (-0.2, -0.01, "no_gain", "holds"),
     (math.nan, 0.1, "increase", "not measured"), (None, None, "no_loss", "not measured"),
 ])
 def test_verdict(lo, hi, expect, want):
     assert paper.verdict(lo, hi, expect) == want
+
+
+def test_no_change_margin_is_the_smallest_loss_the_paper_reports():
+    # Table 2's smallest baseline TriviaQA drop, 2.19 points: a CI reaching exactly that far still holds, further not
+    assert paper.equivalence_margin() == pytest.approx(0.0219)
+    assert paper.verdict(-0.0219, 0.05, "no_loss") == "holds"
+    assert paper.verdict(-0.0220, 0.05, "no_loss") == "inconclusive"
+    assert paper.verdict(-0.05, 0.0219, "no_gain") == "holds"
+    assert paper.verdict(-0.1, 0.1, "no_loss", margin=0.2) == "holds"
+    with pytest.raises(ValueError, match="margin"):
+        paper.verdict(-0.1, 0.1, "no_loss", margin=-0.01)
+
+
+def test_judge_reports_float_noise_as_zero():
+    row = paper.judge("fig5", "c", "m", {"delta": -1.85e-17, "ci_low": -0.3, "ci_high": 0.3, "n": 3}, "increase")
+    assert row["delta"] == 0.0 and str(row["delta"]) == "0.0"
 
 
 def test_verdict_and_judge_reject_unknown_names():
