@@ -641,10 +641,13 @@ def run_profile(
         return print_plan(jobs, load_manifest_entries(out_dir), out_dir, repo_root, profile, force)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {"profile": profile, **environment_info(repo_root, results_root)}
-    entries = load_manifest_entries(out_dir)
 
     for i, job in enumerate(jobs, 1):
         tag = f"[{i}/{len(jobs)}] {job.name}"
+        # Read the manifest afresh for every notebook and again before writing: another `kvlib reproduce` of the
+        # same profile (e.g. `--only` another notebook, started while this one runs) may have added entries since,
+        # and writing a snapshot taken at start would silently drop them.
+        entries = load_manifest_entries(out_dir)
         reason = "forced" if force else stale_reason(job, entries.get(job.name), out_dir, repo_root)
         if reason is None:
             print(f"{tag}: skip (up to date)", flush=True)
@@ -657,6 +660,7 @@ def run_profile(
             continue
         print(f"{tag}: run ({reason})", flush=True)
         entry, error = run_job(job, out_dir, repo_root)
+        entries = load_manifest_entries(out_dir)
         _carry_over_cost(entry, entries.get(job.name))
         entries[job.name] = entry
         write_manifest(out_dir, header, entries, params_root)

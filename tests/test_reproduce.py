@@ -256,6 +256,25 @@ def test_killed_attempts_count_in_the_wall_time(clone):
     assert changed["attempts"] == 1 and changed["wall_seconds_all_attempts"] == changed["wall_seconds"]
 
 
+def test_concurrent_runs_of_one_profile_keep_each_others_manifest_entries(clone, monkeypatch):
+    """Two `kvlib reproduce --only` of one profile at once (a long profile in the background, a re-render in the
+    foreground): the one that finishes last must not write back the manifest it read at its start."""
+    real_run_job = reproduce.run_job
+
+    def run_job_while_another_finishes(job, out, repo_root):
+        result = real_run_job(job, out, repo_root)
+        path = out / "manifest.json"
+        data = json.loads(path.read_text())
+        data["notebooks"]["03_other"] = {"status": "ok", "outputs": [], "inputs": []}  # the other process's entry
+        path.write_text(json.dumps(data))
+        return result
+
+    monkeypatch.setattr(reproduce, "run_job", run_job_while_another_finishes)
+    assert run(clone, only=[NB2], force=True) == 0
+    entries = manifest(clone)["notebooks"]
+    assert set(entries) == {NB1, NB2, "03_other"} and entries[NB2]["status"] == "ok"
+
+
 def test_params_change_reruns_that_notebook(clone, capsys):
     (clone / "params" / PROFILE / f"{NB1}.yaml").write_text("message: hi\nrepeat: 3\n")
     assert run(clone) == 0
