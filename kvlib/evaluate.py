@@ -194,9 +194,10 @@ def group_rows(rows: Sequence[dict], by: Sequence[str]) -> dict[tuple, list[dict
 
 
 def summarize(rows: list[dict], by: list[str], metrics: list[str], seed: int = 0) -> list[dict]:
-    """Mean and bootstrap 95% CI of each metric per group of rows (one row per item in, one per group out).
-    `n` counts the group's items; a metric's mean is over the items it was scored on (not None)."""
-    from kvlib.scoring import bootstrap_ci
+    """Mean and 95% CI of each metric per group of rows (one row per item in, one per group out; Wilson for 0/1
+    metrics, else bootstrap: kvlib.scoring.mean_ci). `n` counts the group's items; a metric's mean is over the
+    items it was scored on (not None)."""
+    from kvlib.scoring import mean_ci
 
     out = []
     for key, items in group_rows(rows, by).items():
@@ -207,7 +208,7 @@ def summarize(rows: list[dict], by: list[str], metrics: list[str], seed: int = 0
             if not values:
                 row.update({m: None, f"{m}_ci_low": None, f"{m}_ci_high": None})
                 continue
-            mean, lo, hi = bootstrap_ci(values, seed=seed)
+            mean, lo, hi = mean_ci(values, seed=seed)
             row.update({m: mean, f"{m}_ci_low": lo, f"{m}_ci_high": hi})
         out.append(row)
     return out
@@ -225,9 +226,10 @@ def _scores_by_group(rows: Sequence[dict], by: Sequence[str], model_key: str, it
 def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_key: str,
                   model_key: str = "model", seed: int = 0) -> list[dict]:
     """Each other model minus `base` on the same items, per group: mean of the per-item differences with a
-    paired bootstrap 95% CI (resampling items, so question difficulty cancels out). Items either model did
+    paired 95% CI (kvlib.scoring.paired_difference_ci: Newcombe's paired score interval for 0/1 metrics, else a
+    bootstrap resampling items; paired either way, so question difficulty cancels out). Items either model did
     not score (None) are left out of that pair and counted in `n_unpaired`."""
-    from kvlib.scoring import bootstrap_ci
+    from kvlib.scoring import paired_difference_ci
 
     out = []
     for key, by_model in _scores_by_group(rows, by, model_key, item_key, metric).items():
@@ -240,7 +242,8 @@ def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_
             row = dict(zip(by, key), model=model, base=base, n_pairs=len(pairs),
                        n_unpaired=len(set(values) | set(reference)) - len(pairs))
             if pairs:
-                mean, lo, hi = bootstrap_ci([float(a) - float(b) for a, b in pairs], seed=seed)
+                mean, lo, hi = paired_difference_ci([float(a) for a, _ in pairs], [float(b) for _, b in pairs],
+                                                    seed=seed)
                 row.update({f"delta_{metric}": mean, "ci_low": lo, "ci_high": hi})
             out.append(row)
     return out

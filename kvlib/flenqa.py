@@ -930,7 +930,7 @@ def result_rows(records: Sequence[FLenQARecord], answers: Sequence[str | None], 
 
 def accuracy_table(rows: Sequence[dict], by: list[str], seed: int = 0) -> list[dict]:
     """Per group: `n` items, `n_over_length` (not scored) and `n_unparseable` (scored wrong), and accuracy
-    over the scored items with a bootstrap 95% CI (kvlib.evaluate.summarize). Rows are ordered by model
+    over the scored items with a 95% CI (Wilson; kvlib.evaluate.summarize). Rows are ordered by model
     (first appearance), style, task and length."""
     from kvlib.evaluate import count_over_length, group_rows, summarize
 

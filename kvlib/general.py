@@ -5,8 +5,8 @@ Tasks are declared as data (`TASKS`: one `TaskSpec` each, following lm-evaluatio
 definition: prompt, few-shot count and source, log-likelihood or generation, stop strings, metric) and go
 through one path: load + validate (`load_task`), subsample (`subsample`), build requests
 (`build_prompt`, `loglikelihood_requests`), score one item (`score_item`, metrics in kvlib.scoring),
-aggregate (`summarize`: bootstrap 95% CIs; MMLU micro and macro over subjects) and compare two models on
-the same items (`paired_deltas`: paired bootstrap CI of the difference).
+aggregate (`summarize`: 95% CIs, Wilson for 0/1 scores; MMLU micro and macro over subjects) and compare two models
+on the same items (`paired_deltas`: paired CI of the difference, kvlib.scoring.paired_difference_ci).
 
 Variants. A backend with `loglikelihood` (local HF models) scores MMLU and HellaSwag by log-likelihood
 like the harness. Chat-only APIs (OpenAI) expose no log-likelihoods: MMLU then runs generatively (the
@@ -37,8 +37,9 @@ from typing import Any, Callable, Collection, Iterable, Literal, Mapping, Sequen
 from kvlib.config import check_positive, fail
 from kvlib.evaluate import EvalModelsParams
 from kvlib.scoring import (
-    GSM8K_INVALID, best_subspan_em, bootstrap_ci, exact_match_any, extract_gsm8k_flexible,
-    extract_gsm8k_strict, gsm8k_exact_match, macro_bootstrap_ci, multiple_choice_scores, normalize_answer,
+    GSM8K_INVALID, best_subspan_em, exact_match_any, extract_gsm8k_flexible,
+    extract_gsm8k_strict, gsm8k_exact_match, macro_bootstrap_ci, mean_ci, multiple_choice_scores, normalize_answer,
+    paired_difference_ci,
     parse_choice_letter,
 )
 
@@ -934,7 +935,7 @@ def _metric_columns(task: str, variant: str) -> tuple[str, ...]:
 
 
 def summarize(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """Per model x task x metric: n scored, n skipped, mean and bootstrap 95% CI over items (MMLU also
+    """Per model x task x metric: n scored, n skipped, mean and 95% CI over items (`mean_ci`) (MMLU also
     `<metric>_macro`: mean over subjects, CI resampling within subjects). Models and tasks keep their
     order of appearance; a task not run on a model gives n = 0 and NaN."""
     out = []
@@ -956,7 +957,7 @@ def summarize(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> list[d
                 if scored:
                     values = [float(r[metric]) for r in scored]
                     value, lo, hi = (macro_bootstrap_ci(values, [r["group"] for r in scored], n_boot, seed) if macro
-                                     else bootstrap_ci(values, n_boot, seed))
+                                     else mean_ci(values, n_boot, seed))
                 out.append({**common, "metric": name, "value": value, "ci_low": lo, "ci_high": hi,
                             "groups": len({r["group"] for r in scored}) if macro else None})
     return out
@@ -964,7 +965,7 @@ def summarize(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> list[d
 
 def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed: int = 0) -> list[dict]:
     """Each other model minus `baseline` on the items both scored (same ids): per task x metric the mean
-    difference with a paired bootstrap 95% CI (items resampled together; MMLU macro within subjects)."""
+    difference with a paired 95% CI (`paired_difference_ci`; MMLU macro: bootstrap resampling within subjects)."""
     by_key = {(r["model"], r["task"], r["id"]): r for r in rows if r["skipped"] is None}
     models = list(dict.fromkeys(r["model"] for r in rows))
     if baseline not in models:
@@ -995,12 +996,14 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
                     if pairs:
                         a = [float(r[metric]) for _, r in pairs]
                         b = [float(r0[metric]) for r0, _ in pairs]
-                        diff = [x - y for x, y in zip(a, b)]
-                        groups = [r["group"] for _, r in pairs]
-                        stat = (lambda v: macro_bootstrap_ci(v, groups, n_boot, seed)) if macro else (
-                            lambda v: bootstrap_ci(v, n_boot, seed))
-                        delta, lo, hi = stat(diff)
-                        row.update(value=stat(a)[0], baseline_value=stat(b)[0], delta=delta, ci_low=lo, ci_high=hi)
+                        if macro:
+                            groups = [r["group"] for _, r in pairs]
+                            value, base_value = (macro_bootstrap_ci(v, groups, n_boot, seed)[0] for v in (a, b))
+                            delta, lo, hi = macro_bootstrap_ci([x - y for x, y in zip(a, b)], groups, n_boot, seed)
+                        else:
+                            value, base_value = sum(a) / len(a), sum(b) / len(b)
+                            delta, lo, hi = paired_difference_ci(a, b, n_boot, seed)
+                        row.update(value=value, baseline_value=base_value, delta=delta, ci_low=lo, ci_high=hi)
                     out.append(row)
     return out
 

@@ -750,7 +750,7 @@ class MDQANotebookParams(EvalModelsParams):
 
 
 def accuracy_table(rows: list[dict], keys: Sequence[str]):
-    """Accuracy with bootstrap 95% CIs per `keys` group (e.g. setting, model, position), with the over-length
+    """Accuracy with 95% CIs (Wilson) per `keys` group (e.g. setting, model, position), with the over-length
     prompts of each group counted beside (not scored): the table notebooks 03 and 08 save and plot."""
     import pandas as pd
 

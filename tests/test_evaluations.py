@@ -90,7 +90,11 @@ def test_paired_deltas():
         ("ft", "c", None), ("ft", "d", 1.0)]]
     (row,) = evaluate.paired_deltas(rows, "base", ["g"], "c", "qid")
     assert row["model"] == "ft" and row["n_pairs"] == 2 and row["n_unpaired"] == 2
-    assert row["delta_c"] == 0.5 and 0.0 <= row["ci_low"] <= 0.5 <= row["ci_high"] <= 1.0
+    from kvlib.scoring import paired_binary_difference_ci
+
+    assert row["delta_c"] == 0.5  # items a and b: ft (1, 1) vs base (0, 1); at n = 2 the CI is wide and spans 0
+    assert (row["ci_low"], row["ci_high"]) == paired_binary_difference_ci([1, 1], [0, 1])[1:]
+    assert row["ci_low"] < 0 < 0.5 < row["ci_high"] <= 1
 
 
 def test_mdqa_params_validation():
