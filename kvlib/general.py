@@ -37,10 +37,9 @@ from typing import Any, Callable, Collection, Iterable, Literal, Mapping, Sequen
 from kvlib.config import check_positive, fail
 from kvlib.evaluate import EvalModelsParams
 from kvlib.scoring import (
-    GSM8K_INVALID, best_subspan_em, exact_match_any, extract_gsm8k_flexible,
-    extract_gsm8k_strict, gsm8k_exact_match, macro_bootstrap_ci, mean_ci, multiple_choice_scores, normalize_answer,
-    paired_difference_ci,
-    parse_choice_letter,
+    GSM8K_INVALID, best_subspan_em, exact_match_any, extract_gsm8k_flexible, extract_gsm8k_strict,
+    gsm8k_exact_match, macro_bootstrap_ci, macro_mean, mean_ci, multiple_choice_scores, normalize_answer,
+    paired_difference_ci, parse_choice_letter,
 )
 
 Variant = Literal["loglikelihood", "generate"]
@@ -998,7 +997,7 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
                         b = [float(r0[metric]) for r0, _ in pairs]
                         if macro:
                             groups = [r["group"] for _, r in pairs]
-                            value, base_value = (macro_bootstrap_ci(v, groups, n_boot, seed)[0] for v in (a, b))
+                            value, base_value = macro_mean(a, groups), macro_mean(b, groups)
                             delta, lo, hi = macro_bootstrap_ci([x - y for x, y in zip(a, b)], groups, n_boot, seed)
                         else:
                             value, base_value = sum(a) / len(a), sum(b) / len(b)

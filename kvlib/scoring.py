@@ -101,7 +101,6 @@ def bootstrap_ci(values, n_boot: int = 2000, seed: int = 0, level: float = 0.95)
     return float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
-
 def _z(level: float) -> float:
     from statistics import NormalDist
 
@@ -131,8 +130,9 @@ def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float
 def paired_binary_difference_ci(a, b, level: float = 0.95) -> tuple[float, float, float]:
     """Mean of a - b over paired 0/1 outcomes (same items) with Newcombe's hybrid score interval for paired
     proportions (Newcombe 1998, method 10): Wilson intervals of both proportions combined through the
-    (continuity-corrected) phi correlation of the 2x2 table. It stays honest where the paired bootstrap fails: with no discordant pair
-    the bootstrap says [0, 0] at any n, this says how large a difference n items cannot rule out."""
+    (continuity-corrected) phi correlation of the 2x2 table. It stays honest where the paired bootstrap fails:
+    with no discordant pair the bootstrap says [0, 0] at any n, this says how large a difference n items cannot
+    rule out."""
     import numpy as np
 
     x, y = np.asarray(list(a), dtype=float), np.asarray(list(b), dtype=float)
@@ -181,6 +181,7 @@ def paired_difference_ci(a, b, n_boot: int = 2000, seed: int = 0, level: float =
     if x.size and _is_binary(x) and _is_binary(y):
         return paired_binary_difference_ci(x, y, level)
     return bootstrap_ci(x - y, n_boot, seed, level)
+
 
 # ---------------------------------------------------------------- open-domain QA (MDQA, NQ-Open)
 
@@ -329,6 +330,24 @@ def multiple_choice_scores(logliks, choices, gold: int) -> dict:
     return {"pred": pred, "pred_norm": pred_norm, "acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
 
 
+def _group_members(groups) -> list:
+    """Index arrays of each group's items, groups in a fixed (name) order."""
+    import numpy as np
+
+    by_group: dict = {}
+    for i, name in enumerate(groups):
+        by_group.setdefault(name, []).append(i)
+    return [np.asarray(by_group[name]) for name in sorted(by_group, key=str)]
+
+
+def macro_mean(values, groups) -> float:
+    """The mean of per-group means (MMLU over subjects): macro_bootstrap_ci's point estimate, without resampling."""
+    import numpy as np
+
+    x = np.asarray(list(values), dtype=float)
+    return float(np.mean([x[m].mean() for m in _group_members(list(groups))]))
+
+
 def macro_bootstrap_ci(values, groups, n_boot: int = 2000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float, float]:
     """Macro mean (the mean of per-group means, e.g. MMLU over subjects) with a percentile bootstrap CI
@@ -342,10 +361,7 @@ def macro_bootstrap_ci(values, groups, n_boot: int = 2000, seed: int = 0,
         raise ValueError(f"macro_bootstrap_ci needs one group per value and at least one value "
                          f"(got {x.size} values, {len(g)} groups)")
     rng = np.random.default_rng(seed)
-    by_group: dict = {}
-    for i, name in enumerate(g):
-        by_group.setdefault(name, []).append(i)
-    members = [np.asarray(by_group[name]) for name in sorted(by_group, key=str)]
+    members = _group_members(g)
     point = float(np.mean([x[m].mean() for m in members]))
     boots = np.mean([x[m][rng.integers(0, m.size, size=(n_boot, m.size))].mean(axis=1) for m in members], axis=0)
     alpha = (1 - level) / 2

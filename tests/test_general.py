@@ -125,6 +125,9 @@ def test_macro_bootstrap_ci_averages_groups_and_resamples_within_them():
     mean, lo, hi = macro_bootstrap_ci(values, groups, seed=3)
     assert math.isclose(mean, (0.5 + 0.5 + 1.0) / 3) and lo <= mean <= hi
     assert macro_bootstrap_ci(values, groups, seed=3) == (mean, lo, hi)
+    from kvlib.scoring import macro_mean
+
+    assert macro_mean(values, groups) == mean, "the point estimate without resampling"
     with pytest.raises(ValueError):
         macro_bootstrap_ci([1, 0], ["a"])
 
