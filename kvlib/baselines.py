@@ -1102,7 +1102,6 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
     for d in general_deltas:
         kind = kinds.get(d["model"])
         if d["metric"] == TASKS[d["task"]].headline and d["task"] in ("triviaqa", "nq_open") and kind in PAPER_ROWS:
-            out.append(paper.at_floor(paper.judge(
-                "table2", f"the {PAPER_ROWS[kind]} baseline loses on {TASKS[d['task']].title}", d["model"], d,
-                "decrease"), d))
+            out += paper.judge_general("table2", f"the {PAPER_ROWS[kind]} baseline loses on {TASKS[d['task']].title}",
+                                       d, "decrease", general_deltas, TASKS[d["task"]].floor_metric)
     return out

@@ -255,7 +255,8 @@ def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence
     and per `by` group: `delta`, the mean over seeds of each seed's mean paired difference, with two 95% CIs:
     across seeds (t interval over the per-seed means, n_seeds - 1 degrees of freedom: training variability)
     and per item (bootstrap over the items all seeds scored of each item's seed-averaged difference: item
-    variability). Per-seed means are listed so nothing is hidden behind the average."""
+    variability). Per-seed means are listed so nothing is hidden behind the average; `value` and
+    `baseline_value` are the group's and base's mean scores on those shared items."""
     import statistics
 
     from scipy import stats
@@ -283,7 +284,11 @@ def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence
             if shared:
                 _, lo, hi = bootstrap_ci([statistics.fmean(diffs[m][i] for m in members) for i in sorted(shared)],
                                          seed=seed)
-                row.update(item_ci_low=lo, item_ci_high=hi)
+                # the scores themselves (seed-averaged, on the shared items), so a claim can tell "both at 0"
+                # (nothing to lose: kvlib.paper.at_floor) from "no change"
+                row.update(item_ci_low=lo, item_ci_high=hi,
+                           value=statistics.fmean(float(by_model[m][i]) for m in members for i in shared),
+                           baseline_value=statistics.fmean(float(reference[i]) for i in shared))
             out.append(row)
     return out
 

@@ -447,6 +447,9 @@ class TaskSpec:
     max_new_tokens: int = 32
     stop: tuple[str, ...] = ()
     macro: bool = False
+    # the metric a claim is also judged on when both models score 0 on `headline`: a small instruct model that
+    # never replies in the harness's short form still shows whether the answer appears in its reply
+    floor_metric: str | None = None
     notes: str = ""
     # what a test item's fields are called in the conventions table (question text, choice texts)
     placeholder: tuple[str, tuple[str, ...]] = ("{question}", ("{A}", "{B}", "{C}", "{D}"))
@@ -492,7 +495,8 @@ TASKS: dict[str, TaskSpec] = {
             n_shot=0, max_shots=0, shots_from="none (harness default: 0-shot)",
             description=lambda item: "", doc_to_text=lambda item: f"Question: {item.question}?\nAnswer:",
             doc_to_target=_first_answer, scorer="short_answer", metrics={"generate": ("em", "contains")},
-            headline="em", data="open-domain unfiltered dev (here: the 1000-question FlashRAG subset)",
+            headline="em", floor_metric="contains",
+            data="open-domain unfiltered dev (here: the 1000-question FlashRAG subset)",
             default_files=("triviaqa/test.jsonl",), loader=load_triviaqa, max_new_tokens=32,
             stop=("\n", ".", ","),
             notes="Prompt verbatim from the harness, which appends '?' even to questions ending in one. em: SQuAD "
@@ -503,7 +507,7 @@ TASKS: dict[str, TaskSpec] = {
             n_shot=0, max_shots=0, shots_from="none (harness default: 0-shot)",
             description=lambda item: "Answer these questions:\n\n",
             doc_to_text=lambda item: f"Q: {item.question}?\nA:", doc_to_target=_first_answer,
-            scorer="short_answer", metrics={"generate": ("em", "contains")}, headline="em",
+            scorer="short_answer", metrics={"generate": ("em", "contains")}, headline="em", floor_metric="contains",
             data="dev split (3610 questions)", default_files=("nq_open/NQ-open.dev.jsonl",),
             loader=load_nq_open, max_new_tokens=32, stop=("\n", ".", ","), fewshot_delimiter="\n",
             notes="em: SQuAD exact match (lower-case, no punctuation or articles) against every answer."),
@@ -1009,15 +1013,16 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
 
 def seed_group_deltas(rows: Sequence[dict], baseline: str, groups: Mapping[str, Sequence[str]], seed: int = 0
                       ) -> list[dict]:
-    """kvlib.evaluate.seed_group_deltas on each benchmark's headline metric (items the harness way: skipped
-    items left out), one row per group x task with `task` and `metric` set."""
+    """kvlib.evaluate.seed_group_deltas on each benchmark's headline metric and its floor_metric (items the
+    harness way: skipped items left out), one row per group x task x metric with `task` and `metric` set."""
     from kvlib.evaluate import seed_group_deltas as by_seed
 
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        metric = TASKS[task].headline
+        spec = TASKS[task]
         scored = [r for r in rows if r["task"] == task and r["skipped"] is None]
-        out += by_seed(scored, baseline, groups, ["task"], metric, "id", seed=seed)
+        for metric in dict.fromkeys(m for m in (spec.headline, spec.floor_metric) if m):
+            out += by_seed(scored, baseline, groups, ["task"], metric, "id", seed=seed)
     return out
 
 

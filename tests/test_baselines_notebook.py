@@ -117,6 +117,12 @@ def test_table2_deltas_and_claims():
     floor = [{"model": "needle", "task": "nq_open", "metric": "em", "n": 10, "value": 0.0, "baseline_value": 0.0,
               "delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}]
     assert [c["verdict"] for c in bl.claims(P, [], [], floor)] == [paper.AT_FLOOR]
+    # ... unless the task's floor metric has signal: the claim is then judged again on it, named in the claim
+    lenient = {"model": "needle", "task": "nq_open", "metric": "contains", "n": 10, "value": 0.1,
+               "baseline_value": 0.3, "delta": -0.2, "ci_low": -0.35, "ci_high": -0.05}
+    judged = bl.claims(P, [], [], floor + [lenient])
+    assert [(c["verdict"], c["delta"]) for c in judged] == [(paper.AT_FLOOR, 0.0), ("holds", pytest.approx(-20))]
+    assert judged[1]["claim"].endswith("(contains; em is 0 for both models)")
 
 
 def test_prepare_task_excludes_trained_on_questions():

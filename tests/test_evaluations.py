@@ -209,6 +209,7 @@ def test_seed_group_deltas_average_seeds_with_both_cis():
     assert (g["seed_ci_low"], g["seed_ci_high"]) == (pytest.approx(0.4 - half), pytest.approx(0.4 + half))
     assert 0 <= g["item_ci_low"] < 0.4 < g["item_ci_high"] <= 1
     assert g["per_seed"] == "ft-s0: +0.2000, ft-s1: +0.4000, ft-s2: +0.6000"
+    assert (g["value"], g["baseline_value"]) == (pytest.approx(0.4), 0.0)  # so claims can tell a floor from no change
     pooled = evaluate.paired_deltas(rows, "original", ["setting"], "correct", "qid")
     merged = evaluate.with_seed_groups(pooled, [g], groups)
     assert sorted(d["model"] for d in merged) == ["ft", "other"]

@@ -533,3 +533,23 @@ def test_conventions_table_lists_every_prepared_task(tiny_tasks):
     assert table.loc[0, "metrics by variant"] == "loglikelihood: acc; generate: acc, parsed (+ macro over subjects)"
     assert "cut at ['Q:']" in table.loc[3, "generation"] and "shots multiturn" in table.loc[3, "generation"]
     assert set(g.paper_reference_table()["MMLU"].dropna()) >= {53.42, 68.07}
+
+
+def test_seed_group_claims_at_the_em_floor_fall_back_to_contains():
+    """Three seeds and the original all score em 0 on TriviaQA: the seed-averaged claim is untestable on em (not a
+    "holds" from a collapsed [0, 0] CI) and is judged on `contains`, the task's declared floor metric."""
+    from kvlib import evaluate, general, paper
+
+    rows = []
+    for i in range(40):
+        for model, contains in (("original", i < 8), ("ft-s0", i < 2), ("ft-s1", i < 3), ("ft-s2", i < 1)):
+            rows.append({"model": model, "task": "triviaqa", "variant": "generate", "id": f"q{i}", "skipped": None,
+                         "em": 0.0, "contains": float(contains)})
+    groups = {"ft": ["ft-s0", "ft-s1", "ft-s2"]}
+    seed_rows = general.seed_group_deltas(rows, "original", groups)
+    assert [(r["task"], r["metric"]) for r in seed_rows] == [("triviaqa", "em"), ("triviaqa", "contains")]
+    assert seed_rows[1]["delta"] == pytest.approx((2 + 3 + 1) / 120 - 8 / 40)
+    merged = evaluate.with_seed_groups(general.paired_deltas(rows, "original"), seed_rows, groups)
+    claims = paper.general_claims(merged, ["ft"], {"triviaqa": "em"}, {"triviaqa": "TriviaQA"})
+    assert [c["verdict"] for c in claims] == [paper.AT_FLOOR, "does not hold"]
+    assert claims[1]["claim"] == "synthetic finetuning loses nothing on TriviaQA (contains; em is 0 for both models)"

@@ -113,6 +113,23 @@ def test_mdqa_and_general_claims_pick_the_right_artifact_and_direction():
     verdicts = [g["verdict"] for g in paper.general_claims(floor, ["ft"], {"triviaqa": "em", "nq_open": "em"},
                                                             {"triviaqa": "TriviaQA", "nq_open": "NQ-Open"})]
     assert verdicts == [paper.AT_FLOOR, "holds"]  # nothing to lose at 0 is no evidence for the claim
+    # a floor metric is judged in its place only at the floor, only when declared, and only for the same model
+    lenient = [{"model": m, "task": t, "metric": "contains", "n": 300, "value": 0.1, "baseline_value": 0.12,
+                "delta": -0.02, "ci_low": ci, "ci_high": 0.01} for m, t, ci in
+               (("ft", "triviaqa", -0.05), ("ft", "nq_open", -0.01), ("other", "triviaqa", 0.0))]
+    rows = paper.general_claims(floor + lenient, ["ft"], {"triviaqa": "em", "nq_open": "em"},
+                                {"triviaqa": "TriviaQA", "nq_open": "NQ-Open"},
+                                floor_metrics={"triviaqa": "contains", "nq_open": "contains"})
+    assert [(r["claim"], r["verdict"]) for r in rows] == [
+        ("synthetic finetuning loses nothing on TriviaQA", paper.AT_FLOOR),
+        ("synthetic finetuning loses nothing on TriviaQA (contains; em is 0 for both models)", "inconclusive"),
+        ("synthetic finetuning loses nothing on NQ-Open", "holds")]
+    undeclared = paper.general_claims(floor + lenient, ["ft"], {"triviaqa": "em", "nq_open": "em"},
+                                      {"triviaqa": "TriviaQA", "nq_open": "NQ-Open"}, floor_metrics={})
+    assert [r["verdict"] for r in undeclared] == [paper.AT_FLOOR, "holds"]
+    # by default the floor metrics are the general tasks' declarations
+    assert len(paper.general_claims(floor + lenient, ["ft"], {"triviaqa": "em", "nq_open": "em"},
+                                    {"triviaqa": "TriviaQA", "nq_open": "NQ-Open"})) == 3
 
 
 def test_reproduction_map_reads_claims_from_the_manifest(tmp_path):
