@@ -1028,18 +1028,84 @@ def train_baselines(prepared: Mapping[str, PreparedBaseline]) -> dict[str, dict]
 # ---------------------------------------------------------------- evaluation and verdicts
 
 
+@dataclass(frozen=True)
+class AnswerFormat:
+    """The reply a baseline was trained to give when it writes something before its answer (MultidocQA first
+    restates the original text): `preamble` opens such a reply and `marker` introduces the answer. Its final
+    answer is the text after the last marker; a reply that opened the preamble and never reached the marker was
+    cut by the token budget and answered nothing (scored whole, the quoted gold sentence would count as an
+    answer). Any other reply is its own answer."""
+
+    preamble: str
+    marker: str
+
+    def final_answer(self, reply: str) -> str:
+        if self.marker in reply:
+            return reply.rsplit(self.marker, 1)[1].strip()
+        return "" if reply.lstrip().startswith(self.preamble) else reply
+
+
+def answer_format(kind: str) -> AnswerFormat | None:
+    """The answer format a kind's training targets teach, read from its answer template; None: the target is
+    the answer alone."""
+    if kind != "multidocqa":
+        return None
+    head, rest = load_template("baseline_multidocqa.answer").split("{quotes}")
+    return AnswerFormat(preamble=head.strip(), marker=rest.split("{answer}")[0].strip())
+
+
+def mdqa_answer_rules(P: BaselinesNotebookParams) -> dict[str, tuple[AnswerFormat, int]]:
+    """label -> (answer format, MDQA max_new_tokens) for each baseline whose targets put text before the answer:
+    the profile's MDQA budget plus the longest target of its training set (tokens, recorded at generation), so
+    the restatement it was trained to write cannot use up the tokens of its answer. With the plain budget the
+    regenerated MultidocQA model is cut inside its quotes on nearly every question."""
+    M = P.mdqa_params()
+    out = {}
+    for label, spec in P.baselines.items():
+        fmt = answer_format(spec["kind"])
+        if fmt is not None and M is not None:
+            longest = max(s.meta["n_answer_tokens"] for s in load_dataset(P.baseline_dir(label), "train"))
+            out[label] = (fmt, M.max_new_tokens + longest)
+    return out
+
+
+def answer_format_table(mdqa_rows: Sequence[dict], P: BaselinesNotebookParams) -> list[dict]:
+    """Per model and MDQA setting: the token budget, how many replies opened a restatement (any baseline's
+    preamble), how many of those reached the answer marker, and accuracy; so a budget that cuts answers off
+    shows here instead of as a low score."""
+    from kvlib.evaluate import group_rows
+
+    formats = [f for f in (answer_format(spec["kind"]) for spec in P.baselines.values()) if f is not None]
+    out = []
+    for (model, setting), rows in group_rows(mdqa_rows, ["model", "setting"]).items():
+        replies = [r["response"] for r in rows if r["response"] is not None]
+        opened = [x for x in replies if any(x.lstrip().startswith(f.preamble) for f in formats)]
+        scored = [float(r["correct"]) for r in rows if r["correct"] is not None]
+        out.append({"model": model, "setting": setting, "max_new_tokens": rows[0].get("max_new_tokens"),
+                    "replies": len(replies), "opened_restatement": len(opened),
+                    "reached_answer": sum(any(f.marker in x for f in formats) for x in opened),
+                    "accuracy": sum(scored) / len(scored) if scored else None})
+    return out
+
+
+
 def evaluate_models(configs: Mapping[str, Any], P: BaselinesNotebookParams, mdqa_sets=None, flenqa_records=None,
                     general_tasks=None) -> dict[str, list[dict]]:
     """Each model loaded once and run through the sections' pipelines (those of notebooks 03, 04, 05);
-    {"mdqa": rows, "flenqa": rows, "general": rows}."""
+    {"mdqa": rows, "flenqa": rows, "general": rows}. On MDQA a baseline that restates before answering gets
+    the budget and final-answer scoring of `mdqa_answer_rules`; FLenQA and the general benchmarks keep their
+    protocols (the harness cuts general replies at its stop strings)."""
     from kvlib import evaluate, flenqa, general
 
     M, F, G = P.mdqa_params(), P.flenqa_params(), P.general_params()
+    rules = mdqa_answer_rules(P) if mdqa_sets else {}
     rows: dict[str, list[dict]] = {"mdqa": [], "flenqa": [], "general": []}
     for label, config in configs.items():
+        fmt, budget = rules.get(label, (None, M.max_new_tokens if M is not None else 0))
         with evaluate.open_backend(config, P.cache_dir, P.profile, P.params_root) as model:
             for s in (mdqa_sets or {}).values():
-                rows["mdqa"] += evaluate.evaluate_mdqa(model, s, M.positions, M.max_new_tokens, label)
+                rows["mdqa"] += evaluate.evaluate_mdqa(model, s, M.positions, budget, label,
+                                                       None if fmt is None else fmt.final_answer)
             if flenqa_records:
                 for style in F.styles:
                     answers = evaluate.answer_requests(model, flenqa.build_requests(flenqa_records, style),

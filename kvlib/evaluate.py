@@ -14,7 +14,7 @@ import dataclasses
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from kvlib.backends import BackendConfig, ContextLengthError, build_backend
 from kvlib.config import ParamError, fail, from_mapping
@@ -333,10 +333,12 @@ def compared_labels(labels: Sequence[str], base: str | None, groups: Mapping[str
 
 
 def evaluate_mdqa(backend: Any, eval_set: Any, positions: Sequence[int], max_new_tokens: int,
-                  label: str) -> list[dict]:
+                  label: str, final_answer: Callable[[str], str] | None = None) -> list[dict]:
     """Every question of a kvlib.mdqa.MDQAEvalSet with its gold at each 1-based position, answered through the
     chat template (LitM's prompt as the user turn) and scored with LitM's metric. One row per (question,
-    position); a prompt over the model's context gets `over_length=True`, `correct=None` (counted, not scored)."""
+    position); a prompt over the model's context gets `over_length=True`, `correct=None` (counted, not scored).
+    `final_answer`: what of a reply is scored, for a model trained to write something before its answer (its
+    result goes in the row's `final_answer`); default the whole reply."""
     from kvlib.mdqa import position_prompts
     from kvlib.scoring import score_mdqa_answer
 
@@ -349,10 +351,12 @@ def evaluate_mdqa(backend: Any, eval_set: Any, positions: Sequence[int], max_new
     fields = result_fields(backend, max_new_tokens)
     rows = []
     for (example, position), answer in zip(keys, answers):
+        scored = answer if answer is None or final_answer is None else final_answer(answer)
         rows.append({"model": label, "setting": eval_set.label, "position": position,
                      "num_documents": len(example.documents), "qid": example.qid, "question": example.question,
                      "answers": " | ".join(example.answers), "response": answer, "over_length": answer is None,
-                     "correct": None if answer is None else score_mdqa_answer(answer, example.answers), **fields})
+                     "correct": None if answer is None else score_mdqa_answer(scored, example.answers), **fields,
+                     **({} if final_answer is None else {"final_answer": scored})})
     return rows
 
 

@@ -135,3 +135,44 @@ def test_prepare_task_excludes_trained_on_questions():
     assert dict(task.report.notes)["excluded_trained_on"] == 1 and len(task.items) == 3
     assert all(question_key(i.question) not in used for i in task.items)
     assert "excluded_trained_on: 1" in task.report.summary()
+
+
+def test_answer_format_of_a_restating_baseline():
+    """MultidocQA's trained reply quotes, then answers after a marker: its final answer is what follows the marker,
+    a reply cut inside its quotes answered nothing, a direct reply is its own answer; other kinds have no format."""
+    from kvlib.generate import load_template
+
+    fmt = bl.answer_format("multidocqa")
+    assert fmt == bl.AnswerFormat("The relevant original text:", "So the answer is:")
+    reply = load_template("baseline_multidocqa.answer").format(quotes='Document [2]: "Paris is in France."',
+                                                                answer="Paris")
+    assert fmt.final_answer(reply) == "Paris"
+    assert fmt.final_answer('The relevant original text:\nDocument [2]: "Paris is') == ""
+    assert fmt.final_answer("Paris, of course.") == "Paris, of course."
+    assert [bl.answer_format(k) for k in ("mdqa", "in2", "niah")] == [None, None, None]
+
+
+def test_mdqa_answer_rules_budget_the_longest_target(tmp_path):
+    """A restating baseline gets the MDQA budget plus its longest training target (tokens); others get none."""
+    from kvlib.generate import Sample, write_split
+
+    P = from_mapping(bl.BaselinesNotebookParams, _params(
+        baselines={"MultidocQA": {"kind": "multidocqa"}, "needle": {"kind": "niah"}}, data_dir=str(tmp_path)))
+    samples = [Sample(prompt="p", answer="a", meta={"id": str(i), "n_tokens": 9, "draws": 1, "n_answer_tokens": n})
+               for i, n in enumerate((7, 40))]
+    write_split(P.baseline_dir("MultidocQA"), "train", samples)
+    rules = bl.mdqa_answer_rules(P)
+    assert list(rules) == ["MultidocQA"]
+    assert rules["MultidocQA"] == (bl.answer_format("multidocqa"), P.mdqa_params().max_new_tokens + 40)
+    table = bl.answer_format_table([
+        {"model": "MultidocQA", "setting": "s", "response": "The relevant original text:\nX\nSo the answer is: Y",
+         "correct": 1.0, "max_new_tokens": 140},
+        {"model": "MultidocQA", "setting": "s", "response": "The relevant original text:\nX", "correct": 0.0,
+         "max_new_tokens": 140},
+        {"model": "original", "setting": "s", "response": "Y", "correct": 1.0, "max_new_tokens": 100},
+        {"model": "original", "setting": "s", "response": None, "correct": None, "max_new_tokens": 100}], P)
+    assert table == [
+        {"model": "MultidocQA", "setting": "s", "max_new_tokens": 140, "replies": 2, "opened_restatement": 2,
+         "reached_answer": 1, "accuracy": 0.5},
+        {"model": "original", "setting": "s", "max_new_tokens": 100, "replies": 1, "opened_restatement": 0,
+         "reached_answer": 0, "accuracy": 1.0}]

@@ -82,6 +82,11 @@ def test_evaluate_mdqa_rows_scores_and_over_length(sets):
     assert counts[0]["n_items"] == len(s.examples) and counts[0]["n_over_length"] == len(s.examples) - 1
     table = evaluate.summarize(rows, ["setting"], ["correct"])
     assert table[0]["n"] == len(s.examples) and table[0]["correct"] == 0.0  # over the one scored item
+    # a model that writes something before its answer is scored on what `final_answer` keeps of each reply
+    quoting = ScriptedBackend(lambda p: "Quote: " + by_question[p.split("Question: ")[-1].split("\nAnswer:")[0]])
+    rows = evaluate.evaluate_mdqa(quoting, s, [1], 16, "m", final_answer=lambda reply: "")
+    assert all(r["correct"] == 0.0 and r["final_answer"] == "" and r["response"].startswith("Quote: ") for r in rows)
+    assert "final_answer" not in evaluate.evaluate_mdqa(quoting, s, [1], 16, "m")[0]
 
 
 def test_paired_deltas():
