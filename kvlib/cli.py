@@ -53,6 +53,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         notebooks_dir=Path(args.notebooks),
         force=args.force,
         dry_run=args.dry_run,
+        lock=not args.concurrent,
     )
 
 
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--force", action="store_true", help="re-run notebooks that already finished")
     rep.add_argument("--dry-run", action="store_true",
                      help="validate the profile offline and print what would run and what its models need")
+    rep.add_argument("--concurrent", action="store_true",
+                     help="run even while another kvlib reproduce runs on this machine (by default it waits: "
+                          "two runs share the CPU cores and each runs many times slower)")
     rep.set_defaults(func=_reproduce)
 
     mp = sub.add_parser("map", help="the paper-artifact reproduction map of a profile's results (Markdown)")

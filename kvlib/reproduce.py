@@ -10,6 +10,7 @@ params, notebook file, recorded inputs and outputs are unchanged is skipped on t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import importlib
@@ -20,12 +21,13 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from kvlib.config import ParamError, from_mapping, load_yaml, to_mapping
 from kvlib.reporting import (
@@ -619,6 +621,44 @@ def print_plan(jobs: list[NotebookJob], entries: dict[str, dict], out_dir: Path,
     return 0
 
 
+MACHINE_LOCK = Path(tempfile.gettempdir()) / "kvlib-reproduce.lock"
+
+
+@contextlib.contextmanager
+def one_run_per_machine(label: str, lock_path: Path | None = None) -> Iterator[None]:
+    """Hold the machine-wide lock of `kvlib reproduce` while a run executes; a second run waits for it, saying
+    which run holds it. Why: each run's kernel starts torch with a thread per core, so two runs at once fight
+    over the cores. On the 2-core reference machine an MDQA request took 200 s instead of 7 s (28x) while a
+    training ran beside it, and both finished later than one after the other. `--concurrent` skips the lock
+    (e.g. runs on separate GPUs). No lock where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = MACHINE_LOCK if lock_path is None else Path(lock_path)
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another run"
+            print(f"waiting for {holder} to finish ({path}): two runs at once share the CPU cores and each runs "
+                  f"many times slower; --concurrent runs anyway", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"kvlib reproduce {label} (pid {os.getpid()})")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_profile(
     profile: str,
     only: list[str] | None = None,
@@ -627,9 +667,11 @@ def run_profile(
     notebooks_dir: Path = Path("notebooks"),
     force: bool = False,
     dry_run: bool = False,
+    lock: bool = False,
 ) -> int:
     """Run the notebooks of `profile` (or the `only` ones) in order; 0 when all succeed, 1 at the first failure.
-    `dry_run`: validate and print the plan (`print_plan`) instead, offline, writing nothing.
+    `dry_run`: validate and print the plan (`print_plan`) instead, offline, writing nothing. `lock`: wait for
+    any other locked run on this machine first (`one_run_per_machine`; the CLI locks unless --concurrent).
 
     Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid.
     """
@@ -642,32 +684,36 @@ def run_profile(
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {"profile": profile, **environment_info(repo_root, results_root)}
 
-    for i, job in enumerate(jobs, 1):
-        tag = f"[{i}/{len(jobs)}] {job.name}"
-        # Read the manifest afresh for every notebook and again before writing: another `kvlib reproduce` of the
-        # same profile (e.g. `--only` another notebook, started while this one runs) may have added entries since,
-        # and writing a snapshot taken at start would silently drop them.
-        entries = load_manifest_entries(out_dir)
-        reason = "forced" if force else stale_reason(job, entries.get(job.name), out_dir, repo_root)
-        if reason is None:
-            print(f"{tag}: skip (up to date)", flush=True)
-            continue
-        if job.skip:
-            print(f"{tag}: not for this profile ({job.skip})", flush=True)
-            entries[job.name] = {**_entry_identity(job, repo_root), "status": "skipped", "reason": job.skip,
-                                 "outputs": [], "inputs": []}
+    # one run at a time per machine (see one_run_per_machine); params were validated above, before any wait
+    label = f"--profile {profile}" + "".join(f" --only {n}" for n in only or ())
+    with one_run_per_machine(label) if lock else contextlib.nullcontext():
+        for i, job in enumerate(jobs, 1):
+            tag = f"[{i}/{len(jobs)}] {job.name}"
+            # Read the manifest afresh for every notebook and again before writing: another `kvlib reproduce` of
+            # the same profile (e.g. `--only` another notebook, run --concurrent or on another machine sharing the
+            # results) may have added entries since, and writing a snapshot taken at start would drop them.
+            entries = load_manifest_entries(out_dir)
+            reason = "forced" if force else stale_reason(job, entries.get(job.name), out_dir, repo_root)
+            if reason is None:
+                print(f"{tag}: skip (up to date)", flush=True)
+                continue
+            if job.skip:
+                print(f"{tag}: not for this profile ({job.skip})", flush=True)
+                entries[job.name] = {**_entry_identity(job, repo_root), "status": "skipped", "reason": job.skip,
+                                     "outputs": [], "inputs": []}
+                write_manifest(out_dir, header, entries, params_root)
+                continue
+            print(f"{tag}: run ({reason})", flush=True)
+            entry, error = run_job(job, out_dir, repo_root)
+            entries = load_manifest_entries(out_dir)
+            _carry_over_cost(entry, entries.get(job.name))
+            entries[job.name] = entry
             write_manifest(out_dir, header, entries, params_root)
-            continue
-        print(f"{tag}: run ({reason})", flush=True)
-        entry, error = run_job(job, out_dir, repo_root)
-        entries = load_manifest_entries(out_dir)
-        _carry_over_cost(entry, entries.get(job.name))
-        entries[job.name] = entry
-        write_manifest(out_dir, header, entries, params_root)
-        if error is not None:
-            kept = f"; executed notebook kept at {out_dir / entry['outputs'][0]}" if entry["outputs"] else ""
-            print(f"kvlib reproduce: {job.name} failed{kept}\n{redact(format_error(error))}", file=sys.stderr)
-            return 1
-        print(f"{tag}: ok in {entry['wall_seconds']:.1f}s -> {out_dir / job.name}.html", flush=True)
-    # Nothing rewritten when everything was skipped: the header describes the run that produced the results.
-    return 0
+            if error is not None:
+                kept = f"; executed notebook kept at {out_dir / entry['outputs'][0]}" if entry["outputs"] else ""
+                print(f"kvlib reproduce: {job.name} failed{kept}\n{redact(format_error(error))}",
+                      file=sys.stderr)
+                return 1
+            print(f"{tag}: ok in {entry['wall_seconds']:.1f}s -> {out_dir / job.name}.html", flush=True)
+        # Nothing rewritten when everything was skipped: the header describes the run that produced the results.
+        return 0

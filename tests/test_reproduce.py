@@ -429,3 +429,47 @@ def test_git_info_dirty_means_changed_code_not_stray_files(tmp_path):
     (repo / "kvlib" / "b.py").unlink()
     (repo / "kvlib" / "a.py").write_text("x = 2\n")
     assert reproduce.git_info(repo, results)["dirty"] is True
+
+
+def test_one_run_per_machine_makes_a_second_run_wait_for_the_first(tmp_path, capsys):
+    """Two runs at once on a small CPU each run many times slower: the second waits, saying who holds the lock."""
+    import threading
+
+    from kvlib import reproduce
+
+    lock, order = tmp_path / "kvlib.lock", []
+
+    def second():
+        with reproduce.one_run_per_machine("--profile quick", lock):
+            order.append("second")
+
+    with reproduce.one_run_per_machine("--profile cpu --only 02_finetune", lock):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and order == []  # blocked while the first holds the lock
+        order.append("first")
+    t.join(10)
+    assert order == ["first", "second"]
+    assert "waiting for kvlib reproduce --profile cpu --only 02_finetune (pid" in capsys.readouterr().out
+    assert lock.read_text() == ""  # released: nobody named as holder
+
+
+def test_run_profile_takes_the_machine_lock_only_when_asked_and_after_validation(clone, monkeypatch):
+    """The CLI locks (unless --concurrent); library calls and dry runs do not, and a bad profile fails at once."""
+    import contextlib
+
+    taken = []
+
+    @contextlib.contextmanager
+    def record(label, lock_path=None):
+        taken.append(label)
+        yield
+
+    monkeypatch.setattr(reproduce, "one_run_per_machine", record)
+    assert run(clone, only=[NB2], force=True, lock=True) == 0 and taken == [f"--profile {PROFILE} --only {NB2}"]
+    assert run(clone, only=[NB2], force=True) == 0 and run(clone, dry_run=True, lock=True) == 0
+    with pytest.raises(ParamError):
+        reproduce.run_profile("nope", results_root=clone / "results", params_root=clone / "params",
+                              notebooks_dir=clone / "notebooks", lock=True)
+    assert len(taken) == 1
