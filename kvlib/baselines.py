@@ -1088,7 +1088,6 @@ def answer_format_table(mdqa_rows: Sequence[dict], P: BaselinesNotebookParams) -
     return out
 
 
-
 def evaluate_models(configs: Mapping[str, Any], P: BaselinesNotebookParams, mdqa_sets=None, flenqa_records=None,
                     general_tasks=None) -> dict[str, list[dict]]:
     """Each model loaded once and run through the sections' pipelines (those of notebooks 03, 04, 05);
