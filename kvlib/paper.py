@@ -396,18 +396,33 @@ MAP_START = "<!-- reproduction-map:{profile}:start (kvlib map --profile {profile
 MAP_END = "<!-- reproduction-map:{profile}:end -->"
 
 
+def readme_map_section(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
+                       link_root: str | Path | None = None) -> str:
+    """What goes between a profile's map markers in the README: the map, then the profile's wall time from its
+    manifest (what the results cost on this machine, with the notebooks not finished yet named)."""
+    from kvlib.reporting import wall_time_summary
+    from kvlib.reproduce import load_manifest_entries
+
+    entries = load_manifest_entries(Path(results_root) / profile)
+    text = map_markdown(reproduction_map(profile, results_root, params_root, link_root, entries=entries))
+    if entries:
+        notebooks = sorted(path.stem for path in (Path(params_root) / profile).glob("*.yaml"))
+        text += "\n" + wall_time_summary(entries, notebooks) + "\n"
+    return text
+
+
 def update_readme_map(readme: str | Path, profile: str, results_root: str | Path = "results",
                       params_root: str | Path = "params") -> bool:
-    """Replace the text between the profile's map markers in `readme` with the current reproduction map (links
-    relative to the README's folder). Returns whether the file changed; the markers must already be there."""
+    """Replace the text between the profile's map markers in `readme` with `readme_map_section` (links relative
+    to the README's folder). Returns whether the file changed; the markers must already be there."""
     readme = Path(readme)
     text = readme.read_text(encoding="utf-8")
     start, end = MAP_START.format(profile=profile), MAP_END.format(profile=profile)
     if start not in text or end not in text:
         raise ValueError(f"{readme}: add the lines\n{start}\n{end}\nwhere the {profile} map belongs")
-    table = map_markdown(reproduction_map(profile, results_root, params_root, link_root=readme.parent))
+    section = readme_map_section(profile, results_root, params_root, link_root=readme.parent)
     head, rest = text.split(start, 1)
-    new = f"{head}{start}\n{table}{end}{rest.split(end, 1)[1]}"
+    new = f"{head}{start}\n{section}{end}{rest.split(end, 1)[1]}"
     if new != text:
         readme.write_text(new, encoding="utf-8")
     return new != text

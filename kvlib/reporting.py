@@ -12,7 +12,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import pandas as pd
@@ -203,6 +203,26 @@ def _wall_time(entry: Mapping[str, Any]) -> str:
     return text
 
 
+def wall_seconds_total(entries: Mapping[str, Mapping[str, Any]]) -> float:
+    """What a profile's results cost: every run and attempt behind each notebook's latest results, summed."""
+    return sum(entry.get("wall_seconds_all_attempts", entry.get("wall_seconds")) or 0 for entry in entries.values())
+
+
+def wall_time_summary(entries: Mapping[str, Mapping[str, Any]], notebooks: Sequence[str] = ()) -> str:
+    """One line for the README under a profile's map: the total and each notebook's share, in minutes, with the
+    profile's `notebooks` that have not finished yet named (a total over a partial profile must not read as the
+    whole)."""
+    done = {n: e for n, e in sorted(entries.items()) if e.get("status") == "ok"}
+    parts = ", ".join(f"{n.split('_', 1)[0]} {wall_seconds_total({n: e}) / 60:.1f}" for n, e in done.items())
+    pending = sorted(n for n in {*entries, *notebooks}
+                     if (entries.get(n) or {}).get("status") not in ("ok", "skipped"))
+    text = (f"Wall time on this machine (manifest.json: all runs and attempts behind the latest results): "
+            f"{wall_seconds_total(done) / 3600:.1f} h for {len(done)} notebooks (minutes: {parts}).")
+    if pending:
+        text += f" Not finished yet: {', '.join(pending)}."
+    return text
+
+
 def _markdown_links_to_html(text: str) -> str:
     """`[text](href), ...` (the reproduction map's cells) as escaped HTML links."""
     import re
@@ -250,7 +270,7 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
             f"<td>{inputs}</td>"
             f"<td>{'<pre>' + e(dumps_json(facts)) + '</pre>' if facts else ''}</td>"
             "</tr>")
-    total = sum(entry.get("wall_seconds_all_attempts", entry.get("wall_seconds")) or 0 for entry in entries.values())
+    total = wall_seconds_total(entries)
     packages = ", ".join(f"{k} {v}" for k, v in sorted((manifest.get("packages") or {}).items()) if v)
     profile = str(manifest.get("profile", ""))
     return (

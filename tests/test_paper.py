@@ -157,6 +157,32 @@ def test_reproduction_map_reads_claims_from_the_manifest(tmp_path):
     assert table.count("\n") == len(paper.load().artifacts) + 2
 
 
+def test_readme_map_section_states_the_wall_time_and_what_has_not_finished(tmp_path):
+    """The README states each profile's measured wall time from its manifest (all attempts), and a partial
+    profile says which notebooks have not finished, so its total is not read as the whole run."""
+    import json
+
+    out = tmp_path / "results" / "p"
+    out.mkdir(parents=True)
+    (tmp_path / "params" / "p").mkdir(parents=True)
+    for nb in ("01_synthetic_data", "03_mdqa", "08_longer_context"):
+        (tmp_path / "params" / "p" / f"{nb}.yaml").write_text("{}")
+    (out / "manifest.json").write_text(json.dumps({"notebooks": {
+        "01_synthetic_data": {"status": "ok", "wall_seconds": 60, "wall_seconds_all_attempts": 60},
+        "03_mdqa": {"status": "ok", "wall_seconds": 600, "wall_seconds_all_attempts": 6540},  # resumed twice
+    }}))
+    section = paper.readme_map_section("p", tmp_path / "results", tmp_path / "params", tmp_path)
+    assert section.startswith(paper.map_markdown(paper.reproduction_map("p", tmp_path / "results",
+                                                                         tmp_path / "params", tmp_path)))
+    assert "1.8 h for 2 notebooks (minutes: 01 1.0, 03 109.0)" in section
+    assert section.rstrip().endswith("Not finished yet: 08_longer_context.")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{paper.MAP_START.format(profile='p')}\nold\n{paper.MAP_END.format(profile='p')}\nb\n")
+    assert paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params")
+    assert readme.read_text().count("Wall time on this machine") == 1
+    assert not paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params")  # idempotent
+
+
 def test_readme_maps_cover_every_artifact_are_current_and_every_link_resolves(monkeypatch):
     """The README's maps list every artifact of params/paper_reference.yaml, match what `kvlib map` generates from
     the committed results (re-run it after a notebook re-renders), and every link in the README resolves."""
@@ -171,7 +197,7 @@ def test_readme_maps_cover_every_artifact_are_current_and_every_link_resolves(mo
         section = text.split(start, 1)[1].split(end, 1)[0]
         for art in paper.load().artifacts:
             assert f"| {art['title']} |" in section, (profile, art["id"])
-        current = paper.map_markdown(paper.reproduction_map(profile, "results", "params", link_root=root))
+        current = paper.readme_map_section(profile, "results", "params", link_root=root)
         assert section == "\n" + current, f"the README's {profile} map is stale: run kvlib map --update README.md"
     for href in re.findall(r"\]\(([^)#]+)\)", text):
         if not href.startswith(("http://", "https://")):
