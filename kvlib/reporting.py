@@ -203,9 +203,15 @@ def _wall_time(entry: Mapping[str, Any]) -> str:
     return text
 
 
+def entry_wall_seconds(entry: Mapping[str, Any]) -> float:
+    """What a notebook's latest results cost: every run and attempt behind them (manifests written before
+    attempts were counted have only the last run's `wall_seconds`)."""
+    return entry.get("wall_seconds_all_attempts", entry.get("wall_seconds")) or 0
+
+
 def wall_seconds_total(entries: Mapping[str, Mapping[str, Any]]) -> float:
-    """What a profile's results cost: every run and attempt behind each notebook's latest results, summed."""
-    return sum(entry.get("wall_seconds_all_attempts", entry.get("wall_seconds")) or 0 for entry in entries.values())
+    """What a profile's results cost: `entry_wall_seconds` summed over its notebooks."""
+    return sum(entry_wall_seconds(entry) for entry in entries.values())
 
 
 def wall_time_summary(entries: Mapping[str, Mapping[str, Any]], notebooks: Sequence[str] = ()) -> str:
@@ -213,7 +219,7 @@ def wall_time_summary(entries: Mapping[str, Mapping[str, Any]], notebooks: Seque
     profile's `notebooks` that have not finished yet named (a total over a partial profile must not read as the
     whole)."""
     done = {n: e for n, e in sorted(entries.items()) if e.get("status") == "ok"}
-    parts = ", ".join(f"{n.split('_', 1)[0]} {wall_seconds_total({n: e}) / 60:.1f}" for n, e in done.items())
+    parts = ", ".join(f"{n.split('_', 1)[0]} {entry_wall_seconds(e) / 60:.1f}" for n, e in done.items())
     pending = sorted(n for n in {*entries, *notebooks}
                      if (entries.get(n) or {}).get("status") not in ("ok", "skipped"))
     text = (f"Wall time on this machine (manifest.json: all runs and attempts behind the latest results): "

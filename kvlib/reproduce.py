@@ -31,8 +31,8 @@ from typing import Any, Iterator, Mapping
 
 from kvlib.config import ParamError, from_mapping, load_yaml, to_mapping
 from kvlib.reporting import (
-    BOOKKEEPING_FILES, INDEX_FILE, atomic_write_text, dumps_json, file_sha256, input_record, merge_inputs,
-    read_facts, read_inputs, render_index, sha256_text,
+    BOOKKEEPING_FILES, INDEX_FILE, atomic_write_text, dumps_json, entry_wall_seconds, file_sha256, input_record,
+    merge_inputs, read_facts, read_inputs, render_index, sha256_text,
 )
 
 # Notebook name -> params dataclass ("module:ClassName", imported only when that notebook is selected, or the
@@ -526,9 +526,7 @@ def _carry_over_cost(entry: dict, previous: Mapping[str, Any] | None) -> None:
     predecessors computed, so their time counts toward what these results cost; changed params start over."""
     if previous and previous.get("status") == "ok" and previous.get("params_sha256") == entry["params_sha256"]:
         entry["attempts"] += previous.get("attempts", 1)
-        entry["wall_seconds_all_attempts"] = round(
-            entry["wall_seconds_all_attempts"]
-            + previous.get("wall_seconds_all_attempts", previous.get("wall_seconds") or 0), 3)
+        entry["wall_seconds_all_attempts"] = round(entry["wall_seconds_all_attempts"] + entry_wall_seconds(previous), 3)
 
 
 def _attempts_path(out_dir: Path, name: str) -> Path:
