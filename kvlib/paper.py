@@ -397,22 +397,22 @@ MAP_END = "<!-- reproduction-map:{profile}:end -->"
 
 
 def readme_map_section(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
-                       link_root: str | Path | None = None) -> str:
+                       link_root: str | Path | None = None, notebooks_dir: str | Path = "notebooks") -> str:
     """What goes between a profile's map markers in the README: the map, then the profile's wall time from its
-    manifest (what the results cost on this machine, with the notebooks not finished yet named)."""
+    manifest (what the results cost on this machine, with the notebooks `kvlib reproduce` runs from
+    `notebooks_dir` that have not finished yet named)."""
     from kvlib.reporting import wall_time_summary
-    from kvlib.reproduce import load_manifest_entries
+    from kvlib.reproduce import discover_notebooks, load_manifest_entries
 
     entries = load_manifest_entries(Path(results_root) / profile)
     text = map_markdown(reproduction_map(profile, results_root, params_root, link_root, entries=entries))
     if entries:
-        notebooks = sorted(path.stem for path in (Path(params_root) / profile).glob("*.yaml"))
-        text += "\n" + wall_time_summary(entries, notebooks) + "\n"
+        text += "\n" + wall_time_summary(entries, list(discover_notebooks(Path(notebooks_dir)))) + "\n"
     return text
 
 
 def update_readme_map(readme: str | Path, profile: str, results_root: str | Path = "results",
-                      params_root: str | Path = "params") -> bool:
+                      params_root: str | Path = "params", notebooks_dir: str | Path = "notebooks") -> bool:
     """Replace the text between the profile's map markers in `readme` with `readme_map_section` (links relative
     to the README's folder). Returns whether the file changed; the markers must already be there."""
     readme = Path(readme)
@@ -420,7 +420,7 @@ def update_readme_map(readme: str | Path, profile: str, results_root: str | Path
     start, end = MAP_START.format(profile=profile), MAP_END.format(profile=profile)
     if start not in text or end not in text:
         raise ValueError(f"{readme}: add the lines\n{start}\n{end}\nwhere the {profile} map belongs")
-    section = readme_map_section(profile, results_root, params_root, link_root=readme.parent)
+    section = readme_map_section(profile, results_root, params_root, readme.parent, notebooks_dir)
     head, rest = text.split(start, 1)
     new = f"{head}{start}\n{section}{end}{rest.split(end, 1)[1]}"
     if new != text:

@@ -165,22 +165,26 @@ def test_readme_map_section_states_the_wall_time_and_what_has_not_finished(tmp_p
     out = tmp_path / "results" / "p"
     out.mkdir(parents=True)
     (tmp_path / "params" / "p").mkdir(parents=True)
+    (tmp_path / "notebooks").mkdir()
     for nb in ("01_synthetic_data", "03_mdqa", "08_longer_context"):
         (tmp_path / "params" / "p" / f"{nb}.yaml").write_text("{}")
+        (tmp_path / "notebooks" / f"{nb}.ipynb").write_text("{}")
+    (tmp_path / "params" / "p" / "accelerate_fsdp.yaml").write_text("{}")  # a params file that is no notebook
     (out / "manifest.json").write_text(json.dumps({"notebooks": {
         "01_synthetic_data": {"status": "ok", "wall_seconds": 60, "wall_seconds_all_attempts": 60},
         "03_mdqa": {"status": "ok", "wall_seconds": 600, "wall_seconds_all_attempts": 6540},  # resumed twice
     }}))
-    section = paper.readme_map_section("p", tmp_path / "results", tmp_path / "params", tmp_path)
+    section = paper.readme_map_section("p", tmp_path / "results", tmp_path / "params", tmp_path, tmp_path / "notebooks")
     assert section.startswith(paper.map_markdown(paper.reproduction_map("p", tmp_path / "results",
                                                                          tmp_path / "params", tmp_path)))
     assert "1.8 h for 2 notebooks (minutes: 01 1.0, 03 109.0)" in section
     assert section.rstrip().endswith("Not finished yet: 08_longer_context.")
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{paper.MAP_START.format(profile='p')}\nold\n{paper.MAP_END.format(profile='p')}\nb\n")
-    assert paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params")
+    assert paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params", tmp_path / "notebooks")
     assert readme.read_text().count("Wall time on this machine") == 1
-    assert not paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params")  # idempotent
+    assert not paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params",
+                                       tmp_path / "notebooks")  # idempotent
 
 
 def test_readme_maps_cover_every_artifact_are_current_and_every_link_resolves(monkeypatch):
