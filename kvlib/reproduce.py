@@ -330,6 +330,24 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# Entries written before run_identity_inputs recorded a run's train_summary.json, whose hash changes with every
+# retraining (it holds the wall time), so it cannot tell the same recipe retrained from another recipe. Such
+# records are not compared: the run's recipe is in the params (compared above) and its training file is
+# recorded as an input of its own.
+LEGACY_RUN_SUMMARY = "train_summary.json"
+
+
+def is_derived_input(recorded_path: str, repo_root: Path) -> bool:
+    """Whether an input is a file the pipeline derives itself (a generated dataset under runs/, a run's
+    run_identity.json): a path inside the checkout that git ignores. Why it matters: such files live only on
+    the machine that made them, so on a fresh machine (a new session, a CI clone) they are absent although
+    nothing changed; they are regenerated from the same params on use, and once regenerated a different hash
+    makes the result stale. An absent data file or tracked template still does."""
+    if Path(recorded_path).is_absolute():
+        return False
+    return _git(repo_root, "check-ignore", "-q", "--", recorded_path) is not None
+
+
 def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root: Path) -> str | None:
     """Why `job` must run again, or None when its previous result is still valid."""
     if entry is None:
@@ -345,7 +363,11 @@ def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root:
             return f"output {output} missing"
     for item in entry.get("inputs", []):
         path = repo_root / item["path"]  # relative paths were recorded from the repo root (absolute stay so)
+        if Path(item["path"]).name == LEGACY_RUN_SUMMARY:
+            continue  # see LEGACY_RUN_SUMMARY
         if not path.is_file():
+            if is_derived_input(item["path"], repo_root):
+                continue  # see is_derived_input: absent on this machine is not changed
             return f"input {item['path']} missing"
         if file_sha256(path) != item["sha256"]:
             return f"input {item['path']} changed"
@@ -471,7 +493,7 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
         "attempts": len(attempts),
         "wall_seconds_all_attempts": round(sum(a["seconds"] for a in attempts), 3),
         "outputs": outputs,
-        "inputs": merge_inputs(read_inputs(out_dir, job.name), run_summary_inputs(job, repo_root)),
+        "inputs": merge_inputs(read_inputs(out_dir, job.name), run_identity_inputs(job, repo_root)),
     }
     facts = read_facts(out_dir, job.name)
     if facts:
@@ -500,11 +522,13 @@ def referenced_runs(data: Any) -> list[str]:
     return sorted(found)
 
 
-def run_summary_inputs(job: NotebookJob, repo_root: Path) -> list[dict]:
-    """The train_summary.json of every HF run the job's params refer to, as recorded inputs: a run retrained
-    (another recipe or dataset) then makes the notebook stale, as a changed data file does. Recorded after the
-    notebook ran, so the runs it trained on first use are included."""
-    from kvlib.train import SUMMARY_FILE, profile_finetune_params
+def run_identity_inputs(job: NotebookJob, repo_root: Path) -> list[dict]:
+    """The run_identity.json (config and training-file hashes) of every HF run the job's params refer to, as
+    recorded inputs: a run retrained with another recipe or dataset then makes the notebook stale, as a changed
+    data file does, while the same recipe retrained on another machine does not (train_summary.json, recorded
+    before, also holds wall times). Recorded after the notebook ran, so the runs it trained on first use are
+    included."""
+    from kvlib.train import IDENTITY_FILE, profile_finetune_params
 
     names = referenced_runs(job.params)
     if not names or job.skip:
@@ -514,8 +538,8 @@ def run_summary_inputs(job: NotebookJob, repo_root: Path) -> list[dict]:
     for name in names:
         if name not in jobs:  # an OpenAI run: its model is a name on the API, nothing local to hash
             continue
-        summary = Path(jobs[name].train_config.out_dir) / SUMMARY_FILE
-        path = summary if summary.is_absolute() else repo_root / summary
+        identity = Path(jobs[name].train_config.out_dir) / IDENTITY_FILE
+        path = identity if identity.is_absolute() else repo_root / identity
         if path.is_file():
             entries.append(input_record(path, _relative(path, repo_root)))
     return entries

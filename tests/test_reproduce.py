@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kvlib import reproduce
+from kvlib import reporting, reproduce
 from kvlib.config import ParamError, check_positive
 
 PROFILE = "tiny"
@@ -395,18 +395,52 @@ def test_a_retrained_run_makes_the_notebooks_that_evaluate_it_stale(tmp_path):
         params_file=repo_params / "quick" / "03_mdqa.yaml",
         injected={"profile": "quick", "models": {"finetuned": {"run": "simple-template"}}},
         seeds={}, params_sha256="p", notebook_sha256="n")
-    assert reproduce.run_summary_inputs(job, tmp_path) == []  # not trained yet: nothing to record
-    summary = tmp_path / "runs" / "models" / "quick" / "simple-template" / "train_summary.json"
+    assert reproduce.run_identity_inputs(job, tmp_path) == []  # not trained yet: nothing to record
+    summary = tmp_path / "runs" / "models" / "quick" / "simple-template" / "run_identity.json"
     summary.parent.mkdir(parents=True)
     summary.write_text('{"config_sha256": "a"}\n')
-    inputs = reproduce.run_summary_inputs(job, tmp_path)
-    assert [i["path"] for i in inputs] == ["runs/models/quick/simple-template/train_summary.json"]
+    inputs = reproduce.run_identity_inputs(job, tmp_path)
+    assert [i["path"] for i in inputs] == ["runs/models/quick/simple-template/run_identity.json"]
     (tmp_path / "results").mkdir()
     entry = {"status": "ok", "params_sha256": "p", "notebook_sha256": "n", "outputs": [], "inputs": inputs}
     assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) is None
     summary.write_text('{"config_sha256": "b"}\n')  # the run was retrained with another recipe
     assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
-        "input runs/models/quick/simple-template/train_summary.json changed")
+        "input runs/models/quick/simple-template/run_identity.json changed")
+    legacy = {**entry, "inputs": [{**inputs[0], "path": "runs/models/quick/simple-template/train_summary.json"}]}
+    assert reproduce.stale_reason(job, legacy, tmp_path / "results", tmp_path) is None  # not comparable
+
+
+def test_a_derived_input_absent_on_a_fresh_machine_is_not_a_change(tmp_path):
+    # A new session's machine has the committed results but not runs/ (git-ignored): the generated dataset a
+    # notebook read is absent there, not changed, so hours of finished results must not re-run for it; an
+    # absent tracked file or data file still counts, and a regenerated derived file with another hash too.
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("/runs/\n")
+    (tmp_path / "kvlib").mkdir()
+    (tmp_path / "results").mkdir()
+    template = tmp_path / "kvlib" / "t.txt"
+    template.write_text("tracked\n")
+    derived = tmp_path / "runs" / "data" / "cpu" / "flenqa.jsonl"
+    derived.parent.mkdir(parents=True)
+    derived.write_text("{}\n")
+    job = reproduce.NotebookJob(name="04_flenqa", notebook=tmp_path / "nb.ipynb", params_file=tmp_path / "p.yaml",
+                                injected={}, seeds={}, params_sha256="p", notebook_sha256="n")
+    inputs = [reporting.input_record(derived, "runs/data/cpu/flenqa.jsonl"),
+              reporting.input_record(template, "kvlib/t.txt")]
+    entry = {"status": "ok", "params_sha256": "p", "notebook_sha256": "n", "outputs": [], "inputs": inputs}
+    assert reproduce.is_derived_input("runs/data/cpu/flenqa.jsonl", tmp_path)
+    assert not reproduce.is_derived_input("kvlib/t.txt", tmp_path)
+    assert not reproduce.is_derived_input(str(tmp_path / "runs" / "x"), tmp_path)  # absolute: a data file
+    shutil.rmtree(tmp_path / "runs")  # the fresh machine
+    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) is None
+    derived.parent.mkdir(parents=True)
+    derived.write_text('{"regenerated": "differently"}\n')
+    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
+        "input runs/data/cpu/flenqa.jsonl changed")
+    derived.unlink()
+    template.unlink()
+    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == "input kvlib/t.txt missing"
 
 
 def test_git_info_dirty_means_changed_code_not_stray_files(tmp_path):
