@@ -330,13 +330,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# Entries written before run_identity_inputs recorded a run's train_summary.json, whose hash changes with every
-# retraining (it holds the wall time), so it cannot tell the same recipe retrained from another recipe. Such
-# records are not compared: the run's recipe is in the params (compared above) and its training file is
-# recorded as an input of its own.
-LEGACY_RUN_SUMMARY = "train_summary.json"
-
-
 def is_derived_input(recorded_path: str, repo_root: Path) -> bool:
     """Whether an input is a file the pipeline derives itself (a generated dataset under runs/, a run's
     run_identity.json): a path inside the checkout that git ignores. Why it matters: such files live only on
@@ -350,6 +343,8 @@ def is_derived_input(recorded_path: str, repo_root: Path) -> bool:
 
 def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root: Path) -> str | None:
     """Why `job` must run again, or None when its previous result is still valid."""
+    from kvlib.train import SUMMARY_FILE
+
     if entry is None:
         return "no previous run"
     if entry.get("status") not in ("ok", "skipped"):
@@ -363,8 +358,12 @@ def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root:
             return f"output {output} missing"
     for item in entry.get("inputs", []):
         path = repo_root / item["path"]  # relative paths were recorded from the repo root (absolute stay so)
-        if Path(item["path"]).name == LEGACY_RUN_SUMMARY:
-            continue  # see LEGACY_RUN_SUMMARY
+        if Path(item["path"]).name == SUMMARY_FILE and is_derived_input(item["path"], repo_root):
+            # A run's train_summary.json, recorded by entries written before run_identity_inputs: it holds the
+            # wall time, so its hash changes with every retraining and cannot tell the same recipe retrained
+            # from another recipe. It is not compared; such an entry misses a recipe change of a run defined in
+            # another notebook's params until it re-runs (a training file the notebook recorded is still compared).
+            continue
         if not path.is_file():
             if is_derived_input(item["path"], repo_root):
                 continue  # see is_derived_input: absent on this machine is not changed

@@ -395,6 +395,8 @@ def test_a_retrained_run_makes_the_notebooks_that_evaluate_it_stale(tmp_path):
         params_file=repo_params / "quick" / "03_mdqa.yaml",
         injected={"profile": "quick", "models": {"finetuned": {"run": "simple-template"}}},
         seeds={}, params_sha256="p", notebook_sha256="n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # runs/ is git-ignored, as in the repo
+    (tmp_path / ".gitignore").write_text("/runs/\n")
     assert reproduce.run_identity_inputs(job, tmp_path) == []  # not trained yet: nothing to record
     summary = tmp_path / "runs" / "models" / "quick" / "simple-template" / "run_identity.json"
     summary.parent.mkdir(parents=True)
@@ -409,6 +411,9 @@ def test_a_retrained_run_makes_the_notebooks_that_evaluate_it_stale(tmp_path):
         "input runs/models/quick/simple-template/run_identity.json changed")
     legacy = {**entry, "inputs": [{**inputs[0], "path": "runs/models/quick/simple-template/train_summary.json"}]}
     assert reproduce.stale_reason(job, legacy, tmp_path / "results", tmp_path) is None  # not comparable
+    tracked = {**entry, "inputs": [{**inputs[0], "path": "data/train_summary.json"}]}  # not a run's record
+    assert reproduce.stale_reason(job, tracked, tmp_path / "results", tmp_path) == (
+        "input data/train_summary.json missing")
 
 
 def test_a_derived_input_absent_on_a_fresh_machine_is_not_a_change(tmp_path):
