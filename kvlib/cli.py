@@ -64,7 +64,7 @@ def _map(args: argparse.Namespace) -> int:
         changed = paper.update_readme_map(args.update, args.profile, args.results, args.params_dir)
         print(f"{args.update}: {args.profile} map {'updated' if changed else 'already up to date'}")
     else:
-        print(paper.map_markdown(paper.reproduction_map(args.profile, args.results, args.params_dir)), end="")
+        print(paper.readme_map_section(args.profile, args.results, args.params_dir), end="")
     return 0
 
 

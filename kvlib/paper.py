@@ -333,12 +333,14 @@ def _model_of(entry: Mapping[str, Any]) -> str:
 
 
 def reproduction_map(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
-                     link_root: str | Path | None = None, entries: Mapping[str, dict] | None = None) -> list[dict]:
+                     link_root: str | Path | None = None, entries: Mapping[str, dict] | None = None,
+                     changed: Mapping[str, str] | None = None) -> list[dict]:
     """One row per paper artifact for `profile`, from its manifest's notebook entries (`entries`, default: read
     from results/<profile>/manifest.json): the notebook (its html), params file, result files and model, and the
     verdict aggregated from the claims the notebook recorded. Links are relative to `link_root` (default: the
     working directory, i.e. the repository root) and are given only for files that exist, so every link
-    resolves."""
+    resolves. `changed` (kvlib.reproduce.changed_since_run: notebook -> reason) marks the verdicts of results
+    that an earlier params or notebook version produced, so they are not read as the current configuration's."""
     import os
 
     from kvlib.reproduce import load_manifest_entries
@@ -371,6 +373,8 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
             verdict_text += " (" + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")"
         else:
             verdict_text = "not measured (no claim recorded)"
+        if ok and nb in (changed or {}):
+            verdict_text = f"stale ({changed[nb]} since this run; kvlib reproduce re-runs it): {verdict_text}"
         files = [link(results_dir / r, Path(r).name) for r in art["results"]] if ok else []
         rows.append({
             "artifact": art["title"],
@@ -400,14 +404,16 @@ def readme_map_section(profile: str, results_root: str | Path = "results", param
                        link_root: str | Path | None = None, notebooks_dir: str | Path = "notebooks") -> str:
     """What goes between a profile's map markers in the README: the map, then the profile's wall time from its
     manifest (what the results cost on this machine, with the notebooks `kvlib reproduce` runs from
-    `notebooks_dir` that have not finished yet named)."""
+    `notebooks_dir` that have not finished yet, or changed since they ran, named)."""
     from kvlib.reporting import wall_time_summary
-    from kvlib.reproduce import discover_notebooks, load_manifest_entries
+    from kvlib.reproduce import changed_since_run, discover_notebooks, load_manifest_entries
 
     entries = load_manifest_entries(Path(results_root) / profile)
-    text = map_markdown(reproduction_map(profile, results_root, params_root, link_root, entries=entries))
+    changed = changed_since_run(profile, entries, Path(params_root), Path(notebooks_dir))
+    text = map_markdown(reproduction_map(profile, results_root, params_root, link_root, entries=entries,
+                                         changed=changed))
     if entries:
-        text += "\n" + wall_time_summary(entries, list(discover_notebooks(Path(notebooks_dir)))) + "\n"
+        text += "\n" + wall_time_summary(entries, list(discover_notebooks(Path(notebooks_dir))), changed) + "\n"
     return text
 
 

@@ -303,16 +303,19 @@ def load_manifest_entries(out_dir: Path) -> dict[str, dict]:
         return {}
 
 
-def write_manifest(out_dir: Path, header: dict, entries: dict[str, dict], params_root: Path = Path("params")) -> None:
+def write_manifest(out_dir: Path, header: dict, entries: dict[str, dict], params_root: Path = Path("params"),
+                   notebooks_dir: Path = Path("notebooks")) -> None:
     """manifest.json and the index.html page rendered from it, always together."""
     manifest = {**header, "notebooks": entries}
     atomic_write_text(out_dir / MANIFEST_FILE, redact(dumps_json(manifest)))
-    write_index(out_dir, params_root, manifest)
+    write_index(out_dir, params_root, manifest, notebooks_dir)
 
 
-def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dict | None = None) -> Path:
+def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dict | None = None,
+                notebooks_dir: Path = Path("notebooks")) -> Path:
     """index.html from the manifest (default: read from out_dir/manifest.json), with the reproduction map
-    (kvlib.paper) when the profile ran any notebook of the paper's artifacts."""
+    (kvlib.paper) when the profile ran any notebook of the paper's artifacts; results whose params or notebook
+    changed since they ran are marked stale there (`changed_since_run`)."""
     from kvlib import paper
 
     out_dir = Path(out_dir)
@@ -322,7 +325,8 @@ def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dic
     map_rows = None
     if {a["notebook"] for a in paper.load().artifacts} & set(entries):
         map_rows = paper.reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir,
-                                          entries=entries)
+                                          entries=entries, changed=changed_since_run(
+                                              out_dir.name, entries, Path(params_root), Path(notebooks_dir)))
     return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows)))
 
 
@@ -341,6 +345,39 @@ def is_derived_input(recorded_path: str, repo_root: Path) -> bool:
     return _git(repo_root, "check-ignore", "-q", "--", recorded_path) is not None
 
 
+def definition_change(job: NotebookJob, entry: Mapping[str, Any]) -> str | None:
+    """Whether the committed files that define `job` (its params, the notebook) differ from those its manifest
+    `entry` ran with: the part of `stale_reason` that reads only tracked files, so it is the same on every
+    checkout."""
+    if entry.get("params_sha256") != job.params_sha256:
+        return "params changed"
+    if entry.get("notebook_sha256") != job.notebook_sha256:
+        return "notebook changed"
+    return None
+
+
+def changed_since_run(profile: str, entries: Mapping[str, Mapping[str, Any]], params_root: Path,
+                      notebooks_dir: Path) -> dict[str, str]:
+    """The finished notebooks of a profile whose params or notebook changed after they ran (`definition_change`),
+    with the reason: their results stand as what the earlier version produced, and `kvlib reproduce` runs them
+    again. Entries without recorded fingerprints, and notebooks whose params do not validate or whose files are
+    gone, are left out: `kvlib reproduce` reports those itself."""
+    profile_dir = Path(params_root) / profile
+    changed = {}
+    for name, entry in entries.items():
+        notebook = Path(notebooks_dir) / f"{name}.ipynb"
+        if entry.get("status") != "ok" or "params_sha256" not in entry or not notebook.is_file():
+            continue
+        try:
+            job = _make_job(name, notebook, profile, profile_dir, Path("results") / profile)
+        except ParamError:
+            continue
+        reason = definition_change(job, entry)
+        if reason:
+            changed[name] = reason
+    return changed
+
+
 def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root: Path) -> str | None:
     """Why `job` must run again, or None when its previous result is still valid."""
     from kvlib.train import SUMMARY_FILE
@@ -349,10 +386,9 @@ def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root:
         return "no previous run"
     if entry.get("status") not in ("ok", "skipped"):
         return f"previous run {entry.get('status')}"
-    if entry.get("params_sha256") != job.params_sha256:
-        return "params changed"
-    if entry.get("notebook_sha256") != job.notebook_sha256:
-        return "notebook changed"
+    changed = definition_change(job, entry)
+    if changed:
+        return changed
     for output in entry.get("outputs", []):
         if not (out_dir / output).is_file():
             return f"output {output} missing"
@@ -722,14 +758,14 @@ def run_profile(
                 print(f"{tag}: not for this profile ({job.skip})", flush=True)
                 entries[job.name] = {**_entry_identity(job, repo_root), "status": "skipped", "reason": job.skip,
                                      "outputs": [], "inputs": []}
-                write_manifest(out_dir, header, entries, params_root)
+                write_manifest(out_dir, header, entries, params_root, notebooks_dir)
                 continue
             print(f"{tag}: run ({reason})", flush=True)
             entry, error = run_job(job, out_dir, repo_root)
             entries = load_manifest_entries(out_dir)
             _carry_over_cost(entry, entries.get(job.name))
             entries[job.name] = entry
-            write_manifest(out_dir, header, entries, params_root)
+            write_manifest(out_dir, header, entries, params_root, notebooks_dir)
             if error is not None:
                 kept = f"; executed notebook kept at {out_dir / entry['outputs'][0]}" if entry["outputs"] else ""
                 print(f"kvlib reproduce: {job.name} failed{kept}\n{redact(format_error(error))}",

@@ -153,6 +153,12 @@ def test_reproduction_map_reads_claims_from_the_manifest(tmp_path):
     assert rows["Fig. 5"]["results"] == "[mdqa_by_position.png](results/p/03_mdqa/mdqa_by_position.png)"
     assert rows["Fig. 5"]["model"] == "tiny" and rows["Fig. 5"]["params"] == ""  # no params file: no link
     assert rows["Table 1"]["verdict"] == "not run in this profile yet"
+    stale = {r["artifact"].split(":")[0]: r for r in paper.reproduction_map(
+        "p", tmp_path / "results", tmp_path / "params", tmp_path, changed={"03_mdqa": "params changed"})}
+    assert stale["Fig. 10"]["verdict"] == ("stale (params changed since this run; kvlib reproduce re-runs it): "
+                                           "holds (1 holds)")
+    assert stale["Fig. 10"]["results"] == rows["Fig. 10"]["results"]  # what it produced stays linked
+    assert stale["Table 1"]["verdict"] == "not run in this profile yet"
     table = paper.map_markdown(list(rows.values()))
     assert table.count("\n") == len(paper.load().artifacts) + 2
 
@@ -179,6 +185,12 @@ def test_readme_map_section_states_the_wall_time_and_what_has_not_finished(tmp_p
                                                                          tmp_path / "params", tmp_path)))
     assert "1.8 h for 2 notebooks (minutes: 01 1.0, 03 109.0)" in section
     assert section.rstrip().endswith("Not finished yet: 08_longer_context.")
+    from kvlib.reporting import wall_time_summary
+
+    line = wall_time_summary(json.loads((out / "manifest.json").read_text())["notebooks"], ["08_longer_context"],
+                             {"03_mdqa": "params changed"})
+    assert line.endswith("Not finished yet: 08_longer_context. To run again (changed since they ran): "
+                         "03_mdqa (params changed).")
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{paper.MAP_START.format(profile='p')}\nold\n{paper.MAP_END.format(profile='p')}\nb\n")
     assert paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params", tmp_path / "notebooks")

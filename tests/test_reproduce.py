@@ -284,6 +284,23 @@ def test_params_change_reruns_that_notebook(clone, capsys):
     assert manifest(clone)["notebooks"][NB1]["params"]["repeat"] == 3
 
 
+def test_changed_since_run_names_results_whose_params_or_notebook_changed(clone):
+    """The map marks results that an earlier params or notebook version produced: the same fingerprints that make
+    `kvlib reproduce` re-run them, read from tracked files only (no data or derived inputs)."""
+    entries = reproduce.load_manifest_entries(out_dir(clone))
+    args = (PROFILE, entries, clone / "params", clone / "notebooks")
+    assert reproduce.changed_since_run(*args) == {}
+    (clone / "params" / PROFILE / f"{NB1}.yaml").write_text("message: hi\nrepeat: 3\n")
+    _write_notebook(clone / "notebooks" / f"{NB2}.ipynb", 'results_dir = "."\nseed = 0\nfail = False',
+                    NB2_CODE + "print('edited')\n")
+    assert reproduce.changed_since_run(*args) == {NB1: "params changed", NB2: "notebook changed"}
+    (clone / "data" / "input.txt").write_text("other data\n")  # an input is no definition: not reported here
+    (clone / "params" / PROFILE / f"{NB1}.yaml").write_text("message: hi\nrepeat: -1\n")  # invalid: reproduce says so
+    unfingerprinted = {NB1: {**entries[NB1]}, NB2: {k: v for k, v in entries[NB2].items() if k != "params_sha256"}}
+    assert reproduce.changed_since_run(PROFILE, unfingerprinted, clone / "params", clone / "notebooks") == {}
+    reproduce.write_index(out_dir(clone), clone / "params", notebooks_dir=clone / "notebooks")  # still renders
+
+
 def test_changed_input_data_reruns_the_notebook_that_read_it(clone, capsys):
     (clone / "data" / "input.txt").write_text("different data\n")
     assert run(clone) == 0
