@@ -371,11 +371,29 @@ def checkpoints_belong_to(cfg: TrainConfig, identity: dict | None = None) -> boo
     return False
 
 
-def last_checkpoint(cfg: TrainConfig) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _checkpoint_is_complete(path: Path) -> bool:
+    # Trainer writes trainer_state.json last (after weights, optimizer and RNG states): a process killed while
+    # saving leaves a directory without it, or with it cut short, and resuming from that one would fail.
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
+
+def checkpoint_dirs(cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) Trainer checkpoints in out_dir/checkpoints, each by step."""
     ckpt_dir = Path(cfg.out_dir) / "checkpoints"
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:])) if ckpt_dir.is_dir() else []
+    complete = [p for p in found if _checkpoint_is_complete(p)]
+    return complete, [p for p in found if p not in complete]
+
+
+def last_checkpoint(cfg: TrainConfig) -> str | None:
+    """The newest complete checkpoint (one cut short by a kill while saving is passed over)."""
+    complete, _ = checkpoint_dirs(cfg)
+    return str(complete[-1]) if complete else None
 
 
 def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: list | None = None) -> dict:
@@ -405,6 +423,9 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
         elif resume is True:
             raise ParamError(f"out_dir: --resume given but the checkpoints in {out / 'checkpoints'} are of another "
                              f"config or training file ({IDENTITY_FILE} differs)")
+    for partial in checkpoint_dirs(cfg)[1]:  # a save cut short: Trainer would write that step's again into it
+        print(f"kvlib train: removing {partial} (its save was interrupted)", flush=True)
+        shutil.rmtree(partial)
     if resume is True and ckpt is None:
         raise ParamError(f"out_dir: --resume given but {out / 'checkpoints'} holds no checkpoint")
     if resume is False and ckpt is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,24 @@ class KillAt:
             raise KeyboardInterrupt(f"killed at step {state.global_step}")
 
 
+def test_last_checkpoint_passes_over_a_save_cut_short(tmp_path):
+    """Trainer writes trainer_state.json last: a checkpoint without it, or with it truncated, was being saved
+    when the process died, so resuming uses the newest complete one."""
+    cfg = train.TrainConfig(train_file="unused.jsonl", out_dir=str(tmp_path))
+    assert train.last_checkpoint(cfg) is None
+    ckpts = tmp_path / "checkpoints"
+    for step, state in ((10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, '{"global_st'), (40, None)):
+        (ckpts / f"checkpoint-{step}").mkdir(parents=True)
+        (ckpts / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"w")
+        if state is not None:
+            (ckpts / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (ckpts / "checkpoint-x").mkdir()  # not a Trainer checkpoint name
+    assert train.last_checkpoint(cfg) == str(ckpts / "checkpoint-20")
+    complete, partial = train.checkpoint_dirs(cfg)
+    assert [p.name for p in complete] == ["checkpoint-10", "checkpoint-20"]
+    assert [p.name for p in partial] == ["checkpoint-30", "checkpoint-40"]
+
+
 @pytest.mark.slow
 def test_resume_gives_same_final_weights(chat_file, tiny_model, tmp_path):
     straight = make_cfg(chat_file, tiny_model, tmp_path / "straight")
@@ -158,6 +177,11 @@ def test_resume_gives_same_final_weights(chat_file, tiny_model, tmp_path):
     killed = make_cfg(chat_file, tiny_model, tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
         train.train(killed, resume=False, callbacks=[KillAt(3)])
+    assert train.last_checkpoint(killed).endswith("checkpoint-2")
+    # a process killed while saving step 4 leaves that checkpoint without its trainer state: passed over, removed
+    partial = tmp_path / "killed" / "checkpoints" / "checkpoint-4"
+    shutil.copytree(tmp_path / "killed" / "checkpoints" / "checkpoint-2", partial)
+    (partial / "trainer_state.json").unlink()
     assert train.last_checkpoint(killed).endswith("checkpoint-2")
     assert not train.is_finished(killed)
     with pytest.raises(ParamError, match="pass --resume"):
