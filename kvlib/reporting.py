@@ -124,12 +124,24 @@ def _expand_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+# Recorded data-file paths start with this instead of the data directory's location on the recording machine,
+# so a clone whose data lives elsewhere ($KVLIB_DATA_DIR) still finds them (kvlib.reproduce.locate_input).
+DATA_DIR_PREFIX = "$KVLIB_DATA_DIR/"
+
+
 def _portable_path(path: Path) -> str:
-    """Path relative to the working directory (the repo root when run by `kvlib reproduce`), else absolute."""
+    """Path relative to the working directory (the repo root when run by `kvlib reproduce`), else
+    `$KVLIB_DATA_DIR/<path in the data directory>`, else absolute."""
+    from kvlib.data import resolve_data_dir
+
     resolved = path.resolve()
     try:
         return resolved.relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
+        pass
+    try:
+        return DATA_DIR_PREFIX + resolved.relative_to(resolve_data_dir().resolve()).as_posix()
+    except (FileNotFoundError, ValueError):
         return resolved.as_posix()
 
 

@@ -340,9 +340,41 @@ def is_derived_input(recorded_path: str, repo_root: Path) -> bool:
     the machine that made them, so on a fresh machine (a new session, a CI clone) they are absent although
     nothing changed; they are regenerated from the same params on use, and once regenerated a different hash
     makes the result stale. An absent data file or tracked template still does."""
-    if Path(recorded_path).is_absolute():
+    from kvlib.reporting import DATA_DIR_PREFIX
+
+    if Path(recorded_path).is_absolute() or recorded_path.startswith(DATA_DIR_PREFIX):
         return False
     return _git(repo_root, "check-ignore", "-q", "--", recorded_path) is not None
+
+
+def locate_input(recorded_path: str, repo_root: Path) -> Path:
+    """Where a recorded input is on this machine: `$KVLIB_DATA_DIR/...` in the current data directory, a
+    relative path in the checkout, an absolute path as is. A data file that an older manifest recorded by its
+    absolute path on another machine is looked up in the current data directory under the longest tail of
+    that path found there; the caller compares the sha256 anyway, so a wrong match reads as changed, not as
+    unchanged."""
+    from kvlib.data import resolve_data_dir
+    from kvlib.reporting import DATA_DIR_PREFIX
+
+    def data_dir() -> Path | None:
+        try:
+            return resolve_data_dir()
+        except FileNotFoundError:
+            return None
+
+    if recorded_path.startswith(DATA_DIR_PREFIX):
+        root = data_dir()
+        rest = recorded_path[len(DATA_DIR_PREFIX):]
+        return root / rest if root is not None else Path(recorded_path)
+    path = repo_root / recorded_path  # relative paths were recorded from the repo root (absolute stay so)
+    root = data_dir()
+    if path.is_file() or not Path(recorded_path).is_absolute() or root is None:
+        return path
+    parts = Path(recorded_path).parts
+    for i in range(1, len(parts)):
+        if (root.joinpath(*parts[i:])).is_file():
+            return root.joinpath(*parts[i:])
+    return path
 
 
 def definition_change(job: NotebookJob, entry: Mapping[str, Any]) -> str | None:
@@ -393,7 +425,7 @@ def stale_reason(job: NotebookJob, entry: dict | None, out_dir: Path, repo_root:
         if not (out_dir / output).is_file():
             return f"output {output} missing"
     for item in entry.get("inputs", []):
-        path = repo_root / item["path"]  # relative paths were recorded from the repo root (absolute stay so)
+        path = locate_input(item["path"], repo_root)
         if Path(item["path"]).name == SUMMARY_FILE and is_derived_input(item["path"], repo_root):
             # A run's train_summary.json, recorded by entries written before run_identity_inputs: it holds the
             # wall time, so its hash changes with every retraining and cannot tell the same recipe retrained

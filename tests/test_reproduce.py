@@ -465,6 +465,39 @@ def test_a_derived_input_absent_on_a_fresh_machine_is_not_a_change(tmp_path):
     assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == "input kvlib/t.txt missing"
 
 
+def test_data_inputs_are_found_in_the_current_data_directory_wherever_it_lives(tmp_path, monkeypatch):
+    """Data files are recorded under $KVLIB_DATA_DIR, not the recording machine's path, so a clone whose data
+    lives elsewhere keeps its finished notebooks; older manifests' absolute data paths are matched by their tail
+    in the current data directory. The sha256 decides either way."""
+    repo, data = tmp_path / "repo", tmp_path / "elsewhere" / "data"
+    (repo / "results").mkdir(parents=True)
+    (data / "mdqa").mkdir(parents=True)
+    source = data / "mdqa" / "qa.jsonl"
+    source.write_text('{"q": 1}\n')
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("KVLIB_DATA_DIR", str(data))
+    [recorded] = reporting.record_inputs(repo / "results", "03_mdqa", [source])
+    assert recorded["path"] == "$KVLIB_DATA_DIR/mdqa/qa.jsonl"
+    legacy = {**recorded, "path": "/home/someone/shared/data/mdqa/qa.jsonl"}  # written by an older kvlib
+    job = reproduce.NotebookJob(name="03_mdqa", notebook=repo / "nb.ipynb", params_file=repo / "p.yaml",
+                                injected={}, seeds={}, params_sha256="p", notebook_sha256="n")
+    entry = lambda item: {"status": "ok", "params_sha256": "p", "notebook_sha256": "n", "outputs": [],  # noqa: E731
+                          "inputs": [item]}
+    assert not reproduce.is_derived_input(recorded["path"], repo)
+    moved = tmp_path / "moved" / "data"
+    shutil.move(data, moved)  # the same files in another place: nothing changed
+    monkeypatch.setenv("KVLIB_DATA_DIR", str(moved))
+    for item in (recorded, legacy):
+        assert reproduce.locate_input(item["path"], repo) == moved / "mdqa" / "qa.jsonl"
+        assert reproduce.stale_reason(job, entry(item), repo / "results", repo) is None
+    (moved / "mdqa" / "qa.jsonl").write_text('{"q": 2}\n')
+    assert reproduce.stale_reason(job, entry(recorded), repo / "results", repo) == (
+        "input $KVLIB_DATA_DIR/mdqa/qa.jsonl changed")
+    (moved / "mdqa" / "qa.jsonl").unlink()
+    assert reproduce.stale_reason(job, entry(legacy), repo / "results", repo) == (
+        "input /home/someone/shared/data/mdqa/qa.jsonl missing")
+
+
 def test_git_info_dirty_means_changed_code_not_stray_files(tmp_path):
     repo = tmp_path / "repo"
     (repo / "kvlib").mkdir(parents=True)
