@@ -383,11 +383,18 @@ def _checkpoint_is_complete(path: Path) -> bool:
 
 def checkpoint_dirs(cfg: TrainConfig) -> tuple[list[Path], list[Path]]:
     """(complete, incomplete) Trainer checkpoints in out_dir/checkpoints, each by step."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
     ckpt_dir = Path(cfg.out_dir) / "checkpoints"
-    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
-                   key=lambda p: int(p.name[11:])) if ckpt_dir.is_dir() else []
-    complete = [p for p in found if _checkpoint_is_complete(p)]
-    return complete, [p for p in found if p not in complete]
+    steps = {}  # checkpoint directory -> its step, from Trainer's `<prefix>-<step>` name
+    for path in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if ckpt_dir.is_dir() else []:
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if path.is_dir() and step.isdigit():
+            steps[path] = int(step)
+    complete, incomplete = [], []
+    for path in sorted(steps, key=steps.get):
+        (complete if _checkpoint_is_complete(path) else incomplete).append(path)
+    return complete, incomplete
 
 
 def last_checkpoint(cfg: TrainConfig) -> str | None:
