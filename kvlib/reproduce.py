@@ -356,25 +356,19 @@ def locate_input(recorded_path: str, repo_root: Path) -> Path:
     from kvlib.data import resolve_data_dir
     from kvlib.reporting import DATA_DIR_PREFIX
 
-    def data_dir() -> Path | None:
-        try:
-            return resolve_data_dir()
-        except FileNotFoundError:
-            return None
-
+    try:
+        root = resolve_data_dir()
+    except FileNotFoundError:  # no data directory here: a data file reads as missing
+        root = None
     if recorded_path.startswith(DATA_DIR_PREFIX):
-        root = data_dir()
-        rest = recorded_path[len(DATA_DIR_PREFIX):]
+        rest = recorded_path.removeprefix(DATA_DIR_PREFIX)
         return root / rest if root is not None else Path(recorded_path)
     path = repo_root / recorded_path  # relative paths were recorded from the repo root (absolute stay so)
-    root = data_dir()
     if path.is_file() or not Path(recorded_path).is_absolute() or root is None:
         return path
     parts = Path(recorded_path).parts
-    for i in range(1, len(parts)):
-        if (root.joinpath(*parts[i:])).is_file():
-            return root.joinpath(*parts[i:])
-    return path
+    tails = (root.joinpath(*parts[i:]) for i in range(1, len(parts)))  # longest first
+    return next((tail for tail in tails if tail.is_file()), path)
 
 
 def definition_change(job: NotebookJob, entry: Mapping[str, Any]) -> str | None:
