@@ -223,6 +223,23 @@ def _scores_by_group(rows: Sequence[dict], by: Sequence[str], model_key: str, it
     return scores
 
 
+def paired_with_base(rows: Sequence[dict], base: str, by: Sequence[str], metric: str, item_key: str,
+                     model_key: str = "model") -> dict[tuple, dict[str, tuple[list[tuple], int]]]:
+    """The one pairing of items behind every paired difference: (values of `by`) -> each model but `base` ->
+    (pairs, n_unpaired). `pairs` lists (item, value, base value) for the items both scored (neither None), in
+    the model's row order; `n_unpaired` counts the items only one of them scored."""
+    out: dict[tuple, dict[str, tuple[list[tuple], int]]] = {}
+    for key, by_model in _scores_by_group(rows, by, model_key, item_key, metric).items():
+        reference = by_model.get(base, {})
+        for model, values in by_model.items():
+            if model == base:
+                continue
+            pairs = [(i, v, reference[i]) for i, v in values.items()
+                     if v is not None and reference.get(i) is not None]
+            out.setdefault(key, {})[model] = (pairs, len(set(values) | set(reference)) - len(pairs))
+    return out
+
+
 def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_key: str,
                   model_key: str = "model", seed: int = 0) -> list[dict]:
     """Each other model minus `base` on the same items, per group: mean of the per-item differences with a
@@ -232,17 +249,11 @@ def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_
     from kvlib.scoring import paired_difference_ci
 
     out = []
-    for key, by_model in _scores_by_group(rows, by, model_key, item_key, metric).items():
-        reference = by_model.get(base, {})
-        for model, values in by_model.items():
-            if model == base:
-                continue
-            shared = [i for i in values if i in reference]
-            pairs = [(values[i], reference[i]) for i in shared if values[i] is not None and reference[i] is not None]
-            row = dict(zip(by, key), model=model, base=base, n_pairs=len(pairs),
-                       n_unpaired=len(set(values) | set(reference)) - len(pairs))
+    for key, by_model in paired_with_base(rows, base, by, metric, item_key, model_key).items():
+        for model, (pairs, n_unpaired) in by_model.items():
+            row = dict(zip(by, key), model=model, base=base, n_pairs=len(pairs), n_unpaired=n_unpaired)
             if pairs:
-                mean, lo, hi = paired_difference_ci([float(a) for a, _ in pairs], [float(b) for _, b in pairs],
+                mean, lo, hi = paired_difference_ci([float(v) for _, v, _ in pairs], [float(b) for _, _, b in pairs],
                                                     seed=seed)
                 row.update({f"delta_{metric}": mean, "ci_low": lo, "ci_high": hi})
             out.append(row)
@@ -264,16 +275,13 @@ def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence
     from kvlib.scoring import bootstrap_ci
 
     out = []
-    for key, by_model in _scores_by_group(rows, by, model_key, item_key, metric).items():
-        reference = by_model.get(base, {})
+    for key, by_model in paired_with_base(rows, base, by, metric, item_key, model_key).items():
         for group, members in groups.items():
-            diffs = {}  # member -> item -> difference
-            for m in members:
-                values = by_model.get(m, {})
-                diffs[m] = {i: float(v) - float(reference[i]) for i, v in values.items()
-                            if v is not None and reference.get(i) is not None}
-            if not all(diffs.values()):
+            # member -> item -> (score, base score) on the items both scored
+            paired = {m: {i: (float(v), float(b)) for i, v, b in by_model.get(m, ([], 0))[0]} for m in members}
+            if not all(paired.values()):
                 continue
+            diffs = {m: {i: v - b for i, (v, b) in p.items()} for m, p in paired.items()}
             seed_means = [statistics.fmean(d.values()) for d in diffs.values()]
             mean = statistics.fmean(seed_means)
             half = (stats.t.ppf(0.975, len(seed_means) - 1) * statistics.stdev(seed_means) / len(seed_means) ** 0.5)
@@ -287,8 +295,8 @@ def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence
                 # the scores themselves (seed-averaged, on the shared items), so a claim can tell "both at 0"
                 # (nothing to lose: kvlib.paper.at_floor) from "no change"
                 row.update(item_ci_low=lo, item_ci_high=hi,
-                           value=statistics.fmean(float(by_model[m][i]) for m in members for i in shared),
-                           baseline_value=statistics.fmean(float(reference[i]) for i in shared))
+                           value=statistics.fmean(paired[m][i][0] for m in members for i in shared),
+                           baseline_value=statistics.fmean(paired[members[0]][i][1] for i in shared))
             out.append(row)
     return out
 

@@ -967,20 +967,22 @@ def summarize(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> list[d
 
 
 def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed: int = 0) -> list[dict]:
-    """Each other model minus `baseline` on the items both scored (same ids): per task x metric the mean
-    difference with a paired 95% CI (`paired_difference_ci`; MMLU macro: bootstrap resampling within subjects)."""
-    by_key = {(r["model"], r["task"], r["id"]): r for r in rows if r["skipped"] is None}
+    """Each other model minus `baseline` on the items both scored (same ids; kvlib.evaluate.paired_with_base):
+    per task x metric the mean difference with a paired 95% CI (`paired_difference_ci`; MMLU macro: bootstrap
+    resampling within subjects)."""
+    from kvlib.evaluate import paired_with_base
+
     models = list(dict.fromkeys(r["model"] for r in rows))
     if baseline not in models:
         raise ValueError(f"baseline {baseline!r} has no rows; models: {models}")
     tasks = list(dict.fromkeys(r["task"] for r in rows))
+    scored = [r for r in rows if r["skipped"] is None]
+    row_of = {(r["model"], r["task"], r["id"]): r for r in scored}
     out = []
     for model in models:
         if model == baseline:
             continue
         for task in tasks:
-            pairs = [(by_key[(baseline, task, i)], r) for (m, t, i), r in by_key.items()
-                     if m == model and t == task and (baseline, task, i) in by_key]
             task_rows = [r for r in rows if r["model"] == model and r["task"] == task]
             base_rows = [r for r in rows if r["model"] == baseline and r["task"] == task]
             if not task_rows or not base_rows:
@@ -991,16 +993,18 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
             metrics = [m for m in _metric_columns(task, variant) if m in _metric_columns(task, base_variant)
                        and m != "parsed"] or [spec.headline]
             for metric in metrics:
+                pairs, _ = paired_with_base([r for r in scored if r["task"] == task], baseline, [], metric, "id"
+                                            ).get((), {}).get(model, ([], 0))
                 for name, macro in [(metric, False)] + ([(f"{metric}_macro", True)] if spec.macro else []):
                     row = {"model": model, "baseline": baseline, "task": task, "metric": name,
                            "variant": variant if variant == base_variant else f"{variant} vs {base_variant}",
                            "n": len(pairs), "value": float("nan"), "baseline_value": float("nan"),
                            "delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
                     if pairs:
-                        a = [float(r[metric]) for _, r in pairs]
-                        b = [float(r0[metric]) for r0, _ in pairs]
+                        a = [float(v) for _, v, _ in pairs]
+                        b = [float(v) for _, _, v in pairs]
                         if macro:
-                            groups = [r["group"] for _, r in pairs]
+                            groups = [row_of[(model, task, i)]["group"] for i, _, _ in pairs]
                             value, base_value = macro_mean(a, groups), macro_mean(b, groups)
                             delta, lo, hi = macro_bootstrap_ci([x - y for x, y in zip(a, b)], groups, n_boot, seed)
                         else:

@@ -102,6 +102,17 @@ def test_paired_deltas():
     assert row["ci_low"] < 0 < 0.5 < row["ci_high"] <= 1
 
 
+def test_paired_with_base_pairs_items_both_scored_in_the_models_order():
+    rows = [{"model": m, "g": g, "qid": q, "c": c} for m, g, q, c in [
+        ("base", 1, "a", 0.0), ("base", 1, "b", None), ("base", 1, "c", 1.0), ("ft", 1, "c", 0.0), ("ft", 1, "a", 1.0),
+        ("ft", 1, "b", 1.0), ("base", 2, "a", 1.0), ("other", 2, "a", 0.0), ("other", 2, "z", 0.0)]]
+    paired = evaluate.paired_with_base(rows, "base", ["g"], "c", "qid")
+    # "b": base did not score it; items stay in ft's row order (c before a), not the base's
+    assert paired[(1,)] == {"ft": ([("c", 0.0, 1.0), ("a", 1.0, 0.0)], 1)}
+    assert paired[(2,)] == {"other": ([("a", 0.0, 1.0)], 1)}  # "z": the base has no such item
+    assert evaluate.paired_with_base(rows, "nobody", [], "c", "qid")[()]["ft"] == ([], 3)
+
+
 def test_mdqa_params_validation():
     ok = from_mapping(mdqa.MDQANotebookParams, {"models": {"o": {}}, "num_documents": 10, "positions": [1, 10]})
     assert ok.positions == [1, 10]
