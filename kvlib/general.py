@@ -978,6 +978,7 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     scored = [r for r in rows if r["skipped"] is None]
     row_of = {(r["model"], r["task"], r["id"]): r for r in scored}
+    pairings: dict[tuple[str, str], dict] = {}  # (task, metric) -> model -> (pairs, n_unpaired), once for all models
     out = []
     for model in models:
         if model == baseline:
@@ -993,8 +994,10 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
             metrics = [m for m in _metric_columns(task, variant) if m in _metric_columns(task, base_variant)
                        and m != "parsed"] or [spec.headline]
             for metric in metrics:
-                pairs, _ = paired_with_base([r for r in scored if r["task"] == task], baseline, [], metric, "id"
-                                            ).get((), {}).get(model, ([], 0))
+                if (task, metric) not in pairings:
+                    pairings[(task, metric)] = paired_with_base([r for r in scored if r["task"] == task], baseline, [],
+                                                                metric, "id").get((), {})
+                pairs, _ = pairings[(task, metric)].get(model, ([], 0))
                 for name, macro in [(metric, False)] + ([(f"{metric}_macro", True)] if spec.macro else []):
                     row = {"model": model, "baseline": baseline, "task": task, "metric": name,
                            "variant": variant if variant == base_variant else f"{variant} vs {base_variant}",
