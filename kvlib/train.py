@@ -419,19 +419,18 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     identity = run_identity(cfg)  # hashes the training file once for every check below and the summary
     if is_finished(cfg, identity):
         return json.loads((out / SUMMARY_FILE).read_text())
-    complete, partials = checkpoint_dirs(cfg)
-    ckpt = str(complete[-1]) if complete else None  # as last_checkpoint: a save cut short is passed over
+    ckpt = last_checkpoint(cfg)
     if ckpt is not None and not checkpoints_belong_to(cfg, identity):
         if resume == "auto":  # pipelines: nothing of this run to continue, so start it afresh
             print(f"kvlib train: {out / 'checkpoints'} holds checkpoints of another config or training file; "
                   f"starting this run over", flush=True)
             shutil.rmtree(out / "checkpoints")
             (out / SUMMARY_FILE).unlink(missing_ok=True)
-            ckpt, partials = None, []
+            ckpt = None
         elif resume is True:
             raise ParamError(f"out_dir: --resume given but the checkpoints in {out / 'checkpoints'} are of another "
                              f"config or training file ({IDENTITY_FILE} differs)")
-    for partial in partials:  # a save cut short: Trainer would write that step's again into it
+    for partial in checkpoint_dirs(cfg)[1]:  # a save cut short: Trainer would write that step's again into it
         print(f"kvlib train: removing {partial} (its save was interrupted)", flush=True)
         shutil.rmtree(partial)
     if resume is True and ckpt is None:
