@@ -21,8 +21,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from kvlib import mdqa, models
-from kvlib.backends import HFBackend, OpenAIChatBackend, cpu_bf16_speedup, cpu_supports_bf16
+from kvlib.tasks import mdqa
+from kvlib.engine import models
+from kvlib.engine.backends import HFBackend, OpenAIChatBackend, cpu_bf16_speedup, cpu_supports_bf16
 
 
 def mdqa_prompts(n: int, documents: int, positions: list[int]) -> list[str]:
@@ -84,7 +85,7 @@ def main() -> None:
             backend, prompts, args.new_tokens)
         del backend
     if not args.no_llama:
-        from kvlib.servers import LlamaServer
+        from kvlib.engine.servers import LlamaServer
 
         with LlamaServer(models.embedded_gguf_path(models.DEFAULT_MODEL), n_ctx=8192) as server:
             backend = OpenAIChatBackend(server.model, base_url=server.base_url, concurrency=1, progress=False)

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from kvlib import generate as gen
-from kvlib import models, train
-from kvlib.config import from_mapping
+from kvlib.tasks import synthetic as gen
+from kvlib.engine import models
+from kvlib.engine import train
+from kvlib.engine.config import from_mapping
 
 
 class StepTimer(TrainerCallback):

@@ -1,7 +1,7 @@
 """`python -m kvlib ...`: the same entry point as the `kvlib` console script."""
 import sys
 
-from kvlib.cli import main
+from kvlib.pipeline.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""kvlib.backends: the HF backend's batched greedy generation, context-length checks, log-likelihoods, dtype
+"""kvlib.engine.backends: the HF backend's batched greedy generation, context-length checks, log-likelihoods, dtype
 resolution and params. Uses the embedded model (session fixtures in conftest.py) with short prompts and few new
 tokens, so the file runs in well under a minute on 2 CPU cores."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvlib import backends
-from kvlib.backends import (
+from kvlib.engine import backends
+from kvlib.engine.backends import (
     Backend,
     BackendConfig,
     ContextLengthError,
@@ -21,7 +21,7 @@ from kvlib.backends import (
     resolve_eval_dtype,
     to_messages,
 )
-from kvlib.config import ParamError, from_mapping
+from kvlib.engine.config import ParamError, from_mapping
 
 # different lengths, deliberately not sorted, and with different answers, so a wrong reordering shows
 PROMPTS = [

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import baselines as bl
-from kvlib.config import ParamError, from_mapping
-from kvlib.contamination import (
-    ContaminationError, check_contamination, exclude_questions, load_eval_reference, training_question_ids,
+from kvlib.tasks import baseline_sets as bl
+from kvlib.engine.config import ParamError, from_mapping
+from kvlib.tasks.general import drop_questions
+from kvlib.tasks.contamination import (
+    ContaminationError, check_contamination, load_eval_reference, training_question_ids,
 )
-from kvlib.generate import GenerationConfig, Sample, load_dataset, write_dataset
-from kvlib.scoring import normalize_answer
+from kvlib.tasks.synthetic import GenerationConfig, Sample, load_dataset, write_dataset
+from kvlib.engine.scoring import normalize_answer
 
 SMALL = {
     "mdqa": bl.BaselineConfig(kind="mdqa", n_samples=3, num_documents=5, sample_tokens=(300, 1500)),
@@ -29,7 +30,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def count():
-    from kvlib.models import load_token_counter
+    from kvlib.engine.models import load_token_counter
 
     return load_token_counter("smollm2-135m-instruct").count
 
@@ -66,7 +67,7 @@ def test_deterministic_per_seed(built, kind):
 
 @pytest.mark.parametrize("kind", bl.KINDS)
 def test_files_are_chat_datasets_labelled_regenerated(built, kind):
-    from kvlib.train import read_chat_file
+    from kvlib.engine.train import read_chat_file
 
     d = built[kind][0]
     chats = read_chat_file(d / "train.jsonl")  # what `kvlib train` reads
@@ -204,8 +205,8 @@ def test_guard_passes_real_sets_and_catches_planted_overlap(built, reference):
     for kind in bl.KINDS:
         check_contamination(built[kind][0], reference)
     samples = load_dataset(built["multidocqa"][0], "train")
-    from kvlib.data import mdqa_paths
-    from kvlib.mdqa import load_mdqa
+    from kvlib.engine.data import mdqa_paths
+    from kvlib.tasks.mdqa import load_mdqa
 
     pool, _ = load_mdqa(mdqa_paths()["subset_20docs"][0])
     leaked_q = Sample("p", "a", {**samples[0].meta, "id": "planted-q", "question": pool[3].question.upper() + "?"})
@@ -217,9 +218,9 @@ def test_guard_passes_real_sets_and_catches_planted_overlap(built, reference):
 
 
 def test_guard_covers_every_evaluation_set(reference):
-    from kvlib.flenqa import FLenQAConfig, draw_problem
-    from kvlib.general import load_gsm8k, load_mmlu, load_triviaqa
-    from kvlib.data import resolve_data_dir
+    from kvlib.tasks.flenqa import FLenQAConfig, draw_problem
+    from kvlib.tasks.general import load_gsm8k, load_mmlu, load_triviaqa
+    from kvlib.engine.data import resolve_data_dir
 
     assert set(reference.sizes) >= {"nq_open", "triviaqa", "mmlu", "gsm8k", "flenqa"}
     root = resolve_data_dir()
@@ -232,8 +233,8 @@ def test_guard_covers_every_evaluation_set(reference):
 
 
 def test_nq_open_questions_are_excluded_not_rejected(built, reference):
-    from kvlib.general import load_nq_open
-    from kvlib.data import resolve_data_dir
+    from kvlib.tasks.general import load_nq_open
+    from kvlib.engine.data import resolve_data_dir
 
     report = check_contamination(built["mdqa"][0], reference)
     assert len(report.nq_open_overlap) == SMALL["mdqa"].n_samples  # MDQA training questions are NQ-Open dev ones
@@ -241,7 +242,7 @@ def test_nq_open_questions_are_excluded_not_rejected(built, reference):
         check_contamination(built["mdqa"][0], reference, nq_open="error")
     used = training_question_ids([built["mdqa"][0], built["niah"][0]])
     items, _ = load_nq_open(resolve_data_dir() / "nq_open/NQ-open.dev.jsonl")
-    kept, dropped = exclude_questions(items, used)
+    kept, dropped = drop_questions(items, used)
     assert dropped == SMALL["mdqa"].n_samples and len(kept) == len(items) - dropped
 
 

@@ -1,14 +1,17 @@
 """Notebook 06 (baselines): its params class rejects bad params naming the field, before any compute, and the
 library helpers it calls work on tiny inputs (verdicts, pooling, token-matching and Table 2 tables, NQ-Open
-exclusion in kvlib.general.prepare_task). Reads the repo's params and the data directory; no model weights."""
+exclusion in kvlib.tasks.general.prepare_task). Reads the repo's params and the data directory; no model weights."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from kvlib import baselines as bl, paper
-from kvlib.config import ParamError, from_mapping
+from kvlib.tasks import baseline_sets as bl
+from kvlib.report import paper
+from kvlib.engine.config import ParamError, from_mapping
+from kvlib.pipeline import notebooks
+from kvlib.pipeline import baselines_study as study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +34,7 @@ def _params(**over) -> dict:
 
 
 def test_valid_params_and_derived_configs():
-    P = from_mapping(bl.BaselinesNotebookParams, _params(paper_rows={"finetuned": "key-value, with template"}))
+    P = from_mapping(notebooks.BaselinesNotebookParams, _params(paper_rows={"finetuned": "key-value, with template"}))
     cfg = P.baseline_config("MDQA")
     assert cfg.kind == "mdqa" and cfg.tokenizer == "smollm2-135m-instruct"  # the matched dataset's tokenizer
     assert P.match_job().name == "simple-template"
@@ -66,15 +69,15 @@ def test_valid_params_and_derived_configs():
 ])
 def test_bad_params_name_the_field(over, field):
     with pytest.raises(ParamError, match=rf"^{field.replace('.', '[.]')}: "):
-        from_mapping(bl.BaselinesNotebookParams, _params(**over))
+        from_mapping(notebooks.BaselinesNotebookParams, _params(**over))
 
 
 def test_no_baselines_profile_validates_without_match():
-    P = from_mapping(bl.BaselinesNotebookParams, {
+    P = from_mapping(notebooks.BaselinesNotebookParams, {
         "profile": "paper-gpt35", "models": {"original": {"model": "gpt-3.5-turbo-1106"}},
         "backend": {"kind": "openai"}, "baselines": {}, "mdqa": None, "flenqa": None, "general": None})
     assert P.mdqa_params() is None and P.flenqa_params() is None and P.general_params() is None
-    assert bl.claims(P) == []
+    assert study.claims(P) == []
 
 
 def test_token_matching_table():
@@ -83,7 +86,7 @@ def test_token_matching_table():
             self.config = bl.BaselineConfig(kind=kind)
             self.tokens = {"n": n, "total_tokens": total, "min": lo, "max": hi, "mean": total / n}
 
-    rows = bl.token_matching_table("synthetic", [100, 110, 120], {"a": B("niah", 330, 100, 120, 3),
+    rows = study.token_matching_table("synthetic", [100, 110, 120], {"a": B("niah", 330, 100, 120, 3),
                                                                   "b": B("mdqa", 360, 60, 120, 4)})
     assert [r["set"] for r in rows] == ["synthetic", "a", "b"] and rows[0]["total_tokens"] == 330
     assert rows[1]["within_tolerance"] and rows[1]["in_synthetic_range"] and rows[1]["ratio_to_synthetic"] == 1.0
@@ -91,14 +94,14 @@ def test_token_matching_table():
 
 
 def test_table2_deltas_and_claims():
-    P = from_mapping(bl.BaselinesNotebookParams, _params(paper_rows={"finetuned": "key-value, with template"}))
+    P = from_mapping(notebooks.BaselinesNotebookParams, _params(paper_rows={"finetuned": "key-value, with template"}))
     deltas = [{"model": "needle", "task": "triviaqa", "metric": "em", "n": 10, "delta": -0.05, "ci_low": -0.09,
                "ci_high": -0.01},
               {"model": "finetuned", "task": "nq_open", "metric": "em", "n": 10, "delta": 0.0, "ci_low": -0.1,
                "ci_high": 0.1},
               {"model": "finetuned", "task": "nq_open", "metric": "contains", "n": 10, "delta": 0.0, "ci_low": -0.1,
                "ci_high": 0.1}]
-    beside = bl.table2_deltas(P, deltas)
+    beside = study.table2_deltas(P, deltas)
     assert len(beside) == 2  # headline metrics only
     assert beside[0]["paper_delta_points"] == pytest.approx(41.30 - 47.63)
     assert beside[1]["paper_delta_points"] == pytest.approx(11.98 - 11.61)
@@ -108,7 +111,7 @@ def test_table2_deltas_and_claims():
              "ci_low": -0.5, "ci_high": 0.5},
             {"setting": "retrieved distractors (LitM)", "model": "finetuned", "n_pairs": 2, "delta_correct": 0.5,
              "ci_low": 0.1, "ci_high": 0.9}]
-    verdicts = {(c["model"], c["artifact"]): c["verdict"] for c in bl.claims(P, mdqa, [], deltas)}
+    verdicts = {(c["model"], c["artifact"]): c["verdict"] for c in study.claims(P, mdqa, [], deltas)}
     assert verdicts == {("finetuned", "fig8"): "holds", ("MDQA", "fig5"): "inconclusive",
                         ("needle", "table2"): "holds",
                         # "loses nothing" with a CI reaching -10 points: a loss larger than the paper's smallest
@@ -116,18 +119,18 @@ def test_table2_deltas_and_claims():
     # at the floor (both models answer nothing), a baseline's "loses" claim cannot be tested either
     floor = [{"model": "needle", "task": "nq_open", "metric": "em", "n": 10, "value": 0.0, "baseline_value": 0.0,
               "delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}]
-    assert [c["verdict"] for c in bl.claims(P, [], [], floor)] == [paper.AT_FLOOR]
+    assert [c["verdict"] for c in study.claims(P, [], [], floor)] == [paper.AT_FLOOR]
     # ... unless the task's floor metric has signal: the claim is then judged again on it, named in the claim
     lenient = {"model": "needle", "task": "nq_open", "metric": "contains", "n": 10, "value": 0.1,
                "baseline_value": 0.3, "delta": -0.2, "ci_low": -0.35, "ci_high": -0.05}
-    judged = bl.claims(P, [], [], floor + [lenient])
+    judged = study.claims(P, [], [], floor + [lenient])
     assert [(c["verdict"], c["delta"]) for c in judged] == [(paper.AT_FLOOR, 0.0), ("holds", pytest.approx(-20))]
     assert judged[1]["claim"].endswith("(contains; em is 0 for both models)")
 
 
 def test_prepare_task_excludes_trained_on_questions():
-    from kvlib import general
-    from kvlib.contamination import question_key
+    from kvlib.tasks import general
+    from kvlib.tasks.contamination import question_key
 
     full = general.prepare_task("nq_open", {"max_examples": 3}, seed=0)
     used = {question_key(full.items[0].question)}
@@ -140,31 +143,31 @@ def test_prepare_task_excludes_trained_on_questions():
 def test_answer_format_of_a_restating_baseline():
     """MultidocQA's trained reply quotes, then answers after a marker: its final answer is what follows the marker,
     a reply cut inside its quotes answered nothing, a direct reply is its own answer; other kinds have no format."""
-    from kvlib.generate import load_template
+    from kvlib.tasks.synthetic import load_template
 
-    fmt = bl.answer_format("multidocqa")
-    assert fmt == bl.AnswerFormat("The relevant original text:", "So the answer is:")
+    fmt = study.answer_format("multidocqa")
+    assert fmt == study.AnswerFormat("The relevant original text:", "So the answer is:")
     reply = load_template("baseline_multidocqa.answer").format(quotes='Document [2]: "Paris is in France."',
                                                                 answer="Paris")
     assert fmt.final_answer(reply) == "Paris"
     assert fmt.final_answer('The relevant original text:\nDocument [2]: "Paris is') == ""
     assert fmt.final_answer("Paris, of course.") == "Paris, of course."
-    assert [bl.answer_format(k) for k in ("mdqa", "in2", "niah")] == [None, None, None]
+    assert [study.answer_format(k) for k in ("mdqa", "in2", "niah")] == [None, None, None]
 
 
 def test_mdqa_answer_rules_budget_the_longest_target(tmp_path):
     """A restating baseline gets the MDQA budget plus its longest training target (tokens); others get none."""
-    from kvlib.generate import Sample, write_split
+    from kvlib.tasks.synthetic import Sample, write_split
 
-    P = from_mapping(bl.BaselinesNotebookParams, _params(
+    P = from_mapping(notebooks.BaselinesNotebookParams, _params(
         baselines={"MultidocQA": {"kind": "multidocqa"}, "needle": {"kind": "niah"}}, data_dir=str(tmp_path)))
     samples = [Sample(prompt="p", answer="a", meta={"id": str(i), "n_tokens": 9, "draws": 1, "n_answer_tokens": n})
                for i, n in enumerate((7, 40))]
     write_split(P.baseline_dir("MultidocQA"), "train", samples)
-    rules = bl.mdqa_answer_rules(P)
+    rules = study.mdqa_answer_rules(P)
     assert list(rules) == ["MultidocQA"]
-    assert rules["MultidocQA"] == (bl.answer_format("multidocqa"), P.mdqa_params().max_new_tokens + 40)
-    table = bl.answer_format_table([
+    assert rules["MultidocQA"] == (study.answer_format("multidocqa"), P.mdqa_params().max_new_tokens + 40)
+    table = study.answer_format_table([
         {"model": "MultidocQA", "setting": "s", "response": "The relevant original text:\nX\nSo the answer is: Y",
          "correct": 1.0, "max_new_tokens": 140},
         {"model": "MultidocQA", "setting": "s", "response": "The relevant original text:\nX", "correct": 0.0,

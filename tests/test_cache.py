@@ -1,5 +1,5 @@
-"""kvlib.cache: responses keyed by what produced them, stored as they arrive, reused after a kill; and
-kvlib.evaluate's answer_requests / open_backend on top of it."""
+"""kvlib.engine.cache: responses keyed by what produced them, stored as they arrive, reused after a kill; and
+kvlib.engine.evaluate's answer_requests / open_backend on top of it."""
 from __future__ import annotations
 
 import json
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kvlib.backends import ContextLengthError
-from kvlib.cache import CachedBackend, ResponseCache, cache_key
-from kvlib.evaluate import answer_requests, open_backend, result_fields
-from kvlib.backends import BackendConfig
+from kvlib.engine.backends import ContextLengthError
+from kvlib.engine.cache import CachedBackend, ResponseCache, cache_key
+from kvlib.engine.evaluate import answer_requests, open_backend, result_fields
+from kvlib.engine.backends import BackendConfig
 
 
 class CountingBackend:
@@ -111,7 +111,7 @@ _KILLED_RUN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_cache import CountingBackend
-    from kvlib.cache import CachedBackend, ResponseCache
+    from kvlib.engine.cache import CachedBackend, ResponseCache
 
     class Slow(CountingBackend):
         def generate(self, requests, max_new_tokens, on_result=None):
@@ -152,7 +152,7 @@ def test_killed_run_resumes_without_loss_or_double_counting(tmp_path):
 
 
 def test_hf_backend_stores_each_batch_as_it_finishes(tiny_llama_dir, tmp_path):
-    from kvlib.backends import HFBackend
+    from kvlib.engine.backends import HFBackend
 
     backend = HFBackend(tiny_llama_dir, device="cpu", dtype="float32", batch_size=2, progress=False)
     seen = []

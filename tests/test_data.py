@@ -1,6 +1,6 @@
 import pytest
 
-from kvlib import data
+from kvlib.engine import data
 
 
 def test_explicit_and_env(tmp_path, monkeypatch):

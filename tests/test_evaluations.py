@@ -7,9 +7,14 @@ import json
 
 import pytest
 
-from kvlib import data, evaluate, generate, litm_kv, mdqa
-from kvlib.config import ParamError, from_mapping
-from kvlib.scoring import score_mdqa_answer
+from kvlib.engine import data
+from kvlib.engine import evaluate
+from kvlib.tasks import synthetic as generate
+from kvlib.tasks import litm_kv
+from kvlib.tasks import mdqa
+from kvlib.engine.config import ParamError, from_mapping
+from kvlib.engine.scoring import score_mdqa_answer
+from kvlib.pipeline import notebooks
 
 
 class ScriptedBackend:
@@ -69,24 +74,24 @@ def test_mdqa_first_line_metric():
 def test_evaluate_mdqa_rows_scores_and_over_length(sets):
     s = sets["retrieved"]
     backend = ScriptedBackend(lambda prompt: "zzz", limit=None)
-    rows = evaluate.evaluate_mdqa(backend, s, [1, 5], 16, "m")
+    rows = mdqa.evaluate_mdqa(backend, s, [1, 5], 16, "m")
     assert len(rows) == 2 * len(s.examples) and {r["position"] for r in rows} == {1, 5}
     assert all(r["correct"] == 0.0 and r["backend"] == "scripted" and r["max_new_tokens"] == 16 for r in rows)
     by_question = {e.question: e.answers[0] for e in s.examples}  # a model that knows every answer
     knows = ScriptedBackend(lambda p: by_question[p.split("Question: ")[-1].split("\nAnswer:")[0]])
-    rows = evaluate.evaluate_mdqa(knows, s, [2], 16, "m")
+    rows = mdqa.evaluate_mdqa(knows, s, [2], 16, "m")
     assert all(r["correct"] == 1.0 for r in rows)
     shortest = min(len(p) for e in s.examples for _, p in mdqa.position_prompts(e, [1]))
-    rows = evaluate.evaluate_mdqa(ScriptedBackend(lambda p: "x", limit=shortest), s, [1], 16, "m")
+    rows = mdqa.evaluate_mdqa(ScriptedBackend(lambda p: "x", limit=shortest), s, [1], 16, "m")
     counts = evaluate.count_over_length(rows, ["setting"])
     assert counts[0]["n_items"] == len(s.examples) and counts[0]["n_over_length"] == len(s.examples) - 1
     table = evaluate.summarize(rows, ["setting"], ["correct"])
     assert table[0]["n"] == len(s.examples) and table[0]["correct"] == 0.0  # over the one scored item
     # a model that writes something before its answer is scored on what `final_answer` keeps of each reply
     quoting = ScriptedBackend(lambda p: "Quote: " + by_question[p.split("Question: ")[-1].split("\nAnswer:")[0]])
-    rows = evaluate.evaluate_mdqa(quoting, s, [1], 16, "m", final_answer=lambda reply: "")
+    rows = mdqa.evaluate_mdqa(quoting, s, [1], 16, "m", final_answer=lambda reply: "")
     assert all(r["correct"] == 0.0 and r["final_answer"] == "" and r["response"].startswith("Quote: ") for r in rows)
-    assert "final_answer" not in evaluate.evaluate_mdqa(quoting, s, [1], 16, "m")[0]
+    assert "final_answer" not in mdqa.evaluate_mdqa(quoting, s, [1], 16, "m")[0]
 
 
 def test_paired_deltas():
@@ -95,7 +100,7 @@ def test_paired_deltas():
         ("ft", "c", None), ("ft", "d", 1.0)]]
     (row,) = evaluate.paired_deltas(rows, "base", ["g"], "c", "qid")
     assert row["model"] == "ft" and row["n_pairs"] == 2 and row["n_unpaired"] == 2
-    from kvlib.scoring import paired_binary_difference_ci
+    from kvlib.engine.stats import paired_binary_difference_ci
 
     assert row["delta_c"] == 0.5  # items a and b: ft (1, 1) vs base (0, 1); at n = 2 the CI is wide and spans 0
     assert (row["ci_low"], row["ci_high"]) == paired_binary_difference_ci([1, 1], [0, 1])[1:]
@@ -114,13 +119,13 @@ def test_paired_with_base_pairs_items_both_scored_in_the_models_order():
 
 
 def test_mdqa_params_validation():
-    ok = from_mapping(mdqa.MDQANotebookParams, {"models": {"o": {}}, "num_documents": 10, "positions": [1, 10]})
+    ok = from_mapping(notebooks.MDQANotebookParams, {"models": {"o": {}}, "num_documents": 10, "positions": [1, 10]})
     assert ok.positions == [1, 10]
     for bad, message in [({"positions": [0]}, "positions: every position"), ({"settings": ["rnd"]}, "settings"),
                          ({"num_documents": 30}, "num_documents"), ({"models": {}}, "models: at least one"),
                          ({"models": {"x": {"run": "nope"}}}, "models.x.run: 'nope' is not a run")]:
         with pytest.raises(ParamError, match=message):
-            from_mapping(mdqa.MDQANotebookParams, {"models": {"o": {}}, **bad})
+            from_mapping(notebooks.MDQANotebookParams, {"models": {"o": {}}, **bad})
 
 
 def _kv_file(tmp_path, records, name="kv-retrieval-3_keys.jsonl.gz"):
@@ -167,11 +172,11 @@ def test_litm_kv_real_files_and_over_length():
     assert report.records == 500 and all(len(e.pairs) == 75 for e in examples)
     chosen = litm_kv.sample_examples(examples, 3, seed=0)
     assert chosen == litm_kv.sample_examples(examples, 3, seed=0) and len(chosen) == 3
-    rows = evaluate.evaluate_litm_kv(ScriptedBackend(lambda p: p.split('Key: "')[1], limit=2000), chosen, [1, 10],
+    rows = litm_kv.evaluate_litm_kv(ScriptedBackend(lambda p: p.split('Key: "')[1], limit=2000), chosen, [1, 10],
                                      10, 48, "m")
     assert len(rows) == 6 and all(r["num_pairs"] == 10 for r in rows)
     assert all(r["correct"] == 0.0 for r in rows)  # the key is not the value
-    rows = evaluate.evaluate_litm_kv(ScriptedBackend(lambda p: "x", limit=2000), chosen, [1], None, 48, "m")
+    rows = litm_kv.evaluate_litm_kv(ScriptedBackend(lambda p: "x", limit=2000), chosen, [1], None, 48, "m")
     assert all(r["over_length"] and r["correct"] is None for r in rows)  # 75 pairs >> 2000 characters
 
 
@@ -182,14 +187,14 @@ def test_position_length_grid():
     assert cells == [(4, 1), (4, 1), (4, 3), (4, 3), (4, 4), (4, 4), (9, 1), (9, 1), (9, 5), (9, 5), (9, 9), (9, 9)]
     assert all(f"Dictionary [{s.meta['gold_position']}]" in s.answer for s in grid)
     assert [s.prompt for s in generate.position_length_grid(cfg, [4, 9], [0.0, 0.5, 1.0], 2)] == [s.prompt for s in grid]
-    rows = evaluate.evaluate_kv_grid(ScriptedBackend(lambda p: "no idea"), grid, 32, "m")
+    rows = generate.evaluate_kv_grid(ScriptedBackend(lambda p: "no idea"), grid, 32, "m")
     assert {r["relative_position"] for r in rows} == {0.0, 0.5, 1.0} and all(r["value"] == 0 for r in rows)
     with pytest.raises(ParamError, match="max_tokens"):
         generate.position_length_grid(cfg, [200], [0.0], 1)
 
 
 def test_kv_notebook_params():
-    p = from_mapping(evaluate.KVRetrievalNotebookParams, {
+    p = from_mapping(notebooks.KVRetrievalNotebookParams, {
         "profile": "smoke", "models": {"o": {}}, "in_distribution": {"dataset": "simple-template"}, "litm": None,
         "grid": {"dataset": "simple-template", "num_dicts": [4]}})
     assert p.litm is None and p.grid_config().max_tokens == 8000
@@ -198,10 +203,10 @@ def test_kv_notebook_params():
                          ({"grid": {"dataset": "nope"}}, "grid.dataset"),
                          ({"grid": {"dataset": "simple-template", "relative_positions": [1.5]}}, "grid.relative")]:
         with pytest.raises(ParamError, match=message):
-            from_mapping(evaluate.KVRetrievalNotebookParams, {
+            from_mapping(notebooks.KVRetrievalNotebookParams, {
                 "profile": "smoke", "models": {"o": {}}, "in_distribution": None, "litm": None, "grid": None, **bad})
-    assert [evaluate.position_bin(p, 20, 4) for p in (1, 5, 6, 20)] == ["1-5", "1-5", "6-10", "16-20"]
-    assert [evaluate.position_bin_index(p, 20, 4) for p in (1, 5, 6, 20)] == [1, 1, 2, 4]
+    assert [generate.position_bin(p, 20, 4) for p in (1, 5, 6, 20)] == ["1-5", "1-5", "6-10", "16-20"]
+    assert [generate.position_bin_index(p, 20, 4) for p in (1, 5, 6, 20)] == [1, 1, 2, 4]
 
 
 def test_seed_group_deltas_average_seeds_with_both_cis():
@@ -210,7 +215,7 @@ def test_seed_group_deltas_average_seeds_with_both_cis():
     for their members when claims are judged."""
     from scipy import stats
 
-    from kvlib import evaluate
+    from kvlib.engine import evaluate
 
     rows = []
     for q in range(10):
@@ -237,7 +242,7 @@ def test_seed_group_deltas_average_seeds_with_both_cis():
 
 
 def test_seed_group_means_average_each_item_over_seeds():
-    from kvlib import evaluate
+    from kvlib.engine import evaluate
 
     rows = [{"model": m, "id": i, "gold_position": i + 1, "response": "r", "value": v, "exact": None if m == "b" else v}
             for m, vals in (("a", [1.0, 0.0]), ("b", [0.0, 0.0]), ("o", [1.0, 1.0])) for i, v in enumerate(vals)]
@@ -255,8 +260,8 @@ def test_seed_group_means_average_each_item_over_seeds():
     ({"g1": ["a", "b"], "g2": ["b", "c"]}, "already in seed group 'g1'"),
 ])
 def test_seed_groups_are_validated(groups, message):
-    from kvlib import evaluate
-    from kvlib.config import ParamError
+    from kvlib.engine import evaluate
+    from kvlib.engine.config import ParamError
 
     with pytest.raises(ParamError, match=message):
         evaluate.check_seed_groups(groups, ["original", "a", "b", "c"])

@@ -12,15 +12,16 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from kvlib import flenqa
-from kvlib.config import ParamError, from_mapping
-from kvlib.scoring import parse_true_false
+from kvlib.tasks import flenqa
+from kvlib.engine.config import ParamError, from_mapping
+from kvlib.engine.scoring import parse_true_false
+from kvlib.pipeline import notebooks
 
 TOKENIZER = "smollm2-135m-instruct"
 
 
 # ---------------------------------------------------------------- an independent solver
-# Written from the sentence forms alone (kvlib/templates/flenqa.sentences.txt), not from the generator: it
+# Written from the sentence forms alone (kvlib/tasks/templates/flenqa.sentences.txt), not from the generator: it
 # reads every sentence of a text, keeps those that state a fact, and decides the question by logic.
 
 NAME = r"[A-Z][a-z]+ [A-Z][a-z]+"
@@ -126,7 +127,7 @@ def solve(record: flenqa.FLenQARecord, text: str) -> bool | None:
 
 @pytest.fixture(scope="module")
 def counter():
-    from kvlib.models import load_token_counter
+    from kvlib.engine.models import load_token_counter
 
     return load_token_counter(TOKENIZER)
 
@@ -232,7 +233,7 @@ def test_longer_mixins_extend_shorter_ones(records):
             continue
         short, long = r.mixin.split("\n"), by_key[(pid, padding, dispersion, 500)].mixin.split("\n")
         # same padding stream: the shorter mixin is a prefix of the longer one, line by line, except that
-        # its last line is a cut, and so may be the one before it (kvlib.flenqa._fill trims the previous
+        # its last line is a cut, and so may be the one before it (kvlib.tasks.flenqa._fill trims the previous
         # paragraph to make room for the next one's shortest cut)
         assert len(short) <= len(long)
         differing = [i for i, line in enumerate(short) if line != long[i]]
@@ -480,11 +481,11 @@ def test_a_model_always_saying_true_scores_half_on_balanced_labels(records):
 
 
 def test_notebook_params_validate_before_any_work(tmp_path):
-    params = from_mapping(flenqa.FLenQANotebookParams, {"generation": {"samples_per_task": 2}})
+    params = from_mapping(notebooks.FLenQANotebookParams, {"generation": {"samples_per_task": 2}})
     assert params.new_tokens("cot") == params.cot_max_new_tokens and params.out_data_dir.parts[-2:] == ("quick", "flenqa")
     with pytest.raises(ParamError, match=r"styles\[0\]: must be one of"):
-        from_mapping(flenqa.FLenQANotebookParams, {"styles": ["fewshot"]})
+        from_mapping(notebooks.FLenQANotebookParams, {"styles": ["fewshot"]})
     with pytest.raises(ParamError, match="official_path: file not found"):
-        from_mapping(flenqa.FLenQANotebookParams, {"official_path": str(tmp_path / "nope.parquet")})
+        from_mapping(notebooks.FLenQANotebookParams, {"official_path": str(tmp_path / "nope.parquet")})
     with pytest.raises(ParamError, match="generation.samples_per_task: must be even"):
-        from_mapping(flenqa.FLenQANotebookParams, {"generation": {"samples_per_task": 5}})
+        from_mapping(notebooks.FLenQANotebookParams, {"generation": {"samples_per_task": 5}})

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import general as g
-from kvlib.config import ParamError, from_mapping
-from kvlib.scoring import (
-    exact_match_any, extract_gsm8k_flexible, extract_gsm8k_strict, gsm8k_exact_match, macro_bootstrap_ci,
-    multiple_choice_scores, parse_choice_letter,
-)
+from kvlib.tasks import general as g
+from kvlib.engine.config import ParamError, from_mapping
+from kvlib.engine.scoring import exact_match_any, extract_gsm8k_flexible, extract_gsm8k_strict, gsm8k_exact_match, multiple_choice_scores, parse_choice_letter
+from kvlib.engine.stats import macro_bootstrap_ci
+from kvlib.pipeline import notebooks
+from kvlib.report import general_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_macro_bootstrap_ci_averages_groups_and_resamples_within_them():
     mean, lo, hi = macro_bootstrap_ci(values, groups, seed=3)
     assert math.isclose(mean, (0.5 + 0.5 + 1.0) / 3) and lo <= mean <= hi
     assert macro_bootstrap_ci(values, groups, seed=3) == (mean, lo, hi)
-    from kvlib.scoring import macro_mean
+    from kvlib.engine.stats import macro_mean
 
     assert macro_mean(values, groups) == mean, "the point estimate without resampling"
     with pytest.raises(ValueError):
@@ -281,7 +281,7 @@ def test_nq_open_loader_validates_answers(tmp_path):
 
 
 def _data_dir() -> Path:
-    from kvlib.data import resolve_data_dir
+    from kvlib.engine.data import resolve_data_dir
 
     try:
         return resolve_data_dir()
@@ -374,7 +374,7 @@ def test_truncate_at_stop_uses_the_earliest_stop():
 def _params(**overrides):
     data = {"profile": "smoke", "params_root": str(ROOT / "params"),
             "models": {"original": {"model": "smollm2-135m-instruct"}}, "tasks": {"mmlu": {"max_examples": 5}}}
-    return from_mapping(g.GeneralBenchmarksNotebookParams, {**data, **overrides})
+    return from_mapping(notebooks.GeneralBenchmarksNotebookParams, {**data, **overrides})
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -431,7 +431,7 @@ class FakeLM(FakeChat):
         self.ll = ll
 
     def loglikelihood(self, pairs, on_result=None):
-        from kvlib.backends import ContextLengthError
+        from kvlib.engine.backends import ContextLengthError
 
         over = [i for i, (c, _) in enumerate(pairs) if self.too_long and self.too_long in c]
         if over:
@@ -478,7 +478,7 @@ def test_evaluation_end_to_end_on_a_log_likelihood_backend(tiny_tasks):
     assert by[("original", "gsm8k", "0")]["exact_strict"] == 1.0 and good.calls[-1] == 256
     assert by[("original", "mmlu", "algebra/0")]["backend"] == "fake-lm", "result_fields on every row"
 
-    summary = {(s["model"], s["task"], s["metric"]): s for s in g.summarize(rows)}
+    summary = {(s["model"], s["task"], s["metric"]): s for s in g.summarize_benchmarks(rows)}
     assert summary[("original", "mmlu", "acc")]["value"] == 1.0
     assert summary[("original", "mmlu", "acc_macro")]["groups"] == 2
     assert summary[("finetuned", "mmlu", "acc")]["value"] == 0.0  # always D; gold is A/B/C
@@ -487,13 +487,13 @@ def test_evaluation_end_to_end_on_a_log_likelihood_backend(tiny_tasks):
     hs = summary[("original", "hellaswag", "acc_norm")]
     assert hs["variant"] == "loglikelihood" and hs["n"] == 2
 
-    deltas = {(d["task"], d["metric"]): d for d in g.paired_deltas(rows, "original")}
+    deltas = {(d["task"], d["metric"]): d for d in g.benchmark_deltas(rows, "original")}
     assert deltas[("mmlu", "acc")]["delta"] == -1.0 and deltas[("mmlu", "acc")]["n"] == 6
     assert deltas[("mmlu", "acc_macro")]["delta"] == -1.0
     assert deltas[("gsm8k", "exact_strict")]["delta"] == -1.0
     assert deltas[("nq_open", "em")]["n"] == 2, "pairs only items both models scored"
 
-    table = g.headline_table(g.summarize(rows), g.paired_deltas(rows, "original"), "original")
+    table = general_tables.headline_table(g.summarize_benchmarks(rows), g.benchmark_deltas(rows, "original"), "original")
     assert list(table["row"]) == ["original", "finetuned", "finetuned - original"]
     assert table.loc[0, "MMLU (acc)"] == "100.0 [61.0, 100.0] (n=6)"  # 6/6: Wilson lower bound 0.610
     assert table.loc[2, "MMLU (acc)"].startswith("-100.0")
@@ -507,13 +507,13 @@ def test_chat_only_backend_runs_mmlu_generatively_and_reports_hellaswag_not_run(
     assert sum(r["acc"] for r in mmlu) == 2 and sum(r["parsed"] for r in mmlu) == 2
     hs = [r for r in rows if r["task"] == "hellaswag"]
     assert {r["skipped"] for r in hs} == {"no log-likelihoods on this backend"}
-    summary = {(s["task"], s["metric"]): s for s in g.summarize(rows)}
+    summary = {(s["task"], s["metric"]): s for s in g.summarize_benchmarks(rows)}
     assert summary[("hellaswag", "acc")]["n"] == 0 and math.isnan(summary[("hellaswag", "acc")]["value"])
     assert summary[("mmlu", "parsed")]["value"] == pytest.approx(2 / 6)
 
 
 def test_cached_backend_wrapping_a_chat_api_counts_as_without_log_likelihoods():
-    class Wrapper:  # like kvlib.cache.CachedBackend: always has loglikelihood, wraps `backend`
+    class Wrapper:  # like kvlib.engine.cache.CachedBackend: always has loglikelihood, wraps `backend`
         def __init__(self, backend):
             self.backend = backend
 
@@ -525,20 +525,22 @@ def test_cached_backend_wrapping_a_chat_api_counts_as_without_log_likelihoods():
 
 
 def test_conventions_table_lists_every_prepared_task(tiny_tasks):
-    table = g.conventions_table(list(tiny_tasks.values()))
+    table = general_tables.conventions_table(list(tiny_tasks.values()))
     assert list(table["benchmark"]) == ["MMLU", "HellaSwag", "NQ-Open", "GSM8K"]
     assert table.loc[0, "shots"].startswith("5: dev split")
     assert table.loc[0, "prompt of a test item"].startswith("The following are multiple choice questions (with "
                                                             "answers) about {subject}.\\n\\n{question}\\nA. {A}")
     assert table.loc[0, "metrics by variant"] == "loglikelihood: acc; generate: acc, parsed (+ macro over subjects)"
     assert "cut at ['Q:']" in table.loc[3, "generation"] and "shots multiturn" in table.loc[3, "generation"]
-    assert set(g.paper_reference_table()["MMLU"].dropna()) >= {53.42, 68.07}
+    assert set(general_tables.paper_reference_table()["MMLU"].dropna()) >= {53.42, 68.07}
 
 
 def test_seed_group_claims_at_the_em_floor_fall_back_to_contains():
     """Three seeds and the original all score em 0 on TriviaQA: the seed-averaged claim is untestable on em (not a
     "holds" from a collapsed [0, 0] CI) and is judged on `contains`, the task's declared floor metric."""
-    from kvlib import evaluate, general, paper
+    from kvlib.engine import evaluate
+    from kvlib.tasks import general
+    from kvlib.report import paper
 
     rows = []
     for i in range(40):
@@ -546,10 +548,10 @@ def test_seed_group_claims_at_the_em_floor_fall_back_to_contains():
             rows.append({"model": model, "task": "triviaqa", "variant": "generate", "id": f"q{i}", "skipped": None,
                          "em": 0.0, "contains": float(contains)})
     groups = {"ft": ["ft-s0", "ft-s1", "ft-s2"]}
-    seed_rows = general.seed_group_deltas(rows, "original", groups)
+    seed_rows = general.benchmark_seed_group_deltas(rows, "original", groups)
     assert [(r["task"], r["metric"]) for r in seed_rows] == [("triviaqa", "em"), ("triviaqa", "contains")]
     assert seed_rows[1]["delta"] == pytest.approx((2 + 3 + 1) / 120 - 8 / 40)
-    merged = evaluate.with_seed_groups(general.paired_deltas(rows, "original"), seed_rows, groups)
+    merged = evaluate.with_seed_groups(general.benchmark_deltas(rows, "original"), seed_rows, groups)
     claims = paper.general_claims(merged, ["ft"], {"triviaqa": "em"}, {"triviaqa": "TriviaQA"})
     assert [c["verdict"] for c in claims] == [paper.AT_FLOOR, "does not hold"]
     assert claims[1]["claim"] == "synthetic finetuning loses nothing on TriviaQA (contains; em is 0 for both models)"

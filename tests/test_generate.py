@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import generate as gen
-from kvlib.cli import main as cli_main
-from kvlib.config import ParamError, from_mapping
-from kvlib.data import read_jsonl
-from kvlib.generate import GenerationConfig
+from kvlib.tasks import synthetic as gen
+from kvlib.pipeline.cli import main as cli_main
+from kvlib.engine.config import ParamError, from_mapping
+from kvlib.engine.data import read_jsonl
+from kvlib.tasks.synthetic import GenerationConfig
+from kvlib.pipeline import notebooks
 
 
 def char_counter(texts):
@@ -188,9 +189,9 @@ def test_max_tokens_too_small_fails_before_generating():
 
 def test_notebook_params_nested_errors():
     with pytest.raises(ParamError, match=r"^datasets\.a\.num_dicts: must be >= 1"):
-        from_mapping(gen.SyntheticDataNotebookParams, {"datasets": {"a": {"num_dicts": 0}}})
+        from_mapping(notebooks.SyntheticDataNotebookParams, {"datasets": {"a": {"num_dicts": 0}}})
     with pytest.raises(ParamError, match=r"^datasets: at least one"):
-        from_mapping(gen.SyntheticDataNotebookParams, {})
+        from_mapping(notebooks.SyntheticDataNotebookParams, {})
 
 
 # ------------------------------------------------------------------ files and CLI (real embedded tokenizer)

@@ -1,4 +1,4 @@
-"""kvlib.harness: kvlib's general-benchmark items through lm-evaluation-harness itself (make test installs it)."""
+"""kvlib.tasks.harness: kvlib's general-benchmark items through lm-evaluation-harness itself (make test installs it)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvlib import general, harness
+from kvlib.tasks import general
+from kvlib.tasks import harness
 
 pytest.importorskip("lm_eval", reason='lm-evaluation-harness is not installed (pip install -e ".[harness]")')
 

@@ -1,6 +1,6 @@
 """MDQA ("Lost in the Middle") data, prompt, metric and distractor settings (kvlib.mdqa).
 
-Light: no model. The data tests read the real files of the data directory (kvlib.data.resolve_data_dir)
+Light: no model. The data tests read the real files of the data directory (kvlib.engine.data.resolve_data_dir)
 and skip, saying why, when it is absent.
 """
 from __future__ import annotations
@@ -12,9 +12,11 @@ from importlib import resources
 
 import pytest
 
-from kvlib import data, mdqa
-from kvlib.mdqa import Document, MDQAExample
-from kvlib.scoring import best_subspan_em, normalize_answer
+from kvlib.engine import data
+from kvlib.tasks import mdqa
+from kvlib.tasks.mdqa import Document, MDQAExample
+from kvlib.engine.scoring import best_subspan_em, normalize_answer
+from kvlib.pipeline import notebooks
 
 # LitM src/lost_in_the_middle/prompts/qa.prompt @ 29b8a6d0: the protocol, verbatim (no final newline)
 LITM_QA_TEMPLATE = (
@@ -82,9 +84,9 @@ def _doc(title, text, gold=False, id=None):
 
 def test_templates_are_litm_files_verbatim():
     for name, blob in (("mdqa_qa.prompt.txt", LITM_QA_BLOB), ("mdqa_closedbook.prompt.txt", LITM_CLOSEDBOOK_BLOB)):
-        raw = resources.files("kvlib").joinpath("templates", name).read_bytes()
+        raw = resources.files("kvlib.tasks").joinpath("templates", name).read_bytes()
         assert hashlib.sha1(b"blob %d\0" % len(raw) + raw).hexdigest() == blob, name
-    text = resources.files("kvlib").joinpath("templates", "mdqa_qa.prompt.txt").read_text(encoding="utf-8")
+    text = resources.files("kvlib.tasks").joinpath("templates", "mdqa_qa.prompt.txt").read_text(encoding="utf-8")
     assert text == LITM_QA_TEMPLATE
 
 
@@ -281,7 +283,7 @@ def test_pool_counts(pool):
 
 
 def _strictly_answer_free(example):
-    """Independent of kvlib.mdqa: no answer (normalised, >= 2 chars) is a substring of a distractor's
+    """Independent of kvlib.tasks.mdqa: no answer (normalised, >= 2 chars) is a substring of a distractor's
     normalised title + text, and a 1-char answer is no whole token of it."""
     for d in example.distractors:
         haystack = f" {normalize_answer(d.title + ' ' + d.text)} "
@@ -343,19 +345,19 @@ def test_question_ids_file(subset, tmp_path):
 def test_longer_context_params_allow_many_random_documents_only():
     """Notebook 08 (Fig. 9): more than 20 documents with random distractors; retrieved ones stop at 20 in both
     notebooks, and positions must lie within the documents."""
-    from kvlib import mdqa
-    from kvlib.config import ParamError, from_mapping
+    from kvlib.tasks import mdqa
+    from kvlib.engine.config import ParamError, from_mapping
 
     base = {"profile": "quick", "models": {"original": {}}}
-    P = from_mapping(mdqa.LongerContextNotebookParams, {**base, "num_documents": 120, "positions": [1, 60, 120]})
+    P = from_mapping(notebooks.LongerContextNotebookParams, {**base, "num_documents": 120, "positions": [1, 60, 120]})
     assert P.settings == ["random"] and P.num_documents == 120
     with pytest.raises(ParamError, match="random distractors only"):
-        from_mapping(mdqa.LongerContextNotebookParams, {**base, "settings": ["random", "retrieved"]})
+        from_mapping(notebooks.LongerContextNotebookParams, {**base, "settings": ["random", "retrieved"]})
     with pytest.raises(ParamError, match=r"num_documents: must be in \[2, 20\]"):
-        from_mapping(mdqa.MDQANotebookParams, {**base, "num_documents": 30})
+        from_mapping(notebooks.MDQANotebookParams, {**base, "num_documents": 30})
     with pytest.raises(ParamError, match=r"num_documents: must be in \[2, 200\]"):
-        from_mapping(mdqa.LongerContextNotebookParams, {**base, "num_documents": 201})
+        from_mapping(notebooks.LongerContextNotebookParams, {**base, "num_documents": 201})
     with pytest.raises(ParamError, match="positions"):
-        from_mapping(mdqa.LongerContextNotebookParams, {**base, "num_documents": 30, "positions": [31]})
-    assert from_mapping(mdqa.MDQANotebookParams, {**base, "settings": ["random"], "num_documents": 30,
+        from_mapping(notebooks.LongerContextNotebookParams, {**base, "num_documents": 30, "positions": [31]})
+    assert from_mapping(notebooks.MDQANotebookParams, {**base, "settings": ["random"], "num_documents": 30,
                                                   "positions": [1, 30]}).num_documents == 30

@@ -1,4 +1,4 @@
-"""kvlib.models: specs, the embedded GGUF model and its one-time conversion, tokenizers, token counting.
+"""kvlib.engine.models: specs, the embedded GGUF model and its one-time conversion, tokenizers, token counting.
 
 Model-loading tests are marked slow (they still run by default). Costs on 2 cores: one isolated GGUF
 conversion (~20 s), one GGUF load for the equivalence checks (~18 s), and the shared user-cache
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvlib import models
-from kvlib.config import ParamError
+from kvlib.engine import models
+from kvlib.engine.config import ParamError
 
 SHORT_PROMPT = "Dictionary [3] {122: 765, 4548: 1475}\nWhat is the value of key 4548?"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import reproduce
+from kvlib.pipeline import notebooks, plan, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = reproduce.discover_notebooks(ROOT / "notebooks")
+NOTEBOOKS = plan.discover_notebooks(ROOT / "notebooks")
 PROFILES = sorted(p.name for p in (ROOT / "params").iterdir() if p.is_dir())
 
 
@@ -21,7 +21,7 @@ def test_every_notebook_has_valid_params_for_every_profile(profile, monkeypatch,
     assert NOTEBOOKS, "no notebooks found"
     assert {"smoke", "quick", "cpu"} <= set(PROFILES)
     monkeypatch.chdir(ROOT)  # params refer to each other relative to the repo root
-    jobs = reproduce.plan_profile(profile, None, ROOT / "params", ROOT / "notebooks", tmp_path)
+    jobs = plan.plan_profile(profile, None, ROOT / "params", ROOT / "notebooks", tmp_path)
     assert sorted(job.name for job in jobs) == sorted(NOTEBOOKS)
 
 
@@ -32,7 +32,7 @@ def test_paper_profiles_dry_run_offline(profile, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-dry-run-secret-0123456789")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from kvlib import cli
+    from kvlib.pipeline import cli
 
     assert cli.main(["reproduce", "--profile", profile, "--dry-run", "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -52,27 +52,55 @@ def test_notebook_sources_are_clean(name):
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_every_param_a_profile_sets_reaches_the_notebook(name):
-    """papermill injects whatever a params file holds, and reproduce validates it against the params class, but
-    a key the notebook never passes on is silently ignored: each key some profile sets must be declared in
-    the parameters cell and used by the code after it."""
-    import re
-
-    from kvlib.config import load_yaml
+def test_one_parameter_contract(name):
+    """The parameters cell declares one mapping and the next cell turns it into params with one call: defaults
+    live in the params class alone, never in the notebook."""
+    import ast
 
     nb = json.loads(NOTEBOOKS[name].read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    params_cell = next(c for c in code if "parameters" in c.get("metadata", {}).get("tags", []))
-    declared = "".join(params_cell["source"])
-    body = "\n".join("".join(c["source"]) for c in code if c is not params_cell)
-    keys = set()
-    for profile in PROFILES:
-        path = ROOT / "params" / profile / f"{name}.yaml"
-        data = load_yaml(path) if path.is_file() else {}
-        keys |= set(data) - {reproduce.SKIP_KEY}
-    for key in sorted(keys):
-        assert re.search(rf"^{key} = ", declared, re.M), f"{key}: set by a profile, not in the parameters cell"
-        assert re.search(rf"\b{key}\b", body), f"{key}: set by a profile, never used by the notebook"
+    params_cell = "".join(code[0]["source"])
+    assert "parameters" in code[0]["metadata"].get("tags", [])
+    assigned = [n.targets[0].id for n in ast.parse(params_cell).body if isinstance(n, ast.Assign)]
+    assert assigned == [notebooks.INJECTED], f"the parameters cell declares {assigned}"
+    assert f"P = notebooks.start(NAME, {notebooks.INJECTED}, globals())" in "".join(code[1]["source"])
+    assert f'NAME = "{name}"' in "".join(code[1]["source"])
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_every_param_reaches_the_notebook(name):
+    """A field of a notebook's params class that nothing reads after validation (the notebook as `P.<field>`, the
+    pipeline functions it hands `P` to, or the class's own methods other than `validate`) would be checked and
+    then silently ignored; a field the notebook does not support must be rejected by `validate` instead."""
+    import ast
+    import dataclasses
+    import inspect
+    import re
+    import textwrap
+
+    nb = json.loads(NOTEBOOKS[name].read_text())
+    used = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    used += "\n".join(p.read_text() for p in (ROOT / "kvlib" / "pipeline").glob("*.py")  # functions taking P
+                       if p.name != "notebooks.py")
+    cls = notebooks.NOTEBOOKS[name]
+    validate = ""
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("kvlib"):
+            continue
+        for node in ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body:
+            if isinstance(node, ast.FunctionDef):
+                if node.name == "validate":
+                    validate += ast.unparse(node)
+                else:
+                    used += ast.unparse(node)
+    unread = [f.name for f in dataclasses.fields(cls)
+              if not re.search(rf"\b(P|self)\.{f.name}\b|['\"]{f.name}['\"]", used)
+              and not re.search(rf"fail\(['\"]{f.name}['\"]", validate)]
+    assert not unread, f"{name}: params never read after validation (and not rejected): {unread}"
+
+
+def test_notebook_names_live_in_one_place():
+    assert list(notebooks.NOTEBOOKS) == sorted(NOTEBOOKS), "kvlib.pipeline.notebooks.NOTEBOOKS vs notebooks/"
 
 
 @pytest.mark.slow

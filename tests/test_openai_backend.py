@@ -1,4 +1,4 @@
-"""kvlib.backends.OpenAIChatBackend against a REAL OpenAI-compatible server: llama.cpp's server
+"""kvlib.engine.backends.OpenAIChatBackend against a REAL OpenAI-compatible server: llama.cpp's server
 (llama-cpp-python[server], installed by `make test`) serving the embedded GGUF on 127.0.0.1; plus the SDK's
 retries wired through (a tiny loopback stub answering 429 first)."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from kvlib.backends import ContextLengthError, OpenAIChatBackend, build_backend, is_loopback_url
-from kvlib.cache import CachedBackend, ResponseCache
-from kvlib.evaluate import answer_requests, result_fields
-from kvlib.models import DEFAULT_MODEL, embedded_gguf_path
+from kvlib.engine.backends import ContextLengthError, OpenAIChatBackend, build_backend, is_loopback_url
+from kvlib.engine.cache import CachedBackend, ResponseCache
+from kvlib.engine.evaluate import answer_requests, result_fields
+from kvlib.engine.models import DEFAULT_MODEL, embedded_gguf_path
 
 pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed (`make test` installs "
                                                "it: pip install -e '.[dev,llamacpp]')")
@@ -22,7 +22,7 @@ N_CTX = 1024
 
 @pytest.fixture(scope="module")
 def llama_server():
-    from kvlib.servers import LlamaServer
+    from kvlib.engine.servers import LlamaServer
 
     with LlamaServer(embedded_gguf_path(DEFAULT_MODEL), n_ctx=N_CTX) as server:
         yield server

@@ -1,4 +1,4 @@
-"""kvlib.openai_ft: chat-file validation, cost estimate, and the fine-tuning job flow (upload, create, poll,
+"""kvlib.engine.openai_ft: chat-file validation, cost estimate, and the fine-tuning job flow (upload, create, poll,
 resume, retries, failures, key hygiene) through the real `openai` SDK against a loopback fake server."""
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from kvlib import openai_ft
-from kvlib.config import ParamError
-from kvlib.openai_ft import (
+from kvlib.engine import openai_ft
+from kvlib.engine.config import ParamError
+from kvlib.engine import io as kvio
+from kvlib.engine.openai_ft import (
     ChatFileError,
     OpenAIFinetuneConfig,
     OpenAIFinetuneError,
@@ -276,13 +277,13 @@ def test_token_count_is_the_cookbook_formula(tmp_path):
 
 
 def test_real_generated_file_validates_with_tiktoken(tmp_path):
-    from kvlib import generate
+    from kvlib.tasks import synthetic as generate
 
     cfg = generate.GenerationConfig(task="simple", num_dicts=6, n_train=12, n_eval=0, max_tokens=600,
                                     tokenizer="tiktoken:gpt-3.5-turbo")
     generate.write_dataset(cfg, tmp_path / "data")
     path = tmp_path / "data" / "train.openai.jsonl"
-    from kvlib.models import load_token_counter
+    from kvlib.engine.models import load_token_counter
 
     stats = validate_chat_file(path, load_token_counter("tiktoken:gpt-3.5-turbo"), context_limit=16385)
     assert stats["n_examples"] == 12
@@ -367,7 +368,7 @@ def test_full_flow_succeeds_and_records_the_model(make_cfg, fake_server, api_env
 
     assert state["status"] == "succeeded" and state["fine_tuned_model"].startswith("ft:gpt-3.5-turbo-1106:")
     assert load_state(cfg.job_dir) == state  # what is returned is what is on disk
-    assert state["trained_tokens"] == 12345 and state["train_sha256"] == openai_ft.file_sha256(cfg.train_file)
+    assert state["trained_tokens"] == 12345 and state["train_sha256"] == kvio.file_sha256(cfg.train_file)
     assert [u["purpose"] for u in fake_server.uploads] == ["fine-tune", "fine-tune"]
     assert fake_server.uploads[0]["content"] == cfg.train_file.read_bytes()
     assert {state["training_file_id"], state["validation_file_id"]} == {u["id"] for u in fake_server.uploads}
@@ -470,7 +471,7 @@ def test_missing_api_key_fails_clearly_before_any_request(make_cfg, fake_server,
 
 def _write_params(tmp_path: Path, cfg: OpenAIFinetuneConfig) -> Path:
     params = tmp_path / "params.yaml"
-    from kvlib.config import to_mapping
+    from kvlib.engine.config import to_mapping
 
     params.write_text(yaml.safe_dump({"openai_finetune": to_mapping(cfg)}))
     return params
@@ -498,7 +499,7 @@ def test_dry_run_needs_no_key_and_prints_the_estimate(tmp_path, monkeypatch, cap
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = OpenAIFinetuneConfig(train_file=write_chat(tmp_path / "train.openai.jsonl"), job_dir=tmp_path / "job",
                                base_url="http://127.0.0.1:9/v1")  # a closed port: any request would fail
-    from kvlib.cli import main as cli_main
+    from kvlib.pipeline.cli import main as cli_main
 
     assert cli_main(["openai-finetune", "--params", str(_write_params(tmp_path, cfg)), "--dry-run"]) == 0
     out = capsys.readouterr().out

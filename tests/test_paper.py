@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from kvlib import paper
-from kvlib.config import ParamError
+from kvlib.report import paper
+from kvlib.engine.config import ParamError
+from kvlib.pipeline import repro_map
 
 
 def test_reference_loads_and_has_the_published_rows():
@@ -145,7 +146,7 @@ def test_reproduction_map_reads_claims_from_the_manifest(tmp_path):
     (out / "manifest.json").write_text(json.dumps({"notebooks": {"03_mdqa": {
         "status": "ok", "params": {"models": {"finetuned": {"run": "r"}, "original": {"model": "tiny"}}},
         "facts": {"claims": claims}}}}))
-    rows = {r["artifact"].split(":")[0]: r for r in paper.reproduction_map("p", tmp_path / "results",
+    rows = {r["artifact"].split(":")[0]: r for r in repro_map.reproduction_map("p", tmp_path / "results",
                                                                             tmp_path / "params", tmp_path)}
     assert rows["Fig. 5"]["verdict"] == "partly holds (1 holds, 1 inconclusive)"
     assert rows["Fig. 10"]["verdict"] == "holds (1 holds)"
@@ -153,13 +154,13 @@ def test_reproduction_map_reads_claims_from_the_manifest(tmp_path):
     assert rows["Fig. 5"]["results"] == "[mdqa_by_position.png](results/p/03_mdqa/mdqa_by_position.png)"
     assert rows["Fig. 5"]["model"] == "tiny" and rows["Fig. 5"]["params"] == ""  # no params file: no link
     assert rows["Table 1"]["verdict"] == "not run in this profile yet"
-    stale = {r["artifact"].split(":")[0]: r for r in paper.reproduction_map(
+    stale = {r["artifact"].split(":")[0]: r for r in repro_map.reproduction_map(
         "p", tmp_path / "results", tmp_path / "params", tmp_path, changed={"03_mdqa": "params changed"})}
     assert stale["Fig. 10"]["verdict"] == ("stale (params changed since this run; kvlib reproduce re-runs it): "
                                            "holds (1 holds)")
     assert stale["Fig. 10"]["results"] == rows["Fig. 10"]["results"]  # what it produced stays linked
     assert stale["Table 1"]["verdict"] == "not run in this profile yet"
-    table = paper.map_markdown(list(rows.values()))
+    table = repro_map.map_markdown(list(rows.values()))
     assert table.count("\n") == len(paper.load().artifacts) + 2
 
 
@@ -180,22 +181,22 @@ def test_readme_map_section_states_the_wall_time_and_what_has_not_finished(tmp_p
         "01_synthetic_data": {"status": "ok", "wall_seconds": 60, "wall_seconds_all_attempts": 60},
         "03_mdqa": {"status": "ok", "wall_seconds": 600, "wall_seconds_all_attempts": 6540},  # resumed twice
     }}))
-    section = paper.readme_map_section("p", tmp_path / "results", tmp_path / "params", tmp_path, tmp_path / "notebooks")
-    assert section.startswith(paper.map_markdown(paper.reproduction_map("p", tmp_path / "results",
+    section = repro_map.readme_map_section("p", tmp_path / "results", tmp_path / "params", tmp_path, tmp_path / "notebooks")
+    assert section.startswith(repro_map.map_markdown(repro_map.reproduction_map("p", tmp_path / "results",
                                                                          tmp_path / "params", tmp_path)))
     assert "1.8 h for 2 notebooks (minutes: 01 1.0, 03 109.0)" in section
     assert section.rstrip().endswith("Not finished yet: 08_longer_context.")
-    from kvlib.reporting import wall_time_summary
+    from kvlib.pipeline.manifest import wall_time_summary
 
     line = wall_time_summary(json.loads((out / "manifest.json").read_text())["notebooks"], ["08_longer_context"],
                              {"03_mdqa": "params changed"})
     assert line.endswith("Not finished yet: 08_longer_context. To run again (changed since they ran): "
                          "03_mdqa (params changed).")
     readme = tmp_path / "README.md"
-    readme.write_text(f"a\n{paper.MAP_START.format(profile='p')}\nold\n{paper.MAP_END.format(profile='p')}\nb\n")
-    assert paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params", tmp_path / "notebooks")
+    readme.write_text(f"a\n{repro_map.MAP_START.format(profile='p')}\nold\n{repro_map.MAP_END.format(profile='p')}\nb\n")
+    assert repro_map.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params", tmp_path / "notebooks")
     assert readme.read_text().count("Wall time on this machine") == 1
-    assert not paper.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params",
+    assert not repro_map.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params",
                                        tmp_path / "notebooks")  # idempotent
 
 
@@ -209,11 +210,11 @@ def test_readme_maps_cover_every_artifact_are_current_and_every_link_resolves(mo
     monkeypatch.chdir(root)
     text = (root / "README.md").read_text()
     for profile in ("cpu", "quick"):
-        start, end = paper.MAP_START.format(profile=profile), paper.MAP_END.format(profile=profile)
+        start, end = repro_map.MAP_START.format(profile=profile), repro_map.MAP_END.format(profile=profile)
         section = text.split(start, 1)[1].split(end, 1)[0]
         for art in paper.load().artifacts:
             assert f"| {art['title']} |" in section, (profile, art["id"])
-        current = paper.readme_map_section(profile, "results", "params", link_root=root)
+        current = repro_map.readme_map_section(profile, "results", "params", link_root=root)
         assert section == "\n" + current, f"the README's {profile} map is stale: run kvlib map --update README.md"
     for href in re.findall(r"\]\(([^)#]+)\)", text):
         if not href.startswith(("http://", "https://")):

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from kvlib import reporting
+from kvlib.report import tables as reporting
+from kvlib.pipeline import manifest
+from kvlib.engine import io as kvio
 
 
 def test_notebook_output_dir_creates_and_rejects_paths(tmp_path):
@@ -56,19 +58,19 @@ def test_record_inputs_hashes_files_and_directories_and_merges(tmp_path, monkeyp
     (tmp_path / "data" / "extra.txt").write_text("c\n")
     results = tmp_path / "results"
 
-    reporting.record_inputs(results, "02_x", ["data/ds"])
-    entries = reporting.record_inputs(results, "02_x", [tmp_path / "data" / "extra.txt", "data/ds/eval.jsonl"])
+    manifest.record_inputs(results, "02_x", ["data/ds"])
+    entries = manifest.record_inputs(results, "02_x", [tmp_path / "data" / "extra.txt", "data/ds/eval.jsonl"])
     assert [e["path"] for e in entries] == ["data/ds/eval.jsonl", "data/ds/train.jsonl", "data/extra.txt"]
     assert entries[2] == {"path": "data/extra.txt", "sha256": hashlib.sha256(b"c\n").hexdigest(), "bytes": 2}
     assert json.loads((results / "02_x" / "inputs.json").read_text()) == entries
-    assert reporting.read_inputs(results, "02_x") == entries
+    assert manifest.read_inputs(results, "02_x") == entries
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        reporting.record_inputs(results, "02_x", ["data/missing.txt"])
+        manifest.record_inputs(results, "02_x", ["data/missing.txt"])
 
 
 def test_file_sha256_notices_changed_content(tmp_path):
     f = tmp_path / "f.bin"
     f.write_bytes(b"one")
-    assert reporting.file_sha256(f) == hashlib.sha256(b"one").hexdigest()
+    assert kvio.file_sha256(f) == hashlib.sha256(b"one").hexdigest()
     f.write_bytes(b"two!")  # different size, so the (path, size, mtime) cache key changes
-    assert reporting.file_sha256(f) == hashlib.sha256(b"two!").hexdigest()
+    assert kvio.file_sha256(f) == hashlib.sha256(b"two!").hexdigest()

@@ -18,8 +18,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from kvlib import reporting, reproduce
-from kvlib.config import ParamError, check_positive
+from kvlib.report import tables as reporting
+from kvlib.pipeline import manifest as kv_manifest
+from kvlib.pipeline import notebooks, plan, repro_map, reproduce
+from kvlib.engine.config import ParamError, check_positive
 
 PROFILE = "tiny"
 SECRET = "sk-test-DO-NOT-LEAK-0123456789abcdef"
@@ -30,6 +32,7 @@ KVLIB_ROOT = str(Path(__file__).resolve().parents[1])
 
 @dataclass
 class FirstParams:
+    results_dir: str = ""  # where the runner's staging folder is (the profile is not declared, so not injected)
     message: str = "hi"
     repeat: int = 1
 
@@ -51,18 +54,22 @@ class SecondParams:
     split: Split = field(default_factory=Split)
 
 
-REGISTRY = {NB1: f"{__name__}:FirstParams", NB2: f"{__name__}:SecondParams"}
+REGISTRY = {NB1: FirstParams, NB2: SecondParams}
 
+PARAMETERS = "kvlib_params = None"  # the one injected mapping, as in the real notebooks
 NB1_CODE = f"""\
+globals().update(kvlib_params)
 import os
-from kvlib import reporting
+from kvlib.report import tables as reporting
+from kvlib.pipeline import manifest
 out = reporting.notebook_output_dir(results_dir, "{NB1}")
 (out / "message.txt").write_text(message * repeat)
-reporting.record_inputs(results_dir, "{NB1}", ["data/input.txt"])
-reporting.record_facts(results_dir, "{NB1}", {{"fine_tuned_model": "ft:demo:" + message}})
+manifest.record_inputs(results_dir, "{NB1}", ["data/input.txt"])
+manifest.record_facts(results_dir, "{NB1}", {{"fine_tuned_model": "ft:demo:" + message}})
 print("key seen by the kernel:", os.environ.get("OPENAI_API_KEY"))  # a careless notebook: must be redacted
 """
 NB2_CODE = """\
+globals().update({"fail": False, **kvlib_params})
 if fail:
     raise RuntimeError("boom from notebook")
 print("seed", seed)
@@ -84,8 +91,8 @@ def build_repo(root: Path) -> Path:
     (root / "notebooks").mkdir(parents=True)
     (root / "data").mkdir()
     (root / "data" / "input.txt").write_text("some input data\n")
-    _write_notebook(root / "notebooks" / f"{NB1}.ipynb", 'results_dir = "."\nmessage = ""\nrepeat = 0', NB1_CODE)
-    _write_notebook(root / "notebooks" / f"{NB2}.ipynb", 'results_dir = "."\nseed = 0\nfail = False', NB2_CODE)
+    _write_notebook(root / "notebooks" / f"{NB1}.ipynb", PARAMETERS, NB1_CODE)
+    _write_notebook(root / "notebooks" / f"{NB2}.ipynb", PARAMETERS, NB2_CODE)
     (root / "notebooks" / "scratch.ipynb").write_text("not a pipeline notebook: ignored")
     params = root / "params" / PROFILE
     params.mkdir(parents=True)
@@ -114,7 +121,7 @@ def manifest(root: Path) -> dict:
 
 
 def _kernel_env(mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(reproduce, "NOTEBOOK_PARAMS", dict(REGISTRY))
+    mp.setattr(plan, "NOTEBOOKS", dict(REGISTRY))
     mp.setenv("PYTHONPATH", KVLIB_ROOT, prepend=os.pathsep)
 
 
@@ -156,7 +163,7 @@ def test_run_writes_notebooks_html_and_manifest(first_run):
     assert m["profile"] == PROFILE
     assert m["kvlib_version"] == "0.1.0"
     assert m["python"] and m["platform"]
-    assert set(m["packages"]) == set(reproduce.PACKAGES) and m["packages"]["papermill"]
+    assert set(m["packages"]) == set(kv_manifest.PACKAGES) and m["packages"]["papermill"]
     assert m["git"] == {"commit": None, "dirty": None}  # the temp repo is not a git checkout
 
     e1, e2 = m["notebooks"][NB1], m["notebooks"][NB2]
@@ -195,11 +202,11 @@ def test_index_page_links_every_notebook_and_shows_the_manifest(first_run):
     assert f"params/{PROFILE}/{NB2}.yaml" in page and "seed=7" in page and "split.seed=1" in page
     assert m["notebooks"][NB1]["inputs"][0]["sha256"][:12] in page
     assert "ft:demo:hi" in page  # facts
-    assert reproduce.render_index(m) == page  # deterministic: the manifest alone decides the page
+    assert repro_map.render_index(m) == page  # deterministic: the manifest alone decides the page
     # each notebook shows the commit it ran at; the header names the latest run's
     m["git"] = {"commit": "b" * 40, "dirty": False}
     m["notebooks"][NB1]["git"] = {"commit": "a" * 40, "dirty": True}
-    page = reproduce.render_index(m)
+    page = repro_map.render_index(m)
     assert "<code>aaaaaaaaaaaa</code> (uncommitted changes)" in page and "b" * 40 in page
 
 
@@ -210,7 +217,7 @@ def test_secret_env_value_is_never_written(first_run):
     for path in files:
         assert SECRET not in path.read_text(errors="replace"), path
     # The kernel did see the key (so the check above is not vacuous): its printed value was redacted.
-    assert reproduce.REDACTED in (out_dir(root) / f"{NB1}.ipynb").read_text()
+    assert kv_manifest.REDACTED in (out_dir(root) / f"{NB1}.ipynb").read_text()
 
 
 def test_second_run_skips_everything(clone, capsys):
@@ -287,18 +294,18 @@ def test_params_change_reruns_that_notebook(clone, capsys):
 def test_changed_since_run_names_results_whose_params_or_notebook_changed(clone):
     """The map marks results that an earlier params or notebook version produced: the same fingerprints that make
     `kvlib reproduce` re-run them, read from tracked files only (no data or derived inputs)."""
-    entries = reproduce.load_manifest_entries(out_dir(clone))
+    entries = kv_manifest.load_manifest_entries(out_dir(clone))
     args = (PROFILE, entries, clone / "params", clone / "notebooks")
-    assert reproduce.changed_since_run(*args) == {}
+    assert kv_manifest.changed_since_run(*args) == {}
     (clone / "params" / PROFILE / f"{NB1}.yaml").write_text("message: hi\nrepeat: 3\n")
-    _write_notebook(clone / "notebooks" / f"{NB2}.ipynb", 'results_dir = "."\nseed = 0\nfail = False',
+    _write_notebook(clone / "notebooks" / f"{NB2}.ipynb", PARAMETERS,
                     NB2_CODE + "print('edited')\n")
-    assert reproduce.changed_since_run(*args) == {NB1: "params changed", NB2: "notebook changed"}
+    assert kv_manifest.changed_since_run(*args) == {NB1: "params changed", NB2: "notebook changed"}
     (clone / "data" / "input.txt").write_text("other data\n")  # an input is no definition: not reported here
     (clone / "params" / PROFILE / f"{NB1}.yaml").write_text("message: hi\nrepeat: -1\n")  # invalid: reproduce says so
     unfingerprinted = {NB1: {**entries[NB1]}, NB2: {k: v for k, v in entries[NB2].items() if k != "params_sha256"}}
-    assert reproduce.changed_since_run(PROFILE, unfingerprinted, clone / "params", clone / "notebooks") == {}
-    reproduce.write_index(out_dir(clone), clone / "params", notebooks_dir=clone / "notebooks")  # still renders
+    assert kv_manifest.changed_since_run(PROFILE, unfingerprinted, clone / "params", clone / "notebooks") == {}
+    repro_map.write_index(out_dir(clone), clone / "params", notebooks_dir=clone / "notebooks")  # still renders
 
 
 def test_changed_input_data_reruns_the_notebook_that_read_it(clone, capsys):
@@ -322,21 +329,23 @@ def test_failing_notebook_stops_and_keeps_previous_results(clone, capsys):
     assert (out / f"{NB1}.ipynb").is_file() and (out / f"{NB1}.html").is_file()
     entries = manifest(clone)["notebooks"]
     assert entries[NB1]["status"] == "ok"
-    assert entries[NB2]["status"] == "failed"
-    assert entries[NB2]["error"] == {"ename": "RuntimeError", "evalue": "boom from notebook"}
-    assert entries[NB2]["outputs"] == [f"{NB2}.failed.ipynb"]
-    assert entries[NB2]["attempts"] == 1 and (out / f".{NB2}.attempts.json").is_file()  # kept for the rerun
-    (clone / "params" / PROFILE / f"{NB2}.yaml").write_text("seed: 7\n")
+    # the record still shows the last good result, with the failure beside it
+    assert entries[NB2]["status"] == "ok" and entries[NB2]["params"] == {"seed": 7, "profile": PROFILE}
+    failure = entries[NB2]["last_failure"]
+    assert failure["error"] == {"ename": "RuntimeError", "evalue": "boom from notebook"}
+    assert failure["outputs"] == [f"{NB2}.failed.ipynb"]
+    assert failure["attempts"] == 1 and (out / f".{NB2}.attempts.json").is_file()  # kept for the rerun
+    (clone / "params" / PROFILE / f"{NB2}.yaml").write_text("seed: 8\n")  # the fix: params that differ from both
     assert run(clone) == 0
     entry = manifest(clone)["notebooks"][NB2]
-    assert entry["status"] == "ok" and entry["attempts"] == 2
+    assert entry["status"] == "ok" and entry["attempts"] == 2 and "last_failure" not in entry
     assert entry["wall_seconds_all_attempts"] > entry["wall_seconds"]
     assert not (out / f".{NB2}.attempts.json").exists()
 
 
 def test_failure_stops_the_run_before_later_notebooks(tmp_path, capsys):
     root = build_repo(tmp_path)
-    _write_notebook(root / "notebooks" / f"{NB1}.ipynb", 'results_dir = "."\nmessage = ""\nrepeat = 0', "1 / 0")
+    _write_notebook(root / "notebooks" / f"{NB1}.ipynb", PARAMETERS, "1 / 0")
     assert run(root) == 1
     assert "ZeroDivisionError: division by zero" in capsys.readouterr().err
     assert set(manifest(root)["notebooks"]) == {NB1}
@@ -352,8 +361,8 @@ def test_failure_stops_the_run_before_later_notebooks(tmp_path, capsys):
         (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").unlink(), "params file not found"),
         (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").write_text("results_dir: /tmp\n"),
          "results_dir: set by kvlib reproduce"),
-        (lambda r: reproduce.NOTEBOOK_PARAMS.pop(NB2), "no params class registered"),
-        (lambda r: reproduce.NOTEBOOK_PARAMS.update({NB2: "kvlib.nope:Params"}), "cannot load params class"),
+        (lambda r: plan.NOTEBOOKS.pop(NB2), "no params class registered"),
+        (lambda r: plan.NOTEBOOKS.update({NB2: "kvlib.nope:Params"}), "is not a dataclass"),
     ],
     ids=["unknown-key", "invalid-value", "missing-file", "reserved-key", "unregistered", "bad-class"],
 )
@@ -405,31 +414,31 @@ def test_skip_params_file_records_the_reason_without_running(clone, capsys):
 
 def test_a_retrained_run_makes_the_notebooks_that_evaluate_it_stale(tmp_path):
     repo_params = Path(KVLIB_ROOT) / "params"
-    assert reproduce.referenced_runs({"models": {"a": {"run": "x"}, "b": {"model": "m"}}, "match": "y",
+    assert plan.referenced_runs({"models": {"a": {"run": "x"}, "b": {"model": "m"}}, "match": "y",
                                       "grid": [{"run": "z"}]}) == ["x", "y", "z"]
-    job = reproduce.NotebookJob(
+    job = plan.NotebookJob(
         name="03_mdqa", notebook=Path(KVLIB_ROOT) / "notebooks" / "03_mdqa.ipynb",
         params_file=repo_params / "quick" / "03_mdqa.yaml",
         injected={"profile": "quick", "models": {"finetuned": {"run": "simple-template"}}},
         seeds={}, params_sha256="p", notebook_sha256="n")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)  # runs/ is git-ignored, as in the repo
     (tmp_path / ".gitignore").write_text("/runs/\n")
-    assert reproduce.run_identity_inputs(job, tmp_path) == []  # not trained yet: nothing to record
+    assert kv_manifest.run_identity_inputs(job, tmp_path) == []  # not trained yet: nothing to record
     summary = tmp_path / "runs" / "models" / "quick" / "simple-template" / "run_identity.json"
     summary.parent.mkdir(parents=True)
     summary.write_text('{"config_sha256": "a"}\n')
-    inputs = reproduce.run_identity_inputs(job, tmp_path)
+    inputs = kv_manifest.run_identity_inputs(job, tmp_path)
     assert [i["path"] for i in inputs] == ["runs/models/quick/simple-template/run_identity.json"]
     (tmp_path / "results").mkdir()
     entry = {"status": "ok", "params_sha256": "p", "notebook_sha256": "n", "outputs": [], "inputs": inputs}
-    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) is None
+    assert kv_manifest.stale_reason(job, entry, tmp_path / "results", tmp_path) is None
     summary.write_text('{"config_sha256": "b"}\n')  # the run was retrained with another recipe
-    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
+    assert kv_manifest.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
         "input runs/models/quick/simple-template/run_identity.json changed")
     legacy = {**entry, "inputs": [{**inputs[0], "path": "runs/models/quick/simple-template/train_summary.json"}]}
-    assert reproduce.stale_reason(job, legacy, tmp_path / "results", tmp_path) is None  # not comparable
+    assert kv_manifest.stale_reason(job, legacy, tmp_path / "results", tmp_path) is None  # not comparable
     tracked = {**entry, "inputs": [{**inputs[0], "path": "data/train_summary.json"}]}  # not a run's record
-    assert reproduce.stale_reason(job, tracked, tmp_path / "results", tmp_path) == (
+    assert kv_manifest.stale_reason(job, tracked, tmp_path / "results", tmp_path) == (
         "input data/train_summary.json missing")
 
 
@@ -446,23 +455,23 @@ def test_a_derived_input_absent_on_a_fresh_machine_is_not_a_change(tmp_path):
     derived = tmp_path / "runs" / "data" / "cpu" / "flenqa.jsonl"
     derived.parent.mkdir(parents=True)
     derived.write_text("{}\n")
-    job = reproduce.NotebookJob(name="04_flenqa", notebook=tmp_path / "nb.ipynb", params_file=tmp_path / "p.yaml",
+    job = plan.NotebookJob(name="04_flenqa", notebook=tmp_path / "nb.ipynb", params_file=tmp_path / "p.yaml",
                                 injected={}, seeds={}, params_sha256="p", notebook_sha256="n")
-    inputs = [reporting.input_record(derived, "runs/data/cpu/flenqa.jsonl"),
-              reporting.input_record(template, "kvlib/t.txt")]
+    inputs = [kv_manifest.input_record(derived, "runs/data/cpu/flenqa.jsonl"),
+              kv_manifest.input_record(template, "kvlib/t.txt")]
     entry = {"status": "ok", "params_sha256": "p", "notebook_sha256": "n", "outputs": [], "inputs": inputs}
-    assert reproduce.is_derived_input("runs/data/cpu/flenqa.jsonl", tmp_path)
-    assert not reproduce.is_derived_input("kvlib/t.txt", tmp_path)
-    assert not reproduce.is_derived_input(str(tmp_path / "runs" / "x"), tmp_path)  # absolute: a data file
+    assert kv_manifest.is_derived_input("runs/data/cpu/flenqa.jsonl", tmp_path)
+    assert not kv_manifest.is_derived_input("kvlib/t.txt", tmp_path)
+    assert not kv_manifest.is_derived_input(str(tmp_path / "runs" / "x"), tmp_path)  # absolute: a data file
     shutil.rmtree(tmp_path / "runs")  # the fresh machine
-    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) is None
+    assert kv_manifest.stale_reason(job, entry, tmp_path / "results", tmp_path) is None
     derived.parent.mkdir(parents=True)
     derived.write_text('{"regenerated": "differently"}\n')
-    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
+    assert kv_manifest.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
         "input runs/data/cpu/flenqa.jsonl changed")
     derived.unlink()
     template.unlink()
-    assert reproduce.stale_reason(job, entry, tmp_path / "results", tmp_path) == "input kvlib/t.txt missing"
+    assert kv_manifest.stale_reason(job, entry, tmp_path / "results", tmp_path) == "input kvlib/t.txt missing"
 
 
 def test_data_inputs_are_found_in_the_current_data_directory_wherever_it_lives(tmp_path, monkeypatch):
@@ -476,25 +485,25 @@ def test_data_inputs_are_found_in_the_current_data_directory_wherever_it_lives(t
     source.write_text('{"q": 1}\n')
     monkeypatch.chdir(repo)
     monkeypatch.setenv("KVLIB_DATA_DIR", str(data))
-    [recorded] = reporting.record_inputs(repo / "results", "03_mdqa", [source])
+    [recorded] = kv_manifest.record_inputs(repo / "results", "03_mdqa", [source])
     assert recorded["path"] == "$KVLIB_DATA_DIR/mdqa/qa.jsonl"
     legacy = {**recorded, "path": "/home/someone/shared/data/mdqa/qa.jsonl"}  # written by an older kvlib
-    job = reproduce.NotebookJob(name="03_mdqa", notebook=repo / "nb.ipynb", params_file=repo / "p.yaml",
+    job = plan.NotebookJob(name="03_mdqa", notebook=repo / "nb.ipynb", params_file=repo / "p.yaml",
                                 injected={}, seeds={}, params_sha256="p", notebook_sha256="n")
     entry = lambda item: {"status": "ok", "params_sha256": "p", "notebook_sha256": "n", "outputs": [],  # noqa: E731
                           "inputs": [item]}
-    assert not reproduce.is_derived_input(recorded["path"], repo)
+    assert not kv_manifest.is_derived_input(recorded["path"], repo)
     moved = tmp_path / "moved" / "data"
     shutil.move(data, moved)  # the same files in another place: nothing changed
     monkeypatch.setenv("KVLIB_DATA_DIR", str(moved))
     for item in (recorded, legacy):
-        assert reproduce.locate_input(item["path"], repo) == moved / "mdqa" / "qa.jsonl"
-        assert reproduce.stale_reason(job, entry(item), repo / "results", repo) is None
+        assert kv_manifest.locate_input(item["path"], repo) == moved / "mdqa" / "qa.jsonl"
+        assert kv_manifest.stale_reason(job, entry(item), repo / "results", repo) is None
     (moved / "mdqa" / "qa.jsonl").write_text('{"q": 2}\n')
-    assert reproduce.stale_reason(job, entry(recorded), repo / "results", repo) == (
+    assert kv_manifest.stale_reason(job, entry(recorded), repo / "results", repo) == (
         "input $KVLIB_DATA_DIR/mdqa/qa.jsonl changed")
     (moved / "mdqa" / "qa.jsonl").unlink()
-    assert reproduce.stale_reason(job, entry(legacy), repo / "results", repo) == (
+    assert kv_manifest.stale_reason(job, entry(legacy), repo / "results", repo) == (
         "input /home/someone/shared/data/mdqa/qa.jsonl missing")
 
 
@@ -508,23 +517,23 @@ def test_git_info_dirty_means_changed_code_not_stray_files(tmp_path):
     git("add", "kvlib/a.py")
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "code")
     results = repo / "results"
-    assert reproduce.git_info(repo, results)["dirty"] is False
+    assert kv_manifest.git_info(repo, results)["dirty"] is False
     (repo / "run.log").write_text("a log beside the checkout\n")
     (results / "p").mkdir(parents=True)
     (results / "p" / "x.csv").write_text("1\n")
-    assert reproduce.git_info(repo, results)["dirty"] is False
+    assert kv_manifest.git_info(repo, results)["dirty"] is False
     (repo / "kvlib" / "b.py").write_text("y = 2\n")  # untracked code can change a run
-    assert reproduce.git_info(repo, results)["dirty"] is True
+    assert kv_manifest.git_info(repo, results)["dirty"] is True
     (repo / "kvlib" / "b.py").unlink()
     (repo / "kvlib" / "a.py").write_text("x = 2\n")
-    assert reproduce.git_info(repo, results)["dirty"] is True
+    assert kv_manifest.git_info(repo, results)["dirty"] is True
 
 
 def test_one_run_per_machine_makes_a_second_run_wait_for_the_first(tmp_path, capsys):
     """Two runs at once on a small CPU each run many times slower: the second waits, saying who holds the lock."""
     import threading
 
-    from kvlib import reproduce
+    from kvlib.pipeline import reproduce
 
     lock, order = tmp_path / "kvlib.lock", []
 

@@ -1,7 +1,7 @@
 """Parsing and scoring of free-text answers to the synthetic key-value tasks."""
 import pytest
 
-from kvlib.scoring import parse_kv_answer, score_kv_answer
+from kvlib.engine.scoring import parse_kv_answer, score_kv_answer
 
 SIMPLE = {"task": "simple", "key": 2931, "value": 8364, "gold_dict_name": "32"}
 MULTI = {"task": "multisubkey", "key": [7, 905, 51], "value": 1234, "gold_dict_name": "4",
@@ -63,7 +63,7 @@ def test_score_needs_metadata():
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
-    from kvlib.scoring import bootstrap_ci
+    from kvlib.engine.stats import bootstrap_ci
 
     values = [1, 0, 1, 1, 0, 1, 1, 1, 0, 1]
     mean, lo, hi = bootstrap_ci(values)
@@ -75,7 +75,7 @@ def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
 
 
 def test_wilson_ci_matches_the_closed_form_and_never_collapses():
-    from kvlib.scoring import wilson_ci
+    from kvlib.engine.stats import wilson_ci
 
     lo, hi = wilson_ci(0, 3)
     assert lo == 0 and hi == pytest.approx(1.96 ** 2 / (3 + 1.96 ** 2), abs=1e-4)  # 0/n: upper = z^2 / (n + z^2)
@@ -93,7 +93,7 @@ def _paired_table(both, only_a, only_b, neither):
 
 
 def test_paired_binary_ci_is_wide_without_discordant_pairs_where_the_bootstrap_says_zero():
-    from kvlib.scoring import bootstrap_ci, paired_binary_difference_ci
+    from kvlib.engine.stats import bootstrap_ci, paired_binary_difference_ci
 
     a, b = _paired_table(0, 0, 0, 3)  # 3 questions, both models wrong on all
     assert bootstrap_ci([x - y for x, y in zip(a, b)])[1:] == (0.0, 0.0), "the failure this interval fixes"
@@ -117,7 +117,7 @@ def test_paired_binary_ci_covers_the_true_difference(n, cells):
     including the rare-discordance regime of a 135M model near the floor, where the bootstrap under-covers."""
     import numpy as np
 
-    from kvlib.scoring import paired_binary_difference_ci
+    from kvlib.engine.stats import paired_binary_difference_ci
 
     rng = np.random.default_rng(0)
     probs = [*cells, 1 - sum(cells)]
@@ -130,7 +130,7 @@ def test_paired_binary_ci_covers_the_true_difference(n, cells):
 
 
 def test_mean_and_paired_cis_choose_the_method_by_the_values():
-    from kvlib.scoring import bootstrap_ci, mean_ci, paired_binary_difference_ci, paired_difference_ci, wilson_ci
+    from kvlib.engine.stats import bootstrap_ci, mean_ci, paired_binary_difference_ci, paired_difference_ci, wilson_ci
 
     assert mean_ci([1, 0, 0, 0]) == (0.25, *wilson_ci(1, 4))
     assert mean_ci([0.5, 0.25, 1.0]) == bootstrap_ci([0.5, 0.25, 1.0])
@@ -141,7 +141,7 @@ def test_mean_and_paired_cis_choose_the_method_by_the_values():
 
 
 def test_summarize_groups_rows_with_cis():
-    from kvlib.evaluate import summarize
+    from kvlib.engine.evaluate import summarize
 
     rows = [{"run": "a", "model": m, "exact": e} for m, e in
             [("original", False), ("original", False), ("finetuned", True), ("finetuned", False)]]

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import generate as gen
-from kvlib import train
-from kvlib.config import ParamError, from_mapping, load_yaml
+from kvlib.tasks import synthetic as gen
+from kvlib.engine import train
+from kvlib.engine.config import ParamError, from_mapping, load_yaml
+from kvlib.pipeline import notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +223,7 @@ def test_changed_recipe_or_data_starts_over_instead_of_resuming(chat_file, tiny_
 
 @pytest.mark.slow
 def test_full_finetune_lowers_loss_and_saves_loadable_model(chat_file, tiny_model, tmp_path):
-    from kvlib import models
+    from kvlib.engine import models
 
     cfg = make_cfg(chat_file, tiny_model, tmp_path / "full", max_steps=12, learning_rate=3e-3)
     summary = train.train(cfg)
@@ -243,7 +244,7 @@ def test_full_finetune_lowers_loss_and_saves_loadable_model(chat_file, tiny_mode
 @pytest.mark.slow
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
 def test_lora_trains_only_adapters_and_loads(chat_file, tiny_model, tmp_path, merge):
-    from kvlib import models
+    from kvlib.engine import models
 
     cfg = make_cfg(chat_file, tiny_model, tmp_path / "lora", method="lora", lora_r=4, lora_alpha=8,
                    merge_lora=merge, max_steps=4)
@@ -294,7 +295,7 @@ def test_bad_train_params(overrides, field, tmp_path):
 # ------------------------------------------------------------------ notebook 02 params
 
 def test_finetune_notebook_params_resolve_datasets_of_the_profile():
-    p = from_mapping(train.FinetuneNotebookParams, {
+    p = from_mapping(notebooks.FinetuneNotebookParams, {
         "profile": "quick", "params_root": str(ROOT / "params"), "models_dir": "m",
         "runs": {"a": {"dataset": "simple-template", "epochs": 1, "precision": "bf16"}}})
     job = p.jobs()["a"]
@@ -313,12 +314,12 @@ def test_finetune_notebook_params_resolve_datasets_of_the_profile():
 ])
 def test_finetune_notebook_params_errors(runs, message):
     with pytest.raises(ParamError, match=message):
-        from_mapping(train.FinetuneNotebookParams, {"profile": "quick", "params_root": str(ROOT / "params"),
+        from_mapping(notebooks.FinetuneNotebookParams, {"profile": "quick", "params_root": str(ROOT / "params"),
                                                     "runs": runs})
 
 
 def test_openai_runs_use_the_openai_file():
-    p = from_mapping(train.FinetuneNotebookParams, {
+    p = from_mapping(notebooks.FinetuneNotebookParams, {
         "profile": "paper-gpt35", "params_root": str(ROOT / "params"), "runs": {},
         "openai_runs": {"g": {"dataset": "multisubkey-template", "n_epochs": 2}}})
     cfg = p.openai_jobs()["g"].train_config

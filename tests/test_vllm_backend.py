@@ -1,4 +1,4 @@
-"""kvlib.backends.VLLMBackend without vLLM or a GPU: a stand-in `vllm` module whose engine computes with
+"""kvlib.engine.backends.VLLMBackend without vLLM or a GPU: a stand-in `vllm` module whose engine computes with
 transformers (greedy generate, prompt log-probs from one forward pass) returns vLLM's output structures, so
 kvlib's glue (tokenization handed over as ids, stopping, decoding, log-prob indexing, is_greedy) must
 reproduce HFBackend's answers and scores exactly. vLLM itself is exercised on the GPU profiles."""
@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvlib.backends import VLLMBackend, build_backend
-from kvlib.config import ParamError
-from kvlib.models import DEFAULT_MODEL
+from kvlib.engine.backends import VLLMBackend, build_backend
+from kvlib.engine.config import ParamError
+from kvlib.engine.models import DEFAULT_MODEL
 
 PROMPTS = [
     "What is 2+2?",
@@ -108,7 +108,7 @@ def test_vllm_backend_params():
 
 
 def test_kind_auto_is_transformers_without_cuda_or_vllm(monkeypatch):
-    from kvlib import backends
+    from kvlib.engine import backends
 
     monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: False)
     assert not backends.vllm_usable()
@@ -117,7 +117,7 @@ def test_kind_auto_is_transformers_without_cuda_or_vllm(monkeypatch):
 
 
 def test_local_runs_take_any_local_kind_and_openai_runs_only_openai():
-    from kvlib.evaluate import model_configs
+    from kvlib.pipeline.notebooks import model_configs
 
     # the smoke profile's 02 params define HF runs (simple-template, ...) and no OpenAI run
     for kind in ("hf", "vllm", "auto"):

@@ -1,0 +1,897 @@
+"""Model backends: the one home for turning prompts into completions (and continuations into log-likelihoods)
+for every evaluation in kvlib.
+
+Every backend follows the `Backend` protocol: a `name`, an `identity()` recorded with results (what exactly
+produced them), and `generate(requests, max_new_tokens) -> list[str]`. A *request* is a list of chat messages
+(``[{"role": ..., "content": ...}, ...]``) or a plain string, which means one user message. Decoding is greedy
+(temperature 0) and stops at the end of the assistant's turn. Evaluations pick a backend by params through
+`BackendConfig` / `build_backend`.
+
+Three backends: `HFBackend` (a local Hugging Face model in transformers), `VLLMBackend` (the same model in
+vLLM's offline engine, on a GPU) and `OpenAIChatBackend` (any OpenAI-compatible chat API: OpenAI itself, vLLM's
+or llama.cpp's server). Both take an optional `on_result(index, result)` callback, called as
+each answer arrives, which is how kvlib.engine.cache.CachedBackend stores every response the moment it exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, Union, runtime_checkable
+from urllib.parse import urlparse
+
+import torch
+from tqdm.auto import tqdm
+
+from kvlib.engine.config import check_positive, fail, from_mapping
+from kvlib.engine.io import sha256_text
+from kvlib.engine.models import (
+    DEFAULT_MODEL,
+    default_device_dtype,
+    load_model,
+    load_tokenizer,
+    model_identity,
+    resolve_model,
+)
+
+Message = Mapping[str, str]
+Request = Union[str, Sequence[Message]]  # a plain user prompt, or a chat conversation
+LoglikelihoodRequest = tuple[Request, str]  # (context, continuation)
+
+_ROLES = ("system", "user", "assistant")
+# Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Llama 2/Mistral, Gemma). The
+# tokenizer's eos is not always the end-of-turn token (Llama 3: eos <|end_of_text|>, turns end in <|eot_id|>).
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>")
+# CPU flags of native bfloat16 arithmetic (Intel Cooper Lake+/Sapphire Rapids+, AMD Zen 4+). Without them
+# PyTorch emulates bf16 on CPU, which is slower than float32.
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class ContextLengthError(ValueError):
+    """Some requests do not fit the model's context window. Nothing is truncated or skipped silently: the
+    caller decides (drop and report them, or use a longer-context model). `indices` are positions in the
+    request list."""
+
+    def __init__(self, indices: list[int], lengths: list[int | None], limit: int | None, what: str,
+                 results: list | None = None):
+        # results: the answers of the other requests when the backend got them before finding out (an API
+        # server rejects an over-length prompt itself), with None at `indices`; None if nothing was generated
+        self.indices, self.lengths, self.limit, self.what, self.results = indices, lengths, limit, what, results
+        shown = ", ".join(f"{i} ({n} tokens)" if n is not None else str(i)
+                          for i, n in zip(indices[:20], lengths[:20]))
+        more = f", ... ({len(indices) - 20} more)" if len(indices) > 20 else ""
+        limit_text = f"of {limit} tokens" if limit is not None else "(the server's limit)"
+        super().__init__(
+            f"{len(indices)} request(s) exceed the model's context length {limit_text} ({what}): "
+            f"indices {shown}{more}. Check with fits() first and drop or report them; nothing is truncated."
+        )
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every model backend offers an evaluation."""
+
+    name: str
+
+    def identity(self) -> dict:
+        """Plain-data description of exactly what generates (model, weights hash, dtype, ...), for results."""
+        ...
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int,
+                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+        """Greedy completions of `requests`, in their order, stripped of surrounding whitespace;
+        `on_result(i, answer)` is called as each one arrives."""
+        ...
+
+    def fits(self, requests: Sequence[Request], max_new_tokens: int) -> list[bool]:
+        """Whether each request fits the context window with room for max_new_tokens (True when unknown)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------- requests
+
+
+def to_messages(request: Request, where: str = "request") -> list[dict]:
+    """The chat messages of a request: a string becomes one user message; a conversation is checked and
+    copied into plain dicts (so callers may pass any Mapping, and caches can hash the result)."""
+    if isinstance(request, str):
+        return [{"role": "user", "content": request}]
+    if not isinstance(request, Sequence) or not request:
+        raise TypeError(f"{where}: expected a prompt string or a non-empty list of chat messages, got {request!r}")
+    messages = []
+    for i, message in enumerate(request):
+        if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
+            raise TypeError(f"{where}[{i}]: expected a mapping with exactly 'role' and 'content', got {message!r}")
+        if message["role"] not in _ROLES or not isinstance(message["content"], str):
+            raise TypeError(f"{where}[{i}]: role must be one of {list(_ROLES)} and content a string, got {message!r}")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def check_max_new_tokens(max_new_tokens: Any) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
+# On a CPU, left-padded batches of long prompts are slower than one prompt at a time: the padding mask takes
+# SDPA off its causal fast path and materialises rows x heads x length^2 attention scores. Measured with the
+# embedded model (2 cores, float32, 32 new tokens, 8 prompts): 3.1K-token MDQA prompts 72 s batched by 8 vs
+# 48 s one at a time; ~750-token prompts 12.2 s vs 13.9 s; ~50-token prompts 4.7 s vs 13.3 s. So a CPU batch
+# holds at most this many padded tokens: prompts over half of it go alone, short ones still batch.
+CPU_MAX_BATCH_TOKENS = 2048
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices of `lengths` grouped into batches, longest first, so each batch pads little.
+
+    A batch holds at most `batch_size` rows and, when `max_batch_tokens` is set, at most that many padded
+    tokens (rows x its longest length); a single longer item still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep request order
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        # longest first, so a batch's padded length is the length of its first item
+        if current and len(current) < batch_size and (
+            max_batch_tokens is None or (len(current) + 1) * lengths[current[0]] <= max_batch_tokens
+        ):
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+# ----------------------------------------------------------------------------------- devices and dtypes
+
+
+@functools.lru_cache(maxsize=1)
+def _read_cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU does bfloat16 arithmetic natively: an `avx512_bf16` or `amx_bf16` flag in the text of
+    /proc/cpuinfo (`cpuinfo`, read from the machine when None). Linux/x86 only: elsewhere (no /proc/cpuinfo,
+    or ARM, whose bf16 speed in PyTorch varies by build) this says False, so evaluation stays in float32."""
+    if cpuinfo is None:
+        cpuinfo = _read_cpuinfo() if sys.platform.startswith("linux") else ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags" and _CPU_BF16_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+# bf16 must beat float32 by this factor in cpu_bf16_speedup to be chosen: a clear margin, so that timing noise
+# never flips the choice (and with it the answers) between two runs on the same machine
+BF16_MIN_SPEEDUP = 1.3
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup(size: int = 1024, repeats: int = 5) -> float:
+    """float32 time / bfloat16 time of a (size x size) linear layer on this CPU (once per process, ~0.2 s).
+    The `avx512_bf16` flag alone does not say bf16 is faster: on one host of this project bf16 prefill was 2x
+    faster than float32, on another (same flags, no AMX) 1.7x slower, because PyTorch's bf16 kernels there
+    fell back to slower code paths. So "auto" measures instead of trusting the flag."""
+
+    x = torch.randn(size, size)
+    w = torch.randn(size, size)
+    timings = {}
+    with torch.inference_mode():
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = x.to(dt), w.to(dt)
+            torch.nn.functional.linear(a, b)  # warm-up (kernel selection, caches)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.nn.functional.linear(a, b)
+                best = min(best, time.perf_counter() - start)
+            timings[dt] = best
+    return timings[torch.float32] / timings[torch.bfloat16]
+
+
+def resolve_eval_dtype(device: str | None = None, dtype: str = "auto") -> str:
+    """The dtype name evaluation runs in. "auto": bfloat16 on CUDA (float16 on GPUs without bf16); on a CPU,
+    bfloat16 only where the CPU has native bf16 (cpu_supports_bf16) AND bf16 measures at least
+    BF16_MIN_SPEEDUP faster than float32 here (cpu_bf16_speedup), else float32. Explicit
+    "float32"/"bfloat16"/"float16" are honoured (float16 not on CPU). The dtype is recorded with every result.
+
+    Differs from kvlib.engine.models.default_device_dtype (whose auto is float32 on every CPU, the safe choice for
+    training) only in that CPU case; device and dtype are validated there.
+    """
+    dev, torch_dtype = default_device_dtype(device, dtype)
+    if dtype == "auto" and dev.type == "cpu" and cpu_supports_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
+        return "bfloat16"
+    return _DTYPE_NAMES[torch_dtype]
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end generation: the tokenizer's eos plus every known end-of-turn token in its vocab."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [vocab[token] for token in _END_OF_TURN_TOKENS if token in vocab]
+    if not ids:
+        raise ValueError("the tokenizer has no eos token and none of the known end-of-turn tokens "
+                         f"{list(_END_OF_TURN_TOKENS)}; generation could not stop at the end of a turn")
+    return list(dict.fromkeys(ids))  # dedupe, keep order
+
+
+# ------------------------------------------------------------------------------------------- params
+
+
+@dataclasses.dataclass
+class BackendConfig:
+    """Which backend an evaluation uses (the `backend:` mapping of a params file or notebook).
+
+    kind "hf": a local model (`model`: embedded name, checkpoint or LoRA-adapter dir, hub id) in transformers.
+    kind "vllm": the same local model (not a LoRA adapter) in vLLM's offline engine (CUDA); kind "auto": vLLM
+    when it is installed and a CUDA GPU is visible, else transformers.
+    kind "openai": an OpenAI-compatible chat API at `base_url` (None: api.openai.com) serving `model`; the API
+    key is read from the environment variable named by `api_key_env`, never from params. A loopback server
+    (llama.cpp, vLLM on 127.0.0.1) needs no key.
+    `run` instead of `model` names a finetuning run of the profile's 02_finetune params; kvlib.evaluate
+    resolves it to the trained model (or the fine-tuned OpenAI model's name).
+    """
+
+    kind: Literal["hf", "vllm", "auto", "openai"] = "hf"
+    model: str | None = None  # None: the embedded default (kind hf), or the model of `run`
+    run: str | None = None
+    # hf
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # see resolve_eval_dtype
+    device: str | None = None  # None/"auto": CUDA if available, else CPU
+    batch_size: int = 8
+    # cap on rows x padded tokens per batch; None: CPU_MAX_BATCH_TOKENS on a CPU, no cap on a GPU
+    max_batch_tokens: int | None = None
+    attn_implementation: str = "sdpa"
+    # vllm: share of GPU memory vLLM's engine may take (weights, activations and its paged KV cache)
+    gpu_memory_utilization: float = 0.85
+    # one prompt at a time in token order, reusing the KV cache of the prefix each shares with the previous one
+    # (the documents before the gold in MDQA, few-shot examples): less prefill, no batching; see HFBackend
+    prefix_cache: bool = False
+    # openai
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 4  # requests in flight at once
+    max_retries: int = 6  # SDK retries of 408/409/429/5xx, timeouts and connection errors, exponential backoff
+    timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        if self.model is not None and not self.model.strip():
+            fail("model", "must name a model")
+        if self.model is not None and self.run is not None:
+            fail("run", f"give either model or run, not both (model={self.model!r}, run={self.run!r})")
+        if self.kind == "openai" and self.model is None and self.run is None:
+            fail("model", "kind openai needs the API's model name (or a run of openai_runs)")
+        check_positive("batch_size", self.batch_size)
+        if self.max_batch_tokens is not None:
+            check_positive("max_batch_tokens", self.max_batch_tokens)
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            fail("base_url", f"must be an http(s) URL, got {self.base_url!r}")
+        if not self.api_key_env.strip() or self.api_key_env.startswith(("sk-", "sk_")):
+            fail("api_key_env", "must name an environment variable (never the key itself)")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            fail("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        check_positive("concurrency", self.concurrency)
+        check_positive("max_retries", self.max_retries, 0)
+        if not self.timeout_s > 0:
+            fail("timeout_s", f"must be > 0, got {self.timeout_s!r}")
+
+
+def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = True) -> Backend:
+    """The backend described by `config` (a BackendConfig or a params mapping, validated first). A `run` must
+    have been resolved to a model first (kvlib.pipeline.runs.open_model does that)."""
+    if not isinstance(config, BackendConfig):
+        config = from_mapping(BackendConfig, config, "backend")
+    if config.run is not None:
+        raise ValueError(f"backend: run {config.run!r} is not resolved to a model; use kvlib.pipeline.runs.open_model")
+    if config.kind == "openai":
+        return OpenAIChatBackend(config.model, base_url=config.base_url, api_key_env=config.api_key_env,
+                                 concurrency=config.concurrency, max_retries=config.max_retries,
+                                 timeout_s=config.timeout_s, progress=progress)
+    if config.kind == "vllm" or (config.kind == "auto" and vllm_usable()):
+        return VLLMBackend(config.model or DEFAULT_MODEL, dtype=config.dtype,
+                           gpu_memory_utilization=config.gpu_memory_utilization, progress=progress)
+    return HFBackend(config.model or DEFAULT_MODEL, device=config.device, dtype=config.dtype,
+                     batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
+                     attn_implementation=config.attn_implementation, prefix_cache=config.prefix_cache,
+                     progress=progress)
+
+
+def vllm_usable() -> bool:
+    """Whether backend kind auto picks vLLM: it is installed and a CUDA GPU is visible. On a CPU, auto stays
+    with transformers, whose CPU path kvlib measured and tuned (bf16 detection, the batch-token cap)."""
+
+    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+
+# ----------------------------------------------------------------------------------------- local models
+
+
+class LocalChatModel:
+    """What the local backends (HF, vLLM) share: a kvlib model spec, its tokenizer and chat template, and one
+    tokenization of requests, so that both engines see exactly the same tokens. Subclasses set `spec`,
+    `tokenizer` and `stop_ids`, and give `_text_config()` (the model's text config)."""
+
+    spec: str
+    tokenizer: Any
+    stop_ids: list[int]
+
+    def _text_config(self) -> Any:
+        raise NotImplementedError
+
+    def _template_sha256(self) -> str | None:
+        template = self.tokenizer.chat_template
+        if template is not None and not isinstance(template, str):  # several named templates
+            template = json.dumps(template, sort_keys=True)
+        return None if template is None else sha256_text(template)
+
+    def context_length(self) -> int:
+        """Most tokens (prompt + generated) the model can attend to, from its config."""
+        config = self._text_config()
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        raise ValueError(f"{self.spec}: the model config names no context length (max_position_embeddings)")
+
+    # ------------------------------------------------------------------------------------- lengths
+
+    def prompt_lengths(self, requests: Sequence[Request]) -> list[int]:
+        """Token count of each request as the model sees it (chat template and generation prompt included)."""
+        return [len(ids) for ids in self._encode_prompts(requests)]
+
+    def fits(self, requests: Sequence[Request], max_new_tokens: int) -> list[bool]:
+        """Whether each request leaves room for `max_new_tokens` in the context window (generate() raises on
+        any that does not)."""
+        check_max_new_tokens(max_new_tokens)
+        limit = self.context_length()
+        return [n + max_new_tokens <= limit for n in self.prompt_lengths(requests)]
+
+    def _check_fit(self, lengths: list[int], what: str) -> None:
+        limit = self.context_length()
+        over = [i for i, n in enumerate(lengths) if n > limit]
+        if over:
+            raise ContextLengthError(over, [lengths[i] for i in over], limit, what)
+
+    # ------------------------------------------------------------------------------------- tokenize
+
+    def _render(self, messages: list[dict]) -> str:
+        """The chat template applied to `messages`, ending with the assistant's generation prompt."""
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{self.spec}: the tokenizer has no chat template, so chat requests cannot be "
+                             f"formatted; use a chat/instruct model or a tokenizer with a chat_template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        # No special tokens added: a chat template writes its own (BOS included where it wants one), and raw
+        # scoring follows lm-evaluation-harness, which adds none for causal LMs either. This is exactly what
+        # apply_chat_template(tokenize=True) does after rendering.
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def _encode_prompts(self, requests: Sequence[Request]) -> list[list[int]]:
+        _check_list(requests, "requests")
+        return self._encode([self._render(to_messages(r, f"requests[{i}]")) for i, r in enumerate(requests)])
+
+    def _decode_answer(self, tokens: list[int]) -> str:
+        """Generated tokens as the answer text: up to the first end-of-turn token, special tokens removed,
+        whitespace stripped (the same for every local engine)."""
+        return self.tokenizer.decode(_until_stop(tokens, self.stop_ids), skip_special_tokens=True).strip()
+
+    def _encode_pair(self, request: Any, where: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens), split like lm-evaluation-harness: encode the whole text and
+        the context separately, and the continuation is the whole's tokens after len(context tokens); so a
+        token merging across the boundary is scored as part of the continuation."""
+        if not isinstance(request, (tuple, list)) or len(request) != 2:
+            raise TypeError(f"{where}: expected a (context, continuation) pair, got {request!r}")
+        context, continuation = request
+        if not isinstance(continuation, str) or not continuation:
+            raise TypeError(f"{where}: the continuation must be a non-empty string, got {continuation!r}")
+        if isinstance(context, str):
+            # raw text: trailing whitespace of the context moves to the continuation (lm-eval), since BPE
+            # tokenizers attach a space to the word after it
+            stripped = context.rstrip()
+            context, continuation = stripped, context[len(stripped):] + continuation
+        else:
+            # the template's own tail (e.g. "<|im_start|>assistant\n") stays in the context, as generate() sees it
+            context = self._render(to_messages(context, f"{where}[0]"))
+        whole, context_ids = self._encode([context + continuation, context])
+        continuation_ids = whole[len(context_ids):]
+        if not context_ids:  # empty context: condition on BOS (or eos) like lm-eval's prefix token
+            context_ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
+                           else self.stop_ids[0]]
+        if not continuation_ids:
+            raise ValueError(f"{where}: the continuation {continuation!r} encodes to no tokens after the context")
+        return context_ids, continuation_ids
+
+
+# ----------------------------------------------------------------------------------------- HF backend
+
+
+class HFBackend(LocalChatModel):
+    """A local Hugging Face causal LM (any kvlib model spec), batched greedy generation and scoring.
+
+    Requests are tokenized once through the tokenizer's chat template, sorted longest first and left-padded
+    in batches of at most `batch_size` rows and (if set) `max_batch_tokens` padded tokens. A request that
+    does not fit the context window raises ContextLengthError; see fits() to count them beforehand.
+
+    With `prefix_cache`, prompts that share a prefix of at least `prefix_min_shared` tokens with another instead
+    go one at a time in lexicographic token order, and each reuses the KV cache of the prefix it shares with
+    the previous one, prefilling only the rest (the others still go in batches). Prompts that share long
+    prefixes (MDQA: one question at several gold positions shares the documents before the gold; few-shot
+    prompts share their shots) then cost a fraction of their length. Greedy answers equal the
+    batched ones up to floating-point rounding of a prefill split in two (benchmarks/bench_eval.py counts them).
+    """
+
+    name = "hf"
+    # prefix_cache reuses prefixes of at least this many tokens; other prompts go in batches, which beat one at a
+    # time when little is shared (every prompt shares the chat template's header, ~30 tokens for SmolLM2)
+    prefix_min_shared = 128
+
+    def __init__(self, spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto",
+                 batch_size: int = 8, max_batch_tokens: int | None = None, attn_implementation: str = "sdpa",
+                 prefix_cache: bool = False, progress: bool = True):
+        # one validation home for constructor arguments and params files
+        config = from_mapping(BackendConfig, {
+            "kind": "hf", "model": spec, "device": device, "dtype": dtype, "batch_size": batch_size,
+            "max_batch_tokens": max_batch_tokens, "attn_implementation": attn_implementation,
+            "prefix_cache": prefix_cache,
+        })
+        self.spec = config.model
+        self.dtype = resolve_eval_dtype(config.device, config.dtype)
+        self.batch_size, self.max_batch_tokens = config.batch_size, config.max_batch_tokens
+        self.attn_implementation = config.attn_implementation
+        self.prefix_cache = config.prefix_cache
+        self.progress = progress
+        self.model, self.tokenizer = load_model(self.spec, config.device, self.dtype, self.attn_implementation)
+        self.device = next(self.model.parameters()).device
+        if self.max_batch_tokens is None and self.device.type == "cpu":
+            self.max_batch_tokens = CPU_MAX_BATCH_TOKENS
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id  # load_tokenizer sets one (eos) when the model has none
+        forward = _forward_parameters(self.model)
+        self._logits_to_keep = "logits_to_keep" in forward  # current transformers models take it
+        # the name under which generate() takes a KV cache: `cache` (transformers 5.x) or `past_key_values`
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        # plain greedy decoding whatever the checkpoint's generation_config.json suggests; passing do_sample=False
+        # explicitly also silences its warnings about inherited sampling settings
+        self._greedy = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, eos_token_id=self.stop_ids,
+                            pad_token_id=self.pad_id)
+
+    # ------------------------------------------------------------------------------------- describe
+
+    def identity(self) -> dict:
+        return {
+            "backend": self.name,
+            "model": model_identity(self.spec),
+            "dtype": self.dtype,
+            "device": str(self.device),
+            "attn_implementation": self.attn_implementation,
+            "chat_template_sha256": self._template_sha256(),
+            "stop_token_ids": self.stop_ids,
+            # batch_size, max_batch_tokens and prefix_cache are left out on purpose: they choose how prompts are
+            # computed, not what answers them (equal up to floating-point rounding), so cached answers stay valid
+        }
+
+    def _text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = [[self.pad_id] * (width - len(s)) + s for s in sequences]
+        mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
+        return (torch.tensor(ids, dtype=torch.long, device=self.device),
+                torch.tensor(mask, dtype=torch.long, device=self.device))
+
+    def _progress(self, total: int, desc: str):
+
+        return tqdm(total=total, desc=f"{desc} {self.spec}", unit="req", disable=not self.progress)
+
+    def _run_batched(self, items: list, lengths: list[int], run_batch, desc: str,
+                     on_result: Callable[[int, Any], None] | None) -> list:
+        """run_batch over `items` in planned batches; results in the items' original order, each passed to
+        on_result(index, result) as its batch finishes."""
+        results: list = [None] * len(items)
+        with self._progress(len(items), desc) as bar, torch.inference_mode():
+            for batch in plan_batches(lengths, self.batch_size, self.max_batch_tokens):
+                for i, result in zip(batch, run_batch([items[i] for i in batch])):
+                    results[i] = result
+                    if on_result is not None:
+                        on_result(i, result)
+                bar.update(len(batch))
+        return results
+
+    # ------------------------------------------------------------------------------------- generate
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int,
+                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+        """Greedy completion of each request (chat template applied), stopped at the end of the assistant's
+        turn or after `max_new_tokens`; special tokens removed and whitespace stripped; in request order.
+        Raises ContextLengthError, before generating anything, if any prompt + max_new_tokens is too long."""
+        check_max_new_tokens(max_new_tokens)
+        prompts = self._encode_prompts(requests)
+        # a batch grows to prompt + max_new_tokens: that is what the context window and max_batch_tokens bound
+        totals = [len(p) + max_new_tokens for p in prompts]
+        self._check_fit(totals, f"prompt + max_new_tokens={max_new_tokens}")
+        if not self.prefix_cache:
+            return self._run_batched(prompts, totals, lambda batch: self._generate_batch(batch, max_new_tokens),
+                                     "generate", on_result)
+        sharing = prompts_sharing_prefixes(prompts, self.prefix_min_shared)
+        alone = sorted(set(range(len(prompts))) - set(sharing))
+        results: list = [None] * len(prompts)
+
+        def into(indices: list[int]) -> Callable[[int, str], None]:
+            def store(j: int, answer: str) -> None:
+                results[indices[j]] = answer
+                if on_result is not None:
+                    on_result(indices[j], answer)
+            return store
+
+        if sharing:
+            self._generate_sharing_prefixes([prompts[i] for i in sharing], max_new_tokens, into(sharing))
+        if alone:
+            self._run_batched([prompts[i] for i in alone], [totals[i] for i in alone],
+                              lambda batch: self._generate_batch(batch, max_new_tokens), "generate", into(alone))
+        return results
+
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        input_ids, attention_mask = self._left_pad(prompts)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     max_new_tokens=max_new_tokens, **self._greedy)
+        return [self._decode_answer(row) for row in output[:, input_ids.shape[1]:].tolist()]
+
+    def _generate_sharing_prefixes(self, prompts: list[list[int]], max_new_tokens: int,
+                                   on_result: Callable[[int, str], None]) -> None:
+        """generate() with prefix_cache: prompts in lexicographic token order (prompts with a common prefix are
+        neighbours), one at a time, each answer passed to on_result(index, answer); the cache holds the
+        previous prompt and is cut back to the shared prefix."""
+        from transformers import DynamicCache
+
+        cache, held = DynamicCache(), []
+        with self._progress(len(prompts), "generate") as bar, torch.inference_mode():
+            for i in sorted(range(len(prompts)), key=prompts.__getitem__):
+                prompt = prompts[i]
+                # keep at least one prompt token to feed: generate() needs the last one's logits
+                keep = min(shared_prefix_length(held, prompt), len(prompt) - 1)
+                _truncate_cache(cache, keep)
+                input_ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+                output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                             max_new_tokens=max_new_tokens, **self._greedy,
+                                             **{self._cache_kwarg: cache})
+                _truncate_cache(cache, len(prompt))  # drop the generated tokens: the next prompt shares none
+                held = prompt
+                on_result(i, self._decode_answer(output[0, len(prompt):].tolist()))
+                bar.update(1)
+
+    # ---------------------------------------------------------------------------------- loglikelihood
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest],
+                      on_result: Callable[[int, tuple[float, bool]], None] | None = None) -> list[tuple[float, bool]]:
+        """(sum of log-probs of the continuation's tokens given the context, whether greedy decoding would
+        produce exactly those tokens) for each (context, continuation) pair, in request order.
+
+        A string context is scored raw (no chat template), as lm-evaluation-harness does; a message-list
+        context goes through the chat template with the generation prompt, so is_greedy says whether
+        generate() would start its answer with the continuation. Raises ContextLengthError for pairs longer
+        than the context window.
+        """
+        _check_list(requests, "requests")
+        pairs = [self._encode_pair(request, f"requests[{i}]") for i, request in enumerate(requests)]
+        totals = [len(context) + len(continuation) for context, continuation in pairs]
+        self._check_fit(totals, "context + continuation")
+        # Requests whose model input (context + continuation minus its last token) is the same share one
+        # forward pass, as in lm-evaluation-harness: every choice of a multiple-choice question whose answers
+        # are single tokens (MMLU's " A".." D") is scored from the logits of one pass over the context.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (context, continuation) in enumerate(pairs):
+            groups.setdefault(tuple((context + continuation)[:-1]), []).append(i)
+        shared = list(groups.values())
+        results: list = [None] * len(pairs)
+
+        def store(group: int, scores: list[tuple[float, bool]]) -> None:
+            for i, score in zip(shared[group], scores):
+                results[i] = score
+                if on_result is not None:
+                    on_result(i, score)
+
+        self._run_batched([[pairs[i] for i in g] for g in shared], [max(totals[i] for i in g) for g in shared],
+                          self._score_batch, "loglikelihood", store)
+        return results
+
+    def _score_batch(self, groups: list[list[tuple[list[int], list[int]]]]) -> list[list[tuple[float, bool]]]:
+        # One row per group of (context, continuation) pairs with the same input: context + continuation minus
+        # its last token; the logits at the last len(continuation) positions predict the continuation. Left
+        # padding aligns every row's end, so one `logits_to_keep` (the longest continuation) covers all rows and
+        # the full (rows x length x vocab) logits are never built. Position ids are given explicitly so padding
+        # does not shift them (as in generate()).
+        input_ids, attention_mask = self._left_pad([(c + k)[:-1] for c, k in (group[0] for group in groups)])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(len(k) for group in groups for _, k in group)
+        extra = {"logits_to_keep": keep} if self._logits_to_keep else {}
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            **extra).logits[:, -keep:]
+        results = []
+        for row, group in enumerate(groups):
+            scores = []
+            for _, continuation in group:
+                logprobs = logits[row, keep - len(continuation):].float().log_softmax(-1)
+                target = torch.tensor(continuation, device=logprobs.device)
+                total = logprobs.gather(-1, target[:, None]).sum().item()
+                scores.append((total, bool((logprobs.argmax(-1) == target).all())))
+            results.append(scores)
+        return results
+
+
+# -------------------------------------------------------------------------------------------- vLLM
+
+
+class VLLMBackend(LocalChatModel):
+    """A local model in vLLM's offline engine (`pip install vllm`, CUDA): continuous batching and paged
+    attention with automatic prefix caching, for the GPU profiles. Prompts are tokenized by kvlib exactly as
+    for HFBackend (same chat template, same tokens) and handed to vLLM as token ids; answers are decoded by the
+    same code, so only the engine differs. Its identity says "vllm": its answers are cached apart from HF ones.
+
+    loglikelihood() reads vLLM's prompt log-probs of context + continuation (lm-evaluation-harness's method);
+    `is_greedy` compares each continuation token with the top token vLLM reports at that position.
+    """
+
+    name = "vllm"
+    chunk = 256  # prompts per engine call: results reach on_result (the response cache) every chunk
+
+    def __init__(self, spec: str = DEFAULT_MODEL, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
+                 progress: bool = True):
+        config = from_mapping(BackendConfig, {"kind": "vllm", "model": spec, "dtype": dtype,
+                                              "gpu_memory_utilization": gpu_memory_utilization})
+        try:
+            import vllm
+        except ImportError as exc:
+            raise RuntimeError("backend kind vllm needs vLLM (pip install vllm, on a machine with a CUDA GPU); "
+                               "kind hf runs the same evaluation with transformers") from exc
+        from transformers import AutoConfig
+
+
+        self.spec, self.progress = config.model, progress
+        path = resolve_model(self.spec)
+        if (Path(path) / "adapter_config.json").is_file():
+            raise ValueError(f"{self.spec}: a LoRA adapter; merge it into its base model first (vLLM loads plain "
+                             f"checkpoints here), or use backend kind hf")
+        self.dtype = "bfloat16" if config.dtype == "auto" else config.dtype
+        self.tokenizer = load_tokenizer(self.spec)
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+        self._config = AutoConfig.from_pretrained(path)
+        self.vllm_version = getattr(vllm, "__version__", None)
+        self._sampling_params = vllm.SamplingParams
+        self.engine = vllm.LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
+                               gpu_memory_utilization=config.gpu_memory_utilization,
+                               max_model_len=self.context_length(), enable_prefix_caching=True)
+
+    def _text_config(self) -> Any:
+        return self._config.get_text_config()
+
+    def identity(self) -> dict:
+        return {
+            "backend": self.name,
+            "vllm_version": self.vllm_version,
+            "model": model_identity(self.spec),
+            "dtype": self.dtype,
+            "chat_template_sha256": self._template_sha256(),
+            "stop_token_ids": self.stop_ids,
+        }
+
+    def _run(self, token_ids: list[list[int]], params: Any, on_output: Callable[[int, Any], None],
+             desc: str) -> None:
+
+        with tqdm(total=len(token_ids), desc=f"{desc} {self.spec} (vllm)", unit="req",
+                  disable=not self.progress) as bar:
+            for start in range(0, len(token_ids), self.chunk):
+                piece = token_ids[start:start + self.chunk]
+                outputs = self.engine.generate([{"prompt_token_ids": ids} for ids in piece], params, use_tqdm=False)
+                for offset, output in enumerate(outputs):  # vLLM returns outputs in prompt order
+                    on_output(start + offset, output)
+                bar.update(len(piece))
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int,
+                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+        """Greedy completions, as HFBackend.generate (same prompts, same stopping, same decoding)."""
+        check_max_new_tokens(max_new_tokens)
+        prompts = self._encode_prompts(requests)
+        self._check_fit([len(p) + max_new_tokens for p in prompts], f"prompt + max_new_tokens={max_new_tokens}")
+        params = self._sampling_params(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=self.stop_ids,
+                                       skip_special_tokens=False)
+        results: list = [None] * len(prompts)
+
+        def store(i: int, output: Any) -> None:
+            results[i] = self._decode_answer(list(output.outputs[0].token_ids))
+            if on_result is not None:
+                on_result(i, results[i])
+
+        self._run(prompts, params, store, "generate")
+        return results
+
+    def loglikelihood(self, requests: Sequence[LoglikelihoodRequest],
+                      on_result: Callable[[int, tuple[float, bool]], None] | None = None) -> list[tuple[float, bool]]:
+        """As HFBackend.loglikelihood (same context/continuation split), from vLLM's prompt log-probs."""
+        _check_list(requests, "requests")
+        pairs = [self._encode_pair(request, f"requests[{i}]") for i, request in enumerate(requests)]
+        self._check_fit([len(c) + len(k) for c, k in pairs], "context + continuation")
+        params = self._sampling_params(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        results: list = [None] * len(pairs)
+
+        def store(i: int, output: Any) -> None:
+            context, continuation = pairs[i]
+            total, greedy = 0.0, True
+            for position, token in enumerate(continuation, start=len(context)):
+                logprobs = output.prompt_logprobs[position]  # {token id: Logprob}: this token and the top one
+                total += logprobs[token].logprob
+                greedy = greedy and max(logprobs, key=lambda t: logprobs[t].logprob) == token
+            results[i] = (total, greedy)
+            if on_result is not None:
+                on_result(i, results[i])
+
+        self._run([c + k for c, k in pairs], params, store, "loglikelihood")
+        return results
+
+
+def _until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    """`tokens` up to (without) the first stop token: what follows it in a batch is padding."""
+    stops = set(stop_ids)
+    for n, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:n]
+    return tokens
+
+
+def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens `a` and `b` have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompts_sharing_prefixes(prompts: Sequence[Sequence[int]], min_shared: int) -> list[int]:
+    """Indices of the prompts that share at least `min_shared` leading tokens with another prompt, in
+    lexicographic token order (so prompts with a common prefix are neighbours)."""
+    order = sorted(range(len(prompts)), key=prompts.__getitem__)
+    keep = set()
+    for a, b in zip(order, order[1:]):
+        if shared_prefix_length(prompts[a], prompts[b]) >= min_shared:
+            keep.update((a, b))
+    return [i for i in order if i in keep]
+
+
+def _truncate_cache(cache: Any, length: int) -> None:
+    """Cut a KV cache back to its first `length` tokens (a negative crop removes tokens, in transformers 4.x
+    and 5.x alike)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+def _check_list(requests: Any, where: str) -> None:
+    # a bare string would otherwise be iterated character by character
+    if isinstance(requests, str) or not isinstance(requests, Sequence):
+        raise TypeError(f"{where}: expected a list of requests, got {type(requests).__name__}")
+
+
+def _forward_parameters(model: Any) -> frozenset[str]:
+    """The parameter names of the causal LM's forward (a peft wrapper forwards them to its base model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return frozenset(inspect.signature(base.forward).parameters)
+
+
+# ------------------------------------------------------------------------------- OpenAI-compatible API
+
+
+def is_loopback_url(url: str | None) -> bool:
+    """Whether `url` points at this machine (a local server that needs no API key)."""
+    if url is None:
+        return False
+
+    host = urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _is_context_length_error(exc: Exception) -> bool:
+    """A 400 that says the prompt is too long: OpenAI's code `context_length_exceeded`; vLLM's "maximum context
+    length"; llama.cpp's "exceed context window"."""
+    code = getattr(exc, "code", None)
+    text = str(exc).lower()
+    return code == "context_length_exceeded" or any(
+        marker in text for marker in ("context_length_exceeded", "maximum context length", "context window",
+                                      "context length"))
+
+
+class OpenAIChatBackend:
+    """A model behind an OpenAI-compatible chat-completions API (OpenAI, vLLM, llama.cpp's server, ...).
+
+    Greedy (temperature 0), `concurrency` requests in flight, the SDK's retries with exponential backoff on
+    429/5xx/timeouts/connection errors. The server applies the chat template. A prompt the server rejects as
+    too long is reported (ContextLengthError carrying every other answer), never dropped. No log-likelihood:
+    chat APIs do not return prompt log-probabilities.
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 4, max_retries: int = 6, timeout_s: float = 600.0, progress: bool = True):
+        import openai
+
+        config = from_mapping(BackendConfig, {
+            "kind": "openai", "model": model, "base_url": base_url, "api_key_env": api_key_env,
+            "concurrency": concurrency, "max_retries": max_retries, "timeout_s": timeout_s})
+        self.model, self.base_url, self.concurrency = config.model, config.base_url, config.concurrency
+        self.progress = progress
+
+        key = os.environ.get(config.api_key_env, "").strip()
+        if not key:
+            if not is_loopback_url(self.base_url):
+                raise ValueError(f"{config.api_key_env} is not set: export the API key in the environment (kvlib "
+                                 f"reads it only from there and never writes it anywhere)")
+            key = "no-key-needed-for-a-local-server"  # the SDK insists on some key
+        self.client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=config.max_retries,
+                                    timeout=config.timeout_s)
+
+    def identity(self) -> dict:
+        return {"backend": self.name, "model": self.model, "base_url": str(self.client.base_url),
+                "chat_template": "server-side", "temperature": 0}
+
+    def context_length(self) -> int | None:
+        return None  # the server knows; it rejects what does not fit
+
+    def fits(self, requests: Sequence[Request], max_new_tokens: int) -> list[bool]:
+        """Unknown before asking: True for each request (the server's rejection is reported by generate)."""
+        check_max_new_tokens(max_new_tokens)
+        _check_list(requests, "requests")
+        return [True] * len(requests)
+
+    def _complete(self, messages: list[dict], max_new_tokens: int) -> str:
+        response = self.client.chat.completions.create(
+            model=self.model, messages=messages, temperature=0, max_tokens=max_new_tokens)
+        return (response.choices[0].message.content or "").strip()
+
+    def generate(self, requests: Sequence[Request], max_new_tokens: int,
+                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+        import openai
+
+        check_max_new_tokens(max_new_tokens)
+        _check_list(requests, "requests")
+        conversations = [to_messages(r, f"requests[{i}]") for i, r in enumerate(requests)]
+        results: list = [None] * len(conversations)
+        too_long: list[int] = []
+        with ThreadPoolExecutor(self.concurrency) as pool, tqdm(
+                total=len(conversations), desc=f"generate {self.model}", unit="req", disable=not self.progress) as bar:
+            futures = {pool.submit(self._complete, c, max_new_tokens): i for i, c in enumerate(conversations)}
+            try:
+                for future in as_completed(futures):
+                    i = futures[future]
+                    try:
+                        results[i] = future.result()
+                    except openai.BadRequestError as exc:
+                        if not _is_context_length_error(exc):
+                            raise
+                        too_long.append(i)
+                    else:
+                        if on_result is not None:  # in the main thread: callbacks need no locking
+                            on_result(i, results[i])
+                    bar.update(1)
+            except BaseException:
+                for future in futures:  # stop queued requests; answers already stored are kept
+                    future.cancel()
+                raise
+        if too_long:
+            too_long.sort()
+            raise ContextLengthError(too_long, [None] * len(too_long), None, "rejected by the server",
+                                     results=results)
+        return results

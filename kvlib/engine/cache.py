@@ -1,0 +1,167 @@
+"""The on-disk response cache: every model response, stored the moment it arrives, keyed by what produced it.
+
+A key is the sha256 of (backend identity, request kind, exact request, generation params). The identity is
+the backend's `identity()`: for a local model it includes the weights' sha256, dtype and chat template, for
+an API model the base URL and model name (a fine-tuned model's name is unique). So a changed model, prompt or
+`max_new_tokens` can never be answered from a stale entry, and an interrupted evaluation, run again, asks the
+model only for what is missing: nothing is lost (each response is committed as it arrives) and nothing is
+counted twice (one row per key).
+
+SQLite (standard library) holds it: a commit is atomic, so a process killed mid-write leaves the previous
+state, and a half-written record cannot exist.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from kvlib.engine.backends import ContextLengthError, check_max_new_tokens, to_messages
+from kvlib.engine.io import sha256_text
+
+CACHE_FILE = "responses.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    request TEXT NOT NULL,
+    response TEXT NOT NULL,
+    created REAL NOT NULL
+)
+"""
+
+
+def cache_key(identity: dict, kind: str, request: Any, params: dict) -> str:
+    """sha256 of the canonical JSON of everything that determines a response."""
+    payload = {"identity": identity, "kind": kind, "request": request, "params": params}
+    return sha256_text(json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":")))
+
+
+class ResponseCache:
+    """Responses by key in `<directory>/responses.sqlite` (created on first use)."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / CACHE_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # autocommit off by default in sqlite3: put() commits each response itself
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer (several notebooks)
+        self._db.execute(_SCHEMA)
+        self._db.commit()
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The stored responses among `keys` (decoded), by key."""
+        found: dict[str, Any] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):  # SQLite's limit on bound parameters
+            chunk = unique[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, response in self._db.execute(
+                    f"SELECT key, response FROM responses WHERE key IN ({marks})", chunk):
+                found[key] = json.loads(response)
+        return found
+
+    def put(self, key: str, kind: str, backend: str, request: Any, response: Any) -> None:
+        """Store one response and commit at once (an interruption loses at most the one in flight)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO responses (key, kind, backend, request, response, created) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (key, kind, backend, json.dumps(request, ensure_ascii=False), json.dumps(response), time.time()))
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class CachedBackend:
+    """A backend whose generate() and loglikelihood() answers come from a ResponseCache when present and are
+    stored there as the wrapped backend produces them. Everything else (identity, fits, context_length, ...)
+    is the wrapped backend's."""
+
+    def __init__(self, backend: Any, cache: ResponseCache):
+        self.backend, self.cache = backend, cache
+        self.name = backend.name
+        self._identity = backend.identity()  # computed once: a local model's identity hashes its weights
+        self.hits = self.misses = 0
+
+    def identity(self) -> dict:
+        return self._identity
+
+    def __getattr__(self, attr: str) -> Any:
+        # only reached for attributes CachedBackend does not define itself
+        return getattr(self.backend, attr)
+
+    def generate(self, requests: Sequence[Any], max_new_tokens: int, on_result: Callable | None = None) -> list:
+
+        check_max_new_tokens(max_new_tokens)
+        payloads = [to_messages(r, f"requests[{i}]") for i, r in enumerate(requests)]
+        params = {"max_new_tokens": max_new_tokens, "decoding": "greedy"}
+        return self._answer("generate", payloads, params, on_result,
+                            lambda todo, store: self.backend.generate(todo, max_new_tokens, on_result=store))
+
+    def loglikelihood(self, requests: Sequence[Any], on_result: Callable | None = None) -> list:
+
+        if not hasattr(self.backend, "loglikelihood"):
+            raise NotImplementedError(f"the {self.name} backend has no log-likelihood scoring")
+        payloads = []
+        for i, request in enumerate(requests):
+            if not isinstance(request, (tuple, list)) or len(request) != 2:
+                raise TypeError(f"requests[{i}]: expected a (context, continuation) pair, got {request!r}")
+            context, continuation = request
+            context = context if isinstance(context, str) else to_messages(context, f"requests[{i}][0]")
+            payloads.append([context, continuation])
+        return self._answer("loglikelihood", payloads, {}, on_result,
+                            lambda todo, store: self.backend.loglikelihood([tuple(p) for p in todo],
+                                                                          on_result=store))
+
+    def _answer(self, kind: str, payloads: list, params: dict, on_result: Callable | None,
+                run: Callable[[list, Callable], list]) -> list:
+
+        keys = [cache_key(self._identity, kind, p, params) for p in payloads]
+        found = self.cache.get_many(keys)
+        results: list = [None] * len(payloads)
+        todo_index: dict[str, list[int]] = {}  # identical requests are asked once
+        for i, key in enumerate(keys):
+            if key in found:
+                results[i] = _decode(kind, found[key])
+                if on_result:
+                    on_result(i, results[i])
+            else:
+                todo_index.setdefault(key, []).append(i)
+        self.hits += len(payloads) - sum(len(v) for v in todo_index.values())
+        if not todo_index:
+            return results
+        todo_keys = list(todo_index)
+        todo = [payloads[todo_index[k][0]] for k in todo_keys]
+
+        def store(j: int, response: Any) -> None:
+            self.cache.put(todo_keys[j], kind, self.name, todo[j], response)
+            for i in todo_index[todo_keys[j]]:
+                results[i] = response
+                if on_result:
+                    on_result(i, response)
+
+        self.misses += len(todo)
+        try:
+            run(todo, store)
+        except ContextLengthError as exc:  # report the caller's indices, with every answer that did come back
+            over = [i for j in exc.indices for i in todo_index[todo_keys[j]]]
+            lengths = [n for j, n in zip(exc.indices, exc.lengths) for _ in todo_index[todo_keys[j]]]
+            raise ContextLengthError(over, lengths, exc.limit, exc.what, results=results) from None
+        return results
+
+
+def _decode(kind: str, response: Any) -> Any:
+    # JSON has no tuples: a log-likelihood result goes back to (logprob, is_greedy)
+    return tuple(response) if kind == "loglikelihood" else response
+
+
+def cache_stats(backends: Iterable[Any]) -> list[dict]:
+    """Hits and misses of CachedBackends, for a notebook to show what was reused."""
+    return [{"backend": b.name, "hits": b.hits, "misses": b.misses} for b in backends if isinstance(b, CachedBackend)]

@@ -1,0 +1,136 @@
+"""`kvlib` command line: a stable contract that scripts call. Each subcommand is a thin wrapper over a
+library function; flags mirror params-file keys one to one."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kvlib.engine import openai_ft, train
+from kvlib.engine.config import ParamError
+from kvlib.pipeline import repro_map, reproduce
+from kvlib.tasks import synthetic as generate
+
+
+def _generate(args: argparse.Namespace) -> int:
+
+    overrides = {
+        "task": args.task,
+        "template": args.template,
+        "num_dicts": args.num_dicts,
+        "n_train": args.n_train,
+        "n_eval": args.n_eval,
+        "max_tokens": args.max_tokens,
+        "tokenizer": args.tokenizer,
+        "seed": args.seed,
+    }
+    config = generate.config_from_sources(args.params, {k: v for k, v in overrides.items() if v is not None})
+    if args.out is None:
+        raise ParamError("out: required (--out DIR)")
+    result = generate.write_dataset(config, Path(args.out), progress=not args.quiet)
+    print(generate.format_stats(result))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+
+    return train.main_cli(params=args.params, out=args.out, resume=args.resume, dry_run=args.dry_run)
+
+
+def _openai_finetune(args: argparse.Namespace) -> int:
+
+    return openai_ft.main_cli(params=args.params, dry_run=args.dry_run)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+
+    return reproduce.run_profile(
+        args.profile,
+        only=args.only,
+        results_root=Path(args.results),
+        params_root=Path(args.params_dir),
+        notebooks_dir=Path(args.notebooks),
+        force=args.force,
+        dry_run=args.dry_run,
+        lock=not args.concurrent,
+    )
+
+
+def _map(args: argparse.Namespace) -> int:
+
+    if args.update:
+        changed = repro_map.update_readme_map(args.update, args.profile, args.results, args.params_dir)
+        print(f"{args.update}: {args.profile} map {'updated' if changed else 'already up to date'}")
+    else:
+        print(repro_map.readme_map_section(args.profile, args.results, args.params_dir), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvlib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write a synthetic key-value retrieval dataset (train/eval JSONL)")
+    gen.add_argument("--params", type=Path, help="YAML with generation parameters (flags override it)")
+    gen.add_argument("--task", choices=["simple", "multisubkey"])
+    tmpl = gen.add_mutually_exclusive_group()
+    tmpl.add_argument("--template", dest="template", action="store_true", default=None,
+                      help="append the answer template to the prompt")
+    tmpl.add_argument("--no-template", dest="template", action="store_false")
+    gen.add_argument("--num-dicts", type=int)
+    gen.add_argument("--n-train", type=int)
+    gen.add_argument("--n-eval", type=int)
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--tokenizer", help="embedded model name, HF id/path, 'tiktoken:<encoding>' or 'spm:<file>'")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--out", help="output directory")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(func=_generate)
+
+    tr = sub.add_parser("train", help="finetune an open model on a chat JSONL (answer-only loss, full or LoRA)")
+    tr.add_argument("--params", type=Path, required=True, help="YAML with training parameters")
+    tr.add_argument("--out", help="output directory (overrides params)")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="validate data, tokenizer lengths, steps and a memory estimate without loading weights")
+    tr.set_defaults(func=_train)
+
+    oft = sub.add_parser("openai-finetune", help="finetune an OpenAI model (e.g. gpt-3.5-turbo-1106) via the API")
+    oft.add_argument("--params", type=Path, required=True)
+    oft.add_argument("--dry-run", action="store_true", help="validate the file and print the cost estimate only")
+    oft.set_defaults(func=_openai_finetune)
+
+    rep = sub.add_parser("reproduce", help="run the notebooks of a profile with papermill into results/")
+    rep.add_argument("--profile", required=True)
+    rep.add_argument("--only", action="append", help="notebook name (repeatable), e.g. 01_synthetic_data")
+    rep.add_argument("--results", default="results")
+    rep.add_argument("--params-dir", default="params")
+    rep.add_argument("--notebooks", default="notebooks")
+    rep.add_argument("--force", action="store_true", help="re-run notebooks that already finished")
+    rep.add_argument("--dry-run", action="store_true",
+                     help="validate the profile offline and print what would run and what its models need")
+    rep.add_argument("--concurrent", action="store_true",
+                     help="run even while another kvlib reproduce runs on this machine (by default it waits: "
+                          "two runs share the CPU cores and each runs many times slower)")
+    rep.set_defaults(func=_reproduce)
+
+    mp = sub.add_parser("map", help="the paper-artifact reproduction map of a profile's results (Markdown)")
+    mp.add_argument("--profile", required=True)
+    mp.add_argument("--results", default="results")
+    mp.add_argument("--params-dir", default="params")
+    mp.add_argument("--update", metavar="README", help="rewrite the map between the profile's markers in this file")
+    mp.set_defaults(func=_map)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ParamError as exc:
+        print(f"kvlib {args.command}: invalid parameter: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

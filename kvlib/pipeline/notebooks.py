@@ -1,0 +1,714 @@
+"""Each notebook's parameter contract: its params class (the one home of its defaults), the registry of
+notebook names, and `start`, the one call a notebook's first code cell makes to get its validated params.
+
+A notebook runs three ways, all through `start`:
+- `kvlib reproduce` validates every notebook's params before any compute, then papermill injects them as one
+  mapping (`kvlib_params`) with `results_dir` pointing at a staging folder that the runner publishes on success;
+- opened as it is (JupyterLab, "run all"): `kvlib_params` is None, so the notebook takes the `quick` profile's
+  params and writes into the git-ignored `results/interactive/`, never into a committed profile;
+- `papermill` by hand: with `-p kvlib_params {...}` it writes where that mapping says, except into a committed
+  profile's results (refused); a params YAML given with `-f` (its keys injected one by one) is refused, naming the
+  `kvlib reproduce` command that runs it properly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from kvlib.engine.backends import BackendConfig
+from kvlib.engine.config import ParamError, check_positive, fail, from_mapping, load_yaml
+from kvlib.engine.evaluate import check_seed_groups
+from kvlib.engine.openai_ft import OpenAIFinetuneConfig
+from kvlib.engine.train import TrainConfig
+from kvlib.report import paper
+from kvlib.tasks import harness
+from kvlib.tasks.baseline_sets import KINDS, BaselineConfig
+from kvlib.tasks.flenqa import STYLES, FLenQAConfig, Style
+from kvlib.tasks.general import TASKS, FewshotFormat, TaskParams, TaskSpec, task_spec
+from kvlib.tasks.mdqa import MAX_RANDOM_DOCUMENTS, RETRIEVED_DOCUMENTS, SETTINGS
+from kvlib.tasks.synthetic import GenerationConfig
+
+
+def model_configs(models: Mapping[str, Any], backend: Mapping[str, Any] | None, profile: str,
+                  params_root: str | Path = "params") -> dict[str, BackendConfig]:
+    """label -> BackendConfig of each entry of `models` laid over the `backend` defaults, validated; a `run`
+    must be a run of the profile's 02_finetune params (checked here, trained only when opened)."""
+
+    if not isinstance(models, Mapping) or not models:
+        fail("models", "at least one model is required: label -> {model: <spec>} or {run: <02_finetune run>}")
+    backend = dict(backend or {})
+    if "model" in backend or "run" in backend:
+        fail("backend", "holds defaults shared by all models; set model/run per entry of models")
+    configs, runs = {}, None
+    for label, entry in models.items():
+        if not isinstance(label, str) or not label.strip():
+            fail("models", f"labels must be non-empty strings, got {label!r}")
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, Mapping):
+            fail(f"models.{label}", f"expected a mapping like {{model: ...}} or {{run: ...}}, got {entry!r}")
+        config = from_mapping(BackendConfig, {**backend, **entry}, f"models.{label}")
+        if config.run is not None:
+            if runs is None:
+                hf_runs, openai_runs = run_names(profile, params_root)
+                runs = {**{r: "hf" for r in hf_runs}, **{r: "openai" for r in openai_runs}}
+            if config.run not in runs:
+                fail(f"models.{label}.run", f"{config.run!r} is not a run of params/{profile}/02_finetune.yaml "
+                                            f"(runs: {', '.join(runs) or 'none'})")
+            if (runs[config.run] == "openai") != (config.kind == "openai"):
+                fail(f"models.{label}.kind", f"run {config.run!r} is an {runs[config.run]} run: set kind: "
+                                             f"{'openai' if runs[config.run] == 'openai' else 'hf, vllm or auto'}")
+        configs[label] = config
+    return configs
+
+
+
+@dataclass
+class EvalModelsParams:
+    """The params every evaluation notebook shares (subclass it and add the task's own fields)."""
+
+    profile: str = "quick"
+    results_dir: str = "results/quick"
+    params_root: str = "params"
+    models: dict[str, Any] = field(default_factory=lambda: {"original": {}})
+    backend: dict[str, Any] = field(default_factory=dict)  # BackendConfig defaults for every model
+    cache_dir: str | None = "runs/cache"  # on-disk response cache; None: off
+    # group label -> model labels trained alike on datasets of different seeds (the paper averages seeds
+    # 0/1/2): reported as the mean over seeds with a CI across seeds beside the per-item bootstrap CI
+    seed_groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def model_configs(self) -> dict[str, BackendConfig]:
+        return model_configs(self.models, self.backend, self.profile, self.params_root)
+
+    def validate(self) -> None:
+        configs = self.model_configs()
+        check_seed_groups(self.seed_groups, list(configs))
+
+
+@dataclass
+class SyntheticDataNotebookParams:
+    """Parameters of notebooks/01_synthetic_data.ipynb: several datasets sharing one output root."""
+
+    profile: str = "quick"
+    results_dir: str = "results/quick"
+    data_dir: str = "runs/data"  # where generated JSONL goes (not committed; results/ keeps the report)
+    datasets: dict[str, GenerationConfig] = field(default_factory=dict)
+    examples_to_show: int = 1
+
+    def validate(self) -> None:
+        if not self.datasets:
+            fail("datasets", "at least one dataset is required")
+        for name in self.datasets:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                fail(f"datasets.{name}", "dataset names may contain letters, digits, '-' and '_' only")
+        check_positive("examples_to_show", self.examples_to_show, 0)
+
+
+
+def profile_dataset(profile: str, name: str, params_root: Path = Path("params")) -> tuple[GenerationConfig, Path]:
+    """Config and output directory of dataset `name` of a profile. Datasets are defined once, in
+    params/<profile>/01_synthetic_data.yaml, and every later notebook refers to them by name."""
+    path = Path(params_root) / profile / "01_synthetic_data.yaml"
+    params = from_mapping(SyntheticDataNotebookParams, load_yaml(path))
+    if name not in params.datasets:
+        raise ParamError(f"dataset: {name!r} is not defined in {path}; known: {', '.join(params.datasets)}")
+    return params.datasets[name], Path(params.data_dir) / profile / name
+
+
+@dataclass
+class FinetuneJob:
+    name: str
+    dataset: str
+    data_config: Any  # kvlib.tasks.synthetic.GenerationConfig
+    data_dir: Path
+    train_config: TrainConfig
+
+
+
+@dataclass
+class FinetuneNotebookParams:
+    """Parameters of notebooks/02_finetune.ipynb. Each run names a dataset of the profile (defined in its
+    01_synthetic_data.yaml) and any TrainConfig fields; train_file, out_dir and model are filled in."""
+
+    profile: str = "quick"
+    results_dir: str = "results/quick"
+    params_root: str = "params"
+    models_dir: str = "runs/models"
+    base_model: str = "smollm2-135m-instruct"
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    eval_samples: int = 40  # held-out (eval split) samples per run, scored before and after
+    max_new_tokens: int = 48
+    eval_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    eval_batch_size: int = 8
+    examples_to_show: int = 3
+    token_loss_samples: int = 8  # held-out samples per run for the token-level loss (Fig. 4); 0: skip
+    # GPT-3.5 arm: name -> {dataset, OpenAIFinetuneConfig fields}; the train file is the dataset's
+    # train.openai.jsonl. Without openai_submit only validation and the cost estimate run (offline, no key).
+    openai_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    openai_submit: bool = False
+
+    def validate(self) -> None:
+        if not self.runs and not self.openai_runs:
+            fail("runs", "at least one run (or openai_runs entry) is required")
+        check_positive("eval_samples", self.eval_samples)
+        check_positive("max_new_tokens", self.max_new_tokens)
+        check_positive("eval_batch_size", self.eval_batch_size)
+        check_positive("examples_to_show", self.examples_to_show, 0)
+        check_positive("token_loss_samples", self.token_loss_samples, 0)
+        self.jobs()  # every run's dataset and training fields, checked before any work
+        self.openai_jobs()
+
+    def _dataset_of(self, section: str, name: str, spec: dict, reserved: tuple[str, ...]):
+
+        if not isinstance(spec.get("dataset"), str):
+            fail(f"{section}.{name}.dataset", "required: the name of a dataset of this profile")
+        for key in reserved:
+            if key in spec:
+                fail(f"{section}.{name}.{key}", "is set by the notebook (from dataset, models_dir, base_model)")
+        try:
+            data_config, data_dir = profile_dataset(self.profile, spec["dataset"], Path(self.params_root))
+        except ParamError as exc:
+            raise ParamError(f"{section}.{name}.{exc}") from None
+        fields = {k: v for k, v in spec.items() if k != "dataset"}
+        return spec["dataset"], data_config, data_dir, fields
+
+    def jobs(self) -> dict[str, FinetuneJob]:
+        jobs = {}
+        for name, spec in self.runs.items():
+            dataset, data_config, data_dir, fields = self._dataset_of(
+                "runs", name, dict(spec), ("train_file", "out_dir", "model"))
+            cfg = from_mapping(TrainConfig, {**fields, "train_file": str(data_dir / "train.jsonl"),
+                                             "out_dir": str(Path(self.models_dir) / self.profile / name),
+                                             "model": self.base_model}, f"runs.{name}")
+            jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
+        return jobs
+
+    def template_pairs(self) -> list[tuple[str, str]]:
+        """(run with template, run without) pairs whose datasets differ only in the template, so their samples
+        are the same dictionaries and answers (compared item by item in Fig. 4)."""
+
+        jobs = self.jobs()
+        def key(job):
+            return {k: v for k, v in dataclasses.asdict(job.data_config).items() if k != "template"}
+        return [(a, b) for a, ja in jobs.items() if ja.data_config.template
+                for b, jb in jobs.items() if not jb.data_config.template and key(ja) == key(jb)
+                and ja.train_config.seed == jb.train_config.seed]
+
+    def openai_jobs(self) -> dict[str, FinetuneJob]:
+
+        jobs = {}
+        for name, spec in self.openai_runs.items():
+            dataset, data_config, data_dir, fields = self._dataset_of(
+                "openai_runs", name, dict(spec), ("train_file", "job_dir"))
+            cfg = from_mapping(OpenAIFinetuneConfig, {
+                **fields, "train_file": str(data_dir / "train.openai.jsonl"),
+                "job_dir": str(Path(self.models_dir) / self.profile / name)}, f"openai_runs.{name}")
+            jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
+        return jobs
+
+
+
+def profile_finetune_params(profile: str, params_root: str | Path = "params") -> FinetuneNotebookParams:
+    """The profile's 02_finetune params (params/<profile>/02_finetune.yaml), validated: where evaluation
+    notebooks look up the runs they evaluate."""
+    path = Path(params_root) / profile / "02_finetune.yaml"
+    data = load_yaml(path)
+    try:
+        return from_mapping(FinetuneNotebookParams, {**data, "profile": profile, "params_root": str(params_root)})
+    except ParamError as exc:
+        raise ParamError(f"{path}: {exc}") from None
+
+
+
+def run_names(profile: str, params_root: str | Path = "params") -> tuple[list[str], list[str]]:
+    """(HF runs, OpenAI runs) that the profile's 02_finetune params define."""
+    params = profile_finetune_params(profile, params_root)
+    return list(params.runs), list(params.openai_runs)
+
+
+@dataclass
+class MDQANotebookParams(EvalModelsParams):
+    """Parameters of notebooks/03_mdqa.ipynb (models, backend, cache_dir: kvlib.engine.evaluate.EvalModelsParams)."""
+
+    settings: list[str] = dataclasses.field(default_factory=lambda: ["random", "retrieved"])
+    num_documents: int = 20
+    positions: list[int] = dataclasses.field(default_factory=lambda: [1, 5, 10, 15, 20])  # 1-based
+    num_questions: int | None = 200  # per position (the same questions at every position); None: all
+    question_seed: int = 0
+    distractor_seed: int = 0
+    max_new_tokens: int = 100  # LitM's
+    data_dir: str | None = None  # None: $KVLIB_DATA_DIR or ../shared/data
+    random_documents_file: str | None = None  # LitM's official nq-open-random-documents.jsonl.gz, if you have it
+
+    def validate(self) -> None:
+
+        super().validate()
+        if not self.settings or any(s not in SETTINGS for s in self.settings) or len(set(self.settings)) != len(self.settings):
+            fail("settings", f"expected distinct values of {list(SETTINGS)}, got {self.settings!r}")
+        most = RETRIEVED_DOCUMENTS if "retrieved" in self.settings else MAX_RANDOM_DOCUMENTS
+        if isinstance(self.num_documents, bool) or not 2 <= self.num_documents <= most:
+            why = ("the retrieved-distractor data has 20 documents" if "retrieved" in self.settings
+                   else "random distractors only")
+            fail("num_documents", f"must be in [2, {most}] ({why}), got {self.num_documents}")
+        if not self.positions or len(set(self.positions)) != len(self.positions):
+            fail("positions", f"expected distinct 1-based gold positions, got {self.positions!r}")
+        for p in self.positions:
+            if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= self.num_documents:
+                fail("positions", f"every position must be an integer in [1, {self.num_documents}], got {p!r}")
+        if self.num_questions is not None:
+            check_positive("num_questions", self.num_questions)
+        check_positive("max_new_tokens", self.max_new_tokens)
+
+
+
+@dataclass
+class LongerContextNotebookParams(MDQANotebookParams):
+    """Parameters of notebooks/08_longer_context.ipynb (paper Fig. 9): MDQA with random distractors and as many
+    documents as the model's context holds, original vs a model finetuned on long key-value prompts. The fields
+    are notebook 03's; only random distractors (LitM's retrieved files stop at 20 documents)."""
+
+    settings: list[str] = dataclasses.field(default_factory=lambda: ["random"])
+    num_documents: int = 50
+    positions: list[int] = dataclasses.field(default_factory=lambda: [1, 10, 25, 40, 50])
+
+    def validate(self) -> None:
+
+        if list(self.settings) != ["random"]:
+            fail("settings", f"the longer-context test uses random distractors only, got {self.settings!r}")
+        super().validate()
+
+
+@dataclass
+class FLenQANotebookParams(EvalModelsParams):
+    """Parameters of notebooks/04_flenqa.ipynb: the models (kvlib.engine.evaluate.EvalModelsParams), the data
+    (regenerated by `generation`, or the official release at `official_path`, filtered by the same
+    tasks/lengths/paddings/dispersions) and the two prompt styles with their answer budgets."""
+
+    data_dir: str = "runs/data"  # regenerated data goes to <data_dir>/<profile>/flenqa
+    source_data_dir: str | None = None  # kvlib data directory with mdqa/ (None: kvlib.data default)
+    official_path: str | None = None  # an official FLenQA file: evaluate it instead of regenerating
+    official_problems_per_task: int | None = None
+    generation: FLenQAConfig = field(default_factory=FLenQAConfig)
+    styles: list[Style] = field(default_factory=lambda: list(STYLES))
+    max_new_tokens: int = 32  # normal style: a verdict (and maybe a sentence)
+    cot_max_new_tokens: int = 256  # chain-of-thought: reasoning, then the verdict
+    bootstrap_seed: int = 0
+    examples_to_show: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.styles or len(set(self.styles)) != len(self.styles):
+            fail("styles", f"must list normal and/or cot once each, got {self.styles}")
+        check_positive("max_new_tokens", self.max_new_tokens)
+        check_positive("cot_max_new_tokens", self.cot_max_new_tokens)
+        check_positive("examples_to_show", self.examples_to_show, 0)
+        if self.official_problems_per_task is not None:
+            check_positive("official_problems_per_task", self.official_problems_per_task)
+        if self.official_path is not None and not Path(self.official_path).is_file():
+            fail("official_path", f"file not found: {self.official_path} (HF dataset alonj/FLenQA)")
+
+    def new_tokens(self, style: str) -> int:
+        return self.cot_max_new_tokens if style == "cot" else self.max_new_tokens
+
+    @property
+    def out_data_dir(self) -> Path:
+        return Path(self.data_dir) / self.profile / "flenqa"
+
+
+@dataclass
+class GeneralBenchmarksNotebookParams(EvalModelsParams):
+    """Parameters of notebooks/05_general_benchmarks.ipynb. `models`, `backend`, `cache_dir`: as in every
+    evaluation notebook (kvlib.engine.evaluate.EvalModelsParams: label -> {model: <spec>} or {run: <02_finetune
+    run>} over shared backend defaults). `baseline`: the label every other model is compared with.
+    `tasks`: benchmark name -> TaskParams fields; only the listed benchmarks run."""
+
+    data_dir: str | None = None  # None: $KVLIB_DATA_DIR or ../shared/data
+    baseline: str = "original"
+    tasks: dict[str, TaskParams] = field(default_factory=dict)
+    seed: int = 0  # which items the subsample draws (the same for every model)
+    fewshot_format: FewshotFormat = "multiturn"  # how few-shot examples reach a chat model (generation only)
+    n_boot: int = 2000
+    examples_to_show: int = 2
+    # labels of local HF models to run again through lm-evaluation-harness on the same items (kvlib.harness)
+    harness_crosscheck: list[str] = field(default_factory=list)
+    harness_dir: str = "runs/harness"  # where the harness's task files and local data go
+
+    def validate(self) -> None:
+
+        configs = self.model_configs()  # every model's backend, checked before any work
+        for label in self.harness_crosscheck:
+            if label not in configs:
+                fail("harness_crosscheck", f"{label!r} is not one of the models {list(configs)}")
+            if configs[label].kind != "hf":
+                fail("harness_crosscheck", f"{label!r} is a {configs[label].kind} backend; the cross-check scores "
+                                           f"a local HF model")
+        if self.harness_crosscheck:
+
+            if not harness.available():
+                fail("harness_crosscheck", 'needs lm-evaluation-harness: pip install -e ".[harness]"')
+            unsupported = [n for n, s in self.tasks.items() if s.n_shot is not None and s.n_shot != TASKS[n].n_shot]
+            if unsupported:
+                fail("harness_crosscheck", f"the harness runs its own shot counts; {unsupported} set n_shot")
+        if self.baseline not in self.models:
+            fail("baseline", f"must be one of the models {list(self.models)}, got {self.baseline!r}")
+        check_seed_groups(self.seed_groups, list(configs), self.baseline)
+        if not self.tasks:
+            fail("tasks", f"at least one benchmark is required; known: {', '.join(TASKS)}")
+        for name, settings in self.tasks.items():
+            settings.check_against(task_spec(name), f"tasks.{name}")
+            if settings.variant == "loglikelihood":
+                for label, config in configs.items():
+                    if config.kind == "openai":
+                        fail(f"tasks.{name}.variant", f"model {label!r} is a {config.kind} backend, which has no "
+                                                      f"log-likelihoods; use auto or generate")
+        check_positive("n_boot", self.n_boot, 100)
+        check_positive("examples_to_show", self.examples_to_show, 0)
+
+    def task_list(self) -> list[tuple[TaskSpec, TaskParams]]:
+        """The selected benchmarks in TASKS order (so tables read the same in every profile)."""
+        return [(spec, self.tasks[name]) for name, spec in TASKS.items() if name in self.tasks]
+
+
+@dataclass
+class InDistributionParams:
+    """Accuracy on a synthetic dataset's eval split by gold-dictionary position."""
+
+    dataset: str = "simple-template"  # a dataset of the profile's 01_synthetic_data params
+    eval_samples: int = 60
+    position_bins: int = 5  # gold positions grouped into this many equal-width bins
+
+
+
+@dataclass
+class LitMKVParams:
+    """LitM's key-value retrieval (UUID pairs), gold pair at each position."""
+
+    num_keys: int = 75  # which LitM file: 75, 140 (or 300 if you have it)
+    num_pairs: int | None = None  # gold + the first num_pairs-1 other pairs; None: all num_keys
+    positions: list[int] = field(default_factory=lambda: [1, 25, 50, 75])
+    num_examples: int = 20
+    seed: int = 0
+    max_new_tokens: int = 48
+
+
+
+@dataclass
+class KVGridParams:
+    """Beyond the paper: synthetic task accuracy on a grid of context length x gold position."""
+
+    dataset: str = "simple-template"  # whose task/template/value ranges (and seed) the grid reuses
+    num_dicts: list[int] = field(default_factory=lambda: [10, 40, 80])
+    relative_positions: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples_per_cell: int = 8
+    max_tokens: int = 8000  # prompt budget of the grid (the embedded model's context is 8192)
+
+
+
+@dataclass
+class KVRetrievalNotebookParams(EvalModelsParams):
+    """Parameters of notebooks/07_kv_retrieval.ipynb; a section set to null is skipped."""
+
+    in_distribution: InDistributionParams | None = field(default_factory=InDistributionParams)
+    litm: LitMKVParams | None = field(default_factory=LitMKVParams)
+    grid: KVGridParams | None = field(default_factory=KVGridParams)
+    max_new_tokens: int = 48  # synthetic answers ("The value of key K is V and it is in Dictionary [D].")
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+
+        super().validate()
+        check_positive("max_new_tokens", self.max_new_tokens)
+        if self.in_distribution is not None:
+            s = self.in_distribution
+            _dataset_of(self.profile, self.params_root, "in_distribution.dataset", s.dataset, profile_dataset)
+            check_positive("in_distribution.eval_samples", s.eval_samples)
+            check_positive("in_distribution.position_bins", s.position_bins)
+        if self.litm is not None:
+            s = self.litm
+            if s.num_keys not in (75, 140, 300):
+                fail("litm.num_keys", f"LitM's files have 75, 140 or 300 keys, got {s.num_keys}")
+            total = s.num_keys if s.num_pairs is None else s.num_pairs
+            if not 2 <= total <= s.num_keys:
+                fail("litm.num_pairs", f"must be in [2, {s.num_keys}], got {s.num_pairs}")
+            if not s.positions or any(isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= total
+                                      for p in s.positions):
+                fail("litm.positions", f"1-based positions in [1, {total}] required, got {s.positions}")
+            check_positive("litm.num_examples", s.num_examples)
+            check_positive("litm.max_new_tokens", s.max_new_tokens)
+        if self.grid is not None:
+            s = self.grid
+            _dataset_of(self.profile, self.params_root, "grid.dataset", s.dataset, profile_dataset)
+            if not s.num_dicts or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 for d in s.num_dicts):
+                fail("grid.num_dicts", f"integers >= 2 required, got {s.num_dicts}")
+            if not s.relative_positions or any(not 0 <= r <= 1 for r in s.relative_positions):
+                fail("grid.relative_positions", f"fractions in [0, 1] required, got {s.relative_positions}")
+            check_positive("grid.samples_per_cell", s.samples_per_cell)
+            check_positive("grid.max_tokens", s.max_tokens)
+
+    def grid_config(self):
+        """The generation config of the grid: the dataset's, with the grid's prompt budget."""
+
+        cfg, _ = profile_dataset(self.profile, self.grid.dataset, Path(self.params_root))
+        return dataclasses.replace(cfg, max_tokens=self.grid.max_tokens)
+
+
+
+def _dataset_of(profile: str, params_root: str, where: str, name: str, profile_dataset) -> None:
+    try:
+        profile_dataset(profile, name, Path(params_root))
+    except ParamError as exc:
+        raise ParamError(f"{where}: {exc}") from None
+
+
+# the rows of the paper's Table 2 (params/paper_reference.yaml via kvlib.paper, Mistral-7B-Instruct-v0.1) for each kind
+PAPER_MODEL = "Mistral-7B-Instruct-v0.1"
+
+
+
+PAPER_ROWS = {"multidocqa": "MultidocQA", "in2": "IN2", "niah": "needle-in-a-haystack"}
+
+
+
+_COMMON = ("profile", "results_dir", "params_root", "models", "backend", "cache_dir")
+
+
+
+_SET_BY_MATCH = ("token_total",)  # read from the matched synthetic set (matched_config)
+
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+
+@dataclass
+class BaselinesNotebookParams(EvalModelsParams):
+    """Parameters of notebooks/06_baselines.ipynb.
+
+    `models`: the models the baselines are compared with (kvlib.engine.evaluate.EvalModelsParams: the original and the
+    synthetic-data runs of notebook 02); `original`: the label every delta is taken against.
+    `baselines`: label -> {kind: mdqa|multidocqa|in2|niah, other BaselineConfig fields}; each set is
+    token-matched to the train split of the dataset of `match` (a run of the profile's 02_finetune params) and
+    trained with that run's recipe (only train_file and out_dir change). Sections `mdqa`, `flenqa`, `general`
+    take the task fields of notebooks 03, 04 and 05 (validated by those notebooks' params classes); null skips
+    a section. `paper_rows`: label of a synthetic model -> the Table 2 row it corresponds to (e.g. "key-value,
+    with template"); baselines map by kind."""
+
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    match: str | None = None
+    original: str = "original"
+    data_dir: str = "runs/data"  # baseline sets: <data_dir>/<profile>/baselines/<label>; FLenQA: .../flenqa
+    models_dir: str = "runs/models"  # baseline runs: <models_dir>/<profile>/baselines/<label>-<data sha256[:8]>
+    source_data_dir: str | None = None  # the kvlib data directory (None: $KVLIB_DATA_DIR or ../shared/data)
+    mdqa: dict[str, Any] | None = None
+    flenqa: dict[str, Any] | None = None
+    general: dict[str, Any] | None = None
+    paper_rows: dict[str, str] = field(default_factory=dict)
+    bootstrap_seed: int = 0
+
+    def validate(self) -> None:
+        configs = self.model_configs()
+        if self.original not in configs:
+            fail("original", f"must be one of the models {list(configs)}, got {self.original!r}")
+        if self.seed_groups:  # each baseline is one training run, compared with one synthetic run (Table 2)
+            fail("seed_groups", "notebook 06 compares single runs and does not average seeds; remove seed_groups")
+        if self.baselines and self.match is None:
+            fail("match", f"required with baselines: a run of {self.params_root}/{self.profile}/02_finetune.yaml "
+                          f"whose dataset sets the token budget and whose recipe every baseline reuses")
+        if self.match is not None:
+            self.match_job()
+        slugs = {}
+        for label in self.baselines:
+            if label in configs:
+                fail(f"baselines.{label}", f"label already used by models {list(configs)}")
+            slug = _slug(label) if isinstance(label, str) else ""
+            if not slug or slug in slugs:
+                fail(f"baselines.{label}", f"labels must give distinct directory names, got {label!r}"
+                                           + (f" (same as {slugs[slug]!r})" if slug in slugs else ""))
+            slugs[slug] = label
+            self.baseline_config(label)
+        if self.baselines:
+            self.baseline_backend("placeholder")
+        for label, row in self.paper_rows.items():
+            if label not in configs:
+                fail(f"paper_rows.{label}", f"not one of the models {list(configs)} (baselines map by kind)")
+            if f"{PAPER_MODEL}: {row}" not in _paper_reference():
+                known = [k.split(": ", 1)[1] for k in _paper_reference() if k.startswith(PAPER_MODEL)]
+                fail(f"paper_rows.{label}", f"unknown Table 2 row {row!r}; known: {known}")
+        self.mdqa_params(), self.flenqa_params(), self.general_params()
+
+    # -- baselines
+
+    def match_job(self):
+        """The 02_finetune job named by `match` (its dataset and TrainConfig)."""
+
+        jobs = profile_finetune_params(self.profile, self.params_root).jobs()
+        if self.match not in jobs:
+            fail("match", f"{self.match!r} is not a (local) run of {self.params_root}/{self.profile}/02_finetune.yaml "
+                          f"(runs: {', '.join(jobs) or 'none'})")
+        return jobs[self.match]
+
+    def baseline_config(self, label: str) -> BaselineConfig:
+        """The baseline's BaselineConfig before matching: tokenizer defaults to the matched dataset's, data_dir
+        to source_data_dir."""
+
+        spec = self.baselines[label]
+        if not isinstance(spec, Mapping) or "kind" not in spec:
+            fail(f"baselines.{label}", f"expected a mapping with kind ({'|'.join(KINDS)}), got {spec!r}")
+        for key in _SET_BY_MATCH:
+            if key in spec:
+                fail(f"baselines.{label}.{key}", f"is set from the matched synthetic set ({self.match!r})")
+        job = self.match_job()
+        defaults = {"tokenizer": job.data_config.tokenizer, "data_dir": self.source_data_dir}
+        if spec["kind"] == "in2":  # matching replaces sample_tokens; until then leave room for the segments
+            low = 4 * spec.get("segment_tokens", BaselineConfig.segment_tokens)
+            defaults["sample_tokens"] = [low, max(low, BaselineConfig.sample_tokens[1])]
+        return from_mapping(BaselineConfig, {**defaults, **spec}, f"baselines.{label}")
+
+    def baseline_backend(self, model_dir: str):
+        """The BackendConfig of a trained baseline: its model directory over the shared backend defaults."""
+
+        config = from_mapping(BackendConfig, {**self.backend, "model": model_dir}, "backend")
+        if config.kind == "openai":
+            fail("backend.kind", "baselines are trained locally and evaluated as local models (hf, vllm or auto); "
+                                 "set kind per model in models instead")
+        return config
+
+    def baseline_dir(self, label: str) -> Path:
+        return Path(self.data_dir) / self.profile / "baselines" / _slug(label)
+
+    @property
+    def flenqa_data_dir(self) -> Path:
+        return Path(self.data_dir) / self.profile / "baselines" / "flenqa"
+
+    # -- sections: notebooks 03, 04, 05's params classes validate them
+
+    def _section(self, name: str, cls: type, defaults: dict):
+
+        data = getattr(self, name)
+        if data is None:
+            return None
+        if not isinstance(data, Mapping):
+            fail(name, f"expected a mapping of the task fields of {cls.__name__}, or null to skip; got {data!r}")
+        for key in _COMMON:
+            if key in data:
+                fail(f"{name}.{key}", "is set once, at the top level of this notebook's params")
+        common = {k: getattr(self, k) for k in _COMMON}
+        return from_mapping(cls, {**common, **defaults, **data}, name)
+
+    def mdqa_params(self):
+
+        return self._section("mdqa", MDQANotebookParams, {"data_dir": self.source_data_dir})
+
+    def flenqa_params(self):
+
+        return self._section("flenqa", FLenQANotebookParams, {"source_data_dir": self.source_data_dir})
+
+    def general_params(self):
+
+        params = self._section("general", GeneralBenchmarksNotebookParams,
+                               {"data_dir": self.source_data_dir, "baseline": self.original})
+        if params is not None and params.baseline != self.original:
+            fail("general.baseline", f"deltas are taken against original ({self.original!r}); remove it")
+        if params is not None and params.harness_crosscheck:
+            fail("general.harness_crosscheck", "notebook 05 runs the harness cross-check; remove it here")
+        return params
+
+    def paper_row(self, label: str) -> str | None:
+        """The Table 2 row (without the model prefix) a model or baseline corresponds to, if any."""
+        if label in self.baselines:
+            return PAPER_ROWS.get(self.baselines[label]["kind"])
+        return self.paper_rows.get(label)
+
+
+
+def _paper_reference() -> dict:
+
+    return paper.load().general_scores()
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+# Notebook name -> its params class, in the order `kvlib reproduce` runs them. Adding a notebook means adding its
+# file under notebooks/, a params file per profile and its class here.
+NOTEBOOKS: dict[str, type] = {
+    "01_synthetic_data": SyntheticDataNotebookParams,
+    "02_finetune": FinetuneNotebookParams,
+    "03_mdqa": MDQANotebookParams,
+    "04_flenqa": FLenQANotebookParams,
+    "05_general_benchmarks": GeneralBenchmarksNotebookParams,
+    "06_baselines": BaselinesNotebookParams,
+    "07_kv_retrieval": KVRetrievalNotebookParams,
+    "08_longer_context": LongerContextNotebookParams,
+}
+SYNTHETIC_DATA, FINETUNE = "01_synthetic_data", "02_finetune"  # the notebooks later ones refer to by role
+
+INJECTED = "kvlib_params"  # the one variable of every notebook's `parameters` cell
+INTERACTIVE_PROFILE = "quick"  # what a notebook opened as it is runs (minutes per notebook)
+INTERACTIVE_RESULTS = Path("results") / "interactive"  # git-ignored: where such a run writes
+STAGING = ".staging"  # results/<profile>/.staging/<notebook>/: a pipeline run's outputs until it succeeds
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The repository root: the nearest folder at or above `start` (default: the working directory) holding
+    params/ and notebooks/, else the one above the installed package."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params").is_dir() and (folder / "notebooks").is_dir():
+            return folder
+    return Path(__file__).resolve().parents[2]
+
+
+def notebook_class(name: str) -> type:
+    if name not in NOTEBOOKS:
+        raise ParamError(f"notebook: unknown {name!r}; known: {', '.join(NOTEBOOKS)}")
+    return NOTEBOOKS[name]
+
+
+def _committed_results(results_dir: Path, root: Path) -> str | None:
+    """The committed profile whose results `results_dir` would write into directly (not through staging)."""
+    try:
+        parts = (root / results_dir).resolve().relative_to((root / "results").resolve()).parts
+    except ValueError:
+        return None
+    if not parts or parts[0] == INTERACTIVE_RESULTS.name or STAGING in parts:
+        return None
+    return parts[0] if (root / "params" / parts[0]).is_dir() else None
+
+
+def start(name: str, injected: Mapping[str, Any] | None, namespace: Mapping[str, Any] | None = None):
+    """The first call of notebook `name`: its params object from the mapping papermill injected (`kvlib_params`,
+    already validated by `kvlib reproduce`), or, when None (the notebook opened as it is), the `quick` profile's
+    params writing into results/interactive/. Paths resolve from the repository root whatever the kernel's working
+    directory: the process moves there. `namespace` (the notebook's globals()) catches a params YAML injected key
+    by key (`papermill -f`), which is refused."""
+    cls = notebook_class(name)
+    root = repo_root()
+    os.chdir(root)
+    stray = sorted(k for k, v in (namespace or {}).items()
+                   if k in {f.name for f in dataclasses.fields(cls)} and not isinstance(v, types.ModuleType))
+    if stray:
+        raise ParamError(f"{name}: params injected one by one ({', '.join(stray)}): a params YAML given to papermill "
+                         f"with -f is not run by hand; use `kvlib reproduce --profile <profile> --only {name}`")
+    if injected is None:
+        path = Path("params") / INTERACTIVE_PROFILE / f"{name}.yaml"
+        data = {**load_yaml(path), "profile": INTERACTIVE_PROFILE,
+                "results_dir": (INTERACTIVE_RESULTS / INTERACTIVE_PROFILE).as_posix()}
+        declared = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return from_mapping(cls, {k: v for k, v in data.items() if k in declared})
+        except ParamError as exc:
+            raise ParamError(f"{path}: {exc}") from None
+    if not isinstance(injected, Mapping):
+        raise ParamError(f"{name}: {INJECTED} must be a mapping of params, got {type(injected).__name__}")
+    profile = _committed_results(Path(str(injected.get("results_dir", ""))), root)
+    if profile is not None:
+        raise ParamError(f"{name}: results_dir {injected['results_dir']!r} is a committed profile's results, which "
+                         f"only `kvlib reproduce --profile {profile} --only {name}` replaces (as a whole, on success)")
+    return from_mapping(cls, injected, check=False)

@@ -1,0 +1,251 @@
+"""The reproduction map (one row per paper artifact with its notebook, results and verdict) for the README
+and each profile's `index.html`, written from the manifest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from html import escape
+from html import escape as e
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from kvlib.engine.io import atomic_write_text, dumps_json
+from kvlib.engine.models import DEFAULT_MODEL
+from kvlib.pipeline.manifest import (
+    MANIFEST_FILE,
+    _duration,
+    _wall_time,
+    changed_since_run,
+    load_manifest_entries,
+    redact,
+    wall_seconds_total,
+    wall_time_summary,
+    write_manifest,
+)
+from kvlib.pipeline.plan import discover_notebooks
+from kvlib.report import paper
+from kvlib.report.paper import artifact_verdict, load
+
+INDEX_FILE = "index.html"
+
+
+
+_INDEX_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+                "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+                "vertical-align:top;text-align:left}code{font-size:90%}.failed{color:#b00}")
+
+
+
+def _markdown_links_to_html(text: str) -> str:
+    """`[text](href), ...` (the reproduction map's cells) as escaped HTML links."""
+
+    parts, last = [], 0
+    for m in re.finditer(r"\[([^\]]*)\]\(([^)]*)\)", text):
+        parts += [escape(text[last:m.start()]), f'<a href="{escape(m.group(2))}">{escape(m.group(1))}</a>']
+        last = m.end()
+    return "".join(parts) + escape(text[last:])
+
+
+
+def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix: str = "../../") -> str:
+    """`results/<profile>/index.html` from the run manifest: every rendered notebook linked, with its status,
+    wall time, seeds, params file, tables and figures, input data hashes and recorded facts, under the
+    environment (versions, commit) that produced them. `repo_prefix` leads from the page to the repo root.
+    `map_rows` (kvlib.report.paper.reproduction_map, links relative to this page) adds the paper-artifact map on top.
+    Deterministic: the same manifest gives the same bytes."""
+
+    entries = manifest.get("notebooks", {})
+    git = manifest.get("git") or {}
+    commit = git.get("commit") or "not a git checkout"
+    rows = []
+    for name in sorted(entries):
+        entry = entries[name]
+        ok = entry.get("status") == "ok"
+        status = str(entry.get("status")) + (f": {entry['reason']}" if entry.get("reason") else "")
+        title = (f'<a href="{e(name)}.html">{e(name)}</a>' if ok else e(name))
+        outputs = [o for o in entry.get("outputs", []) if o.endswith((".csv", ".png"))]
+        inputs = "<br>".join(f"<code>{e(i['path'])}</code> {e(i['sha256'][:12])}" for i in entry.get("inputs", []))
+        seeds = ", ".join(f"{k}={v}" for k, v in sorted((entry.get("seeds") or {}).items()))
+        facts = entry.get("facts")
+        ran_at = entry.get("git") or {}  # the commit this notebook ran at (the header names the latest run's)
+        ran_at = (f"<br><code>{e(ran_at['commit'][:12])}</code>{' (uncommitted changes)' if ran_at.get('dirty') else ''}"
+                  if ran_at.get("commit") else "")
+        links = "<br>".join(f'<a href="{e(o)}">{e(o)}</a>' for o in outputs)
+        rows.append(
+            "<tr>"
+            f"<td>{title}</td><td class=\"{'' if ok else 'failed'}\">{e(status)}</td>"
+            f"<td>{e(str(entry.get('finished', '')))}{ran_at}</td><td>{e(_wall_time(entry))}</td>"
+            f"<td>{e(seeds)}</td>"
+            f"<td><a href=\"{e(repo_prefix + entry.get('params_file', ''))}\">{e(entry.get('params_file', ''))}</a></td>"
+            f"<td>{links}</td>"
+            f"<td>{inputs}</td>"
+            f"<td>{'<pre>' + e(dumps_json(facts)) + '</pre>' if facts else ''}</td>"
+            "</tr>")
+    total = wall_seconds_total(entries)
+    packages = ", ".join(f"{k} {v}" for k, v in sorted((manifest.get("packages") or {}).items()) if v)
+    profile = str(manifest.get("profile", ""))
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>kvlib results: {e(profile)}</title><style>{_INDEX_STYLE}</style></head><body>\n"
+        f"<h1>kvlib results: profile <code>{e(profile)}</code></h1>\n"
+        f"<p>Produced by <code>kvlib reproduce --profile {e(profile)}</code>; "
+        f"<a href=\"manifest.json\">manifest.json</a> has every field below and the full params.</p>\n"
+        "<table>"
+        f"<tr><th>kvlib</th><td>{e(str(manifest.get('kvlib_version', '')))}</td></tr>"
+        f"<tr><th>commit (latest run)</th><td><code>{e(commit)}</code>{' (uncommitted changes)' if git.get('dirty') else ''}</td></tr>"
+        f"<tr><th>python</th><td>{e(str(manifest.get('python', '')))}</td></tr>"
+        f"<tr><th>platform</th><td>{e(str(manifest.get('platform', '')))}</td></tr>"
+        f"<tr><th>packages</th><td>{e(packages)}</td></tr>"
+        f"<tr><th>wall time</th><td>{_duration(total)} over {len(entries)} notebooks (all runs and attempts behind their latest results)</td></tr>"
+        "</table>\n"
+        + ("" if not map_rows else
+           "<h2>Paper artifacts</h2>\n<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in map_rows[0]) + "</tr>\n"
+           + "\n".join("<tr>" + "".join(f"<td>{_markdown_links_to_html(str(v))}</td>" for v in r.values()) + "</tr>"
+                       for r in map_rows) + "\n</table>\n<h2>Notebooks</h2>\n")
+        + "<table><tr><th>notebook</th><th>status</th><th>finished (UTC), commit</th><th>wall time</th><th>seeds</th>"
+        "<th>params</th><th>tables and figures</th><th>input data (sha256)</th><th>facts</th></tr>\n"
+        + "\n".join(rows) + "\n</table>\n</body></html>\n")
+
+
+def _model_of(entry: Mapping[str, Any]) -> str:
+    """The base model(s) a notebook ran on: 02's base_model, else the `model` entries of its models."""
+    params = entry.get("params") or {}
+    if "runs" in params or "base_model" in params:  # 02_finetune: kvlib.engine.train's default base is the embedded model
+
+        return str(params.get("base_model") or DEFAULT_MODEL)
+    models = params.get("models") or {}
+    names = [str(m["model"]) for m in models.values() if isinstance(m, Mapping) and m.get("model")]
+    return ", ".join(dict.fromkeys(names))
+
+
+
+def reproduction_map(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
+                     link_root: str | Path | None = None, entries: Mapping[str, dict] | None = None,
+                     changed: Mapping[str, str] | None = None) -> list[dict]:
+    """One row per paper artifact for `profile`, from its manifest's notebook entries (`entries`, default: read
+    from results/<profile>/manifest.json): the notebook (its html), params file, result files and model, and the
+    verdict aggregated from the claims the notebook recorded. Links are relative to `link_root` (default: the
+    working directory, i.e. the repository root) and are given only for files that exist, so every link
+    resolves. `changed` (kvlib.pipeline.reproduce.changed_since_run: notebook -> reason) marks the verdicts of results
+    that an earlier params or notebook version produced, so they are not read as the current configuration's."""
+
+
+    results_dir = Path(results_root) / profile
+    link_root = Path(link_root) if link_root is not None else Path.cwd()
+    if entries is None:
+        entries = load_manifest_entries(results_dir)
+
+    def link(path: Path, text: str) -> str:
+        if not path.is_file():
+            return ""
+        return f"[{text}]({Path(os.path.relpath(path.resolve(), link_root.resolve())).as_posix()})"
+
+    rows = []
+    for art in load().artifacts:
+        nb = art["notebook"]
+        entry = entries.get(nb)
+        ok = entry is not None and entry.get("status") == "ok"
+        claims = [c for c in ((entry or {}).get("facts") or {}).get("claims", []) if c.get("artifact") == art["id"]]
+        if entry is not None and entry.get("status") == "skipped":
+            verdict_text = f"not for this profile: {entry.get('reason', '')}"
+        elif not ok:
+            verdict_text = "not run in this profile yet"
+        elif not art["claims"]:
+            verdict_text = "shown (illustration)"
+        elif claims:
+            verdict_text = artifact_verdict([c["verdict"] for c in claims])
+            counts = {v: sum(c["verdict"] == v for c in claims) for v in dict.fromkeys(c["verdict"] for c in claims)}
+            verdict_text += " (" + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")"
+        else:
+            verdict_text = "not measured (no claim recorded)"
+        if ok and nb in (changed or {}):
+            verdict_text = f"stale ({changed[nb]} since this run; kvlib reproduce re-runs it): {verdict_text}"
+        files = [link(results_dir / r, Path(r).name) for r in art["results"]] if ok else []
+        rows.append({
+            "artifact": art["title"],
+            "notebook": link(results_dir / f"{nb}.html", nb) or nb,
+            "params": link(Path(params_root) / profile / f"{nb}.yaml", f"{profile}/{nb}.yaml"),
+            "results": ", ".join(f for f in files if f),
+            "model": _model_of(entry) if ok else "",
+            "verdict": verdict_text,
+            "offline": " ".join(str(art.get("offline", "")).split()),
+        })
+    return rows
+
+
+
+def map_markdown(rows: Sequence[Mapping[str, str]]) -> str:
+    """The reproduction map as a Markdown table (README)."""
+    cols = ["artifact", "notebook", "params", "results", "model", "verdict", "offline"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+
+MAP_START = "<!-- reproduction-map:{profile}:start (kvlib map --profile {profile} --update README.md) -->"
+
+
+
+MAP_END = "<!-- reproduction-map:{profile}:end -->"
+
+
+
+def readme_map_section(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
+                       link_root: str | Path | None = None, notebooks_dir: str | Path = "notebooks") -> str:
+    """What goes between a profile's map markers in the README: the map, then the profile's wall time from its
+    manifest (what the results cost on this machine, with the notebooks `kvlib reproduce` runs from
+    `notebooks_dir` that have not finished yet, or changed since they ran, named)."""
+
+    entries = load_manifest_entries(Path(results_root) / profile)
+    changed = changed_since_run(profile, entries, Path(params_root), Path(notebooks_dir))
+    text = map_markdown(reproduction_map(profile, results_root, params_root, link_root, entries=entries,
+                                         changed=changed))
+    if entries:
+        text += "\n" + wall_time_summary(entries, list(discover_notebooks(Path(notebooks_dir))), changed) + "\n"
+    return text
+
+
+
+def update_readme_map(readme: str | Path, profile: str, results_root: str | Path = "results",
+                      params_root: str | Path = "params", notebooks_dir: str | Path = "notebooks") -> bool:
+    """Replace the text between the profile's map markers in `readme` with `readme_map_section` (links relative
+    to the README's folder). Returns whether the file changed; the markers must already be there."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    start, end = MAP_START.format(profile=profile), MAP_END.format(profile=profile)
+    if start not in text or end not in text:
+        raise ValueError(f"{readme}: add the lines\n{start}\n{end}\nwhere the {profile} map belongs")
+    section = readme_map_section(profile, results_root, params_root, readme.parent, notebooks_dir)
+    head, rest = text.split(start, 1)
+    new = f"{head}{start}\n{section}{end}{rest.split(end, 1)[1]}"
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dict | None = None,
+                notebooks_dir: Path = Path("notebooks")) -> Path:
+    """index.html from the manifest (default: read from out_dir/manifest.json), with the reproduction map
+    (kvlib.paper) when the profile ran any notebook of the paper's artifacts; results whose params or notebook
+    changed since they ran are marked stale there (`changed_since_run`)."""
+
+    out_dir = Path(out_dir)
+    if manifest is None:
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    entries = manifest.get("notebooks", {})
+    map_rows = None
+    if {a["notebook"] for a in paper.load().artifacts} & set(entries):
+        map_rows = reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir,
+                                          entries=entries, changed=changed_since_run(
+                                              out_dir.name, entries, Path(params_root), Path(notebooks_dir)))
+    return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows)))
+
+
+
+def write_results_record(out_dir: Path, header: dict, entries: dict[str, dict], params_root: Path = Path("params"),
+                         notebooks_dir: Path = Path("notebooks")) -> None:
+    """manifest.json and the index.html page rendered from it, always together."""
+    write_index(out_dir, params_root, write_manifest(out_dir, header, entries), notebooks_dir)

@@ -1,0 +1,62 @@
+"""The finetuning runs of a profile as models: a notebook's `run:` model entry is resolved here to the trained
+model (trained first if it has not finished), so the engine only ever opens models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ContextManager, Mapping, Sequence
+
+from kvlib.engine.backends import BackendConfig
+from kvlib.engine.config import ParamError
+from kvlib.engine.evaluate import open_backend
+from kvlib.engine.openai_ft import STATE_FILE
+from kvlib.engine.train import train
+from kvlib.pipeline.notebooks import profile_finetune_params
+from kvlib.tasks.mdqa import evaluate_mdqa
+from kvlib.tasks.synthetic import ensure_dataset
+
+
+def ensure_run_model(profile: str, run: str, params_root: str | Path = "params") -> str:
+    """The model a finetuning run of the profile produced: an HF run's saved model directory (trained now,
+    from its dataset, if it has not finished: finished runs are reused, interrupted ones resume), or an
+    OpenAI run's fine-tuned model name (which needs notebook 02 with openai_submit)."""
+
+    params = profile_finetune_params(profile, params_root)
+    jobs, openai_jobs = params.jobs(), params.openai_jobs()
+    if run in jobs:
+        job = jobs[run]
+        ensure_dataset(job.data_config, job.data_dir)
+        return train(job.train_config, resume="auto")["model_dir"]
+    if run in openai_jobs:
+        state_file = Path(openai_jobs[run].train_config.job_dir) / STATE_FILE
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        if not state.get("fine_tuned_model"):
+            raise ParamError(f"run {run!r}: no fine-tuned model yet ({state_file}); run notebook 02 with "
+                             f"openai_submit: true and OPENAI_API_KEY set first")
+        return state["fine_tuned_model"]
+    known = ", ".join([*jobs, *openai_jobs]) or "none"
+    raise ParamError(f"run: {run!r} is not a run of params/{profile}/02_finetune.yaml (runs: {known})")
+
+
+def open_model(config: BackendConfig, cache_dir: str | Path | None, profile: str,
+               params_root: str | Path = "params", progress: bool = True) -> ContextManager[Any]:
+    """kvlib.engine.evaluate.open_backend for a model entry of a notebook's params: a `run` of the profile is
+    resolved to its trained model first (trained now if it has not finished: `ensure_run_model`)."""
+    if config.run is not None:
+        config = dataclasses.replace(config, model=ensure_run_model(profile, config.run, params_root), run=None)
+    return open_backend(config, cache_dir, progress=progress)
+
+
+def evaluate_mdqa_sets(configs: Mapping[str, BackendConfig], sets: Mapping[str, Any], positions: Sequence[int],
+                       max_new_tokens: int, cache_dir: str | Path | None, profile: str,
+                       params_root: str | Path = "params") -> list[dict]:
+    """Every model (label -> BackendConfig, opened one at a time) on every MDQA set at every gold position:
+    the rows of `evaluate_mdqa` (notebooks 03 and 08)."""
+    rows = []
+    for label, config in configs.items():
+        with open_model(config, cache_dir, profile, params_root) as model:
+            for eval_set in sets.values():
+                rows += evaluate_mdqa(model, eval_set, positions, max_new_tokens, label)
+    return rows

@@ -1,0 +1,105 @@
+"""Tables of notebook 05 (and 06's general benchmarks): headline scores and differences, the conventions used
+per benchmark, and the paper's published numbers beside ours.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from kvlib.report import paper
+from kvlib.tasks.general import TASKS, Item, PreparedTask
+
+
+def _pct(value: float, lo: float | None = None, hi: float | None = None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    fmt = "+.1f" if signed else ".1f"
+    text = format(100 * value, fmt)
+    if lo is not None and hi is not None and not math.isnan(lo):
+        text += f" [{format(100 * lo, fmt)}, {format(100 * hi, fmt)}]"
+    return text
+
+
+
+def headline_table(summary: Sequence[dict], deltas: Sequence[dict], baseline: str):
+    """The paper-style table (percent): one row per model with each task's headline metric and 95% CI,
+    then one row per other model with its paired delta vs the baseline. Cells say `n/a` where a task did
+    not run; the `variants` column says how each model ran (e.g. MMLU generate for a chat API)."""
+    import pandas as pd
+
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    models = list(dict.fromkeys(s["model"] for s in summary))
+    head = {(s["model"], s["task"]): s for s in summary if s["metric"] == TASKS[s["task"]].headline}
+    dl = {(d["model"], d["task"]): d for d in deltas if d["metric"] == TASKS[d["task"]].headline}
+    columns = {t: f"{TASKS[t].title} ({TASKS[t].headline})" for t in tasks}
+    out = []
+    for model in models:
+        row = {"row": model}
+        for t in tasks:
+            s = head.get((model, t))
+            row[columns[t]] = _pct(s["value"], s["ci_low"], s["ci_high"]) + f" (n={s['n']})" if s else "n/a"
+        row["variants"] = ", ".join(f"{t}:{head[(model, t)]['variant']}" for t in tasks if (model, t) in head)
+        out.append(row)
+    for model in models:
+        if model == baseline:
+            continue
+        row = {"row": f"{model} - {baseline}"}
+        for t in tasks:
+            d = dl.get((model, t))
+            row[columns[t]] = _pct(d["delta"], d["ci_low"], d["ci_high"], signed=True) + f" (n={d['n']})" if d else "n/a"
+        row["variants"] = "paired on the same items"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+
+def headline_deltas(deltas: Sequence[dict]):
+    """The paired deltas of each task's headline metric, with a `benchmark` label (for the bar chart)."""
+    import pandas as pd
+
+    rows = [dict(d, benchmark=f"{TASKS[d['task']].title} ({d['metric']})") for d in deltas
+            if d["metric"] == TASKS[d["task"]].headline]
+    return pd.DataFrame(rows)
+
+
+
+def conventions_table(tasks: Sequence[PreparedTask], fewshot_format: str = "multiturn"):
+    """What each benchmark runs as, from the declarations (the notebook's 'conventions' table): data used,
+    shots and their source, the prompt template of a test item, variants with their metrics, headline
+    metric, generation settings."""
+    import pandas as pd
+
+    rows = []
+    for task in tasks:
+        spec = task.spec
+        placeholder = Item("", "", spec.placeholder[0], spec.placeholder[1], 0, group="{subject}")
+        prompt = spec.description(placeholder) + spec.doc_to_text(placeholder)
+        if spec.choices is not None and spec.variants[0] == "loglikelihood":
+            scored = " | ".join(dict.fromkeys(repr(spec.target_delimiter + c) for c in spec.choices(placeholder)))
+            prompt += f"  [log-likelihood of: {scored}]"
+        generation = "-"
+        if "generate" in spec.variants:
+            only = "" if spec.variants[0] == "generate" else "generate variant: "
+            chat = f"chat template, shots {fewshot_format}" if task.n_shot else "chat template"
+            stops = f", cut at {list(spec.stop)}" if spec.stop else ""
+            generation = f"{only}greedy, max {task.max_new_tokens} new tokens{stops}; {chat}"
+        rows.append({
+            "benchmark": spec.title,
+            "harness task": spec.harness,
+            "data": f"{spec.data}; {len(task.items)} of {task.report.records} used",
+            "shots": f"{task.n_shot}: {spec.shots_from}" if task.n_shot else "0",
+            "prompt of a test item": prompt.replace("\n", "\\n"),
+            "metrics by variant": "; ".join(f"{v}: {', '.join(spec.metrics[v])}" for v in spec.variants)
+                                  + (" (+ macro over subjects)" if spec.macro else ""),
+            "headline": spec.headline,
+            "generation": generation,
+            "notes": spec.notes,
+        })
+    return pd.DataFrame(rows)
+
+
+
+def paper_reference_table():
+    """The paper's published scores (kvlib.paper, params/paper_reference.yaml) under these tasks' titles."""
+
+    return paper.general_table({name: spec.title for name, spec in TASKS.items()})
