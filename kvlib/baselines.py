@@ -388,8 +388,12 @@ class _MDQA(_Generator):
         # only NQ-Open asks: the NQ-Open benchmark excludes them instead (kvlib.contamination)
         ref = self.reference
         banned_q = {k for k, labels in ref.questions.items() if not all(lab.startswith("nq_open:") for lab in labels)}
-        banned_q |= {e.qid for e in pool_questions}  # both MDQA settings draw their questions from this pool
-        banned_p = set(ref.passages) | {passage_key(e.gold.text) for e in pool_questions}
+        banned_p = set(ref.passages)
+        # both MDQA settings draw their questions from the 441-question subset: ban all of it. LitM's complete
+        # file holds every question; then the reference (the evaluated questions) is what is banned.
+        if paths["retrieved_20docs_source"] == "subset":
+            banned_q |= {e.qid for e in pool_questions}
+            banned_p |= {passage_key(e.gold.text) for e in pool_questions}
         self.candidates = []
         for e in oracle:
             if e.qid in banned_q or passage_key(e.gold.text) in banned_p:

@@ -107,9 +107,13 @@ def load_eval_reference(data_dir: str | Path | None = None, mdqa_sets: Mapping |
 
     ref = EvalReference()
     root = resolve_data_dir(data_dir)
-    # MDQA: both settings ask the questions of the 441-question pool, each with its oracle gold passage
-    pool, _ = load_mdqa(mdqa_paths(root)["subset_20docs"][0])
-    _add_mdqa_examples(ref, "mdqa(random+retrieved pool)", pool)
+    # MDQA: with the 441-question subset, both settings ask questions of that pool, each with its oracle gold
+    # passage, so the whole pool is reference. LitM's complete file holds every oracle question: then the
+    # reference is what is evaluated (`mdqa_sets`, `mdqa_question_files`), or nothing would be left to train on.
+    paths = mdqa_paths(root)
+    if paths["retrieved_20docs_source"] == "subset":
+        pool, _ = load_mdqa(paths["retrieved_20docs"][0])
+        _add_mdqa_examples(ref, "mdqa(random+retrieved pool)", pool)
     for setting, eval_set in (mdqa_sets or {}).items():
         _add_mdqa_examples(ref, f"mdqa/{setting}", eval_set.examples)
     for path in mdqa_question_files:
