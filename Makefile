@@ -1,8 +1,12 @@
-# kvlib developer entry points (GNU make). `make test`, `make reproduce PROFILE=cpu`, `make bench`.
+# kvlib developer entry points (GNU make). `make test`, `make reproduce PROFILE=cpu`, `make data`, `make bench`.
 #
 # TORCH is the torch requirement, installed first: here pip's find-links config supplies the CPU wheel of
 # torch 2.13.0. Elsewhere pick the build explicitly, e.g. CPU: TORCH="torch==2.13.0 --index-url
 # https://download.pytorch.org/whl/cpu", GPU: the same with .../whl/cu128 (or use environment.yml).
+#
+# Data: `make reproduce` first runs `kvlib data fetch --profile $(PROFILE)`, which downloads (and verifies) only
+# what the profile reads and its data directory lacks (kvlib/datasets.yaml; a no-op when everything is there).
+# DATA_DIR=... picks the data directory (default: $KVLIB_DATA_DIR, ../shared/data, else data/ in the checkout).
 
 PYTHON ?= python3
 VENV := .venv
@@ -19,11 +23,13 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
 PROFILE ?= quick
+DATA_DIR ?=
+DATA_ARGS := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 REPRODUCE_ARGS ?=
 PYTEST_ARGS ?=
 BENCHES := $(sort $(wildcard benchmarks/bench_*.py))
 
-.PHONY: venv test reproduce bench clean-venv
+.PHONY: venv test reproduce data bench clean-venv
 
 venv: $(STAMP)
 
@@ -41,8 +47,11 @@ $(TEST_STAMP): $(STAMP)
 test: $(TEST_STAMP)
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
-reproduce: $(STAMP)
-	$(VENV)/bin/kvlib reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)
+data: $(STAMP)
+	$(VENV)/bin/kvlib data fetch --profile $(PROFILE) $(DATA_ARGS)
+
+reproduce: data
+	$(if $(DATA_DIR),KVLIB_DATA_DIR=$(DATA_DIR) )$(VENV)/bin/kvlib reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)
 
 bench: $(TEST_STAMP)
 	@if [ -z "$(BENCHES)" ]; then echo "no benchmarks/bench_*.py found"; exit 1; fi

@@ -1,4 +1,4 @@
-"""Samples/s of `kvlib.generate` on the paper config (85 dictionaries, <= 4096 tokens) with the embedded
+"""Samples/s of `kvlib.tasks.synthetic` on the paper config (85 dictionaries, <= 4096 tokens) with the embedded
 model's fast tokenizer, against a straightforward implementation of the paper's recipe measured in the
 same run.
 

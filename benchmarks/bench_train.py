@@ -1,7 +1,7 @@
 """Per-step training time of the embedded model, every lever as a ratio against a bare fp32
 forward + backward + AdamW loop, all measured in the same run on the same batches:
 - bare loop, fp32 (the baseline) and bf16 autocast (the mixed-precision lever alone);
-- `kvlib.train` (transformers Trainer, answer-only loss) in fp32 and bf16: its overhead over the bare loop of
+- `kvlib.engine.train` (transformers Trainer, answer-only loss) in fp32 and bf16: its overhead over the bare loop of
   the same precision (target <= +15%), and its speed against the fp32 baseline;
 - what `precision: auto` picks here (fp32 on a CPU, bf16 on CUDA).
 Batch 1, synthetic simple-task prompts of about --tokens tokens; the first --warmup steps of each are not

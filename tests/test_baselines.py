@@ -1,4 +1,4 @@
-"""Baseline finetuning sets (kvlib.baselines) and the contamination guard (kvlib.contamination): determinism,
+"""Baseline finetuning sets (kvlib.tasks.baseline_sets) and the contamination guard (kvlib.tasks.contamination): determinism,
 labels (the answer is where the meta says; quoted sentences are verbatim), token matching against a
 synthetic set, the guard on a planted overlap and on the real sets. Reads the real data directory and uses
 the embedded model's tokenizer (no weights)."""

@@ -1,4 +1,4 @@
-"""FLenQA (kvlib.flenqa): the regenerated benchmark is correct by an independent proof, the official format
+"""FLenQA (kvlib.tasks.flenqa): the regenerated benchmark is correct by an independent proof, the official format
 loads, prompts are the authors', and verdicts parse. No model: only the embedded model's tokenizer (local)
 measures lengths. The "different" padding reads the Wikipedia passages of the data directory and is left out,
 saying why, when it is absent."""

@@ -1,4 +1,4 @@
-"""General-ability benchmarks (kvlib.general, metrics in kvlib.scoring): scoring on hand-made items with
+"""General-ability benchmarks (kvlib.tasks.general, metrics in kvlib.engine.scoring): scoring on hand-made items with
 known answers, loaders on small hand-written files (and their errors), the real data files' counts,
 subsampling, prompts, and the evaluation loop end to end on fake backends (no model)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MDQA ("Lost in the Middle") data, prompt, metric and distractor settings (kvlib.mdqa).
+"""MDQA ("Lost in the Middle") data, prompt, metric and distractor settings (kvlib.tasks.mdqa).
 
 Light: no model. The data tests read the real files of the data directory (kvlib.engine.data.resolve_data_dir)
 and skip, saying why, when it is absent.
@@ -201,7 +201,9 @@ def oracle(paths):
 
 @pytest.fixture(scope="module")
 def subset(paths):
-    loaded = {pos: mdqa.load_mdqa(path) for pos, path in paths["subset_20docs"].items()}
+    if paths["retrieved_20docs_source"] != "subset":
+        pytest.skip("the data directory holds LitM's complete 20-document files, not the 441-question subset")
+    loaded = {pos: mdqa.load_mdqa(path) for pos, path in paths["retrieved_20docs"].items()}
     assert all(report.records == 441 and not report.truncated for _, report in loaded.values())
     return {pos: examples for pos, (examples, _) in loaded.items()}
 
@@ -248,6 +250,8 @@ def test_round_trip(which, paths, oracle, subset, tmp_path):
 
 
 def test_partial_copy_truncated_line(paths, subset):
+    if paths["partial_copy"] is None:
+        pytest.skip("the truncated third-party file is not in the data directory")
     with pytest.raises(ValueError, match=r"scored\.jsonl\.gz:442: truncated final line.*441 complete records"):
         mdqa.load_mdqa(paths["partial_copy"])
     with pytest.warns(UserWarning, match="441 records read.*line 442 was truncated"):

@@ -239,7 +239,7 @@ class BackendConfig:
     kind "openai": an OpenAI-compatible chat API at `base_url` (None: api.openai.com) serving `model`; the API
     key is read from the environment variable named by `api_key_env`, never from params. A loopback server
     (llama.cpp, vLLM on 127.0.0.1) needs no key.
-    `run` instead of `model` names a finetuning run of the profile's 02_finetune params; kvlib.evaluate
+    `run` instead of `model` names a finetuning run of the profile's 02_finetune params; kvlib.engine.evaluate
     resolves it to the trained model (or the fine-tuned OpenAI model's name).
     """
 

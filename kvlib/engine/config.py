@@ -94,7 +94,7 @@ def _check_type(value: Any, tp: Any, field: str) -> Any:
         if not isinstance(value, (str, Path)):
             fail(field, f"expected a path, got {value!r}")
         return Path(value)
-    raise TypeError(f"kvlib.config cannot check annotation {tp!r} of {field}")
+    raise TypeError(f"kvlib.engine.config cannot check annotation {tp!r} of {field}")
 
 
 def _type_name(tp: Any) -> str:

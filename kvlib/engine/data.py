@@ -1,5 +1,6 @@
 """Where evaluation and source data live. kvlib never ships data: it reads a data directory laid out
-like the official releases (see README "Data"). Loaders for each benchmark live here too."""
+like the official releases (kvlib/engine/datasets.yaml, the data registry, says what goes where; `kvlib data fetch`
+fills it). Loaders for each benchmark live here too."""
 from __future__ import annotations
 
 import os
@@ -8,22 +9,41 @@ from pathlib import Path
 DATA_ENV = "KVLIB_DATA_DIR"
 # A checkout of this repo next to a `shared/` folder (this project's CI layout) finds its data there.
 _SIBLING = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# Otherwise `kvlib data fetch` fills data/ inside the checkout (git-ignored).
+_REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def resolve_data_dir(explicit: str | Path | None = None) -> Path:
-    """The data directory: `explicit`, else $KVLIB_DATA_DIR, else ../shared/data beside the repo."""
+    """The data directory: `explicit`, else $KVLIB_DATA_DIR, else ../shared/data beside the repo, else data/ in
+    the checkout (where `kvlib data fetch` puts the data when none of the others is given)."""
     for source, candidate in (("argument", explicit), (DATA_ENV, os.environ.get(DATA_ENV))):
         if candidate:
             path = Path(candidate).expanduser()
             if not path.is_dir():
                 raise FileNotFoundError(f"data directory from {source} does not exist: {path}")
             return path
-    if _SIBLING.is_dir():
-        return _SIBLING
+    for default in (_SIBLING, _REPO_DATA):
+        if default.is_dir():
+            return default
     raise FileNotFoundError(
         f"no data directory: pass one, set ${DATA_ENV}, or place the data at {_SIBLING}. "
-        "README.md, section 'Data', lists where to download each official file."
+        "`kvlib data fetch` downloads it (README.md, section 'Data', lists every file and its source)."
     )
+
+
+def data_dir_for_writing(explicit: str | Path | None = None) -> Path:
+    """Where `kvlib data fetch` installs files: `explicit`, else $KVLIB_DATA_DIR, else the data directory
+    resolve_data_dir finds, else data/ in the checkout; created when missing."""
+    candidate = explicit or os.environ.get(DATA_ENV)
+    if candidate:
+        path = Path(candidate).expanduser()
+    else:
+        try:
+            path = resolve_data_dir()
+        except FileNotFoundError:
+            path = _REPO_DATA
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------- JSONL files (plain or gzip)
@@ -126,6 +146,12 @@ _PARTIAL_COPY = ("partial_copy_ViktorTorp/nq-open-20_total_documents_gold_at_0-g
                  "predictions-scored.jsonl.gz")
 
 
+MDQA_QUESTIONS = 2655  # the LitM oracle file and every complete K-document file
+_OFFICIAL_20DOCS = "qa_data/20_total_documents/nq-open-20_total_documents_gold_at_{}.jsonl.gz"
+_SUBSET_20DOCS = "derived_20docs_first441/nq-open-20_total_documents_gold_at_{}.first441.jsonl.gz"
+MDQA_SUBSET_QUESTIONS = 441  # the first 441 questions: what the offline data directory holds
+
+
 def _require(path: Path, source: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"missing MDQA file {path}; official source: {source}")
@@ -133,22 +159,41 @@ def _require(path: Path, source: str) -> Path:
 
 
 def mdqa_paths(data_dir: str | Path | None = None) -> dict:
-    """The MDQA files this project's data directory holds (layout of <data>/mdqa/SOURCE.md):
-    `oracle` (LitM qa_data/nq-open-oracle.jsonl.gz, 2655 questions), `subset_20docs` ({gold position:
-    path} of the 441-question 20-document copies) and `partial_copy` (the truncated ViktorTorp file).
-    Raises FileNotFoundError naming each missing file and where to get it."""
+    """The MDQA files of the data directory (layout: kvlib/engine/datasets.yaml, entries mdqa-*):
+    - `oracle`: LitM qa_data/nq-open-oracle.jsonl.gz (2655 questions);
+    - `retrieved_20docs`: {gold position: path} of the 20-document files with retrieved distractors: the
+      official LitM files (qa_data/20_total_documents/, all 2655 questions) when the gold-at-0 one is present,
+      else the 441-question subset (derived_20docs_first441/). Only position 0 is required (kvlib moves the
+      gold itself); the other positions are listed when present. `retrieved_20docs_source` ("official" or
+      "subset") and `retrieved_20docs_questions` (2655 or 441) say which; `subset_20docs` is the same dict
+      (its older name);
+    - `random_documents`: LitM's nq-open-random-documents.jsonl.gz, or None;
+    - `partial_copy`: the truncated third-party prediction file the subset was rebuilt from, or None.
+    Raises FileNotFoundError naming each missing file, where to get it and the command that fetches it."""
     root = resolve_data_dir(data_dir) / "mdqa"
-    subset = "nq-open-20_total_documents_gold_at_{}.first441.jsonl.gz"
+    oracle = _require(root / "qa_data" / "nq-open-oracle.jsonl.gz",
+                      f"{LITM_REPO} (qa_data/nq-open-oracle.jsonl.gz); fetch: kvlib data fetch mdqa-oracle")
+    official = {pos: root / _OFFICIAL_20DOCS.format(pos) for pos in MDQA_SUBSET_POSITIONS}
+    subset = {pos: root / _SUBSET_20DOCS.format(pos) for pos in MDQA_SUBSET_POSITIONS}
+    if official[0].is_file():
+        chosen, source, questions = official, "official", MDQA_QUESTIONS
+    elif subset[0].is_file():
+        chosen, source, questions = subset, "subset", MDQA_SUBSET_QUESTIONS
+    else:
+        raise FileNotFoundError(
+            f"missing MDQA file {official[0]}; official source: {LITM_REPO} (qa_data/20_total_documents/); fetch: "
+            f"kvlib data fetch mdqa-20docs (the {MDQA_SUBSET_QUESTIONS}-question subset {subset[0]} is accepted too)")
+    retrieved = {pos: path for pos, path in chosen.items() if path.is_file()}
+    random_documents = root / "nq-open-random-documents.jsonl.gz"
+    partial = root / _PARTIAL_COPY
     return {
-        "oracle": _require(root / "qa_data" / "nq-open-oracle.jsonl.gz",
-                           f"{LITM_REPO} (qa_data/nq-open-oracle.jsonl.gz)"),
-        "subset_20docs": {
-            pos: _require(root / "derived_20docs_first441" / subset.format(pos),
-                          f"built from the partial copy, recipe in {root / 'SOURCE.md'}")
-            for pos in MDQA_SUBSET_POSITIONS
-        },
-        "partial_copy": _require(root / _PARTIAL_COPY,
-                                 f"{VIKTORTORP_REPO} (qa_predictions/20_total_documents/gpt_reordered/)"),
+        "oracle": oracle,
+        "retrieved_20docs": retrieved,
+        "retrieved_20docs_source": source,
+        "retrieved_20docs_questions": questions,
+        "subset_20docs": retrieved,
+        "random_documents": random_documents if random_documents.is_file() else None,
+        "partial_copy": partial if partial.is_file() else None,
     }
 
 
@@ -159,12 +204,15 @@ def mdqa_official_path(num_documents: int, gold_index: int, data_dir: str | Path
     if isinstance(gold_index, bool) or not isinstance(gold_index, int) or not 0 <= gold_index < num_documents:
         raise ValueError(f"gold_index must be in [0, {num_documents}), got {gold_index!r}")
     name = f"{num_documents}_total_documents/nq-open-{num_documents}_total_documents_gold_at_{gold_index}.jsonl.gz"
-    return _require(resolve_data_dir(data_dir) / "mdqa" / "qa_data" / name, f"{LITM_REPO} (qa_data/{name})")
+    entry = f"mdqa-{num_documents}docs" + ("-positions" if num_documents == 20 and gold_index else "")
+    fetch = f"; fetch: kvlib data fetch {entry}" if num_documents in (10, 20, 30) else ""
+    return _require(resolve_data_dir(data_dir) / "mdqa" / "qa_data" / name, f"{LITM_REPO} (qa_data/{name}){fetch}")
 
 
 def mdqa_random_documents_path(data_dir: str | Path | None = None) -> Path:
     """LitM's questions with randomly sampled DPR passages (LitM issue #11), if downloaded."""
-    return _require(resolve_data_dir(data_dir) / "mdqa" / "nq-open-random-documents.jsonl.gz", LITM_RANDOM_URL)
+    return _require(resolve_data_dir(data_dir) / "mdqa" / "nq-open-random-documents.jsonl.gz",
+                    f"{LITM_RANDOM_URL}; fetch: kvlib data fetch mdqa-random")
 
 
 def read_jsonl(path: str | Path) -> list:

@@ -1,4 +1,4 @@
-"""Running evaluations: a backend answers a task's prompts, kvlib.scoring scores them, and the result is
+"""Running evaluations: a backend answers a task's prompts, kvlib.engine.scoring scores them, and the result is
 one row per item (so every table and CI is computed from the same rows).
 
 Every evaluation notebook declares the models it compares the same way (`EvalModelsParams`): a label per

@@ -363,8 +363,8 @@ class TokenCounter:
 
 class MemoTokenCounter:
     """Token counts of texts, each text counted once, missing ones in batches (`prime`), looked up with
-    `counter[text]`; for generators that measure the same paragraphs many times (kvlib.flenqa,
-    kvlib.baselines). `count` is any batch counter, e.g. TokenCounter.count."""
+    `counter[text]`; for generators that measure the same paragraphs many times (kvlib.tasks.flenqa,
+    kvlib.tasks.baseline_sets). `count` is any batch counter, e.g. TokenCounter.count."""
 
     def __init__(self, count: Callable[[list[str]], list[int]]):
         self.count, self.cache = count, {}

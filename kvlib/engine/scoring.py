@@ -64,7 +64,7 @@ def parse_kv_answer(text: str, query_key: int | None = None, query_subkeys: list
 
 
 def score_kv_answer(text: str, meta: dict) -> dict:
-    """Per-sample scores against a sample's metadata (as written by kvlib.generate):
+    """Per-sample scores against a sample's metadata (as written by kvlib.tasks.synthetic):
     `value` (value right), `dictionary` (dictionary right), `key` (multi-subkey: full key right,
     simple: always True) and `exact` (all of them)."""
     for field in ("task", "value", "gold_dict_name", "key"):
@@ -135,9 +135,9 @@ def score_mdqa_answer(response: str, answers) -> float:
     return best_subspan_em(response.strip().split("\n")[0].strip(), answers)
 
 
-# ---------------------------------------------------------------- general benchmarks (kvlib.general)
+# ---------------------------------------------------------------- general benchmarks (kvlib.tasks.general)
 # Conventions of lm-evaluation-harness (lm_eval/tasks/gsm8k/gsm8k-cot.yaml, lm_eval/api/task.py,
-# lm_eval/api/metrics.py), re-implemented; kvlib.general declares which task uses which.
+# lm_eval/api/metrics.py), re-implemented; kvlib.tasks.general declares which task uses which.
 
 # gsm8k-cot "strict-match": the first "The answer is <number>". The harness's pattern ends in an unescaped
 # ".", i.e. one more character of any kind; kept as is, so a reply that ends "The answer is 18" with nothing

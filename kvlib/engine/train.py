@@ -84,7 +84,7 @@ class TrainConfig:
     logging_steps: int = 1
     max_length: int = 0  # 0: the model's context; a longer sample is an error, never truncated
     # dry run only: how to count tokens when the model's tokenizer is not available locally (a
-    # kvlib.models token-counter spec), and its architecture (a local config.json) for the memory estimate
+    # kvlib.engine.models token-counter spec), and its architecture (a local config.json) for the memory estimate
     dry_run_tokenizer: str = ""
     dry_run_model_config: str = ""
     dry_run_num_gpus: int = 1
@@ -480,7 +480,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
 
 def save_final_model(cfg: TrainConfig, trainer) -> Path:
     """Save what evaluation loads by path: full weights, a LoRA adapter (base = cfg.model, a spec
-    kvlib.models resolves anywhere) or the merged LoRA model. `trainer.save_model` gathers FSDP/DeepSpeed
+    kvlib.engine.models resolves anywhere) or the merged LoRA model. `trainer.save_model` gathers FSDP/DeepSpeed
     shards and writes on the main process only, with the tokenizer."""
     model_dir = Path(cfg.out_dir) / "model"
     model = trainer.model

@@ -40,7 +40,7 @@ class PreparedBaseline:
 
 
 def evaluation_reference(P: BaselinesNotebookParams, mdqa_sets: Mapping | None = None, flenqa_config=None):
-    """Every evaluation set the guard compares with: the default reference (kvlib.contamination) plus the
+    """Every evaluation set the guard compares with: the default reference (kvlib.tasks.contamination) plus the
     MDQA sets this notebook evaluates, and FLenQA drawn at the evaluated seed for at least the release's
     100 problems per task (a superset of the evaluated problems)."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvlib.engine import openai_ft, train
 from kvlib.engine.config import ParamError
-from kvlib.pipeline import repro_map, reproduce
+from kvlib.pipeline import data_needs, repro_map, reproduce
 from kvlib.tasks import synthetic as generate
 
 
@@ -66,6 +66,11 @@ def _map(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+
+    return data_needs.main_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--params-dir", default="params")
     mp.add_argument("--update", metavar="README", help="rewrite the map between the profile's markers in this file")
     mp.set_defaults(func=_map)
+
+    dt = sub.add_parser("data", help="the data registry (kvlib/engine/datasets.yaml): status, fetch, README table")
+    dsub = dt.add_subparsers(dest="data_command", required=True)
+    st = dsub.add_parser("status", help="per dataset: present / missing / subset / checksum mismatch, and the fix")
+    st.add_argument("names", nargs="*", help="datasets (default: all)")
+    st.add_argument("--data-dir", help="data directory (default: $KVLIB_DATA_DIR, ../shared/data, data/)")
+    st.add_argument("--no-verify", action="store_true", help="compare sizes only, no checksums (fast)")
+    fe = dsub.add_parser("fetch", help="download what is missing, verify checksums, install atomically")
+    fe.add_argument("names", nargs="*", help="datasets (default: every non-optional one)")
+    fe.add_argument("--data-dir", help="data directory to fill (created if missing)")
+    fe.add_argument("--mirror", help="base URL of a copy of a data directory, instead of the official sources "
+                                     "(default: $KVLIB_DATA_MIRROR)")
+    fe.add_argument("--profile", help="fetch only what this profile's notebooks need and is missing")
+    fe.add_argument("--all", action="store_true", help="with no names: the optional datasets too")
+    fe.add_argument("--params-dir", default="params")
+    fe.add_argument("--notebooks", default="notebooks")
+    fe.add_argument("--quiet", action="store_true", help="no progress bars")
+    tb = dsub.add_parser("table", help="the registry as README.md's Markdown table")
+    tb.add_argument("--update", metavar="README", help="rewrite the table between the markers in this file")
+    dt.set_defaults(func=_data)
     return parser
 
 

@@ -243,7 +243,8 @@ class MDQANotebookParams(EvalModelsParams):
     distractor_seed: int = 0
     max_new_tokens: int = 100  # LitM's
     data_dir: str | None = None  # None: $KVLIB_DATA_DIR or ../shared/data
-    random_documents_file: str | None = None  # LitM's official nq-open-random-documents.jsonl.gz, if you have it
+    # LitM's nq-open-random-documents.jsonl.gz; None: <data>/mdqa/ has it or not (kvlib data fetch mdqa-random)
+    random_documents_file: str | None = None
 
     def validate(self) -> None:
 
@@ -290,7 +291,7 @@ class FLenQANotebookParams(EvalModelsParams):
     tasks/lengths/paddings/dispersions) and the two prompt styles with their answer budgets."""
 
     data_dir: str = "runs/data"  # regenerated data goes to <data_dir>/<profile>/flenqa
-    source_data_dir: str | None = None  # kvlib data directory with mdqa/ (None: kvlib.data default)
+    source_data_dir: str | None = None  # kvlib data directory with mdqa/ (None: kvlib.engine.data default)
     official_path: str | None = None  # an official FLenQA file: evaluate it instead of regenerating
     official_problems_per_task: int | None = None
     generation: FLenQAConfig = field(default_factory=FLenQAConfig)
@@ -334,7 +335,7 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
     fewshot_format: FewshotFormat = "multiturn"  # how few-shot examples reach a chat model (generation only)
     n_boot: int = 2000
     examples_to_show: int = 2
-    # labels of local HF models to run again through lm-evaluation-harness on the same items (kvlib.harness)
+    # labels of local HF models to run again through lm-evaluation-harness on the same items (kvlib.tasks.harness)
     harness_crosscheck: list[str] = field(default_factory=list)
     harness_dir: str = "runs/harness"  # where the harness's task files and local data go
 
@@ -465,7 +466,7 @@ def _dataset_of(profile: str, params_root: str, where: str, name: str, profile_d
         raise ParamError(f"{where}: {exc}") from None
 
 
-# the rows of the paper's Table 2 (params/paper_reference.yaml via kvlib.paper, Mistral-7B-Instruct-v0.1) for each kind
+# the rows of the paper's Table 2 (params/paper_reference.yaml via kvlib.report.paper, Mistral-7B-Instruct-v0.1) for each kind
 PAPER_MODEL = "Mistral-7B-Instruct-v0.1"
 
 

@@ -229,7 +229,7 @@ def update_readme_map(readme: str | Path, profile: str, results_root: str | Path
 def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dict | None = None,
                 notebooks_dir: Path = Path("notebooks")) -> Path:
     """index.html from the manifest (default: read from out_dir/manifest.json), with the reproduction map
-    (kvlib.paper) when the profile ran any notebook of the paper's artifacts; results whose params or notebook
+    (kvlib.report.paper) when the profile ran any notebook of the paper's artifacts; results whose params or notebook
     changed since they ran are marked stale there (`changed_since_run`)."""
 
     out_dir = Path(out_dir)

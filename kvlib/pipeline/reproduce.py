@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kvlib.engine.io import atomic_write_text
+from kvlib.pipeline.data_needs import check_inputs, missing_for
 from kvlib.pipeline.manifest import (
     BOOKKEEPING_FILES,
     begin_attempt,
@@ -185,8 +186,8 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
 def print_plan(jobs: list[NotebookJob], entries: dict[str, dict], out_dir: Path, repo_root: Path, profile: str,
                force: bool = False) -> int:
     """What `run_profile` would do, printed without running or writing anything (`--dry-run`): each notebook,
-    whether it would run (and why), be skipped as up to date, or does not apply to the profile, and what its
-    models need (weights, API keys)."""
+    whether it would run (and why), be skipped as up to date, or does not apply to the profile, what its
+    models need (weights, API keys) and which of its data inputs are missing (kvlib.pipeline.data_needs)."""
     print(f"kvlib reproduce --profile {profile} --dry-run: {len(jobs)} notebooks, params valid")
     for i, job in enumerate(jobs, 1):
         if job.skip:
@@ -196,6 +197,8 @@ def print_plan(jobs: list[NotebookJob], entries: dict[str, dict], out_dir: Path,
         print(f"[{i}/{len(jobs)}] {job.name}: {'would run (' + reason + ')' if reason else 'up to date, would skip'}")
         for line in model_requirements(job.config):
             print(f"    {line}")
+        for need, st in missing_for(job.name, job.config):
+            print(f"    data: {need.dataset} {st.state} ({need.why}) -> {st.fix}")
     return 0
 
 
@@ -251,7 +254,9 @@ def run_profile(
     `dry_run`: validate and print the plan (`print_plan`) instead, offline, writing nothing. `lock`: wait for
     any other locked run on this machine first (`one_run_per_machine`; the CLI locks unless --concurrent).
 
-    Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid.
+    Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid; returns
+    2, printing one message, before anything runs if a data input of a notebook that would run is missing
+    (kvlib.pipeline.data_needs.check_inputs).
     """
     results_root, params_root, notebooks_dir = Path(results_root), Path(params_root), Path(notebooks_dir)
     out_dir = (results_root / profile).resolve()
@@ -259,6 +264,16 @@ def run_profile(
     repo_root = notebooks_dir.resolve().parent
     if dry_run:
         return print_plan(jobs, load_manifest_entries(out_dir), out_dir, repo_root, profile, force)
+
+    # The check before compute: every data input of the notebooks that will run (kvlib/engine/datasets.yaml) is in
+    # place, else one message naming each missing one and the command that fetches them, before any training.
+    entries = load_manifest_entries(out_dir)
+    will_run = [job for job in jobs
+                if not job.skip and (force or stale_reason(job, entries.get(job.name), out_dir, repo_root))]
+    missing = check_inputs(will_run, profile=profile)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {"profile": profile, **environment_info(repo_root, results_root)}
 

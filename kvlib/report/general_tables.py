@@ -100,6 +100,6 @@ def conventions_table(tasks: Sequence[PreparedTask], fewshot_format: str = "mult
 
 
 def paper_reference_table():
-    """The paper's published scores (kvlib.paper, params/paper_reference.yaml) under these tasks' titles."""
+    """The paper's published scores (kvlib.report.paper, params/paper_reference.yaml) under these tasks' titles."""
 
     return paper.general_table({name: spec.title for name, spec in TASKS.items()})

@@ -288,7 +288,7 @@ def general_claims(deltas: Sequence[Mapping[str, Any]], synthetic: Sequence[str]
                    floor_metrics: Mapping[str, str | None] | None = None) -> list[dict]:
     """Table 1 (or 2): synthetic finetuning loses nothing on each general benchmark's headline metric, with the
     paper's own difference for its key-value (with template) models beside ours. `floor_metrics` (task -> metric,
-    default: each kvlib.general task's floor_metric): what a claim at the floor is also judged on (judge_general)."""
+    default: each kvlib.tasks.general task's floor_metric): what a claim at the floor is also judged on (judge_general)."""
     if floor_metrics is None:
 
         floor_metrics = {name: spec.floor_metric for name, spec in TASKS.items()}

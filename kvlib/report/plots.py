@@ -1,5 +1,5 @@
 """Figures the notebooks show. Each function takes plain data and returns a matplotlib Figure;
-saving goes through kvlib.reporting so every PNG is written the same way."""
+saving goes through kvlib.report.tables so every PNG is written the same way."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence

@@ -391,11 +391,15 @@ class _MDQA(_Generator):
         oracle, _ = load_mdqa(paths["oracle"])
         pool_questions, _ = load_mdqa(paths["subset_20docs"][0])
         # every evaluation question is banned up front (the guard would reject it later anyway), except those
-        # only NQ-Open asks: the NQ-Open benchmark excludes them instead (kvlib.contamination)
+        # only NQ-Open asks: the NQ-Open benchmark excludes them instead (kvlib.tasks.contamination)
         ref = self.reference
         banned_q = {k for k, labels in ref.questions.items() if not all(lab.startswith("nq_open:") for lab in labels)}
-        banned_q |= {e.qid for e in pool_questions}  # both MDQA settings draw their questions from this pool
-        banned_p = set(ref.passages) | {passage_key(e.gold.text) for e in pool_questions}
+        banned_p = set(ref.passages)
+        # both MDQA settings draw their questions from the 441-question subset: ban all of it. LitM's complete
+        # file holds every question; then the reference (the evaluated questions) is what is banned.
+        if paths["retrieved_20docs_source"] == "subset":
+            banned_q |= {e.qid for e in pool_questions}
+            banned_p |= {passage_key(e.gold.text) for e in pool_questions}
         self.candidates = []
         for e in oracle:
             if e.qid in banned_q or passage_key(e.gold.text) in banned_p:
@@ -637,7 +641,7 @@ def sample_lengths(samples: Sequence[Sample], count_tokens: Callable[[list[str]]
 def matched_config(cfg: BaselineConfig, synthetic_dir: str | Path,
                    count_tokens: Callable[[list[str]], list[int]] | None = None) -> BaselineConfig:
     """`cfg` with token_total and sample_tokens read from the train split of a synthetic set written by
-    kvlib.generate (its total prompt + answer tokens, and its shortest and longest sample). An ``mdqa``
+    kvlib.tasks.synthetic (its total prompt + answer tokens, and its shortest and longest sample). An ``mdqa``
     sample's length is fixed by num_documents, so there only the longest is matched (the per-sample max)
     and cfg's lower bound is kept."""
     count_tokens = count_tokens or _counter_for(cfg)
@@ -672,7 +676,7 @@ def _counter_for(cfg: BaselineConfig) -> Callable[[list[str]], list[int]]:
 def build_baseline(cfg: BaselineConfig, count_tokens: Callable[[list[str]], list[int]] | None = None,
                    reference=None, rewrite: Rewrite | None = None) -> tuple[list[Sample], dict]:
     """(samples, report) of one baseline set: drawn to cfg's token budget, then checked against every
-    evaluation set (kvlib.contamination; `reference` defaults to load_eval_reference(cfg.data_dir)).
+    evaluation set (kvlib.tasks.contamination; `reference` defaults to load_eval_reference(cfg.data_dir)).
     `rewrite(question, answer) -> str` (mdqa only) replaces the answer template."""
 
     cfg.validate()

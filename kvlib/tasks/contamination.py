@@ -7,7 +7,7 @@ One check (`check_contamination`) compares a training set with every evaluation 
   questions from (the derived 20-document files); `mdqa_sets` (kvlib.tasks.mdqa.build_eval_sets) and
   `mdqa_question_files` (kvlib.tasks.mdqa.write_question_ids) add the sets a profile actually evaluated, e.g. a
   random-only evaluation over all 2655 oracle questions.
-- NQ-Open, TriviaQA, MMLU (test), GSM8K (test): question texts, through the kvlib.general loaders.
+- NQ-Open, TriviaQA, MMLU (test), GSM8K (test): question texts, through the kvlib.tasks.general loaders.
 - FLenQA: questions and key paragraphs (the gold) of the regenerated benchmark, recomputed from its config
   with kvlib.tasks.flenqa.draw_problem (no tokenizer needed), or taken from given records.
 
@@ -54,7 +54,7 @@ def passage_key(text: str) -> str:
 
 
 def question_key(question: str) -> str:
-    """The question id kvlib.mdqa uses (sha1 of the metric-normalised text), for every evaluation set."""
+    """The question id kvlib.tasks.mdqa uses (sha1 of the metric-normalised text), for every evaluation set."""
 
     return question_id(question)
 
@@ -107,9 +107,13 @@ def load_eval_reference(data_dir: str | Path | None = None, mdqa_sets: Mapping |
 
     ref = EvalReference()
     root = resolve_data_dir(data_dir)
-    # MDQA: both settings ask the questions of the 441-question pool, each with its oracle gold passage
-    pool, _ = load_mdqa(mdqa_paths(root)["subset_20docs"][0])
-    _add_mdqa_examples(ref, "mdqa(random+retrieved pool)", pool)
+    # MDQA: with the 441-question subset, both settings ask questions of that pool, each with its oracle gold
+    # passage, so the whole pool is reference. LitM's complete file holds every oracle question: then the
+    # reference is what is evaluated (`mdqa_sets`, `mdqa_question_files`), or nothing would be left to train on.
+    paths = mdqa_paths(root)
+    if paths["retrieved_20docs_source"] == "subset":
+        pool, _ = load_mdqa(paths["retrieved_20docs"][0])
+        _add_mdqa_examples(ref, "mdqa(random+retrieved pool)", pool)
     for setting, eval_set in (mdqa_sets or {}).items():
         _add_mdqa_examples(ref, f"mdqa/{setting}", eval_set.examples)
     for path in mdqa_question_files:

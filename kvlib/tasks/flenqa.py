@@ -333,7 +333,7 @@ def load_flenqa(path: str | Path) -> list[FLenQARecord]:
         raise FileNotFoundError(f"FLenQA file not found: {path} (official source: HF dataset alonj/FLenQA)")
     try:
         rows = _official_rows(path)
-    except ValueError as exc:  # kvlib.data names path:line already
+    except ValueError as exc:  # kvlib.engine.data names path:line already
         raise FLenQAFormatError(str(exc)) from None
     records, seen = [], {}
     for lineno, data in rows:
@@ -477,7 +477,7 @@ def draw_problem(task: str, index: int, seed: int, elaborations: int = 2, pool: 
 
 def load_padding_passages(data_dir: str | Path | None = None) -> tuple[list[str], Path]:
     """Unrelated real prose for "different" padding: the DPR Wikipedia gold passages of the LitM oracle
-    file in the data directory (kvlib.data), whitespace-normalised, deduplicated, at least 20 words, in
+    file in the data directory (kvlib.engine.data), whitespace-normalised, deduplicated, at least 20 words, in
     file order. Returns (passages, the file read)."""
 
     path = padding_source_file(data_dir)

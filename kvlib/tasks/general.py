@@ -4,7 +4,7 @@ TriviaQA and NQ-Open for any set of models, original vs finetuned, with paired C
 Tasks are declared as data (`TASKS`: one `TaskSpec` each, following lm-evaluation-harness's task
 definition: prompt, few-shot count and source, log-likelihood or generation, stop strings, metric) and go
 through one path: load + validate (`load_task`), subsample (`subsample`), build requests
-(`build_prompt`, `loglikelihood_requests`), score one item (`score_item`, metrics in kvlib.scoring),
+(`build_prompt`, `loglikelihood_requests`), score one item (`score_item`, metrics in kvlib.engine.scoring),
 aggregate (`summarize_benchmarks`: 95% CIs, Wilson for 0/1 scores; MMLU micro and macro over subjects) and compare two models
 on the same items (`benchmark_deltas`: paired CI of the difference, kvlib.engine.scoring.paired_difference_ci).
 
@@ -338,14 +338,20 @@ def _undo_csv_quotes(question: str) -> tuple[str, bool]:
 def load_triviaqa(path: str | Path) -> tuple[list[Item], LoadReport]:
     """TriviaQA open-domain questions with every answer alias, from
     - FlashRAG JSONL `{id, question, golden_answers}` (the subset in the data directory),
-    - HF `mandarjoshi/trivia_qa` rows as JSONL (`{question, question_id, answer: {aliases, value}}`),
+    - HF `mandarjoshi/trivia_qa` rows (`{question, question_id, answer: {aliases, value}}`): the hub's parquet
+      file (unfiltered.nocontext/validation-00000-of-00001.parquet, all 11313 questions) or JSONL,
     - the official JSON (`{"Data": [{Question, QuestionId, Answer: {Aliases, Value}}]}`, e.g.
       unfiltered-web-dev.json).
     The aliases are the harness's targets (answer.aliases), plus the canonical value if missing there."""
     path = _require_file(Path(path), "triviaqa")
-    with _open_text(path) as fh:
-        head = fh.read(4096).lstrip()
-    if head.startswith("{") and re.match(r'\{\s*"Data"\s*:', head):
+    head = ""
+    if path.suffix != ".parquet":
+        with _open_text(path) as fh:
+            head = fh.read(4096).lstrip()
+    if path.suffix == ".parquet":  # the hub's own file, rows as above (kvlib/engine/datasets.yaml, entry triviaqa)
+        records = _parquet_rows(path)
+        fmt = "HF parquet"
+    elif head.startswith("{") and re.match(r'\{\s*"Data"\s*:', head):
         with _open_text(path) as fh:
             try:
                 data = json.load(fh)
@@ -384,6 +390,15 @@ def load_triviaqa(path: str | Path) -> tuple[list[Item], LoadReport]:
     _check_unique_ids(items, path)
     notes = ((f"format: {fmt}", len(items)), ("csv_quotes_undone", undone))
     return items, LoadReport("triviaqa", (str(path),), len(items), notes=notes)
+
+
+def _parquet_rows(path: Path) -> list[tuple[int, Any]]:
+    """(row number, record) of a parquet file (needs pyarrow)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GeneralDataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+    return list(enumerate(pq.read_table(path).to_pylist(), 1))
 
 
 def load_nq_open(path: str | Path) -> tuple[list[Item], LoadReport]:
@@ -506,8 +521,9 @@ TASKS: dict[str, TaskSpec] = {
             description=lambda item: "", doc_to_text=lambda item: f"Question: {item.question}?\nAnswer:",
             doc_to_target=_first_answer, scorer="short_answer", metrics={"generate": ("em", "contains")},
             headline="em", floor_metric="contains",
-            data="open-domain unfiltered dev (here: the 1000-question FlashRAG subset)",
-            default_files=("triviaqa/test.jsonl",), loader=load_triviaqa, max_new_tokens=32,
+            data="open-domain unfiltered dev (11313 questions; or the 1000-question FlashRAG subset)",
+            default_files=("triviaqa/unfiltered.nocontext/validation-00000-of-00001.parquet", "triviaqa/test.jsonl"),
+            loader=load_triviaqa, max_new_tokens=32,
             stop=("\n", ".", ","),
             notes="Prompt verbatim from the harness, which appends '?' even to questions ending in one. em: SQuAD "
                   "exact match of the reply cut at the first stop, any alias; contains: any alias inside the "

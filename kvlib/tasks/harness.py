@@ -1,7 +1,7 @@
 """Cross-check of kvlib's general benchmarks against lm-evaluation-harness itself (optional: `pip install
 -e ".[harness]"`).
 
-kvlib re-implements the harness's task definitions (kvlib.general); this module runs the SAME items through
+kvlib re-implements the harness's task definitions (kvlib.tasks.general); this module runs the SAME items through
 the real harness so a user can compare the two engines item by item. Offline: each prepared task's items
 are written as local JSONL in the schema the harness's own task expects (`harness_docs`), and a task YAML
 `include`s the harness's installed definition (prompt, few-shot setup, filters, metric), overriding only

@@ -127,7 +127,7 @@ def sample_examples(examples: Sequence[KVRetrievalExample], n: int | None, seed:
 
 def evaluate_litm_kv(backend: Any, examples: Sequence[Any], positions: Sequence[int], num_pairs: int | None,
                      max_new_tokens: int, label: str) -> list[dict]:
-    """LitM key-value retrieval (kvlib.litm_kv): each example with its gold pair at each 1-based position,
+    """LitM key-value retrieval (kvlib.tasks.litm_kv): each example with its gold pair at each 1-based position,
     LitM's prompt as the user turn, LitM's metric. Over-length prompts: `over_length=True`, `correct=None`."""
 
     keys, requests = [], []

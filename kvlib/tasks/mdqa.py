@@ -8,7 +8,7 @@
   kvlib/tasks/templates/mdqa_*.prompt.txt.
 - Settings: LitM's retrieved distractors (`k_document_variant`, `place_gold`) and the paper's random
   Wikipedia distractors, which we rebuild offline (`build_distractor_pool`,
-  `build_random_distractor_set`) because LitM's random-documents file is not available here.
+  `build_random_distractor_set`) when LitM's random-documents file is not in the data directory.
 - `question_ids` / `write_question_ids`: which questions an evaluation used (contamination checks).
 
 File layouts (LitM README and scripts/make_qa_data_from_retrieval_results.py):
@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from kvlib.engine import evaluate
 from kvlib.engine.config import ParamError, from_mapping
-from kvlib.engine.data import JsonlReport, OnTruncated, mdqa_paths, read_jsonl_records, resolve_data_dir
+from kvlib.engine.data import MDQA_QUESTIONS, JsonlReport, OnTruncated, mdqa_paths, read_jsonl_records, resolve_data_dir
 from kvlib.engine.evaluate import answer_requests, paired_deltas, result_fields, seed_group_deltas, with_seed_groups
 from kvlib.engine.scoring import normalize_answer, score_mdqa_answer
 from kvlib.tasks.synthetic import load_template
@@ -633,8 +633,12 @@ class MDQAEvalSet:
     setting: str  # "random" | "retrieved"
     label: str  # how reports name it (SETTINGS)
     examples: list[MDQAExample]
-    source: str  # where the documents came from
+    source: str  # where the questions and documents came from, with the question counts
     files: tuple[Path, ...] = ()  # the data files read to build it (recorded with their hashes in the manifest)
+    # which file the questions were drawn from ("official": LitM's complete 20-document file, "subset": the
+    # 441-question subset, "oracle": the oracle file) and how many questions it holds
+    questions_from: str = ""
+    pool_questions: int = 0
 
 
 def sample_questions(examples: Sequence[MDQAExample], n: int | None, seed: int) -> list[MDQAExample]:
@@ -651,12 +655,17 @@ def build_eval_sets(settings: Sequence[str], num_documents: int, num_questions: 
                     random_documents_file: str | Path | None = None) -> dict[str, MDQAEvalSet]:
     """The MDQA evaluation sets of the paper's two settings, on the SAME questions.
 
-    Questions: drawn with `question_seed` from the 441 questions whose real retrieved distractors the data
-    directory holds (so both panels ask the same questions); only "random" alone draws from all 2655.
+    Questions: drawn with `question_seed` from the questions whose real retrieved distractors the data
+    directory holds (so both panels ask the same questions): all 2655 with LitM's official 20-document file,
+    the first 441 with the offline subset (kvlib.engine.data.mdqa_paths says which); "random" alone draws from all
+    2655 of the oracle file. Each set's `source` names the file and its question count, `questions_from`
+    and `pool_questions` say the same as data.
     - retrieved: LitM's K-document variant (gold + the top K-1 retrieved distractors).
-    - random: K-1 random DPR passages without any answer (see build_random_distractor_set), drawn with
-      `distractor_seed` from the pool of every retrieved distractor + the other questions' gold passages;
-      with the official LitM random-documents file given instead, its passages (top K-1) are used.
+    - random: with LitM's random-documents file (`random_documents_file`, else <data>/mdqa/
+      nq-open-random-documents.jsonl.gz when present and holding every drawn question with at least K
+      documents) its top K-1 passages; otherwise K-1 random DPR passages without any answer (see
+      build_random_distractor_set), drawn with `distractor_seed` from the pool of every retrieved distractor +
+      the other questions' gold passages.
     """
 
     unknown = [s for s in settings if s not in SETTINGS]
@@ -664,36 +673,70 @@ def build_eval_sets(settings: Sequence[str], num_documents: int, num_questions: 
         raise ParamError(f"settings: expected a non-empty list of {list(SETTINGS)}, got {list(settings)!r}")
     paths = mdqa_paths(data_dir)
     oracle, _ = load_mdqa(paths["oracle"])
-    subset, _ = load_mdqa(paths["subset_20docs"][0])  # gold at 0 + the 19 retrieved distractors in order
-    pool_questions = subset if "retrieved" in settings else oracle
+    retrieved_file = Path(paths["retrieved_20docs"][0])  # gold at 0 + the 19 retrieved distractors in order
+    retrieved, _ = load_mdqa(retrieved_file)
+    kind = paths["retrieved_20docs_source"]
+    retrieved_text = (f"{_data_relative(retrieved_file, data_dir)} ({'LitM official' if kind == 'official' else kind}: "
+                      f"{len(retrieved)} of {MDQA_QUESTIONS} questions)")
+    if "retrieved" in settings:
+        pool_questions, questions_from, pool_text = retrieved, kind, retrieved_text
+    else:
+        pool_questions, questions_from = oracle, "oracle"
+        pool_text = f"{_data_relative(paths['oracle'], data_dir)} ({len(oracle)} questions)"
     questions = sample_questions(pool_questions, num_questions, question_seed)
+    drawn = f"{len(questions)} questions drawn with seed {question_seed} from {pool_text}"
     sets = {}
     if "retrieved" in settings:
         examples = [k_document_variant(e, num_documents, gold_position=0) for e in questions]
-        sets["retrieved"] = MDQAEvalSet("retrieved", SETTING_RETRIEVED, examples,
-                                        _data_relative(paths["subset_20docs"][0], data_dir),
-                                        (Path(paths["subset_20docs"][0]),))
+        sets["retrieved"] = MDQAEvalSet("retrieved", SETTING_RETRIEVED, examples, f"{drawn}; retrieved distractors",
+                                        (retrieved_file,), questions_from, len(pool_questions))
     if "random" in settings:
         by_qid = {e.qid: e for e in oracle}
         golds = [by_qid[e.qid] for e in questions]
-        if random_documents_file is not None:
-            official, _ = load_mdqa(random_documents_file)
+        official_file, official, skipped = random_documents_file, None, ""
+        if official_file is None and paths["random_documents"] is not None:
+            official_file = paths["random_documents"]
+            official, skipped = _read_random_file(official_file, golds, num_documents)
+            if skipped:
+                skipped = f"; LitM's random-distractor file {_data_relative(official_file, data_dir)} not used: {skipped}"
+                official_file = None
+        if official_file is not None:
+            official = official if official is not None else load_mdqa(official_file)[0]
             official_by_qid = {e.qid: e for e in official}
             missing = [e.question for e in golds if e.qid not in official_by_qid]
             if missing:
                 raise ParamError(f"random_documents_file: {len(missing)} questions missing, e.g. {missing[0]!r}")
             examples = [k_document_variant(official_by_qid[e.qid], num_documents, gold_position=0) for e in golds]
-            source = str(random_documents_file)
-            files = (Path(paths["oracle"]), Path(random_documents_file))
+            source = f"{drawn}; distractors: LitM's random-distractor file {_data_relative(official_file, data_dir)}"
+            files = (Path(paths["oracle"]), Path(official_file))
         else:
-            pool = build_distractor_pool(subset, oracle)
+            pool = build_distractor_pool(retrieved, oracle)
             examples = build_random_distractor_set(golds, pool, num_documents, distractor_seed)
-            source = (f"derived: {len(pool)} DPR passages ({pool.from_retrieved} retrieved distractors of "
-                      f"{_data_relative(paths['subset_20docs'][0], data_dir)}, {pool.from_oracle_gold} gold "
-                      f"passages of {_data_relative(paths['oracle'], data_dir)}), seed {distractor_seed}")
-            files = (Path(paths["subset_20docs"][0]), Path(paths["oracle"]))
-        sets["random"] = MDQAEvalSet("random", SETTING_RANDOM, examples, source, files)
+            source = (f"{drawn}; distractors derived: {len(pool)} DPR passages ({pool.from_retrieved} retrieved "
+                      f"distractors of {retrieved_text}, {pool.from_oracle_gold} gold passages of "
+                      f"{_data_relative(paths['oracle'], data_dir)}), seed {distractor_seed}{skipped}")
+            files = (retrieved_file, Path(paths["oracle"]))
+        sets["random"] = MDQAEvalSet("random", SETTING_RANDOM, examples, source, files, questions_from,
+                                     len(pool_questions))
     return {s: sets[s] for s in settings}
+
+
+def _read_random_file(path: Path, golds: Sequence[MDQAExample], num_documents: int) -> tuple[list | None, str]:
+    """(its examples, "") when LitM's random-documents file found in the data directory can serve these
+    questions, else (None, why not): it is read only when it holds every question with enough passages (its
+    layout was never inspected offline, see the module docstring)."""
+    try:
+        examples, _ = load_mdqa(path)
+    except (ValueError, OSError) as exc:
+        return None, f"unreadable ({' '.join(str(exc).split())[:160]})"
+    by_qid = {e.qid: e for e in examples}
+    missing = [e for e in golds if e.qid not in by_qid]
+    if missing:
+        return None, f"{len(missing)} of the {len(golds)} questions are not in it"
+    short = [e for e in golds if len(by_qid[e.qid].documents) < num_documents]
+    if short:
+        return None, f"{len(short)} questions have fewer than {num_documents} documents there"
+    return examples, ""
 
 
 def _data_relative(path: str | Path, data_dir: str | Path | None) -> str:

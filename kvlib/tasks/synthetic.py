@@ -479,7 +479,7 @@ def token_stats(samples: Sequence[Sample]) -> dict:
 def write_split(out_dir: Path, split: str, samples: Sequence[Sample], system: str | None = None) -> dict:
     """Write one split's `<split>.jsonl` (HF chat format: what `kvlib train` reads), `<split>.openai.jsonl`
     (with `system`, default the paper's system message) and the aligned `<split>.meta.jsonl`; returns its
-    token_stats. The one writer of chat datasets: synthetic sets and the baselines (kvlib.baselines)."""
+    token_stats. The one writer of chat datasets: synthetic sets and the baselines (kvlib.tasks.baseline_sets)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     system = load_template("openai_system") if system is None else system
