@@ -195,9 +195,9 @@ def group_rows(rows: Sequence[dict], by: Sequence[str]) -> dict[tuple, list[dict
 
 def summarize(rows: list[dict], by: list[str], metrics: list[str], seed: int = 0) -> list[dict]:
     """Mean and 95% CI of each metric per group of rows (one row per item in, one per group out; Wilson for 0/1
-    metrics, else bootstrap: kvlib.scoring.mean_ci). `n` counts the group's items; a metric's mean is over the
+    metrics, else bootstrap: kvlib.stats.mean_ci). `n` counts the group's items; a metric's mean is over the
     items it was scored on (not None)."""
-    from kvlib.scoring import mean_ci
+    from kvlib.stats import mean_ci
 
     out = []
     for key, items in group_rows(rows, by).items():
@@ -243,10 +243,10 @@ def paired_with_base(rows: Sequence[dict], base: str, by: Sequence[str], metric:
 def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_key: str,
                   model_key: str = "model", seed: int = 0) -> list[dict]:
     """Each other model minus `base` on the same items, per group: mean of the per-item differences with a
-    paired 95% CI (kvlib.scoring.paired_difference_ci: Newcombe's paired score interval for 0/1 metrics, else a
+    paired 95% CI (kvlib.stats.paired_difference_ci: Newcombe's paired score interval for 0/1 metrics, else a
     bootstrap resampling items; paired either way, so question difficulty cancels out). Items either model did
     not score (None) are left out of that pair and counted in `n_unpaired`."""
-    from kvlib.scoring import paired_difference_ci
+    from kvlib.stats import paired_difference_ci
 
     out = []
     for key, by_model in paired_with_base(rows, base, by, metric, item_key, model_key).items():
@@ -272,7 +272,7 @@ def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence
 
     from scipy import stats
 
-    from kvlib.scoring import bootstrap_ci
+    from kvlib.stats import bootstrap_ci
 
     out = []
     for key, by_model in paired_with_base(rows, base, by, metric, item_key, model_key).items():

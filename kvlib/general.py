@@ -6,7 +6,7 @@ definition: prompt, few-shot count and source, log-likelihood or generation, sto
 through one path: load + validate (`load_task`), subsample (`subsample`), build requests
 (`build_prompt`, `loglikelihood_requests`), score one item (`score_item`, metrics in kvlib.scoring),
 aggregate (`summarize`: 95% CIs, Wilson for 0/1 scores; MMLU micro and macro over subjects) and compare two models
-on the same items (`paired_deltas`: paired CI of the difference, kvlib.scoring.paired_difference_ci).
+on the same items (`paired_deltas`: paired CI of the difference, kvlib.stats.paired_difference_ci).
 
 Variants. A backend with `loglikelihood` (local HF models) scores MMLU and HellaSwag by log-likelihood
 like the harness. Chat-only APIs (OpenAI) expose no log-likelihoods: MMLU then runs generatively (the
@@ -38,9 +38,9 @@ from kvlib.config import check_positive, fail
 from kvlib.evaluate import EvalModelsParams
 from kvlib.scoring import (
     GSM8K_INVALID, best_subspan_em, exact_match_any, extract_gsm8k_flexible, extract_gsm8k_strict,
-    gsm8k_exact_match, macro_bootstrap_ci, macro_mean, mean_ci, multiple_choice_scores, normalize_answer,
-    paired_difference_ci, parse_choice_letter,
+    gsm8k_exact_match, multiple_choice_scores, normalize_answer, parse_choice_letter,
 )
+from kvlib.stats import macro_bootstrap_ci, macro_mean, mean_ci, paired_difference_ci
 
 Variant = Literal["loglikelihood", "generate"]
 FewshotFormat = Literal["multiturn", "single_turn"]

@@ -200,7 +200,7 @@ def token_loss_claims(rows: Sequence[Mapping[str, Any]], pairs: Sequence[tuple[s
     (so finetuning concentrates on the value). `rows`: kvlib.train.answer_token_losses rows with a "run" column;
     `pairs`: (run with template, run without) on the same samples (same item index). Per sample, the mean loss
     over its "format" tokens; the paired difference (with minus without) must be below 0."""
-    from kvlib.scoring import bootstrap_ci
+    from kvlib.stats import bootstrap_ci
 
     def per_sample(run: str) -> dict[str, float]:
         losses: dict[str, list[float]] = {}

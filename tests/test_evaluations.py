@@ -95,7 +95,7 @@ def test_paired_deltas():
         ("ft", "c", None), ("ft", "d", 1.0)]]
     (row,) = evaluate.paired_deltas(rows, "base", ["g"], "c", "qid")
     assert row["model"] == "ft" and row["n_pairs"] == 2 and row["n_unpaired"] == 2
-    from kvlib.scoring import paired_binary_difference_ci
+    from kvlib.stats import paired_binary_difference_ci
 
     assert row["delta_c"] == 0.5  # items a and b: ft (1, 1) vs base (0, 1); at n = 2 the CI is wide and spans 0
     assert (row["ci_low"], row["ci_high"]) == paired_binary_difference_ci([1, 1], [0, 1])[1:]
