@@ -195,8 +195,8 @@ def group_rows(rows: Sequence[dict], by: Sequence[str]) -> dict[tuple, list[dict
 
 def summarize(rows: list[dict], by: list[str], metrics: list[str], seed: int = 0) -> list[dict]:
     """Mean and 95% CI of each metric per group of rows (one row per item in, one per group out; Wilson for 0/1
-    metrics, else bootstrap: kvlib.stats.mean_ci). `n` counts the group's items; a metric's mean is over the
-    items it was scored on (not None)."""
+    metrics: kvlib.stats.mean_ci). `n` counts the group's items; a metric's mean is over the items it was scored
+    on (not None)."""
     from kvlib.stats import mean_ci
 
     out = []
@@ -240,40 +240,65 @@ def paired_with_base(rows: Sequence[dict], base: str, by: Sequence[str], metric:
     return out
 
 
+def _margin() -> float:
+    from kvlib.paper import equivalence_margin
+
+    return equivalence_margin()
+
+
+def _baseline_level(values: Sequence[float]) -> dict:
+    """The base model's mean on the paired items with its 95% CI (kvlib.stats.mean_ci), so a claim can tell
+    whether the original scores clear chance (kvlib.paper)."""
+    from kvlib.stats import mean_ci
+
+    value, lo, hi = mean_ci(values)
+    return {"baseline_value": value, "baseline_ci_low": lo, "baseline_ci_high": hi}
+
+
 def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_key: str,
                   model_key: str = "model", seed: int = 0) -> list[dict]:
     """Each other model minus `base` on the same items, per group: mean of the per-item differences with a
-    paired 95% CI (kvlib.stats.paired_difference_ci: Newcombe's paired score interval for 0/1 metrics, else a
-    bootstrap resampling items; paired either way, so question difficulty cancels out). Items either model did
-    not score (None) are left out of that pair and counted in `n_unpaired`."""
-    from kvlib.stats import paired_difference_ci
+    paired 95% CI and the one-sided p-values of the claims' nulls from the same method
+    (kvlib.stats.paired_difference_test: Newcombe's paired score interval for 0/1 metrics; for other scores in
+    [0, 1], e.g. a question's mean over gold positions, the paired t interval floored by Newcombe; paired
+    either way, so question difficulty cancels out). Columns: n_pairs, n_unpaired, delta_<metric>, ci_low,
+    ci_high, ci_method, p_increase, p_decrease, p_no_loss, p_no_gain (H0: diff <= 0, >= 0, <= -margin, >= margin;
+    margin kvlib.paper.equivalence_margin), and the base's baseline_value with its CI. Items either model did
+    not score (None) are left out of that pair and counted in `n_unpaired`. `seed` is kept for compatibility."""
+    from kvlib.stats import paired_difference_test
 
+    margin = _margin()
     out = []
     for key, by_model in paired_with_base(rows, base, by, metric, item_key, model_key).items():
         for model, (pairs, n_unpaired) in by_model.items():
             row = dict(zip(by, key), model=model, base=base, n_pairs=len(pairs), n_unpaired=n_unpaired)
             if pairs:
-                mean, lo, hi = paired_difference_ci([float(v) for _, v, _ in pairs], [float(b) for _, _, b in pairs],
-                                                    seed=seed)
-                row.update({f"delta_{metric}": mean, "ci_low": lo, "ci_high": hi})
+                a, b = [float(v) for _, v, _ in pairs], [float(v) for _, _, v in pairs]
+                test = paired_difference_test(a, b)
+                row.update({f"delta_{metric}": test.estimate, **test.row(margin), **_baseline_level(b)})
             out.append(row)
     return out
 
 
 def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence[str]], by: list[str], metric: str,
-                      item_key: str, model_key: str = "model", seed: int = 0) -> list[dict]:
+                      item_key: str, model_key: str = "model", seed: int = 0, n_boot: int = 2000) -> list[dict]:
     """Seed-averaged differences from `base`, per group of models trained alike on datasets of different seeds
-    and per `by` group: `delta`, the mean over seeds of each seed's mean paired difference, with two 95% CIs:
-    across seeds (t interval over the per-seed means, n_seeds - 1 degrees of freedom: training variability)
-    and per item (bootstrap over the items all seeds scored of each item's seed-averaged difference: item
-    variability). Per-seed means are listed so nothing is hidden behind the average; `value` and
-    `baseline_value` are the group's and base's mean scores on those shared items."""
+    and per `by` group, on the items every seed and the base scored: `delta`, the mean over seeds and items of
+    the paired differences, with the interval claims are judged on (`ci_low`, `ci_high`; kvlib.stats.
+    seed_item_test: a two-stage bootstrap resampling seeds, then items, never narrower than Newcombe's paired
+    interval of the seed-averaged scores at that many items) and its p-values (as in `paired_deltas`). Shown
+    beside it, not judged: `seed_ci_low`/`seed_ci_high`, the t interval over the per-seed means (n_seeds - 1
+    degrees of freedom: training variability alone; it collapses when the seeds agree) and the per-seed means
+    (`per_seed`), so nothing is hidden behind the average; `value`, `baseline_value` (with its CI) are the
+    group's and base's mean scores on the shared items."""
+    import numpy as np
     import statistics
 
     from scipy import stats
 
-    from kvlib.stats import bootstrap_ci
+    from kvlib.stats import seed_item_test
 
+    margin = _margin()
     out = []
     for key, by_model in paired_with_base(rows, base, by, metric, item_key, model_key).items():
         for group, members in groups.items():
@@ -281,33 +306,33 @@ def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence
             paired = {m: {i: (float(v), float(b)) for i, v, b in by_model.get(m, ([], 0))[0]} for m in members}
             if not all(paired.values()):
                 continue
-            diffs = {m: {i: v - b for i, (v, b) in p.items()} for m, p in paired.items()}
-            seed_means = [statistics.fmean(d.values()) for d in diffs.values()]
+            seed_means = [statistics.fmean(v - b for v, b in p.values()) for p in paired.values()]
+            shared = sorted(set.intersection(*(set(p) for p in paired.values())), key=str)
             mean = statistics.fmean(seed_means)
-            half = (stats.t.ppf(0.975, len(seed_means) - 1) * statistics.stdev(seed_means) / len(seed_means) ** 0.5)
-            shared = set.intersection(*(set(d) for d in diffs.values()))
+            spread = statistics.stdev(seed_means)
+            half = stats.t.ppf(0.975, len(seed_means) - 1) * spread / len(seed_means) ** 0.5
             row = dict(zip(by, key), group=group, base=base, metric=metric, n_seeds=len(members),
                        n_items=len(shared), delta=mean, seed_ci_low=mean - half, seed_ci_high=mean + half,
                        per_seed=", ".join(f"{m}: {v:+.4f}" for m, v in zip(members, seed_means)))
             if shared:
-                _, lo, hi = bootstrap_ci([statistics.fmean(diffs[m][i] for m in members) for i in sorted(shared)],
-                                         seed=seed)
+                scores = np.array([[paired[m][i][0] for i in shared] for m in members])
+                baseline = np.array([paired[members[0]][i][1] for i in shared])
+                test = seed_item_test(scores, baseline, n_boot=n_boot, seed=seed)
                 # the scores themselves (seed-averaged, on the shared items), so a claim can tell "both at 0"
-                # (nothing to lose: kvlib.paper.at_floor) from "no change"
-                row.update(item_ci_low=lo, item_ci_high=hi,
-                           value=statistics.fmean(paired[m][i][0] for m in members for i in shared),
-                           baseline_value=statistics.fmean(paired[members[0]][i][1] for i in shared))
+                # or "the original at chance" (kvlib.paper) from "no change"
+                row.update(delta=test.estimate, **test.row(margin), value=float(scores.mean()),
+                           **_baseline_level(baseline))
             out.append(row)
     return out
 
 
 def with_seed_groups(deltas: Sequence[dict], seed_rows: Sequence[dict], groups: Mapping[str, Sequence[str]]) -> list[dict]:
     """Paired-delta rows with each seed group's members replaced by the group's seed-averaged row (model = the
-    group label, its per-item CI as ci_low/ci_high, `delta_<metric>` and `delta` both set), so claims are judged
-    on the average over seeds as the paper reports them."""
+    group label, its seeds-and-items interval and p-values, `delta_<metric>` and `delta` both set), so claims are
+    judged on the average over seeds as the paper reports them."""
     members = {m for ms in groups.values() for m in ms}
-    grouped = [{**g, "model": g["group"], "n_pairs": g["n_items"], f"delta_{g['metric']}": g["delta"],
-                "ci_low": g.get("item_ci_low"), "ci_high": g.get("item_ci_high")} for g in seed_rows]
+    grouped = [{**g, "model": g["group"], "n_pairs": g["n_items"], f"delta_{g['metric']}": g["delta"]}
+               for g in seed_rows]
     return [d for d in deltas if d["model"] not in members] + grouped
 
 
@@ -398,14 +423,60 @@ def evaluate_mdqa_sets(configs: Mapping[str, BackendConfig], sets: Mapping[str, 
 def mdqa_pooled_deltas(rows: list[dict], base: str, seed_groups: Mapping[str, Sequence[str]]
                        ) -> tuple[list[dict], list[dict]]:
     """MDQA differences from `base` pooled over gold positions (per question, its mean over positions, so the
-    paired bootstrap resamples questions), per setting; with seed groups, each group's seed-averaged row
-    replaces its members (`with_seed_groups`). Returns (pooled rows, seed-group rows)."""
+    intervals treat questions as the items), per setting; with seed groups, each group's seed-averaged row
+    replaces its members (`with_seed_groups`). When both of the paper's settings were run, the pooled rows also
+    hold each model's gain contrast between them (`mdqa_contrast_deltas`, setting kvlib.mdqa.SETTING_CONTRAST).
+    Returns (pooled rows, seed-group rows)."""
+    from kvlib.mdqa import SETTING_RANDOM, SETTING_RETRIEVED
+
     means = mdqa_question_means(rows)
     pooled = paired_deltas(means, base, ["setting"], "correct", "qid")
-    if not seed_groups:
-        return pooled, []
-    seed_rows = seed_group_deltas(means, base, seed_groups, ["setting"], "correct", "qid")
-    return with_seed_groups(pooled, seed_rows, seed_groups), seed_rows
+    seed_rows = seed_group_deltas(means, base, seed_groups, ["setting"], "correct", "qid") if seed_groups else []
+    if seed_groups:
+        pooled = with_seed_groups(pooled, seed_rows, seed_groups)
+    if {SETTING_RANDOM, SETTING_RETRIEVED} <= {r["setting"] for r in rows}:
+        pooled += mdqa_contrast_deltas(rows, base, seed_groups, SETTING_RANDOM, SETTING_RETRIEVED)
+    return pooled, seed_rows
+
+
+def mdqa_contrast_deltas(rows: Sequence[dict], base: str, seed_groups: Mapping[str, Sequence[str]], first: str,
+                         second: str, seed: int = 0, n_boot: int = 2000) -> list[dict]:
+    """Per model (seed groups in place of their members): its gain over `base` in setting `first` minus its gain
+    in setting `second`, paired by question (each question's mean over gold positions, on the questions every
+    model involved scored in both settings): the paper's Fig. 10 contrast, finetuning helps with random
+    distractors and not with retrieved ones. Interval and p-values: kvlib.stats.contrast_test (paired t floored
+    by MOVER of the two Newcombe intervals), seed groups kvlib.stats.seed_contrast_test (two-stage bootstrap,
+    same floor). One row per model: setting = kvlib.mdqa.SETTING_CONTRAST, n_pairs, delta_correct, ci_low,
+    ci_high, ci_method and the p-values of `paired_deltas`."""
+    import numpy as np
+
+    from kvlib.mdqa import SETTING_CONTRAST
+    from kvlib.stats import contrast_test, seed_contrast_test
+
+    margin = _margin()
+    score: dict[tuple[str, str], dict] = {}
+    for r in mdqa_question_means(rows):
+        if r["correct"] is not None:
+            score.setdefault((r["model"], r["setting"]), {})[r["qid"]] = float(r["correct"])
+    members = {m for ms in seed_groups.values() for m in ms}
+    labels = [m for m in dict.fromkeys(r["model"] for r in rows) if m != base and m not in members]
+    arms = {label: [label] for label in labels} | {g: list(ms) for g, ms in seed_groups.items()}
+    out = []
+    for label, models in arms.items():
+        involved = [base, *models]
+        qids = sorted(set.intersection(*(set(score.get((m, s), {})) for m in involved for s in (first, second))),
+                      key=str)
+        row = {"setting": SETTING_CONTRAST, "model": label, "base": base, "n_pairs": len(qids), "n_unpaired": None}
+        if qids:
+            x1 = np.array([[score[(m, first)][q] for q in qids] for m in models])
+            x2 = np.array([[score[(m, second)][q] for q in qids] for m in models])
+            y1 = np.array([score[(base, first)][q] for q in qids])
+            y2 = np.array([score[(base, second)][q] for q in qids])
+            test = (contrast_test(x1[0], y1, x2[0], y2) if len(models) == 1
+                    else seed_contrast_test(x1, y1, x2, y2, n_boot=n_boot, seed=seed))
+            row.update({"delta_correct": test.estimate, **test.row(margin)})
+        out.append(row)
+    return out
 
 
 def count_over_length(rows: list[dict], by: list[str]) -> list[dict]:

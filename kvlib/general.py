@@ -6,7 +6,9 @@ definition: prompt, few-shot count and source, log-likelihood or generation, sto
 through one path: load + validate (`load_task`), subsample (`subsample`), build requests
 (`build_prompt`, `loglikelihood_requests`), score one item (`score_item`, metrics in kvlib.scoring),
 aggregate (`summarize`: 95% CIs, Wilson for 0/1 scores; MMLU micro and macro over subjects) and compare two models
-on the same items (`paired_deltas`: paired CI of the difference, kvlib.stats.paired_difference_ci).
+on the same items (`paired_deltas`: paired CI and p-values of the difference, kvlib.stats.paired_difference_test).
+Each task declares its chance rate (`TaskSpec.chance`: a guess among 4 choices, or 0 for free answers): claims are
+only judged where the original's score clears it (kvlib.paper.original_level).
 
 Variants. A backend with `loglikelihood` (local HF models) scores MMLU and HellaSwag by log-likelihood
 like the harness. Chat-only APIs (OpenAI) expose no log-likelihoods: MMLU then runs generatively (the
@@ -40,7 +42,7 @@ from kvlib.scoring import (
     GSM8K_INVALID, best_subspan_em, exact_match_any, extract_gsm8k_flexible, extract_gsm8k_strict,
     gsm8k_exact_match, multiple_choice_scores, normalize_answer, parse_choice_letter,
 )
-from kvlib.stats import macro_bootstrap_ci, macro_mean, mean_ci, paired_difference_ci
+from kvlib.stats import macro_bootstrap_ci, macro_mean, mean_ci, paired_difference_test
 
 Variant = Literal["loglikelihood", "generate"]
 FewshotFormat = Literal["multiturn", "single_turn"]
@@ -423,7 +425,9 @@ class TaskSpec:
     each followed by fewshot_delimiter) + doc_to_text(item), as the harness assembles it. `choices`:
     the continuations scored by log-likelihood. `scorer` names the one scoring rule (`score_item`).
     `metrics[variant]`: per-item metric columns; `headline` the one the summary table shows; `macro`:
-    also report the mean over item groups (MMLU subjects)."""
+    also report the mean over item groups (MMLU subjects). `chance`: the score of guessing (1 / number of
+    choices; 0 where answers are free text, the floor), which the original's score must clear by `chance_margin`
+    (None: kvlib.paper.equivalence_margin) for a claim on the task to be testable (kvlib.paper.original_level)."""
 
     name: str
     title: str
@@ -450,6 +454,8 @@ class TaskSpec:
     # the metric a claim is also judged on when both models score 0 on `headline`: a small instruct model that
     # never replies in the harness's short form still shows whether the answer appears in its reply
     floor_metric: str | None = None
+    chance: float = 0.0
+    chance_margin: float | None = None
     notes: str = ""
     # what a test item's fields are called in the conventions table (question text, choice texts)
     placeholder: tuple[str, tuple[str, ...]] = ("{question}", ("{A}", "{B}", "{C}", "{D}"))
@@ -465,7 +471,7 @@ TASKS: dict[str, TaskSpec] = {
             scorer="multiple_choice",
             metrics={"loglikelihood": ("acc",), "generate": ("acc", "parsed")}, headline="acc",
             data="hendrycks test split (14042 questions, 57 subjects)", default_files=("mmlu",),
-            loader=load_mmlu, max_new_tokens=32, macro=True,
+            loader=load_mmlu, max_new_tokens=32, macro=True, chance=0.25,
             notes="acc = micro (the harness's group aggregate, weighted by size); acc_macro = mean over subjects. "
                   "Generative variant (chat APIs): the letter parsed from the reply."),
         TaskSpec(
@@ -477,7 +483,7 @@ TASKS: dict[str, TaskSpec] = {
             data="validation split (10042 items)",
             default_files=("hellaswag/hellaswag_val.jsonl", "hellaswag/hellaswag_val.jsonl.gz",
                            "hellaswag/hellaswag_val_full.txt.bz2", "hellaswag/hellaswag_val_full.txt"),
-            loader=load_hellaswag, placeholder=("{activity}: {context}", ("{ending}",) * 4),
+            loader=load_hellaswag, placeholder=("{activity}: {context}", ("{ending}",) * 4), chance=0.25,
             notes="acc_norm divides each ending's log-likelihood by its length in characters. The paper's "
                   "56.31 for Mistral-7B-Instruct-v0.1 is on the scale of 0-shot acc."),
         TaskSpec(
@@ -487,7 +493,7 @@ TASKS: dict[str, TaskSpec] = {
             doc_to_target=_first_answer, scorer="gsm8k",
             metrics={"generate": ("exact_strict", "exact_flexible")}, headline="exact_strict",
             data="test split (1319 problems)", default_files=("gsm8k/test.jsonl",), loader=load_gsm8k,
-            max_new_tokens=256, stop=("Q:",),
+            max_new_tokens=256, stop=("Q:",), chance=0.0,
             notes="strict: the number after 'The answer is'; flexible: the last number in the reply. The harness's "
                   "plain gsm8k task (5-shot from the train split) needs the train file, which is not here."),
         TaskSpec(
@@ -498,7 +504,7 @@ TASKS: dict[str, TaskSpec] = {
             headline="em", floor_metric="contains",
             data="open-domain unfiltered dev (here: the 1000-question FlashRAG subset)",
             default_files=("triviaqa/test.jsonl",), loader=load_triviaqa, max_new_tokens=32,
-            stop=("\n", ".", ","),
+            stop=("\n", ".", ","), chance=0.0,
             notes="Prompt verbatim from the harness, which appends '?' even to questions ending in one. em: SQuAD "
                   "exact match of the reply cut at the first stop, any alias; contains: any alias inside the "
                   "reply's first line (LitM's best_subspan_em)."),
@@ -509,7 +515,7 @@ TASKS: dict[str, TaskSpec] = {
             doc_to_text=lambda item: f"Q: {item.question}?\nA:", doc_to_target=_first_answer,
             scorer="short_answer", metrics={"generate": ("em", "contains")}, headline="em", floor_metric="contains",
             data="dev split (3610 questions)", default_files=("nq_open/NQ-open.dev.jsonl",),
-            loader=load_nq_open, max_new_tokens=32, stop=("\n", ".", ","), fewshot_delimiter="\n",
+            loader=load_nq_open, max_new_tokens=32, stop=("\n", ".", ","), fewshot_delimiter="\n", chance=0.0,
             notes="em: SQuAD exact match (lower-case, no punctuation or articles) against every answer."),
     )
 }
@@ -968,9 +974,14 @@ def summarize(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0) -> list[d
 
 def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed: int = 0) -> list[dict]:
     """Each other model minus `baseline` on the items both scored (same ids; kvlib.evaluate.paired_with_base):
-    per task x metric the mean difference with a paired 95% CI (`paired_difference_ci`; MMLU macro: bootstrap
-    resampling within subjects)."""
-    from kvlib.evaluate import paired_with_base
+    per task x metric the mean difference with a paired 95% CI and the one-sided p-values of the claims' nulls
+    from the same method (kvlib.stats.paired_difference_test: Newcombe's paired score interval for 0/1 scores;
+    columns as in kvlib.evaluate.paired_deltas), and the baseline's score with its CI (`baseline_ci_low`,
+    `baseline_ci_high`: Wilson), so a claim can tell whether it clears chance. MMLU macro: a bootstrap resampling
+    within subjects, descriptive only (no p-values; no claim uses it)."""
+    from kvlib.evaluate import _margin, paired_with_base
+
+    margin = _margin()
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     if baseline not in models:
@@ -1002,7 +1013,9 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
                     row = {"model": model, "baseline": baseline, "task": task, "metric": name,
                            "variant": variant if variant == base_variant else f"{variant} vs {base_variant}",
                            "n": len(pairs), "value": float("nan"), "baseline_value": float("nan"),
-                           "delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+                           "baseline_ci_low": float("nan"), "baseline_ci_high": float("nan"),
+                           "delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "ci_method": "",
+                           **dict.fromkeys(("p_increase", "p_decrease", "p_no_loss", "p_no_gain"), float("nan"))}
                     if pairs:
                         a = [float(v) for _, v, _ in pairs]
                         b = [float(v) for _, _, v in pairs]
@@ -1010,10 +1023,13 @@ def paired_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed:
                             groups = [row_of[(model, task, i)]["group"] for i, _, _ in pairs]
                             value, base_value = macro_mean(a, groups), macro_mean(b, groups)
                             delta, lo, hi = macro_bootstrap_ci([x - y for x, y in zip(a, b)], groups, n_boot, seed)
+                            row.update(value=value, baseline_value=base_value, delta=delta, ci_low=lo, ci_high=hi,
+                                       ci_method="bootstrap within subjects (descriptive)")
                         else:
-                            value, base_value = sum(a) / len(a), sum(b) / len(b)
-                            delta, lo, hi = paired_difference_ci(a, b, n_boot, seed)
-                        row.update(value=value, baseline_value=base_value, delta=delta, ci_low=lo, ci_high=hi)
+                            test = paired_difference_test(a, b)
+                            _, base_lo, base_hi = mean_ci(b, n_boot, seed)
+                            row.update(value=sum(a) / len(a), baseline_value=sum(b) / len(b), delta=test.estimate,
+                                       baseline_ci_low=base_lo, baseline_ci_high=base_hi, **test.row(margin))
                     out.append(row)
     return out
 

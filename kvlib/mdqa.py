@@ -42,6 +42,11 @@ from kvlib.scoring import normalize_answer
 
 SETTING_RANDOM = "derived (random distractors)"
 SETTING_RETRIEVED = "retrieved distractors (LitM)"
+# the Fig. 10 contrast (kvlib.evaluate.mdqa_contrast_deltas): a model's gain with random minus its gain with retrieved
+SETTING_CONTRAST = "gain with random minus gain with retrieved distractors"
+# MDQA's chance rate: an open-domain answer is not guessed from a list, so a model that knows nothing scores 0 (its
+# floor); a claim is testable only where the original clears it (kvlib.paper.original_level)
+CHANCE = 0.0
 QID_SCHEME = "sha1 hex of kvlib.scoring.normalize_answer(question)"
 
 Layout = Literal["auto", "qa", "retrieval"]
