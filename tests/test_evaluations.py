@@ -211,11 +211,12 @@ def test_kv_notebook_params():
 
 def test_seed_group_deltas_average_seeds_with_both_cis():
     """Three seeds of a finetuned model vs the original: the mean over seeds, a t interval across the per-seed
-    means (n_seeds - 1 df) and a bootstrap over items of the seed-averaged differences; groups then stand in
-    for their members when claims are judged."""
+    means (n_seeds - 1 df, shown only) and the interval claims are judged on (two-stage bootstrap over seeds and
+    items, floored by Newcombe) with its p-values; groups then stand in for their members when claims are judged."""
     from scipy import stats
 
     from kvlib.engine import evaluate
+    from kvlib.engine import stats as stats_
 
     rows = []
     for q in range(10):
@@ -228,14 +229,18 @@ def test_seed_group_deltas_average_seeds_with_both_cis():
     assert g["group"] == "ft" and g["n_seeds"] == 3 and g["n_items"] == 10 and g["delta"] == pytest.approx(0.4)
     half = stats.t.ppf(0.975, 2) * 0.2 / 3 ** 0.5  # stdev of (0.2, 0.4, 0.6) is 0.2
     assert (g["seed_ci_low"], g["seed_ci_high"]) == (pytest.approx(0.4 - half), pytest.approx(0.4 + half))
-    assert 0 <= g["item_ci_low"] < 0.4 < g["item_ci_high"] <= 1
+    assert 0 < g["ci_low"] < 0.4 < g["ci_high"] <= 1 and g["ci_method"].startswith("two-stage bootstrap")
+    floor = stats_.newcombe_test(stats_.soft_table([1, 1, 2 / 3, 2 / 3, 1 / 3, 1 / 3, 0, 0, 0, 0], [0.0] * 10))
+    assert g["ci_low"] <= floor.ci_low and g["ci_high"] >= floor.ci_high  # never narrower than the per-item floor
+    assert g["p_increase"] < 0.025 < g["p_decrease"] and "item_ci_low" not in g
     assert g["per_seed"] == "ft-s0: +0.2000, ft-s1: +0.4000, ft-s2: +0.6000"
     assert (g["value"], g["baseline_value"]) == (pytest.approx(0.4), 0.0)  # so claims can tell a floor from no change
+    assert g["baseline_ci_low"] == 0.0 and 0.2 < g["baseline_ci_high"] < 0.35  # Wilson of 0/10
     pooled = evaluate.paired_deltas(rows, "original", ["setting"], "correct", "qid")
     merged = evaluate.with_seed_groups(pooled, [g], groups)
     assert sorted(d["model"] for d in merged) == ["ft", "other"]
     ft = next(d for d in merged if d["model"] == "ft")
-    assert ft["delta_correct"] == ft["delta"] == pytest.approx(0.4) and ft["ci_low"] == g["item_ci_low"]
+    assert ft["delta_correct"] == ft["delta"] == pytest.approx(0.4) and ft["ci_low"] == g["ci_low"]
     assert evaluate.compared_labels(["original", "ft-s0", "ft-s1", "ft-s2", "other"], "original", groups) == ["other", "ft"]
     assert evaluate.compared_labels(["original", "ft-s0", "ft-s1", "ft-s2", "other"], None, groups) == [
         "original", "other", "ft"]
@@ -265,3 +270,35 @@ def test_seed_groups_are_validated(groups, message):
 
     with pytest.raises(ParamError, match=message):
         evaluate.check_seed_groups(groups, ["original", "a", "b", "c"])
+
+
+def test_mdqa_contrast_pairs_questions_across_settings():
+    """Fig. 10's contrast: per question, the gain with random distractors minus the gain with retrieved ones (each a
+    mean over gold positions), for single models and seed groups, added to the pooled rows when both settings ran."""
+    from kvlib.engine import evaluate
+    from kvlib.tasks.mdqa import SETTING_CONTRAST, SETTING_RANDOM, SETTING_RETRIEVED
+
+    rows = []
+    for q in range(12):
+        for pos in (1, 2):
+            for model, random_ok, retrieved_ok in (("original", q < 3, q < 3), ("ft", q < 9, q < 3),
+                                                   ("s0", q < 9, q < 4), ("s1", q < 8, q < 3)):
+                rows.append({"model": model, "setting": SETTING_RANDOM, "position": pos, "qid": f"q{q}",
+                             "correct": float(random_ok)})
+                rows.append({"model": model, "setting": SETTING_RETRIEVED, "position": pos, "qid": f"q{q}",
+                             "correct": None if (model == "ft" and q == 11) else float(retrieved_ok)})
+    groups = {"g": ["s0", "s1"]}
+    contrast = {r["model"]: r for r in mdqa.mdqa_contrast_deltas(rows, "original", groups, SETTING_RANDOM,
+                                                                     SETTING_RETRIEVED)}
+    assert set(contrast) == {"ft", "g"} and contrast["ft"]["setting"] == SETTING_CONTRAST
+    assert contrast["ft"]["n_pairs"] == 11  # q11 has no retrieved score for ft: left out of the pairing
+    assert contrast["ft"]["delta_correct"] == pytest.approx(6 / 11) and contrast["ft"]["ci_low"] > 0
+    assert contrast["g"]["delta_correct"] == pytest.approx(((6 - 1) + (5 - 0)) / 2 / 12)
+    assert contrast["g"]["ci_method"].startswith("two-stage bootstrap") and contrast["g"]["p_increase"] < 0.05
+    pooled, seed_rows = mdqa.mdqa_pooled_deltas(rows, "original", groups)
+    assert [(r["model"], r["setting"]) for r in pooled if r["setting"] == SETTING_CONTRAST] == [
+        ("ft", SETTING_CONTRAST), ("g", SETTING_CONTRAST)]
+    assert len(seed_rows) == 2 and all(r["baseline_ci_high"] > r["baseline_value"] for r in pooled
+                                       if r["setting"] != SETTING_CONTRAST)
+    only_random = [r for r in rows if r["setting"] == SETTING_RANDOM]
+    assert all(r["setting"] == SETTING_RANDOM for r in mdqa.mdqa_pooled_deltas(only_random, "original", {})[0])

@@ -489,3 +489,18 @@ def test_notebook_params_validate_before_any_work(tmp_path):
         from_mapping(notebooks.FLenQANotebookParams, {"official_path": str(tmp_path / "nope.parquet")})
     with pytest.raises(ParamError, match="generation.samples_per_task: must be even"):
         from_mapping(notebooks.FLenQANotebookParams, {"generation": {"samples_per_task": 5}})
+
+
+def test_balanced_accuracy_table_puts_a_constant_answer_at_chance():
+    """A model that always says "True" scores 50% balanced accuracy (kvlib.tasks.flenqa.FLENQA_CHANCE) even on unbalanced
+    labels; over-length prompts are left out, unparseable replies count wrong for both classes."""
+    rows = [{"model": "m", "style": "normal", "label": i < 6, "parsed": True, "over_length": False} for i in range(8)]
+    rows += [{"model": "m", "style": "normal", "label": False, "parsed": None, "over_length": True}]
+    rows += [{"model": "m", "style": "cot", "label": lab, "parsed": p, "over_length": False}
+             for lab, p in ((True, True), (True, None), (False, False), (False, False))]
+    table = {r["style"]: r for r in flenqa.balanced_accuracy_table(rows, ["style"])}
+    assert table["normal"]["n"] == 8 and table["normal"]["balanced_accuracy"] == flenqa.FLENQA_CHANCE == 0.5
+    assert table["normal"]["balanced_accuracy_ci_low"] < 0.5 < table["normal"]["balanced_accuracy_ci_high"]
+    assert table["cot"]["balanced_accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    (only_true,) = flenqa.balanced_accuracy_table(rows[:6], ["style"])  # one class only: not defined
+    assert only_true["balanced_accuracy"] != only_true["balanced_accuracy"]  # NaN

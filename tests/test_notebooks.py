@@ -118,3 +118,28 @@ def test_smoke_profile_runs_every_notebook(tmp_path, monkeypatch):
             assert (tmp_path / "smoke" / out).is_file()
     tables = (tmp_path / "smoke" / "01_synthetic_data" / "token_lengths.csv").read_text()
     assert "simple-template" in tables and "multisubkey-template" in tables
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_every_kvlib_name_a_notebook_uses_exists(name):
+    """`module.attr` for every kvlib module a notebook imports: a renamed or moved function fails here, in seconds,
+    instead of hours into a profile run."""
+    import ast
+    import importlib
+
+    nb = json.loads(NOTEBOOKS[name].read_text())
+    source = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    modules = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kvlib"):
+            for alias in node.names:
+                target = importlib.import_module(node.module)
+                value = getattr(target, alias.name, None)
+                if value is None:
+                    value = importlib.import_module(f"{node.module}.{alias.name}")
+                modules[alias.asname or alias.name] = value
+    used = {(n.value.id, n.attr) for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    missing = sorted(f"{alias}.{attr}" for alias, attr in used
+                     if alias in modules and isinstance(modules[alias], type(json)) and not hasattr(modules[alias], attr))
+    assert not missing, f"{name} uses names its kvlib modules do not have: {missing}"

@@ -8,6 +8,7 @@ import pytest
 from kvlib.report import paper
 from kvlib.engine.config import ParamError
 from kvlib.pipeline import repro_map
+from kvlib.pipeline import rejudge
 
 
 def test_reference_loads_and_has_the_published_rows():
@@ -223,13 +224,121 @@ def test_readme_maps_cover_every_artifact_are_current_and_every_link_resolves(mo
 
 def test_token_loss_claim_pairs_samples_by_index():
     rows = []
-    for run, template, base in (("t", True, 0.2), ("n", False, 1.0)):
+    for run, template, base, step in (("t", True, 0.2, 0.01), ("n", False, 1.0, 0.02)):
         for i in range(6):
             sid = f"{run}-s0-eval-{i:05d}"
-            rows += [{"run": run, "model": "original", "id": sid, "kind": "format", "loss": base + 0.01 * i},
+            rows += [{"run": run, "model": "original", "id": sid, "kind": "format", "loss": base + step * i},
                      {"run": run, "model": "original", "id": sid, "kind": "value", "loss": 5.0},
                      {"run": run, "model": "finetuned", "id": sid, "kind": "format", "loss": 9.0}]
     (claim,) = paper.token_loss_claims(rows, [("t", "n")])
     assert claim["artifact"] == "fig4" and claim["n"] == 6 and claim["unit"] == "nats"
-    assert claim["delta"] == pytest.approx(-0.8) and claim["verdict"] == "holds"
+    assert claim["delta"] == pytest.approx(-0.825) and claim["verdict"] == "holds"
+    assert claim["ci_method"] == "paired t" and claim["h0"] == "diff >= 0" and claim["p_value"] < 1e-6
     assert paper.token_loss_claims(rows, [("t", "missing")]) == []
+
+
+# ------------------------------------------------------------------- chance, multiplicity, contrast, re-judging
+
+
+def _row(delta, lo, hi, p_increase, p_decrease, **extra):
+    return {"delta_correct": delta, "ci_low": lo, "ci_high": hi, "n_pairs": 50, "p_increase": p_increase,
+            "p_decrease": p_decrease, "p_no_loss": 0.5, "p_no_gain": 0.5, "ci_method": "test", **extra}
+
+
+def test_a_claim_needs_the_original_clear_of_chance():
+    """MMLU at 21.6% (below 25% chance) has nothing to lose: untestable, with the reason, whatever the CI says."""
+    below = {"model": "ft", "task": "mmlu", "metric": "acc", "n": 171, "delta": 0.02, "ci_low": -0.01,
+             "ci_high": 0.06, "p_no_loss": 0.001, "p_decrease": 0.9, "baseline_value": 0.216,
+             "baseline_ci_low": 0.161, "baseline_ci_high": 0.284}
+    above = {**below, "task": "hellaswag", "baseline_value": 0.345, "baseline_ci_low": 0.3, "baseline_ci_high": 0.39}
+    rows = paper.general_claims([below, above], ["ft"], {"mmlu": "acc", "hellaswag": "acc"},
+                                {"mmlu": "MMLU", "hellaswag": "HellaSwag"})
+    assert rows[0]["verdict"] == (f"{paper.UNTESTABLE} (the original's acc 21.6% [16.1, 28.4] does not clear chance "
+                                  f"25% by 2.19 points)")
+    assert math.isnan(rows[0]["p_holm"]) and rows[0]["family_size"] is None  # not a test: in no family
+    assert rows[1]["verdict"] == "holds" and rows[1]["family_size"] == 1 and rows[1]["h0"] == "diff <= -2.19 points"
+    assert rows[1]["original"] == "acc 34.5% [30.0, 39.0], chance 25%"
+    # clearing chance needs the whole interval above chance + margin: 27.19% here
+    edge = {**above, "baseline_ci_low": 0.2718}
+    assert paper.general_claims([edge], ["ft"], {"hellaswag": "acc"}, {"hellaswag": "H"})[0]["verdict"].startswith(
+        paper.UNTESTABLE)
+    assert paper.verdict_category(rows[0]["verdict"]) == paper.UNTESTABLE
+    assert paper.artifact_verdict([rows[0]["verdict"], "not measured"]) == paper.UNTESTABLE
+    assert paper.artifact_verdict([rows[0]["verdict"], "holds"]) == "holds"
+
+
+def test_holm_decides_the_verdicts_within_each_artifact():
+    """Three claims nominally below 0.025 one at a time: after Holm over the figure only the strongest holds, so the
+    figure partly holds; one of five at p = 0.02 does not make a figure partly hold."""
+    pooled = [_row(0.1, 0.01, 0.2, p, 0.99, model=m, setting="R") for m, p in (("a", 0.004), ("b", 0.02), ("c", 0.024))]
+    rows = paper.mdqa_claims(pooled, ["a", "b", "c"], random_label="R", retrieved_label="T")
+    from statsmodels.stats.multitest import multipletests
+
+    assert [r["p_holm"] for r in rows] == pytest.approx(multipletests([0.004, 0.02, 0.024], method="holm")[1])
+    assert [r["verdict"] for r in rows] == ["holds", "inconclusive", "inconclusive"]
+    assert all(r["family_size"] == 3 and r["p_value"] in (0.004, 0.02, 0.024) for r in rows)
+    assert paper.artifact_verdict([r["verdict"] for r in rows]) == "partly holds"
+    assert paper.holm_families(rows) == rows  # idempotent: adjusts the raw p-values
+    many = [_row(0.1, 0.01, 0.2, p, 0.99, model=m, setting="R")
+            for m, p in (("a", 0.02), ("b", 0.4), ("c", 0.5), ("d", 0.6), ("e", 0.7))]
+    verdicts = [r["verdict"] for r in paper.mdqa_claims(many, list("abcde"), "R", "T")]
+    assert verdicts.count("holds") == 0 and paper.artifact_verdict(verdicts) == "inconclusive at this n"
+    # the contrary test is adjusted too: "does not hold" needs it below 0.025 after Holm
+    against = [_row(-0.1, -0.2, -0.01, 0.99, p, model=m, setting="R") for m, p in (("a", 0.001), ("b", 0.02))]
+    assert [r["verdict"] for r in paper.mdqa_claims(against, ["a", "b"], "R", "T")] == ["does not hold"] * 2
+    against = [_row(-0.1, -0.2, -0.01, 0.99, p, model=m, setting="R") for m, p in (("a", 0.013), ("b", 0.02))]
+    assert [r["verdict"] for r in paper.mdqa_claims(against, ["a", "b"], "R", "T")] == ["inconclusive"] * 2
+    assert paper.decide(0.01, 0.5) == "holds" and paper.decide(0.01, 0.01) == "does not hold"
+    assert paper.decide(math.nan, 0.5) == "not measured"
+
+
+def test_fig10_is_judged_as_a_contrast_and_as_no_gain():
+    level = {"baseline_value": 0.3, "baseline_ci_low": 0.2, "baseline_ci_high": 0.4}
+    pooled = [_row(0.1, 0.02, 0.2, 0.001, 0.99, model="ft", setting="R", **level),
+              _row(0.0, -0.01, 0.015, 0.5, 0.5, model="ft", setting="T", p_no_gain=0.001, **level),
+              _row(0.1, 0.03, 0.2, 0.002, 0.99, model="ft", setting="C")]
+    rows = paper.mdqa_claims(pooled, ["ft"], "R", "T", contrast_label="C")
+    assert [(r["artifact"], r["verdict"]) for r in rows] == [("fig5", "holds"), ("fig10", "holds"), ("fig10", "holds")]
+    assert rows[2]["claim"].startswith("synthetic finetuning gains more on MDQA with random distractors than with "
+                                       "retrieved ones") and rows[2]["family_size"] == 2
+    assert rows[2]["original"] == "accuracy 30.0% [20.0, 40.0], floor 0%; accuracy 30.0% [20.0, 40.0], floor 0%"
+    floor = {"baseline_value": 0.0, "baseline_ci_low": 0.0, "baseline_ci_high": 0.07}  # original answers nothing
+    at_floor = paper.mdqa_claims([{**pooled[0], **floor}, pooled[1], pooled[2]], ["ft"], "R", "T", contrast_label="C")
+    assert [paper.verdict_category(r["verdict"]) for r in at_floor] == [paper.UNTESTABLE, "holds", paper.UNTESTABLE]
+
+
+def test_judge_reads_p_values_off_the_ci_when_a_row_has_none():
+    row = paper.judge("fig5", "c", "m", {"delta": 0.1, "ci_low": 0.0, "ci_high": 0.2, "n": 3}, "increase")
+    assert row["p_value"] == pytest.approx(0.025) and "normal approximation" in row["ci_method"]
+
+
+def test_rejudge_recomputes_committed_claims_without_writing(monkeypatch):
+    """The committed cpu results re-judged from their item files: the GSM8K hold on a collapsed [+0.0, +0.0] CI is
+    gone, MMLU below chance and FLenQA at chance are untestable, and Fig. 10 gains its contrast claims."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    results = root / "results" / "cpu"
+    before = {p: p.stat().st_mtime for p in results.rglob("*") if p.is_file()}
+    general = rejudge.rejudge_claims("05_general_benchmarks", results)
+    gsm8k = [r for r in general if r["claim"] == "synthetic finetuning loses nothing on GSM8K"]
+    assert gsm8k and all(r["verdict"].startswith(paper.UNTESTABLE) and "floor 0%" in r["verdict"] for r in gsm8k)
+    assert all("+0.0, +0.0" not in r["ci"] for r in general)
+    mmlu = [r for r in general if r["claim"] == "synthetic finetuning loses nothing on MMLU"]
+    assert all("does not clear chance 25%" in r["verdict"] for r in mmlu)
+    tested = [r for r in general if not paper.is_untestable(r["verdict"])]
+    assert {r["family_size"] for r in tested} == {len(tested)} and all(r["p_holm"] >= r["p_value"] for r in tested)
+    flenqa = rejudge.rejudge_claims("04_flenqa", results)
+    assert flenqa and all("balanced accuracy" in r["verdict"] and "chance 50%" in r["verdict"] for r in flenqa)
+    mdqa = rejudge.rejudge_claims("03_mdqa", results)
+    contrast = [r for r in mdqa if r["claim"].startswith("synthetic finetuning gains more")]
+    assert len(contrast) == 3 and {r["artifact"] for r in contrast} == {"fig10"} and all(r["n"] == 50 for r in contrast)
+    (fig9,) = rejudge.rejudge_claims("08_longer_context", results)
+    assert fig9["artifact"] == "fig9" and fig9["family_size"] == 1
+    assert {p: p.stat().st_mtime for p in results.rglob("*") if p.is_file()} == before
+    old = [{"artifact": "fig9", "claim": fig9["claim"], "model": fig9["model"], "ci": "[0, 1]", "verdict": "holds"}]
+    (side,) = rejudge.compare_claims(old, [fig9])
+    assert side["old_verdict"] == "holds" and side["new_verdict"] == fig9["verdict"]
+    with pytest.raises(ValueError, match="no claims to re-judge"):
+        rejudge.rejudge_claims("07_kv_retrieval", results)

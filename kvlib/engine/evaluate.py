@@ -15,10 +15,12 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
+
 from kvlib.engine.backends import BackendConfig, ContextLengthError, build_backend
 from kvlib.engine.cache import CachedBackend, ResponseCache
 from kvlib.engine.config import ParamError, fail
-from kvlib.engine.stats import bootstrap_ci, mean_ci, paired_difference_ci
+from kvlib.engine.stats import mean_ci, paired_difference_test, seed_item_test
 
 # ------------------------------------------------------------------------------------------- models
 
@@ -162,33 +164,40 @@ def paired_with_base(rows: Sequence[dict], base: str, by: Sequence[str], metric:
 
 
 def paired_deltas(rows: list[dict], base: str, by: list[str], metric: str, item_key: str,
-                  model_key: str = "model", seed: int = 0) -> list[dict]:
+                  model_key: str = "model", seed: int = 0, margin: float | None = None) -> list[dict]:
     """Each other model minus `base` on the same items, per group: mean of the per-item differences with a
-    paired 95% CI (kvlib.engine.scoring.paired_difference_ci: Newcombe's paired score interval for 0/1 metrics, else a
-    bootstrap resampling items; paired either way, so question difficulty cancels out). Items either model did
-    not score (None) are left out of that pair and counted in `n_unpaired`."""
+    paired 95% CI and the one-sided p-values of the claims' nulls from the same method
+    (kvlib.stats.paired_difference_test: Newcombe's paired score interval for 0/1 metrics; for other scores in
+    [0, 1], e.g. a question's mean over gold positions, the paired t interval floored by Newcombe; paired
+    either way, so question difficulty cancels out). Columns: n_pairs, n_unpaired, delta_<metric>, ci_low,
+    ci_high, ci_method, p_increase, p_decrease, p_no_loss, p_no_gain (H0: diff <= 0, >= 0, <= -margin, >= margin;
+    `margin`: the equivalence margin, kvlib.report.paper.equivalence_margin; None: no equivalence p-values), and the base's baseline_value with its CI. Items either model did
+    not score (None) are left out of that pair and counted in `n_unpaired`. `seed` is kept for compatibility."""
 
     out = []
     for key, by_model in paired_with_base(rows, base, by, metric, item_key, model_key).items():
         for model, (pairs, n_unpaired) in by_model.items():
             row = dict(zip(by, key), model=model, base=base, n_pairs=len(pairs), n_unpaired=n_unpaired)
             if pairs:
-                mean, lo, hi = paired_difference_ci([float(v) for _, v, _ in pairs], [float(b) for _, _, b in pairs],
-                                                    seed=seed)
-                row.update({f"delta_{metric}": mean, "ci_low": lo, "ci_high": hi})
+                a, b = [float(v) for _, v, _ in pairs], [float(v) for _, _, v in pairs]
+                test = paired_difference_test(a, b)
+                row.update({f"delta_{metric}": test.estimate, **test.row(margin), **_baseline_level(b)})
             out.append(row)
     return out
 
 
 def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence[str]], by: list[str], metric: str,
-                      item_key: str, model_key: str = "model", seed: int = 0) -> list[dict]:
+                      item_key: str, model_key: str = "model", seed: int = 0, n_boot: int = 2000,
+                      margin: float | None = None) -> list[dict]:
     """Seed-averaged differences from `base`, per group of models trained alike on datasets of different seeds
-    and per `by` group: `delta`, the mean over seeds of each seed's mean paired difference, with two 95% CIs:
-    across seeds (t interval over the per-seed means, n_seeds - 1 degrees of freedom: training variability)
-    and per item (bootstrap over the items all seeds scored of each item's seed-averaged difference: item
-    variability). Per-seed means are listed so nothing is hidden behind the average; `value` and
-    `baseline_value` are the group's and base's mean scores on those shared items."""
-
+    and per `by` group, on the items every seed and the base scored: `delta`, the mean over seeds and items of
+    the paired differences, with the interval claims are judged on (`ci_low`, `ci_high`; kvlib.stats.
+    seed_item_test: a two-stage bootstrap resampling seeds, then items, never narrower than Newcombe's paired
+    interval of the seed-averaged scores at that many items) and its p-values (as in `paired_deltas`). Shown
+    beside it, not judged: `seed_ci_low`/`seed_ci_high`, the t interval over the per-seed means (n_seeds - 1
+    degrees of freedom: training variability alone; it collapses when the seeds agree) and the per-seed means
+    (`per_seed`), so nothing is hidden behind the average; `value`, `baseline_value` (with its CI) are the
+    group's and base's mean scores on the shared items."""
     from scipy import stats
 
 
@@ -199,33 +208,33 @@ def seed_group_deltas(rows: list[dict], base: str, groups: Mapping[str, Sequence
             paired = {m: {i: (float(v), float(b)) for i, v, b in by_model.get(m, ([], 0))[0]} for m in members}
             if not all(paired.values()):
                 continue
-            diffs = {m: {i: v - b for i, (v, b) in p.items()} for m, p in paired.items()}
-            seed_means = [statistics.fmean(d.values()) for d in diffs.values()]
+            seed_means = [statistics.fmean(v - b for v, b in p.values()) for p in paired.values()]
+            shared = sorted(set.intersection(*(set(p) for p in paired.values())), key=str)
             mean = statistics.fmean(seed_means)
-            half = (stats.t.ppf(0.975, len(seed_means) - 1) * statistics.stdev(seed_means) / len(seed_means) ** 0.5)
-            shared = set.intersection(*(set(d) for d in diffs.values()))
+            spread = statistics.stdev(seed_means)
+            half = stats.t.ppf(0.975, len(seed_means) - 1) * spread / len(seed_means) ** 0.5
             row = dict(zip(by, key), group=group, base=base, metric=metric, n_seeds=len(members),
                        n_items=len(shared), delta=mean, seed_ci_low=mean - half, seed_ci_high=mean + half,
                        per_seed=", ".join(f"{m}: {v:+.4f}" for m, v in zip(members, seed_means)))
             if shared:
-                _, lo, hi = bootstrap_ci([statistics.fmean(diffs[m][i] for m in members) for i in sorted(shared)],
-                                         seed=seed)
+                scores = np.array([[paired[m][i][0] for i in shared] for m in members])
+                baseline = np.array([paired[members[0]][i][1] for i in shared])
+                test = seed_item_test(scores, baseline, n_boot=n_boot, seed=seed)
                 # the scores themselves (seed-averaged, on the shared items), so a claim can tell "both at 0"
-                # (nothing to lose: kvlib.report.paper.at_floor) from "no change"
-                row.update(item_ci_low=lo, item_ci_high=hi,
-                           value=statistics.fmean(paired[m][i][0] for m in members for i in shared),
-                           baseline_value=statistics.fmean(paired[members[0]][i][1] for i in shared))
+                # or "the original at chance" (kvlib.paper) from "no change"
+                row.update(delta=test.estimate, **test.row(margin), value=float(scores.mean()),
+                           **_baseline_level(baseline))
             out.append(row)
     return out
 
 
 def with_seed_groups(deltas: Sequence[dict], seed_rows: Sequence[dict], groups: Mapping[str, Sequence[str]]) -> list[dict]:
     """Paired-delta rows with each seed group's members replaced by the group's seed-averaged row (model = the
-    group label, its per-item CI as ci_low/ci_high, `delta_<metric>` and `delta` both set), so claims are judged
-    on the average over seeds as the paper reports them."""
+    group label, its seeds-and-items interval and p-values, `delta_<metric>` and `delta` both set), so claims are
+    judged on the average over seeds as the paper reports them."""
     members = {m for ms in groups.values() for m in ms}
-    grouped = [{**g, "model": g["group"], "n_pairs": g["n_items"], f"delta_{g['metric']}": g["delta"],
-                "ci_low": g.get("item_ci_low"), "ci_high": g.get("item_ci_high")} for g in seed_rows]
+    grouped = [{**g, "model": g["group"], "n_pairs": g["n_items"], f"delta_{g['metric']}": g["delta"]}
+               for g in seed_rows]
     return [d for d in deltas if d["model"] not in members] + grouped
 
 
@@ -267,3 +276,9 @@ def count_over_length(rows: list[dict], by: list[str]) -> list[dict]:
 # -------------------------------------------------------------------------- key-value retrieval (07)
 
 
+def _baseline_level(values: Sequence[float]) -> dict:
+    """The base model's mean on the paired items with its 95% CI (kvlib.stats.mean_ci), so a claim can tell
+    whether the original scores clear chance (kvlib.paper)."""
+
+    value, lo, hi = mean_ci(values)
+    return {"baseline_value": value, "baseline_ci_low": lo, "baseline_ci_high": hi}

@@ -1,4 +1,5 @@
-"""Scoring of free-text answers. One home for every metric kvlib reports.
+"""Scoring of free-text answers. One home for every metric kvlib reports (their intervals and tests:
+kvlib.stats).
 
 Synthetic key-value tasks: parse the value, the dictionary name and (multi-subkey) the full key from
 what a model wrote, with or without the answer template, and compare with the sample's metadata.

@@ -22,7 +22,7 @@ from kvlib.tasks.baseline_sets import BaselineConfig, _counter_for, ensure_basel
 from kvlib.tasks.contamination import check_contamination, load_eval_reference
 from kvlib.tasks.flenqa import FLenQAConfig
 from kvlib.tasks.general import TASKS
-from kvlib.tasks.mdqa import SETTING_RANDOM
+from kvlib.tasks.mdqa import MDQA_CHANCE, SETTING_RANDOM
 from kvlib.tasks.synthetic import ensure_dataset, load_dataset, load_template
 
 
@@ -238,11 +238,14 @@ def table2_deltas(P: BaselinesNotebookParams, deltas: Sequence[dict]) -> list[di
 
 
 def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_deltas: Sequence[dict] = (),
-           general_deltas: Sequence[dict] = ()) -> list[dict]:
+           general_deltas: Sequence[dict] = (), flenqa_rows: Sequence[dict] | None = None) -> list[dict]:
     """The paper's claims this notebook can check, each judged by kvlib.report.paper.judge from our paired deltas vs
-    the original (95% CI): synthetic finetuning improves MDQA with random distractors and FLenQA (Fig. 8, as in
+    the original: synthetic finetuning improves MDQA with random distractors and FLenQA (Fig. 8, as in
     Figs. 5-7); the MDQA-finetuned baseline improves MDQA (Fig. 5's baseline curve); synthetic finetuning loses
-    nothing on the general benchmarks while the baselines lose on TriviaQA and NQ-Open (Table 2)."""
+    nothing on the general benchmarks while the baselines lose on TriviaQA and NQ-Open (Table 2). Each needs the
+    original to clear the task's chance rate or floor (kvlib.report.paper.original_level; FLenQA on its balanced
+    accuracy when `flenqa_rows`, the scored items, are given); the claims of each artifact are Holm-adjusted
+    together (kvlib.report.paper.holm_families)."""
 
     synthetic = [label for label in P.models if label != P.original]
     kinds = {label: spec["kind"] for label, spec in P.baselines.items()}
@@ -250,16 +253,15 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
     for d in mdqa_deltas:
         if d.get("setting") != SETTING_RANDOM:
             continue
+        level = [paper.original_level(d, MDQA_CHANCE, metric="accuracy")]
         if d["model"] in synthetic:
             out.append(paper.judge("fig8", "synthetic finetuning improves MDQA (random distractors, mean over "
-                                           "positions)", d["model"], d, "increase", "delta_correct"))
+                                           "positions)", d["model"], d, "increase", "delta_correct", levels=level))
         elif kinds.get(d["model"]) == "mdqa":
             out.append(paper.judge("fig5", "finetuning on MDQA itself improves MDQA (random distractors, mean over "
-                                           "positions)", d["model"], d, "increase", "delta_correct"))
-    for d in flenqa_deltas:
-        if d["model"] in synthetic:
-            out.append(paper.judge("fig8", f"synthetic finetuning improves FLenQA ({d['style']} prompts, pooled "
-                                           f"over lengths)", d["model"], d, "increase", "delta_correct"))
+                                           "positions)", d["model"], d, "increase", "delta_correct", levels=level))
+    out += paper.flenqa_claims([d for d in flenqa_deltas if d["model"] in synthetic], synthetic, flenqa_rows,
+                               artifact="fig8")
     out += paper.general_claims(general_deltas, synthetic, {t: s.headline for t, s in TASKS.items()},
                                 {t: s.title for t, s in TASKS.items()}, artifact="table2")
     for d in general_deltas:
@@ -267,4 +269,4 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
         if d["metric"] == TASKS[d["task"]].headline and d["task"] in ("triviaqa", "nq_open") and kind in PAPER_ROWS:
             out += paper.judge_general("table2", f"the {PAPER_ROWS[kind]} baseline loses on {TASKS[d['task']].title}",
                                        d, "decrease", general_deltas, TASKS[d["task"]].floor_metric)
-    return out
+    return paper.holm_families(out)

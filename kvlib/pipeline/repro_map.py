@@ -26,7 +26,7 @@ from kvlib.pipeline.manifest import (
 )
 from kvlib.pipeline.plan import discover_notebooks
 from kvlib.report import paper
-from kvlib.report.paper import artifact_verdict, load
+from kvlib.report.paper import artifact_verdict, load, verdict_category
 
 INDEX_FILE = "index.html"
 
@@ -156,7 +156,8 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
             verdict_text = "shown (illustration)"
         elif claims:
             verdict_text = artifact_verdict([c["verdict"] for c in claims])
-            counts = {v: sum(c["verdict"] == v for c in claims) for v in dict.fromkeys(c["verdict"] for c in claims)}
+            categories = [verdict_category(c["verdict"]) for c in claims]
+            counts = {v: categories.count(v) for v in dict.fromkeys(categories)}
             verdict_text += " (" + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")"
         else:
             verdict_text = "not measured (no claim recorded)"

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from kvlib.engine.config import ParamError, load_yaml
-from kvlib.engine.stats import bootstrap_ci
+from kvlib.engine.stats import holm, p_from_interval, paired_difference_test
+from kvlib.tasks.flenqa import FLENQA_CHANCE, balanced_accuracy_table
 from kvlib.tasks.general import TASKS
+from kvlib.tasks.mdqa import MDQA_CHANCE, SETTING_CONTRAST
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "params" / "paper_reference.yaml"
 BENCHMARKS = ("mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open")  # kvlib.tasks.general.TASKS names
@@ -133,18 +135,44 @@ def claims_table():
 
 
 # ------------------------------------------------------------------------------------- judging claims
+#
+# A claim is a one-sided hypothesis on a difference (ours minus the original): "increase" tests H0: diff <= 0,
+# "decrease" H0: diff >= 0, "no_loss" H0: diff <= -margin and "no_gain" H0: diff >= +margin (equivalence_margin).
+# Each difference row carries the p-values of those nulls from its own interval method (kvlib.stats: the interval
+# and the p-value come from the same test, so at a family of one, p < ALPHA exactly when the 95% CI excludes the
+# null). A notebook's claims on one artifact (a figure or table) are one family: their p-values are Holm-adjusted
+# (`holm_families`) and a claim holds when its adjusted p is below ALPHA. "Does not hold" is the contrary test
+# (diff < 0 for increase and no_loss, diff > 0 for decrease and no_gain), Holm-adjusted the same way. Before any
+# test, the original's score must clear the task's chance rate (or floor) by a margin (`original_level`): a model
+# at chance has nothing to lose and shows no effect the paper is about, so such a claim is "untestable at this
+# model's level", with the reason, and is left out of its family.
 
 Expect = Literal["increase", "decrease", "no_loss", "no_gain"]
 EXPECTS = ("increase", "decrease", "no_loss", "no_gain")
-# A claim about a general-benchmark difference where both models score 0 on every item: there was nothing to
-# lose, so the CI of [0, 0] says nothing about "loses nothing" or "loses" (the 135M embedded model answers no
-# closed-book TriviaQA question).
+ALPHA = 0.025  # one-sided, per claim after Holm: each side of a two-sided 95% interval
+UNTESTABLE = "untestable at this model's level"
+# Kept for claims recorded before chance rates were declared (and rows without the original's interval): both
+# models scored 0 on every item, so a CI of [0, 0] says nothing about "loses nothing" or "loses".
 AT_FLOOR = "untestable (both score 0)"
+# claim -> (p-value column of its null, p-value column of the contrary null) in a difference row
+CLAIM_P = {"increase": ("p_increase", "p_decrease"), "decrease": ("p_decrease", "p_increase"),
+           "no_loss": ("p_no_loss", "p_decrease"), "no_gain": ("p_no_gain", "p_increase")}
+
+
+def is_untestable(verdict_text: str) -> bool:
+    return verdict_text.startswith("untestable")
+
+
+def verdict_category(verdict_text: str) -> str:
+    """A verdict without its reason (what the reproduction map counts): "untestable at this model's level (...)"
+    -> "untestable at this model's level"; other verdicts are returned as they are."""
+    return UNTESTABLE if verdict_text.startswith(UNTESTABLE) else verdict_text
 
 
 def at_floor(row: dict, d: Mapping[str, Any]) -> dict:
-    """`row` (a judge() claim on difference `d`) with the AT_FLOOR verdict when both models scored 0."""
-    if d.get("value") == 0 and d.get("baseline_value") == 0:
+    """`row` (a judge() claim on difference `d`) with the AT_FLOOR verdict when both models scored 0 and the row
+    was not already found untestable (rows that carry the original's interval are checked by `original_level`)."""
+    if d.get("value") == 0 and d.get("baseline_value") == 0 and not is_untestable(row["verdict"]):
         row["verdict"] = AT_FLOOR
     return row
 
@@ -157,11 +185,12 @@ def equivalence_margin() -> float:
 
 
 def verdict(ci_low: float | None, ci_high: float | None, expect: Expect, margin: float | None = None) -> str:
-    """Whether a claimed direction holds, from the 95% CI of a difference (ours minus the original, fractions):
-    "increase" holds when the CI is above 0 and "decrease" when below, else "inconclusive" (the CI contains 0)
-    or "does not hold" (it excludes 0 on the other side). "no_loss" does not hold when the CI is below 0 and
-    holds when it rules out any loss larger than `margin` (ci_low >= -margin); "no_gain" (the paper's "will not
-    improve") mirrors it. In between, the CI allows a change the paper would call real: "inconclusive".
+    """Whether a claimed direction holds, read off the 95% CI of a difference alone (ours minus the original,
+    fractions; no multiplicity adjustment: `judge` decides on Holm-adjusted p-values, which for a family of one
+    agree with this): "increase" holds when the CI is above 0 and "decrease" when below, else "inconclusive" (the
+    CI contains 0) or "does not hold" (it excludes 0 on the other side). "no_loss" does not hold when the CI is
+    below 0 and holds when it rules out any loss larger than `margin` (ci_low >= -margin); "no_gain" (the paper's
+    "will not improve") mirrors it. In between, the CI allows a change the paper would call real: "inconclusive".
     `margin` defaults to `equivalence_margin()`."""
     if expect not in EXPECTS:
         raise ValueError(f"expect must be one of {', '.join(EXPECTS)}, got {expect!r}")
@@ -180,20 +209,143 @@ def verdict(ci_low: float | None, ci_high: float | None, expect: Expect, margin:
     return "holds" if below else "does not hold" if above else "inconclusive"
 
 
+def decide(p_value: float, p_contrary: float, alpha: float = ALPHA) -> str:
+    """"does not hold" when the contrary test rejects (p_contrary < alpha), else "holds" when the claim's test
+    rejects its null (p_value < alpha), else "inconclusive"; "not measured" without a p-value."""
+    if p_value is None or math.isnan(p_value):
+        return "not measured"
+    if p_contrary is not None and not math.isnan(p_contrary) and p_contrary < alpha:
+        return "does not hold"
+    return "holds" if p_value < alpha else "inconclusive"
+
+
+def _null(expect: Expect, margin: float) -> tuple[float, str]:
+    """(the null's boundary, the side of the claim's test) and the contrary test's, as used by `_claim_p`."""
+    return {"increase": (0.0, "greater"), "decrease": (0.0, "less"), "no_loss": (-margin, "greater"),
+            "no_gain": (margin, "less")}[expect]
+
+
+def _claim_p(delta: Mapping[str, Any], expect: Expect, estimate: float | None, lo: float | None, hi: float | None
+             ) -> tuple[float, float, bool]:
+    """(p of the claim's null, p of the contrary null, read off the CI?) from a difference row: its own p-value
+    columns, else approximated from its interval (kvlib.stats.p_from_interval) for rows that carry none."""
+
+    column, contrary = CLAIM_P[expect]
+    p, pc = delta.get(column), delta.get(contrary)
+    if p is not None and pc is not None:
+        return float(p), float(pc), False
+    if estimate is None or lo is None or hi is None:
+        return math.nan, math.nan, True
+    null, side = _null(expect, equivalence_margin())
+    contrary_side = "less" if expect in ("increase", "no_loss") else "greater"
+    return (p_from_interval(estimate, lo, hi, null, side), p_from_interval(estimate, lo, hi, 0.0, contrary_side),
+            True)
+
+
+def h0_text(expect: Expect, unit: str = "points") -> str:
+    """The claim's null hypothesis as printed in the claims table."""
+    if expect in ("no_loss", "no_gain"):
+        m = equivalence_margin()
+        bound = f"{100 * m:.2f} points" if unit == "points" else f"{m:g}"
+        return f"diff <= -{bound}" if expect == "no_loss" else f"diff >= +{bound}"
+    return "diff <= 0" if expect == "increase" else "diff >= 0"
+
+
+def original_level(d: Mapping[str, Any], chance: float, margin: float | None = None, metric: str = "",
+                   value: str = "baseline_value") -> dict | None:
+    """The original's score on a difference row's items (`baseline_value` with `baseline_ci_low`/`_high`; a
+    balanced accuracy for FLenQA) with the chance rate (or floor) it must clear by `margin` (default
+    `equivalence_margin()`: a claim about changes of that size needs that much room above chance). None when the
+    row carries no interval of the original's score (nothing to check)."""
+    lo, hi, v = d.get("baseline_ci_low"), d.get("baseline_ci_high"), d.get(value)
+    if lo is None or hi is None or v is None or any(math.isnan(float(x)) for x in (lo, hi, v)):
+        return None
+    return {"value": float(v), "ci_low": float(lo), "ci_high": float(hi), "chance": float(chance),
+            "margin": equivalence_margin() if margin is None else float(margin), "metric": metric}
+
+
+def _level_text(level: Mapping[str, Any]) -> str:
+    kind = "chance" if level["chance"] > 0 else "floor"
+    what = f"{level['metric']} " if level["metric"] else ""
+    return (f"{what}{100 * level['value']:.1f}% [{100 * level['ci_low']:.1f}, {100 * level['ci_high']:.1f}], "
+            f"{kind} {100 * level['chance']:g}%")
+
+
+def untestable_reason(levels: Sequence[Mapping[str, Any] | None]) -> str | None:
+    """The UNTESTABLE verdict with its reason when an original's interval does not clear its chance rate by its
+    margin (ci_low < chance + margin), else None."""
+    for level in levels:
+        if level is not None and level["ci_low"] < level["chance"] + level["margin"]:
+            kind = "chance" if level["chance"] > 0 else "floor"
+            what = f" {level['metric']}" if level["metric"] else ""
+            return (f"{UNTESTABLE} (the original's{what} {100 * level['value']:.1f}% [{100 * level['ci_low']:.1f}, "
+                    f"{100 * level['ci_high']:.1f}] does not clear {kind} {100 * level['chance']:g}% by "
+                    f"{100 * level['margin']:.2f} points)")
+    return None
+
+
 def judge(artifact: str, claim: str, model: str, delta: Mapping[str, Any], expect: Expect,
-          value: str = "delta", unit: str = "points") -> dict:
-    """One checked claim: a paired-delta row (`value`, ci_low, ci_high; n_pairs or n) judged by `verdict`.
-    unit "points": the row holds fractions, reported x100; any other unit (e.g. "nats") is reported as is.
-    `artifact` is an id of the reference file's artifacts (e.g. "fig5")."""
+          value: str = "delta", unit: str = "points", levels: Sequence[Mapping[str, Any] | None] = ()) -> dict:
+    """One checked claim on a difference row (`value`, ci_low, ci_high, the p-value columns of
+    kvlib.engine.evaluate.paired_deltas; n_pairs or n). unit "points": the row holds fractions, reported x100; any other
+    unit (e.g. "nats") is reported as is. `artifact` is an id of the reference file's artifacts (e.g. "fig5").
+    `levels`: the original's score(s) the claim needs clear of chance (`original_level`): if one does not, the
+    verdict is UNTESTABLE with the reason. Otherwise the verdict is `decide` on the claim's p-values, unadjusted
+    until `holm_families` adjusts the family (every *_claims function does). Columns: artifact, claim, model, n,
+    delta, ci (95%, unadjusted), unit, ci_method, h0, p_value, p_holm, p_contrary, p_contrary_holm, family_size,
+    original (its score and chance), verdict."""
     known = [a["id"] for a in load().artifacts]
     if artifact not in known:
         raise ValueError(f"unknown paper artifact {artifact!r}; known: {', '.join(known)}")
+    if expect not in EXPECTS:
+        raise ValueError(f"expect must be one of {', '.join(EXPECTS)}, got {expect!r}")
     scale, digits = (100, 1) if unit == "points" else (1, 3)
-    lo, hi, v = delta.get("ci_low"), delta.get("ci_high"), delta.get(value)
+    lo, hi, v = (None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+                 for x in (delta.get("ci_low"), delta.get("ci_high"), delta.get(value)))
+    p, pc, from_ci = _claim_p(delta, expect, v, lo, hi)
+    method = str(delta.get("ci_method") or "")
+    if from_ci and lo is not None:
+        method = (method + "; " if method else "") + "p read off the CI (normal approximation)"
+    reason = untestable_reason(levels)
+    text = "not measured" if lo is None or hi is None else reason or decide(p, pc)
+    tested = text in ("holds", "does not hold", "inconclusive")  # a family of one until holm_families adjusts
     return {"artifact": artifact, "claim": claim, "model": model, "n": delta.get("n_pairs", delta.get("n")),
             "delta": None if v is None else round(scale * v, 9) + 0.0,  # no -1.8e-15 from float means, no -0.0
             "ci": "" if lo is None or hi is None else f"[{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]",
-            "unit": unit, "verdict": verdict(lo, hi, expect)}
+            "unit": unit, "ci_method": method, "h0": h0_text(expect, unit),
+            "p_value": p, "p_holm": p if tested else math.nan, "p_contrary": pc,
+            "p_contrary_holm": pc if tested else math.nan, "family_size": 1 if tested else None,
+            "original": "; ".join(_level_text(level) for level in levels if level is not None),
+            "verdict": text}
+
+
+def _tested(row: Mapping[str, Any]) -> bool:
+    p = row.get("p_value")
+    return (row["verdict"] in ("holds", "does not hold", "inconclusive") and p is not None
+            and not math.isnan(float(p)))
+
+
+def holm_families(rows: Sequence[Mapping[str, Any]], alpha: float = ALPHA) -> list[dict]:
+    """Claims with their p-values Holm-adjusted within each artifact's family (kvlib.stats.holm), the tested
+    claims of one artifact (untestable and unmeasured ones are not tests and stay out): `p_holm` and
+    `p_contrary_holm` set, `family_size` the number of claims adjusted together, and the verdict decided on the
+    adjusted p-values (`decide`), so one nominally significant claim among many does not make an artifact
+    "partly hold". Idempotent: it adjusts the raw p_value/p_contrary columns, so a notebook that judges an
+    artifact's claims in parts adjusts the whole list once more at the end."""
+
+    out = [dict(r) for r in rows]
+    for r in out:
+        if not _tested(r):  # not a test: nothing to adjust, in no family
+            r.update(p_holm=math.nan, p_contrary_holm=math.nan, family_size=None)
+    for artifact in dict.fromkeys(r["artifact"] for r in out):
+        family = [r for r in out if r["artifact"] == artifact and _tested(r)]
+        contrary = [math.nan if r.get("p_contrary") is None else float(r["p_contrary"]) for r in family]
+        known = [i for i, pc in enumerate(contrary) if not math.isnan(pc)]
+        adjusted_contrary = dict(zip(known, holm([contrary[i] for i in known])))
+        for i, (r, p) in enumerate(zip(family, holm([float(r["p_value"]) for r in family]))):
+            pc = adjusted_contrary.get(i, math.nan)
+            r.update(p_holm=p, p_contrary_holm=pc, family_size=len(family), verdict=decide(p, pc, alpha))
+    return out
 
 
 def token_loss_claims(rows: Sequence[Mapping[str, Any]], pairs: Sequence[tuple[str, str]], model: str = "original",
@@ -201,58 +353,106 @@ def token_loss_claims(rows: Sequence[Mapping[str, Any]], pairs: Sequence[tuple[s
     """Fig. 4: with the answer template, the loss on the answer's formatting tokens is lower than without it
     (so finetuning concentrates on the value). `rows`: kvlib.engine.train.answer_token_losses rows with a "run" column;
     `pairs`: (run with template, run without) on the same samples (same item index). Per sample, the mean loss
-    over its "format" tokens; the paired difference (with minus without) must be below 0."""
+    over its "format" tokens; the paired difference (with minus without) must be below 0: the paired t test
+    (kvlib.stats.paired_difference_test; losses are unbounded, so no floor), Holm-adjusted over the pairs.
+    `seed` is kept for compatibility (nothing is resampled)."""
 
     def per_sample(run: str) -> dict[str, float]:
         losses: dict[str, list[float]] = {}
         for r in rows:
             if r["run"] == run and r["model"] == model and r["kind"] == "format":
-                losses.setdefault(r["id"].rsplit("-", 1)[-1], []).append(float(r["loss"]))
+                losses.setdefault(str(r["id"]).rsplit("-", 1)[-1], []).append(float(r["loss"]))
         return {k: sum(v) / len(v) for k, v in losses.items()}
 
     out = []
     for with_t, without in pairs:
         a, b = per_sample(with_t), per_sample(without)
-        diffs = [a[k] - b[k] for k in a if k in b]
-        if not diffs:
+        keys = [k for k in a if k in b]
+        if not keys:
             continue
-        mean, lo, hi = bootstrap_ci(diffs, seed=seed)
+        test = paired_difference_test([a[k] for k in keys], [b[k] for k in keys])
         out.append(judge("fig4", f"the answer template lowers the {model} model's loss on formatting tokens "
                                  f"({with_t} minus {without}, mean per sample)", model,
-                         {"delta": mean, "ci_low": lo, "ci_high": hi, "n": len(diffs)}, "decrease", unit="nats"))
-    return out
+                         {"delta": test.estimate, **test.row(equivalence_margin()), "n": len(keys)}, "decrease",
+                         unit="nats"))
+    return holm_families(out)
+
+
+def _mdqa_level(d: Mapping[str, Any]) -> dict | None:
+
+    return original_level(d, MDQA_CHANCE, metric="accuracy")
 
 
 def mdqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], random_label: str,
-                retrieved_label: str) -> list[dict]:
-    """Figs. 5 and 10 from MDQA paired deltas pooled over gold positions (one row per model and setting):
-    synthetic finetuning improves MDQA with random distractors and does not with retrieved ones."""
+                retrieved_label: str, contrast_label: str | None = None) -> list[dict]:
+    """Figs. 5 and 10 from MDQA paired deltas pooled over gold positions (one row per model and setting;
+    kvlib.engine.evaluate.mdqa_pooled_deltas): synthetic finetuning improves MDQA with random distractors (Fig. 5), does
+    not with retrieved ones (Fig. 10, "no gain"), and, Fig. 10's point, gains more with random distractors than
+    with retrieved ones (the contrast row, setting `contrast_label`, default kvlib.tasks.mdqa.SETTING_CONTRAST: the gain
+    with random minus the gain with retrieved, paired by question). Each claim needs the original to clear
+    MDQA's floor in the settings it involves. Holm-adjusted per figure."""
+
+    contrast_label = SETTING_CONTRAST if contrast_label is None else contrast_label
+    by_setting = {(d["model"], d.get("setting")): d for d in pooled}
     out = []
     for d in pooled:
         if d["model"] not in synthetic:
             continue
         if d.get("setting") == random_label:
             out.append(judge("fig5", "synthetic finetuning improves MDQA, random distractors (mean over positions)",
-                             d["model"], d, "increase", "delta_correct"))
+                             d["model"], d, "increase", "delta_correct", levels=[_mdqa_level(d)]))
         elif d.get("setting") == retrieved_label:
             out.append(judge("fig10", "synthetic finetuning does not improve MDQA with retrieved distractors "
-                                      "(mean over positions)", d["model"], d, "no_gain", "delta_correct"))
-    return out
+                                      "(mean over positions)", d["model"], d, "no_gain", "delta_correct",
+                             levels=[_mdqa_level(d)]))
+        elif d.get("setting") == contrast_label:
+            levels = [_mdqa_level(by_setting[(d["model"], s)]) if (d["model"], s) in by_setting else None
+                      for s in (random_label, retrieved_label)]
+            out.append(judge("fig10", "synthetic finetuning gains more on MDQA with random distractors than with "
+                                      "retrieved ones (gain with random minus gain with retrieved, paired by "
+                                      "question, mean over positions)", d["model"], d, "increase", "delta_correct",
+                             levels=levels))
+    return holm_families(out)
 
 
 def longer_context_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], num_documents: int
                           ) -> list[dict]:
     """Fig. 9 from MDQA paired deltas pooled over gold positions at the longer context: finetuning on long
-    key-value prompts improves MDQA with many documents."""
-    return [judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA (random "
-                          f"distractors, mean over positions)", d["model"], d, "increase", "delta_correct")
-            for d in pooled if d["model"] in synthetic]
+    key-value prompts improves MDQA with many documents (the original must clear MDQA's floor). Holm-adjusted."""
+
+    return holm_families([
+        judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA (random "
+                      f"distractors, mean over positions)", d["model"], d, "increase", "delta_correct",
+              levels=[_mdqa_level(d)])
+        for d in pooled if d["model"] in synthetic and d.get("setting") != SETTING_CONTRAST])
 
 
-def flenqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str]) -> list[dict]:
-    """Figs. 6-7 from FLenQA paired deltas pooled over lengths (one row per model and prompt style)."""
-    return [judge("fig6_7", f"synthetic finetuning improves FLenQA ({d['style']} prompts, pooled over lengths)",
-                  d["model"], d, "increase", "delta_correct") for d in pooled if d["model"] in synthetic]
+def flenqa_level(d: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None = None) -> dict | None:
+    """The original's FLenQA level for a difference row (model, style; `base`): its balanced accuracy with CI on
+    that style's scored prompts when the item `rows` are given (kvlib.tasks.flenqa.balanced_accuracy_table), else its
+    accuracy on the paired prompts (the same point when labels are balanced, as the generator makes them);
+    chance kvlib.tasks.flenqa.FLENQA_CHANCE (0.5)."""
+
+    if rows is not None and d.get("base") is not None:
+        style_rows = [r for r in rows if r["model"] == d["base"] and r["style"] == d["style"]]
+        if style_rows:
+            (ba,) = balanced_accuracy_table(style_rows, ["style"])
+            return original_level({"baseline_value": ba["balanced_accuracy"],
+                                   "baseline_ci_low": ba["balanced_accuracy_ci_low"],
+                                   "baseline_ci_high": ba["balanced_accuracy_ci_high"]}, FLENQA_CHANCE,
+                                  metric="balanced accuracy")
+    return original_level(d, FLENQA_CHANCE, metric="accuracy")
+
+
+def flenqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str],
+                  rows: Sequence[Mapping[str, Any]] | None = None, artifact: str = "fig6_7") -> list[dict]:
+    """Figs. 6-7 from FLenQA paired deltas pooled over lengths (one row per model and prompt style): synthetic
+    finetuning improves FLenQA. Each claim needs the original's balanced accuracy on that style (from the item
+    `rows`; without them its accuracy) to clear chance (`flenqa_level`). Holm-adjusted per artifact."""
+    return holm_families([
+        judge(artifact, f"synthetic finetuning improves FLenQA ({d['style']} prompts, pooled over lengths)",
+              d["model"], d, "increase", "delta_correct", levels=[flenqa_level(d, rows)])
+        for d in pooled if d["model"] in synthetic])
 
 
 def published_deltas(benchmark: str, finetuning: str = "key-value, with template") -> str:
@@ -267,19 +467,33 @@ def published_deltas(benchmark: str, finetuning: str = "key-value, with template
     return "; ".join(parts)
 
 
+def general_level(d: Mapping[str, Any]) -> dict | None:
+    """The original's level on a general-benchmark difference row: its score on the paired items with CI, against
+    the task's declared chance rate and margin (kvlib.tasks.general.TaskSpec.chance, chance_margin)."""
+
+    spec = TASKS.get(d.get("task"))
+    if spec is None:
+        return None
+    return original_level(d, spec.chance, spec.chance_margin, metric=str(d.get("metric", "")))
+
+
 def judge_general(artifact: str, claim: str, d: Mapping[str, Any], expect: Expect, deltas: Sequence[Mapping[str, Any]],
                   floor_metric: str | None = None) -> list[dict]:
-    """A claim on general-benchmark difference `d` (a kvlib.tasks.general.benchmark_deltas row): judge() it, AT_FLOOR when
-    both models scored 0. At the floor, and when the task declares a `floor_metric`, the same claim is judged
-    again on that metric's difference for the same model and task (from `deltas`), its metric named in the claim
-    text, so a floor on the strict metric does not leave the claim unmeasured when the lenient one has signal."""
-    out = [at_floor(judge(artifact, claim, d["model"], d, expect), d)]
-    if out[0]["verdict"] == AT_FLOOR and floor_metric and floor_metric != d["metric"]:
+    """A claim on general-benchmark difference `d` (a kvlib.tasks.general.paired_deltas row): judge() it with the
+    original's level (`general_level`: untestable when the original does not clear the task's chance rate or
+    floor; AT_FLOOR when both models scored 0 on a row without the original's interval). When untestable and the
+    task declares a `floor_metric`, the same claim is judged again on that metric's difference for the same model
+    and task (from `deltas`), its metric named in the claim text, so a floor on the strict metric does not leave
+    the claim unmeasured when the lenient one has signal. Not Holm-adjusted: the caller adjusts the family."""
+    out = [at_floor(judge(artifact, claim, d["model"], d, expect, levels=[general_level(d)]), d)]
+    if is_untestable(out[0]["verdict"]) and floor_metric and floor_metric != d["metric"]:
         alt = next((x for x in deltas if x["model"] == d["model"] and x["task"] == d["task"]
                     and x["metric"] == floor_metric and x.get("baseline") == d.get("baseline")), None)
         if alt is not None:
-            out.append(at_floor(judge(artifact, f"{claim} ({floor_metric}; {d['metric']} is 0 for both models)",
-                                      d["model"], alt, expect), alt))
+            why = (f"{d['metric']} is 0 for both models" if d.get("value") == 0 and d.get("baseline_value") == 0
+                   else f"{d['metric']} is untestable")
+            out.append(at_floor(judge(artifact, f"{claim} ({floor_metric}; {why})", d["model"], alt, expect,
+                                      levels=[general_level(alt)]), alt))
     return out
 
 
@@ -288,7 +502,8 @@ def general_claims(deltas: Sequence[Mapping[str, Any]], synthetic: Sequence[str]
                    floor_metrics: Mapping[str, str | None] | None = None) -> list[dict]:
     """Table 1 (or 2): synthetic finetuning loses nothing on each general benchmark's headline metric, with the
     paper's own difference for its key-value (with template) models beside ours. `floor_metrics` (task -> metric,
-    default: each kvlib.tasks.general task's floor_metric): what a claim at the floor is also judged on (judge_general)."""
+    default: each kvlib.general task's floor_metric): what an untestable claim is also judged on (judge_general).
+    Holm-adjusted over the table's claims."""
     if floor_metrics is None:
 
         floor_metrics = {name: spec.floor_metric for name, spec in TASKS.items()}
@@ -299,18 +514,20 @@ def general_claims(deltas: Sequence[Mapping[str, Any]], synthetic: Sequence[str]
         for row in judge_general(artifact, f"synthetic finetuning loses nothing on {titles[d['task']]}", d,
                                  "no_loss", deltas, floor_metrics.get(d["task"])):
             out.append({**row, "published_delta_points": published_deltas(d["task"])})
-    return out
+    return holm_families(out)
 
 
 # -------------------------------------------------------------------------------- reproduction map
 
 def artifact_verdict(verdicts: Sequence[str]) -> str:
-    """One verdict for an artifact from its claims' verdicts: all hold -> "holds"; some hold -> "partly holds";
-    none holds but some are inconclusive -> "inconclusive at this n"; all fail -> "does not hold on this model".
-    Claims not measured or untestable at the floor (AT_FLOOR) do not count."""
-    measured = [v for v in verdicts if v not in ("not measured", AT_FLOOR)]
+    """One verdict for an artifact from its claims' verdicts (Holm-adjusted within the artifact: `holm_families`):
+    all hold -> "holds"; some hold -> "partly holds"; none holds but some are inconclusive -> "inconclusive at this
+    n"; all fail -> "does not hold on this model". Claims not measured or untestable (at chance or the floor) do
+    not count; when none is left, the first untestable category (UNTESTABLE, AT_FLOOR) is the artifact's."""
+    measured = [v for v in verdicts if v != "not measured" and not is_untestable(v)]
     if not measured:
-        return AT_FLOOR if AT_FLOOR in verdicts else "not measured"
+        untestable = [verdict_category(v) for v in verdicts if is_untestable(v)]
+        return untestable[0] if untestable else "not measured"
     if all(v == "holds" for v in measured):
         return "holds"
     if any(v == "holds" for v in measured):

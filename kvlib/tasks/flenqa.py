@@ -84,6 +84,7 @@ from kvlib.engine.evaluate import count_over_length, group_rows, summarize
 from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
 from kvlib.engine.models import MemoTokenCounter, load_token_counter
 from kvlib.engine.scoring import parse_true_false
+from kvlib.engine.stats import balanced_accuracy_ci
 from kvlib.tasks.mdqa import load_mdqa
 from kvlib.tasks.synthetic import load_template
 
@@ -100,6 +101,9 @@ PADDINGS: tuple[str, ...] = ("duplicate", "similar", "different")
 DISPERSIONS: tuple[str, ...] = ("first", "middle", "last", "random")
 REPEATED = "repeated"  # the one arrangement of "duplicate" padding (the key paragraphs are the padding)
 STYLES: tuple[str, ...] = ("normal", "cot")
+# true/false verdicts: any constant answer scores 50% balanced accuracy (`balanced_accuracy_table`), so a claim is
+# testable only where the original's balanced accuracy clears it (kvlib.report.paper.original_level)
+FLENQA_CHANCE = 0.5
 OFFICIAL_PADDING = {"same": "similar", "books": "different", "duplicate": "duplicate"}
 SOURCES = ("official", "regenerated")
 FLENQA_FILE = "flenqa.jsonl"
@@ -960,6 +964,25 @@ def verdict_shares(rows: Sequence[dict], by: list[str]) -> list[dict]:
                     "said_false": sum(r["parsed"] is False for r in items) / n,
                     "unparseable": sum(bool(r["unparseable"]) for r in items) / n,
                     "label_true": sum(r["label"] is True for r in items) / n})
+    return out
+
+
+def balanced_accuracy_table(rows: Sequence[dict], by: list[str]) -> list[dict]:
+    """Per group of scored rows (over-length prompts left out): `n`, and the balanced accuracy (mean of the recall
+    on True-labelled and on False-labelled prompts; an unparseable reply is wrong for both) with its 95% CI
+    (kvlib.stats.balanced_accuracy_ci). Chance is `FLENQA_CHANCE` (0.5) for any model that always gives one verdict,
+    whatever the balance of labels, which plain accuracy only has when labels are balanced. NaN where a group
+    lacks one of the classes."""
+
+    out = []
+    for key, items in group_rows([r for r in rows if not r["over_length"]], by).items():
+        labels, parsed = [bool(r["label"]) for r in items], [r["parsed"] for r in items]
+        try:
+            value, lo, hi = balanced_accuracy_ci(labels, parsed)
+        except ValueError:
+            value = lo = hi = float("nan")
+        out.append({**dict(zip(by, key)), "n": len(items), "balanced_accuracy": value,
+                    "balanced_accuracy_ci_low": lo, "balanced_accuracy_ci_high": hi})
     return out
 
 

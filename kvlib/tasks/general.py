@@ -5,8 +5,11 @@ Tasks are declared as data (`TASKS`: one `TaskSpec` each, following lm-evaluatio
 definition: prompt, few-shot count and source, log-likelihood or generation, stop strings, metric) and go
 through one path: load + validate (`load_task`), subsample (`subsample`), build requests
 (`build_prompt`, `loglikelihood_requests`), score one item (`score_item`, metrics in kvlib.engine.scoring),
-aggregate (`summarize_benchmarks`: 95% CIs, Wilson for 0/1 scores; MMLU micro and macro over subjects) and compare two models
-on the same items (`benchmark_deltas`: paired CI of the difference, kvlib.engine.scoring.paired_difference_ci).
+aggregate (`summarize_benchmarks`: 95% CIs, Wilson for 0/1 scores; MMLU micro and macro over subjects) and compare two
+models on the same items (`benchmark_deltas`: paired CI and p-values of the difference,
+kvlib.engine.stats.paired_difference_test). Each task declares its chance rate (`TaskSpec.chance`: a guess among 4
+choices, or 0 for free answers): claims are only judged where the original's score clears it
+(kvlib.report.paper.original_level).
 
 Variants. A backend with `loglikelihood` (local HF models) scores MMLU and HellaSwag by log-likelihood
 like the harness. Chat-only APIs (OpenAI) expose no log-likelihoods: MMLU then runs generatively (the
@@ -50,7 +53,7 @@ from kvlib.engine.scoring import (
     normalize_answer,
     parse_choice_letter,
 )
-from kvlib.engine.stats import macro_bootstrap_ci, macro_mean, mean_ci, paired_difference_ci
+from kvlib.engine.stats import macro_bootstrap_ci, macro_mean, mean_ci, paired_difference_test
 from kvlib.tasks.mdqa import question_id
 from kvlib.tasks.synthetic import load_template
 
@@ -448,7 +451,10 @@ class TaskSpec:
     each followed by fewshot_delimiter) + doc_to_text(item), as the harness assembles it. `choices`:
     the continuations scored by log-likelihood. `scorer` names the one scoring rule (`score_item`).
     `metrics[variant]`: per-item metric columns; `headline` the one the summary table shows; `macro`:
-    also report the mean over item groups (MMLU subjects)."""
+    also report the mean over item groups (MMLU subjects). `chance`: the score of guessing (1 / number of
+    choices; 0 where answers are free text, the floor), which the original's score must clear by `chance_margin`
+    (None: kvlib.report.paper.equivalence_margin) for a claim on the task to be testable
+    (kvlib.report.paper.original_level)."""
 
     name: str
     title: str
@@ -475,6 +481,8 @@ class TaskSpec:
     # the metric a claim is also judged on when both models score 0 on `headline`: a small instruct model that
     # never replies in the harness's short form still shows whether the answer appears in its reply
     floor_metric: str | None = None
+    chance: float = 0.0
+    chance_margin: float | None = None
     notes: str = ""
     # what a test item's fields are called in the conventions table (question text, choice texts)
     placeholder: tuple[str, tuple[str, ...]] = ("{question}", ("{A}", "{B}", "{C}", "{D}"))
@@ -490,7 +498,7 @@ TASKS: dict[str, TaskSpec] = {
             scorer="multiple_choice",
             metrics={"loglikelihood": ("acc",), "generate": ("acc", "parsed")}, headline="acc",
             data="hendrycks test split (14042 questions, 57 subjects)", default_files=("mmlu",),
-            loader=load_mmlu, max_new_tokens=32, macro=True,
+            loader=load_mmlu, max_new_tokens=32, macro=True, chance=0.25,
             notes="acc = micro (the harness's group aggregate, weighted by size); acc_macro = mean over subjects. "
                   "Generative variant (chat APIs): the letter parsed from the reply."),
         TaskSpec(
@@ -502,7 +510,7 @@ TASKS: dict[str, TaskSpec] = {
             data="validation split (10042 items)",
             default_files=("hellaswag/hellaswag_val.jsonl", "hellaswag/hellaswag_val.jsonl.gz",
                            "hellaswag/hellaswag_val_full.txt.bz2", "hellaswag/hellaswag_val_full.txt"),
-            loader=load_hellaswag, placeholder=("{activity}: {context}", ("{ending}",) * 4),
+            loader=load_hellaswag, placeholder=("{activity}: {context}", ("{ending}",) * 4), chance=0.25,
             notes="acc_norm divides each ending's log-likelihood by its length in characters. The paper's "
                   "56.31 for Mistral-7B-Instruct-v0.1 is on the scale of 0-shot acc."),
         TaskSpec(
@@ -512,7 +520,7 @@ TASKS: dict[str, TaskSpec] = {
             doc_to_target=_first_answer, scorer="gsm8k",
             metrics={"generate": ("exact_strict", "exact_flexible")}, headline="exact_strict",
             data="test split (1319 problems)", default_files=("gsm8k/test.jsonl",), loader=load_gsm8k,
-            max_new_tokens=256, stop=("Q:",),
+            max_new_tokens=256, stop=("Q:",), chance=0.0,
             notes="strict: the number after 'The answer is'; flexible: the last number in the reply. The harness's "
                   "plain gsm8k task (5-shot from the train split) needs the train file, which is not here."),
         TaskSpec(
@@ -524,7 +532,7 @@ TASKS: dict[str, TaskSpec] = {
             data="open-domain unfiltered dev (11313 questions; or the 1000-question FlashRAG subset)",
             default_files=("triviaqa/unfiltered.nocontext/validation-00000-of-00001.parquet", "triviaqa/test.jsonl"),
             loader=load_triviaqa, max_new_tokens=32,
-            stop=("\n", ".", ","),
+            stop=("\n", ".", ","), chance=0.0,
             notes="Prompt verbatim from the harness, which appends '?' even to questions ending in one. em: SQuAD "
                   "exact match of the reply cut at the first stop, any alias; contains: any alias inside the "
                   "reply's first line (LitM's best_subspan_em)."),
@@ -535,7 +543,7 @@ TASKS: dict[str, TaskSpec] = {
             doc_to_text=lambda item: f"Q: {item.question}?\nA:", doc_to_target=_first_answer,
             scorer="short_answer", metrics={"generate": ("em", "contains")}, headline="em", floor_metric="contains",
             data="dev split (3610 questions)", default_files=("nq_open/NQ-open.dev.jsonl",),
-            loader=load_nq_open, max_new_tokens=32, stop=("\n", ".", ","), fewshot_delimiter="\n",
+            loader=load_nq_open, max_new_tokens=32, stop=("\n", ".", ","), fewshot_delimiter="\n", chance=0.0,
             notes="em: SQuAD exact match (lower-case, no punctuation or articles) against every answer."),
     )
 }
@@ -930,10 +938,14 @@ def summarize_benchmarks(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0
     return out
 
 
-def benchmark_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+def benchmark_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, seed: int = 0,
+                     margin: float | None = None) -> list[dict]:
     """Each other model minus `baseline` on the items both scored (same ids; kvlib.engine.evaluate.paired_with_base):
-    per task x metric the mean difference with a paired 95% CI (`paired_difference_ci`; MMLU macro: bootstrap
-    resampling within subjects)."""
+    per task x metric the mean difference with a paired 95% CI and the one-sided p-values of the claims' nulls
+    from the same method (kvlib.engine.stats.paired_difference_test: Newcombe's paired score interval for 0/1 scores;
+    columns as in kvlib.engine.evaluate.paired_deltas, `margin` the equivalence margin), and the baseline's score
+    with its CI (`baseline_ci_low`, `baseline_ci_high`: Wilson), so a claim can tell whether it clears chance. MMLU
+    macro: a bootstrap resampling within subjects, descriptive only (no p-values; no claim uses it)."""
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     if baseline not in models:
@@ -965,7 +977,9 @@ def benchmark_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, se
                     row = {"model": model, "baseline": baseline, "task": task, "metric": name,
                            "variant": variant if variant == base_variant else f"{variant} vs {base_variant}",
                            "n": len(pairs), "value": float("nan"), "baseline_value": float("nan"),
-                           "delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+                           "baseline_ci_low": float("nan"), "baseline_ci_high": float("nan"),
+                           "delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "ci_method": "",
+                           **dict.fromkeys(("p_increase", "p_decrease", "p_no_loss", "p_no_gain"), float("nan"))}
                     if pairs:
                         a = [float(v) for _, v, _ in pairs]
                         b = [float(v) for _, _, v in pairs]
@@ -973,16 +987,19 @@ def benchmark_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, se
                             groups = [row_of[(model, task, i)]["group"] for i, _, _ in pairs]
                             value, base_value = macro_mean(a, groups), macro_mean(b, groups)
                             delta, lo, hi = macro_bootstrap_ci([x - y for x, y in zip(a, b)], groups, n_boot, seed)
+                            row.update(value=value, baseline_value=base_value, delta=delta, ci_low=lo, ci_high=hi,
+                                       ci_method="bootstrap within subjects (descriptive)")
                         else:
-                            value, base_value = sum(a) / len(a), sum(b) / len(b)
-                            delta, lo, hi = paired_difference_ci(a, b, n_boot, seed)
-                        row.update(value=value, baseline_value=base_value, delta=delta, ci_low=lo, ci_high=hi)
+                            test = paired_difference_test(a, b)
+                            _, base_lo, base_hi = mean_ci(b, n_boot, seed)
+                            row.update(value=sum(a) / len(a), baseline_value=sum(b) / len(b), delta=test.estimate,
+                                       baseline_ci_low=base_lo, baseline_ci_high=base_hi, **test.row(margin))
                     out.append(row)
     return out
 
 
-def benchmark_seed_group_deltas(rows: Sequence[dict], baseline: str, groups: Mapping[str, Sequence[str]], seed: int = 0
-                      ) -> list[dict]:
+def benchmark_seed_group_deltas(rows: Sequence[dict], baseline: str, groups: Mapping[str, Sequence[str]],
+                                seed: int = 0, margin: float | None = None) -> list[dict]:
     """kvlib.engine.evaluate.seed_group_deltas on each benchmark's headline metric and its floor_metric (items the
     harness way: skipped items left out), one row per group x task x metric with `task` and `metric` set."""
 
@@ -991,7 +1008,7 @@ def benchmark_seed_group_deltas(rows: Sequence[dict], baseline: str, groups: Map
         spec = TASKS[task]
         scored = [r for r in rows if r["task"] == task and r["skipped"] is None]
         for metric in dict.fromkeys(m for m in (spec.headline, spec.floor_metric) if m):
-            out += by_seed(scored, baseline, groups, ["task"], metric, "id", seed=seed)
+            out += by_seed(scored, baseline, groups, ["task"], metric, "id", seed=seed, margin=margin)
     return out
 
 

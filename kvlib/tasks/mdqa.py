@@ -35,15 +35,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
+import numpy as np
+
 from kvlib.engine import evaluate
 from kvlib.engine.config import ParamError, from_mapping
 from kvlib.engine.data import MDQA_QUESTIONS, JsonlReport, OnTruncated, mdqa_paths, read_jsonl_records, resolve_data_dir
 from kvlib.engine.evaluate import answer_requests, paired_deltas, result_fields, seed_group_deltas, with_seed_groups
 from kvlib.engine.scoring import normalize_answer, score_mdqa_answer
+from kvlib.engine.stats import contrast_test, seed_contrast_test
 from kvlib.tasks.synthetic import load_template
 
 SETTING_RANDOM = "derived (random distractors)"
 SETTING_RETRIEVED = "retrieved distractors (LitM)"
+# the Fig. 10 contrast (mdqa_contrast_deltas): a model's gain with random minus its gain with retrieved
+SETTING_CONTRAST = "gain with random minus gain with retrieved distractors"
+# MDQA's chance rate: an open-domain answer is not guessed from a list, so a model that knows nothing scores 0 (its
+# floor); a claim is testable only where the original clears it (kvlib.report.paper.original_level)
+MDQA_CHANCE = 0.0
 QID_SCHEME = "sha1 hex of kvlib.engine.scoring.normalize_answer(question)"
 
 Layout = Literal["auto", "qa", "retrieval"]
@@ -809,14 +817,55 @@ def mdqa_question_means(rows: Sequence[dict]) -> list[dict]:
             for (m, s, q), vals in groups.items()]
 
 
-def mdqa_pooled_deltas(rows: list[dict], base: str, seed_groups: Mapping[str, Sequence[str]]
-                       ) -> tuple[list[dict], list[dict]]:
+def mdqa_pooled_deltas(rows: list[dict], base: str, seed_groups: Mapping[str, Sequence[str]],
+                       margin: float | None = None) -> tuple[list[dict], list[dict]]:
     """MDQA differences from `base` pooled over gold positions (per question, its mean over positions, so the
-    paired bootstrap resamples questions), per setting; with seed groups, each group's seed-averaged row
-    replaces its members (`with_seed_groups`). Returns (pooled rows, seed-group rows)."""
+    intervals treat questions as the items), per setting; with seed groups, each group's seed-averaged row
+    replaces its members (`with_seed_groups`). When both of the paper's settings were run, the pooled rows also
+    hold each model's gain contrast between them (`mdqa_contrast_deltas`, setting SETTING_CONTRAST).
+    Returns (pooled rows, seed-group rows)."""
+
     means = mdqa_question_means(rows)
-    pooled = paired_deltas(means, base, ["setting"], "correct", "qid")
-    if not seed_groups:
-        return pooled, []
-    seed_rows = seed_group_deltas(means, base, seed_groups, ["setting"], "correct", "qid")
-    return with_seed_groups(pooled, seed_rows, seed_groups), seed_rows
+    pooled = paired_deltas(means, base, ["setting"], "correct", "qid", margin=margin)
+    seed_rows = (seed_group_deltas(means, base, seed_groups, ["setting"], "correct", "qid", margin=margin)
+                 if seed_groups else [])
+    if seed_groups:
+        pooled = with_seed_groups(pooled, seed_rows, seed_groups)
+    if {SETTING_RANDOM, SETTING_RETRIEVED} <= {r["setting"] for r in rows}:
+        pooled += mdqa_contrast_deltas(rows, base, seed_groups, SETTING_RANDOM, SETTING_RETRIEVED, margin=margin)
+    return pooled, seed_rows
+
+
+def mdqa_contrast_deltas(rows: Sequence[dict], base: str, seed_groups: Mapping[str, Sequence[str]], first: str,
+                         second: str, seed: int = 0, n_boot: int = 2000, margin: float | None = None) -> list[dict]:
+    """Per model (seed groups in place of their members): its gain over `base` in setting `first` minus its gain
+    in setting `second`, paired by question (each question's mean over gold positions, on the questions every
+    model involved scored in both settings): the paper's Fig. 10 contrast, finetuning helps with random
+    distractors and not with retrieved ones. Interval and p-values: kvlib.engine.stats.contrast_test (paired t floored
+    by MOVER of the two Newcombe intervals), seed groups kvlib.engine.stats.seed_contrast_test (two-stage bootstrap,
+    same floor). One row per model: setting = SETTING_CONTRAST, n_pairs, delta_correct, ci_low,
+    ci_high, ci_method and the p-values of `paired_deltas`."""
+
+    score: dict[tuple[str, str], dict] = {}
+    for r in mdqa_question_means(rows):
+        if r["correct"] is not None:
+            score.setdefault((r["model"], r["setting"]), {})[r["qid"]] = float(r["correct"])
+    members = {m for ms in seed_groups.values() for m in ms}
+    labels = [m for m in dict.fromkeys(r["model"] for r in rows) if m != base and m not in members]
+    arms = {label: [label] for label in labels} | {g: list(ms) for g, ms in seed_groups.items()}
+    out = []
+    for label, models in arms.items():
+        involved = [base, *models]
+        qids = sorted(set.intersection(*(set(score.get((m, s), {})) for m in involved for s in (first, second))),
+                      key=str)
+        row = {"setting": SETTING_CONTRAST, "model": label, "base": base, "n_pairs": len(qids), "n_unpaired": None}
+        if qids:
+            x1 = np.array([[score[(m, first)][q] for q in qids] for m in models])
+            x2 = np.array([[score[(m, second)][q] for q in qids] for m in models])
+            y1 = np.array([score[(base, first)][q] for q in qids])
+            y2 = np.array([score[(base, second)][q] for q in qids])
+            test = (contrast_test(x1[0], y1, x2[0], y2) if len(models) == 1
+                    else seed_contrast_test(x1, y1, x2, y2, n_boot=n_boot, seed=seed))
+            row.update({"delta_correct": test.estimate, **test.row(margin)})
+        out.append(row)
+    return out
