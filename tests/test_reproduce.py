@@ -435,6 +435,17 @@ def test_a_retrained_run_makes_the_notebooks_that_evaluate_it_stale(tmp_path):
     summary.write_text('{"config_sha256": "b"}\n')  # the run was retrained with another recipe
     assert kv_manifest.stale_reason(job, entry, tmp_path / "results", tmp_path) == (
         "input runs/models/quick/simple-template/run_identity.json changed")
+    weights = summary.parent / "model" / "model.safetensors"  # the run's trained weights: what was evaluated
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights of one training")
+    inputs = kv_manifest.run_identity_inputs(job, tmp_path)
+    assert [i["path"] for i in inputs] == ["runs/models/quick/simple-template/run_identity.json",
+                                           "runs/models/quick/simple-template/model/model.safetensors"]
+    retrained = {**entry, "inputs": inputs}
+    assert kv_manifest.stale_reason(job, retrained, tmp_path / "results", tmp_path) is None
+    weights.write_bytes(b"weights of another training of the same recipe")  # not the model the notebook evaluated
+    assert kv_manifest.stale_reason(job, retrained, tmp_path / "results", tmp_path) == (
+        "input runs/models/quick/simple-template/model/model.safetensors changed")
     legacy = {**entry, "inputs": [{**inputs[0], "path": "runs/models/quick/simple-template/train_summary.json"}]}
     assert kv_manifest.stale_reason(job, legacy, tmp_path / "results", tmp_path) is None  # not comparable
     tracked = {**entry, "inputs": [{**inputs[0], "path": "data/train_summary.json"}]}  # not a run's record

@@ -96,7 +96,8 @@ def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
 
 # --------------------------------------------------------------------------------------------- hashing
 
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory in name order (what a model's weights hash covers)."""
     files = sorted(
         p for p in directory.iterdir()
         if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and p.name not in _NOT_WEIGHTS
@@ -335,7 +336,7 @@ def model_identity(spec: str) -> dict:
     if source is not None:
         sha = files_sha256([source[1]])
     elif Path(path).is_dir():
-        sha = files_sha256(_weight_files(Path(path)))
+        sha = files_sha256(weight_files(Path(path)))
     else:
         sha = None
     return {"spec": spec, "path": path, "weights_sha256": sha}

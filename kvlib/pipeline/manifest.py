@@ -19,6 +19,7 @@ import kvlib
 from kvlib.engine.config import ParamError
 from kvlib.engine.data import resolve_data_dir
 from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
+from kvlib.engine.models import weight_files
 from kvlib.engine.train import IDENTITY_FILE, SUMMARY_FILE
 from kvlib.pipeline.notebooks import profile_finetune_params
 from kvlib.pipeline.plan import NotebookJob, make_job, referenced_runs
@@ -409,11 +410,11 @@ def entry_identity(job: NotebookJob, repo_root: Path) -> dict:
 
 
 def run_identity_inputs(job: NotebookJob, repo_root: Path) -> list[dict]:
-    """The run_identity.json (config and training-file hashes) of every HF run the job's params refer to, as
-    recorded inputs: a run retrained with another recipe or dataset then makes the notebook stale, as a changed
-    data file does, while the same recipe retrained on another machine does not (train_summary.json, recorded
-    before, also holds wall times). Recorded after the notebook ran, so the runs it trained on first use are
-    included."""
+    """The run_identity.json (config and training-file hashes) and the weight files of every HF run the job's
+    params refer to, as recorded inputs: a run retrained with another recipe or dataset, or retrained at all (other
+    weights), then makes the notebook stale, as a changed data file does, so a notebook never stands on a model
+    that is not the run's current one (a fresh clone without runs/ has nothing to compare: not a change).
+    Recorded after the notebook ran, so the runs it trained on first use are included."""
 
     names = referenced_runs(job.params)
     if not names or job.skip:
@@ -427,6 +428,13 @@ def run_identity_inputs(job: NotebookJob, repo_root: Path) -> list[dict]:
         path = identity if identity.is_absolute() else repo_root / identity
         if path.is_file():
             entries.append(input_record(path, repo_relative(path, repo_root)))
+        model_dir = path.parent / "model"
+        if model_dir.is_dir():
+            try:
+                weights = weight_files(model_dir)
+            except ParamError:  # a LoRA adapter or an unfinished save: its identity file still decides
+                weights = []
+            entries += [input_record(w, repo_relative(w, repo_root)) for w in weights]
     return entries
 
 

@@ -276,12 +276,20 @@ class LongerContextNotebookParams(MDQANotebookParams):
     settings: list[str] = dataclasses.field(default_factory=lambda: ["random"])
     num_documents: int = 50
     positions: list[int] = dataclasses.field(default_factory=lambda: [1, 10, 25, 40, 50])
+    # Transfer is judged only for a finetune that learned its own task: its value accuracy on held-out prompts of
+    # its own dataset (the eval split, never trained on) must reach `learned_threshold`.
+    learned_samples: int = 20
+    learned_threshold: float = 0.5
+    learned_max_new_tokens: int = 48
 
     def validate(self) -> None:
-
         if list(self.settings) != ["random"]:
             fail("settings", f"the longer-context test uses random distractors only, got {self.settings!r}")
         super().validate()
+        check_positive("learned_samples", self.learned_samples)
+        check_positive("learned_max_new_tokens", self.learned_max_new_tokens)
+        if not 0 < self.learned_threshold <= 1:
+            fail("learned_threshold", f"a value accuracy in (0, 1], got {self.learned_threshold}")
 
 
 @dataclass

@@ -15,7 +15,8 @@ from kvlib.engine.openai_ft import STATE_FILE
 from kvlib.engine.train import train
 from kvlib.pipeline.notebooks import profile_finetune_params
 from kvlib.tasks.mdqa import evaluate_mdqa
-from kvlib.tasks.synthetic import ensure_dataset
+from kvlib.engine.stats import mean_ci
+from kvlib.tasks.synthetic import ensure_dataset, evaluate_kv, load_dataset
 
 
 def ensure_run_model(profile: str, run: str, params_root: str | Path = "params") -> str:
@@ -47,6 +48,25 @@ def open_model(config: BackendConfig, cache_dir: str | Path | None, profile: str
     if config.run is not None:
         config = dataclasses.replace(config, model=ensure_run_model(profile, config.run, params_root), run=None)
     return open_backend(config, cache_dir, progress=progress)
+
+
+def heldout_value_accuracy(config: BackendConfig, label: str, profile: str, params_root: str | Path,
+                           cache_dir: str | Path | None, samples: int, max_new_tokens: int) -> dict | None:
+    """Did the finetuning run behind `config` learn its own task? Its value accuracy on the first `samples` held-out
+    prompts (eval split) of its own dataset, with a Wilson 95% CI: {label, run, n, value, ci_low, ci_high}. None
+    for a model that is not an HF run of the profile (nothing to check)."""
+    if config.run is None:
+        return None
+    jobs = profile_finetune_params(profile, params_root).jobs()
+    if config.run not in jobs:
+        return None
+    job = jobs[config.run]
+    ensure_dataset(job.data_config, job.data_dir)
+    held = load_dataset(job.data_dir, "eval")[:samples]
+    with open_model(config, cache_dir, profile, params_root) as model:
+        rows = evaluate_kv(model, held, max_new_tokens, label)
+    value, lo, hi = mean_ci([float(r["value"]) for r in rows])
+    return {"label": label, "run": config.run, "n": len(rows), "value": value, "ci_low": lo, "ci_high": hi}
 
 
 def evaluate_mdqa_sets(configs: Mapping[str, BackendConfig], sets: Mapping[str, Any], positions: Sequence[int],

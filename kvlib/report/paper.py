@@ -159,14 +159,21 @@ CLAIM_P = {"increase": ("p_increase", "p_decrease"), "decrease": ("p_decrease", 
            "no_loss": ("p_no_loss", "p_decrease"), "no_gain": ("p_no_gain", "p_increase")}
 
 
+# A transfer claim whose finetune did not learn its own task (Fig. 9): nothing to transfer, nothing tested.
+NOT_TESTED = "not tested: the finetune did not learn its task"
+
+
 def is_untestable(verdict_text: str) -> bool:
-    return verdict_text.startswith("untestable")
+    return verdict_text.startswith(("untestable", NOT_TESTED))
 
 
 def verdict_category(verdict_text: str) -> str:
     """A verdict without its reason (what the reproduction map counts): "untestable at this model's level (...)"
     -> "untestable at this model's level"; other verdicts are returned as they are."""
-    return UNTESTABLE if verdict_text.startswith(UNTESTABLE) else verdict_text
+    for category in (UNTESTABLE, NOT_TESTED):
+        if verdict_text.startswith(category):
+            return category
+    return verdict_text
 
 
 def at_floor(row: dict, d: Mapping[str, Any]) -> dict:
@@ -415,16 +422,28 @@ def mdqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], r
     return holm_families(out)
 
 
-def longer_context_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], num_documents: int
+def longer_context_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], num_documents: int,
+                          learned: Mapping[str, Mapping[str, Any]] | None = None, threshold: float = 0.5
                           ) -> list[dict]:
     """Fig. 9 from MDQA paired deltas pooled over gold positions at the longer context: finetuning on long
-    key-value prompts improves MDQA with many documents (the original must clear MDQA's floor). Holm-adjusted."""
-
-    return holm_families([
-        judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA (random "
-                      f"distractors, mean over positions)", d["model"], d, "increase", "delta_correct",
-              levels=[_mdqa_level(d)])
-        for d in pooled if d["model"] in synthetic and d.get("setting") != SETTING_CONTRAST])
+    key-value prompts improves MDQA with many documents (the original must clear MDQA's floor). Holm-adjusted.
+    `learned` (label -> kvlib.pipeline.runs.heldout_value_accuracy): a finetune whose held-out value accuracy on its
+    own task is below `threshold` did not learn it, so transfer is not tested: its claim says so (NOT_TESTED)."""
+    claims = []
+    for d in pooled:
+        if d["model"] not in synthetic or d.get("setting") == SETTING_CONTRAST:
+            continue
+        row = judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA (random "
+                            f"distractors, mean over positions)", d["model"], d, "increase", "delta_correct",
+                    levels=[_mdqa_level(d)])
+        check = (learned or {}).get(d["model"])
+        if check is not None:
+            row["learned_own_task"] = f"{check['value']:.1%} of {check['n']} held-out prompts"
+            if check["value"] < threshold:
+                row["verdict"] = (f"{NOT_TESTED} (held-out value accuracy {check['value']:.1%} of {check['n']} "
+                                  f"< {threshold:.0%})")
+        claims.append(row)
+    return holm_families(claims)
 
 
 def flenqa_level(d: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None = None) -> dict | None:
