@@ -143,3 +143,25 @@ def test_every_kvlib_name_a_notebook_uses_exists(name):
     missing = sorted(f"{alias}.{attr}" for alias, attr in used
                      if alias in modules and isinstance(modules[alias], type(json)) and not hasattr(modules[alias], attr))
     assert not missing, f"{name} uses names its kvlib modules do not have: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_every_name_a_notebook_reads_is_defined(name):
+    """A name read in a notebook (e.g. a kvlib module used in a later cell) is imported or assigned in it."""
+    import ast
+    import builtins
+
+    nb = json.loads(NOTEBOOKS[name].read_text())
+    tree = ast.parse("\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"))
+    defined = set(dir(builtins)) | {notebooks.INJECTED}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {a.asname or a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, ast.FunctionDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert not read - defined, f"{name} reads names it never defines: {sorted(read - defined)}"
