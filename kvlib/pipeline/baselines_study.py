@@ -14,11 +14,17 @@ from kvlib.engine import evaluate
 from kvlib.engine.evaluate import group_rows
 from kvlib.engine.io import file_sha256
 from kvlib.engine.train import train
-from kvlib.pipeline.notebooks import PAPER_MODEL, PAPER_ROWS, BaselinesNotebookParams, _paper_reference, _slug
+from kvlib.pipeline.notebooks import (
+    PAPER_MODEL,
+    PAPER_ROWS,
+    BaselinesNotebookParams,
+    baseline_slug,
+    table2_reference_rows,
+)
 from kvlib.pipeline.runs import open_model
 from kvlib.report import paper
 from kvlib.tasks import flenqa, general, mdqa
-from kvlib.tasks.baseline_sets import BaselineConfig, _counter_for, ensure_baseline, matched_config, sample_lengths
+from kvlib.tasks.baseline_sets import BaselineConfig, ensure_baseline, matched_config, sample_lengths, token_counter_for
 from kvlib.tasks.contamination import check_contamination, load_eval_reference
 from kvlib.tasks.flenqa import FLenQAConfig
 from kvlib.tasks.general import TASKS
@@ -56,7 +62,7 @@ def synthetic_lengths(P: BaselinesNotebookParams, count_tokens=None) -> tuple[Pa
 
     job = P.match_job()
     ensure_dataset(job.data_config, job.data_dir)
-    count_tokens = count_tokens or _counter_for(P.baseline_config(next(iter(P.baselines))))
+    count_tokens = count_tokens or token_counter_for(P.baseline_config(next(iter(P.baselines))))
     return job.data_dir, sample_lengths(load_dataset(job.data_dir, "train"), count_tokens)
 
 
@@ -73,7 +79,7 @@ def prepare_baselines(P: BaselinesNotebookParams, reference, count_tokens=None) 
     for label in P.baselines:
         raw = P.baseline_config(label)
         if count_tokens is None and raw.tokenizer not in counters:
-            counters[raw.tokenizer] = _counter_for(raw)
+            counters[raw.tokenizer] = token_counter_for(raw)
         count = count_tokens or counters[raw.tokenizer]
         cfg = matched_config(raw, job.data_dir, count)
         where = P.baseline_dir(label)
@@ -82,7 +88,7 @@ def prepare_baselines(P: BaselinesNotebookParams, reference, count_tokens=None) 
         train_file = where / "train.jsonl"
         train_config = dataclasses.replace(
             job.train_config, train_file=str(train_file),
-            out_dir=str(Path(P.models_dir) / P.profile / "baselines" / f"{_slug(label)}-{file_sha256(train_file)[:8]}"))
+            out_dir=str(Path(P.models_dir) / P.profile / "baselines" / f"{baseline_slug(label)}-{file_sha256(train_file)[:8]}"))
         train_config.validate()
         out[label] = PreparedBaseline(label, cfg, where, tokens, guard, train_config)
     return out
@@ -221,7 +227,7 @@ def table2_deltas(P: BaselinesNotebookParams, deltas: Sequence[dict]) -> list[di
     """Our paired headline deltas (points, with CI) beside the paper's Table 2 delta for the same kind of model
     (its score minus the original's, Mistral-7B-Instruct-v0.1), one row per model x benchmark."""
 
-    ref = _paper_reference()
+    ref = table2_reference_rows()
     original = ref[f"{PAPER_MODEL}: original"]
     out = []
     for d in deltas:

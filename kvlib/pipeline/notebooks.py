@@ -491,7 +491,8 @@ _SET_BY_MATCH = ("token_total",)  # read from the matched synthetic set (matched
 
 
 
-def _slug(label: str) -> str:
+def baseline_slug(label: str) -> str:
+    """A baseline label as a directory name (its data and model folders)."""
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
@@ -536,7 +537,7 @@ class BaselinesNotebookParams(EvalModelsParams):
         for label in self.baselines:
             if label in configs:
                 fail(f"baselines.{label}", f"label already used by models {list(configs)}")
-            slug = _slug(label) if isinstance(label, str) else ""
+            slug = baseline_slug(label) if isinstance(label, str) else ""
             if not slug or slug in slugs:
                 fail(f"baselines.{label}", f"labels must give distinct directory names, got {label!r}"
                                            + (f" (same as {slugs[slug]!r})" if slug in slugs else ""))
@@ -547,8 +548,8 @@ class BaselinesNotebookParams(EvalModelsParams):
         for label, row in self.paper_rows.items():
             if label not in configs:
                 fail(f"paper_rows.{label}", f"not one of the models {list(configs)} (baselines map by kind)")
-            if f"{PAPER_MODEL}: {row}" not in _paper_reference():
-                known = [k.split(": ", 1)[1] for k in _paper_reference() if k.startswith(PAPER_MODEL)]
+            if f"{PAPER_MODEL}: {row}" not in table2_reference_rows():
+                known = [k.split(": ", 1)[1] for k in table2_reference_rows() if k.startswith(PAPER_MODEL)]
                 fail(f"paper_rows.{label}", f"unknown Table 2 row {row!r}; known: {known}")
         self.mdqa_params(), self.flenqa_params(), self.general_params()
 
@@ -590,7 +591,7 @@ class BaselinesNotebookParams(EvalModelsParams):
         return config
 
     def baseline_dir(self, label: str) -> Path:
-        return Path(self.data_dir) / self.profile / "baselines" / _slug(label)
+        return Path(self.data_dir) / self.profile / "baselines" / baseline_slug(label)
 
     @property
     def flenqa_data_dir(self) -> Path:
@@ -637,8 +638,8 @@ class BaselinesNotebookParams(EvalModelsParams):
 
 
 
-def _paper_reference() -> dict:
-
+def table2_reference_rows() -> dict:
+    """The paper's general-benchmark rows (Table 2 among them), keyed "<model>: <row>"."""
     return paper.load().general_scores()
 
 

@@ -644,7 +644,7 @@ def matched_config(cfg: BaselineConfig, synthetic_dir: str | Path,
     kvlib.tasks.synthetic (its total prompt + answer tokens, and its shortest and longest sample). An ``mdqa``
     sample's length is fixed by num_documents, so there only the longest is matched (the per-sample max)
     and cfg's lower bound is kept."""
-    count_tokens = count_tokens or _counter_for(cfg)
+    count_tokens = count_tokens or token_counter_for(cfg)
     lengths = sample_lengths(load_dataset(Path(synthetic_dir), "train"), count_tokens)
     if not lengths:
         raise ValueError(f"{synthetic_dir}: the train split is empty")
@@ -668,8 +668,8 @@ def token_report(samples: Sequence[Sample], cfg: BaselineConfig) -> dict:
     return report
 
 
-def _counter_for(cfg: BaselineConfig) -> Callable[[list[str]], list[int]]:
-
+def token_counter_for(cfg: BaselineConfig) -> Callable[[list[str]], list[int]]:
+    """The token counter of a baseline's target tokenizer (what its token matching counts)."""
     return load_token_counter(cfg.tokenizer).count
 
 
@@ -687,7 +687,7 @@ def build_baseline(cfg: BaselineConfig, count_tokens: Callable[[list[str]], list
     data_dir = str(resolve_data_dir(cfg.data_dir))
     if reference is None:
         reference = load_eval_reference(data_dir)
-    count_tokens = count_tokens or _counter_for(cfg)
+    count_tokens = count_tokens or token_counter_for(cfg)
     counter = MemoTokenCounter(count_tokens)
     gen = _GENERATORS[cfg.kind](cfg, data_dir, counter, reference, rewrite)
     lo, hi = cfg.sample_tokens
