@@ -45,16 +45,17 @@ def _openai_finetune(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
 
-    return reproduce.run_profile(
-        args.profile,
-        only=args.only,
-        results_root=Path(args.results),
-        params_root=Path(args.params_dir),
-        notebooks_dir=Path(args.notebooks),
-        force=args.force,
-        dry_run=args.dry_run,
-        lock=not args.concurrent,
-    )
+    with reproduce.sigterm_as_interrupt():  # a session ending: the running attempt is timed, as on Ctrl-C
+        return reproduce.run_profile(
+            args.profile,
+            only=args.only,
+            results_root=Path(args.results),
+            params_root=Path(args.params_dir),
+            notebooks_dir=Path(args.notebooks),
+            force=args.force,
+            dry_run=args.dry_run,
+            lock=not args.concurrent,
+        )
 
 
 def _map(args: argparse.Namespace) -> int:
@@ -118,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true",
                      help="validate the profile offline and print what would run and what its models need")
     rep.add_argument("--concurrent", action="store_true",
-                     help="run even while another kvlib reproduce runs on this machine (by default it waits: "
-                          "two runs share the CPU cores and each runs many times slower)")
+                     help="run even while another kvlib reproduce writes the same results folder (by default it "
+                          "waits for it: results/<profile>/.kvlib.lock)")
     rep.set_defaults(func=_reproduce)
 
     mp = sub.add_parser("map", help="the paper-artifact reproduction map of a profile's results (Markdown)")
