@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvlib.engine import openai_ft, train
 from kvlib.engine.config import InputError, ParamError
-from kvlib.pipeline import data_needs, plan, repro_map, reproduce
+from kvlib.pipeline import data_needs, plan, repro_map, reproduce, verify
 from kvlib.tasks import synthetic as generate
 
 
@@ -54,6 +54,21 @@ def _reproduce(args: argparse.Namespace) -> int:
             notebooks_dir=Path(args.notebooks),
             force=args.force,
             dry_run=args.dry_run,
+            lock=not args.concurrent,
+        )
+
+
+def _verify(args: argparse.Namespace) -> int:
+
+    with reproduce.sigterm_as_interrupt():
+        return verify.verify_profile(
+            args.profile,
+            only=args.only,
+            results_root=Path(args.results),
+            params_root=Path(args.params_dir),
+            notebooks_dir=Path(args.notebooks),
+            force=args.force,
+            update=args.update,
             lock=not args.concurrent,
         )
 
@@ -122,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run even while another kvlib reproduce writes the same results folder (by default it "
                           "waits for it: results/<profile>/.kvlib.lock)")
     rep.set_defaults(func=_reproduce)
+
+    ver = sub.add_parser("verify", help="run a profile again into results/.verify/<profile>/ and compare with its "
+                                         "committed results (tables, claims, figures)")
+    ver.add_argument("--profile", required=True)
+    ver.add_argument("--only", action="append", help="notebook name (repeatable)")
+    ver.add_argument("--results", default="results")
+    ver.add_argument("--params-dir", default="params")
+    ver.add_argument("--notebooks", default="notebooks")
+    ver.add_argument("--force", action="store_true",
+                     help="run again even what an earlier verify regenerated with the same params, code and inputs")
+    ver.add_argument("--update", action="store_true",
+                     help="then replace the committed results with the regenerated ones (only when the run finished)")
+    ver.add_argument("--concurrent", action="store_true", help="do not wait for another run of the scratch folder")
+    ver.set_defaults(func=_verify)
 
     mp = sub.add_parser("map", help="the paper-artifact reproduction map of a profile's results (Markdown)")
     mp.add_argument("--profile", required=True)

@@ -251,7 +251,9 @@ def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dic
         map_rows = reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir,
                                           entries=entries, changed=changed_since_run(
                                               out_dir.name, entries, Path(params_root), Path(notebooks_dir)))
-    return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows)))
+    # links to params files go through the repository root (the notebooks' parent), wherever the folder is
+    repo_prefix = Path(os.path.relpath(Path(notebooks_dir).resolve().parent, out_dir.resolve())).as_posix() + "/"
+    return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows, repo_prefix)))
 
 
 
