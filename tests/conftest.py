@@ -75,5 +75,7 @@ def find_absolute_paths(text: str, machine: tuple[str, ...] = ()) -> list[str]:
         _ABSOLUTE_PATH = re.compile(r"(?<![A-Za-z0-9+/=_.:~<>$\\-])/(?:" + roots + r")/[^\s\"'<>)\]]*"
                                     r"|\b[A-Za-z]:\\\\?(?:Users|ProgramData|Windows)\b[^\s\"'<>]*")
     found = _ABSOLUTE_PATH.findall(text)
-    found += [m for m in machine if m and m not in ("/", ".") and m in text]
+    for prefix in machine:  # as an absolute path, not the tail of a relative one (`../../work/x` from elsewhere)
+        if prefix and prefix.rstrip("/") not in ("", "."):
+            found += re.findall(r"(?<![\w.~/-])" + re.escape(prefix.rstrip("/")) + r"(?![\w.~-])[^\s\"'<>]*", text)
     return found
