@@ -477,6 +477,42 @@ def test_a_run_killed_during_evaluation_resumes_from_the_cache(tmp_path, monkeyp
     assert not (out / ".01_eval.attempts.json").exists()
 
 
+@pytest.mark.slow
+def test_sigterm_times_the_attempt_like_ctrl_c(tmp_path, monkeypatch):
+    """A session ending sends SIGTERM: `kvlib reproduce` stops as on Ctrl-C, with the running attempt timed in the
+    attempts file (not left for the next run to guess) and the kernel shut down."""
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "params" / PROFILE).mkdir(parents=True)
+    (repo / "evalparams.py").write_text(EVAL_PARAMS)
+    nbformat.write(nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("kvlib_params = None", metadata={"tags": ["parameters"]}),
+               nbformat.v4.new_code_cell(textwrap.dedent(EVAL_CODE))],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}),
+        repo / "notebooks" / "01_eval.ipynb")
+    (repo / "params" / PROFILE / "01_eval.yaml").write_text("n: 200\ndelay: 0.2\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(kvlib=KVLIB_ROOT, repo=str(repo)))
+    began = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), "reproduce", "--profile", PROFILE, "--params-dir", str(repo / "params"),
+         "--notebooks", str(repo / "notebooks"), "--results", str(repo / "results")],
+        cwd=repo, env={**os.environ, "PYTHONPATH": KVLIB_ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = repo / "runs" / "cache"
+    deadline = time.time() + 180
+    while time.time() < deadline and _stored(cache) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    [attempt] = json.loads((out_dir(repo) / ".01_eval.attempts.json").read_text())
+    assert attempt["ended"] == "interrupted" and 0 < attempt["seconds"] < time.time() - began
+    time.sleep(3)
+    stored = _stored(cache)
+    time.sleep(2)
+    assert _stored(cache) == stored < 200  # the kernel is gone: nothing answers any more
+    assert not (out_dir(repo) / "manifest.json").exists()  # nothing published
+
+
 TRAIN_DRIVER = '''
 import sys, time
 sys.path.insert(0, {kvlib!r})
