@@ -7,6 +7,10 @@
 # Data: `make reproduce` first runs `kvlib data fetch --profile $(PROFILE)`, which downloads (and verifies) only
 # what the profile reads and its data directory lacks (kvlib/datasets.yaml; a no-op when everything is there).
 # DATA_DIR=... picks the data directory (default: $KVLIB_DATA_DIR, ../shared/data, else data/ in the checkout).
+#
+# Then, in a clone with committed results (results/$(PROFILE)/manifest.json), `kvlib verify` runs the profile again
+# into results/.verify/$(PROFILE)/ and compares it with them (report: results/.verify/$(PROFILE)/verify.md; the
+# committed results change only with VERIFY_ARGS=--update); without committed results, `kvlib reproduce` makes them.
 
 PYTHON ?= python3
 VENV := .venv
@@ -26,6 +30,7 @@ PROFILE ?= quick
 DATA_DIR ?=
 DATA_ARGS := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 REPRODUCE_ARGS ?=
+VERIFY_ARGS ?=
 PYTEST_ARGS ?=
 BENCHES := $(sort $(wildcard benchmarks/bench_*.py))
 
@@ -51,7 +56,13 @@ data: $(STAMP)
 	$(VENV)/bin/kvlib data fetch --profile $(PROFILE) $(DATA_ARGS)
 
 reproduce: data
-	$(if $(DATA_DIR),KVLIB_DATA_DIR=$(DATA_DIR) )$(VENV)/bin/kvlib reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)
+	@if [ -f results/$(PROFILE)/manifest.json ]; then \
+		echo "$(VENV)/bin/kvlib verify --profile $(PROFILE) $(VERIFY_ARGS)"; \
+		$(if $(DATA_DIR),KVLIB_DATA_DIR=$(DATA_DIR) )$(VENV)/bin/kvlib verify --profile $(PROFILE) $(VERIFY_ARGS); \
+	else \
+		echo "$(VENV)/bin/kvlib reproduce --profile $(PROFILE) $(REPRODUCE_ARGS)"; \
+		$(if $(DATA_DIR),KVLIB_DATA_DIR=$(DATA_DIR) )$(VENV)/bin/kvlib reproduce --profile $(PROFILE) $(REPRODUCE_ARGS); \
+	fi
 
 bench: $(TEST_STAMP)
 	@if [ -z "$(BENCHES)" ]; then echo "no benchmarks/bench_*.py found"; exit 1; fi

@@ -55,3 +55,27 @@ def tiny_llama_dir(tmp_path_factory, hf_backend) -> str:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+# Absolute filesystem paths: a top-level folder of some machine, not inside a URL, a longer path or base64 data
+# (every character before a path's first slash there is one of [A-Za-z0-9+/=]).
+_ABSOLUTE_PATH = None
+
+
+def find_absolute_paths(text: str, machine: tuple[str, ...] = ()) -> list[str]:
+    """The absolute filesystem paths in `text` (a rendered notebook, an HTML page, a manifest): anything under a
+    usual top-level folder (/home, /tmp, /work, /usr, ... and C:\\Users), and any of the `machine` prefixes (this
+    checkout, its data directory, its Python environment)."""
+    import re
+
+    global _ABSOLUTE_PATH
+    if _ABSOLUTE_PATH is None:
+        roots = ("work|tmp|home|root|usr|opt|var|private|Users|mnt|srv|scratch|data|nfs|gpfs|lustre|media|run|etc|"
+                 "snap|cluster|shared|storage|Volumes|net|export|scratch|workspace|content|kaggle|app")
+        _ABSOLUTE_PATH = re.compile(r"(?<![A-Za-z0-9+/=_.:~<>$\\-])/(?:" + roots + r")/[^\s\"'<>)\]]*"
+                                    r"|\b[A-Za-z]:\\\\?(?:Users|ProgramData|Windows)\b[^\s\"'<>]*")
+    found = _ABSOLUTE_PATH.findall(text)
+    for prefix in machine:  # as an absolute path, not the tail of a relative one (`../../work/x` from elsewhere)
+        if prefix and prefix.rstrip("/") not in ("", "."):
+            found += re.findall(r"(?<![\w.~/-])" + re.escape(prefix.rstrip("/")) + r"(?![\w.~-])[^\s\"'<>]*", text)
+    return found

@@ -118,6 +118,24 @@ def test_smoke_profile_runs_every_notebook(tmp_path, monkeypatch):
             assert (tmp_path / "smoke" / out).is_file()
     tables = (tmp_path / "smoke" / "01_synthetic_data" / "token_lengths.csv").read_text()
     assert "simple-template" in tables and "multisubkey-template" in tables
+    # no absolute path of this machine in anything the run wrote: the checkout, the data directory, the Python
+    # environment, the temp directory (where these results are), the kvlib model cache
+    import sys
+    import tempfile
+
+    from conftest import find_absolute_paths
+    from kvlib.engine.data import resolve_data_dir
+    from kvlib.engine.models import cache_dir
+
+    machine = (str(ROOT), str(resolve_data_dir()), sys.prefix, str(tmp_path), tempfile.gettempdir() + "/",
+               str(cache_dir()))
+    bad = {}
+    for path in sorted((tmp_path / "smoke").rglob("*")):
+        if path.is_file() and path.suffix != ".png":
+            found = find_absolute_paths(path.read_bytes().decode("utf-8", "replace"), machine)
+            if found:
+                bad[path.relative_to(tmp_path).as_posix()] = sorted(set(found))[:3]
+    assert not bad, f"absolute paths in rendered results: {bad}"
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))

@@ -361,8 +361,8 @@ def test_failure_stops_the_run_before_later_notebooks(tmp_path, capsys):
         (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").unlink(), "params file not found"),
         (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").write_text("results_dir: /tmp\n"),
          "results_dir: set by kvlib reproduce"),
-        (lambda r: notebooks.NOTEBOOKS.pop(NB2), "no params class registered"),
-        (lambda r: notebooks.NOTEBOOKS.update({NB2: "kvlib.nope:Params"}), "is not a dataclass"),
+        (lambda r: plan.NOTEBOOKS.pop(NB2), "no params class registered"),
+        (lambda r: plan.NOTEBOOKS.update({NB2: "kvlib.nope:Params"}), "is not a dataclass"),
     ],
     ids=["unknown-key", "invalid-value", "missing-file", "reserved-key", "unregistered", "bad-class"],
 )
@@ -540,19 +540,21 @@ def test_git_info_dirty_means_changed_code_not_stray_files(tmp_path):
     assert kv_manifest.git_info(repo, results)["dirty"] is True
 
 
-def test_one_run_per_machine_makes_a_second_run_wait_for_the_first(tmp_path, capsys):
-    """Two runs at once on a small CPU each run many times slower: the second waits, saying who holds the lock."""
+def test_one_run_per_folder_makes_a_second_run_wait_for_the_first(tmp_path, capsys):
+    """Two runs of one results folder at once would interleave their results and share the CPU cores: the second
+    waits, saying who holds the lock. The lock is a file in the folder it protects, open to every user."""
+    import stat
     import threading
 
-    from kvlib.pipeline import reproduce
-
-    lock, order = tmp_path / "kvlib.lock", []
+    folder, order = tmp_path / "results" / "quick", []
 
     def second():
-        with reproduce.one_run_per_machine("--profile quick", lock):
+        with reproduce.one_run_per_folder(folder, "reproduce --profile quick"):
             order.append("second")
 
-    with reproduce.one_run_per_machine("--profile cpu --only 02_finetune", lock):
+    with reproduce.one_run_per_folder(folder, "reproduce --profile quick --only 02_finetune"):
+        lock = folder / reproduce.LOCK_FILE
+        assert lock.is_file() and stat.S_IMODE(lock.stat().st_mode) == 0o666  # another user can open it
         t = threading.Thread(target=second)
         t.start()
         t.join(0.5)
@@ -560,23 +562,48 @@ def test_one_run_per_machine_makes_a_second_run_wait_for_the_first(tmp_path, cap
         order.append("first")
     t.join(10)
     assert order == ["first", "second"]
-    assert "waiting for kvlib reproduce --profile cpu --only 02_finetune (pid" in capsys.readouterr().out
-    assert lock.read_text() == ""  # released: nobody named as holder
+    out = capsys.readouterr().out
+    assert "waiting for kvlib reproduce --profile quick --only 02_finetune (pid" in out and str(folder) in out
+    assert not (folder / reproduce.HOLDER_FILE).exists()  # released: nobody named as holder
+    with reproduce.one_run_per_folder(tmp_path / "results" / "cpu", "reproduce --profile cpu"):
+        with reproduce.one_run_per_folder(folder, "reproduce --profile quick"):  # another folder: no wait
+            pass
+    assert "waiting" not in capsys.readouterr().out
 
 
-def test_run_profile_takes_the_machine_lock_only_when_asked_and_after_validation(clone, monkeypatch):
+def test_the_lock_holds_across_processes_whatever_the_temp_directory(tmp_path):
+    """A second process with another $TMPDIR (another user's session) still waits: the lock is in the results
+    folder, not in the temp directory."""
+    folder = tmp_path / "results" / "quick"
+    script = (f"import sys; sys.path.insert(0, {KVLIB_ROOT!r})\n"
+              "from pathlib import Path\nfrom kvlib.pipeline import reproduce\n"
+              f"with reproduce.one_run_per_folder(Path({str(folder)!r}), 'reproduce --profile quick'):\n"
+              "    print('got it', flush=True)\n")
+    other_tmp = tmp_path / "other-tmp"
+    other_tmp.mkdir()
+    with reproduce.one_run_per_folder(folder, "reproduce --profile quick --only 03_mdqa"):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "TMPDIR": str(other_tmp)})
+        first = proc.stdout.readline()  # what the other process says first, while this one holds the lock
+        assert "waiting for kvlib reproduce --profile quick --only 03_mdqa" in first and proc.poll() is None
+    out, _ = proc.communicate(timeout=60)
+    assert out.strip() == "got it"
+
+
+def test_run_profile_takes_the_folder_lock_only_when_asked_and_after_validation(clone, monkeypatch):
     """The CLI locks (unless --concurrent); library calls and dry runs do not, and a bad profile fails at once."""
     import contextlib
 
     taken = []
 
     @contextlib.contextmanager
-    def record(label, lock_path=None):
-        taken.append(label)
+    def record(folder, label):
+        taken.append((folder, label))
         yield
 
-    monkeypatch.setattr(reproduce, "one_run_per_machine", record)
-    assert run(clone, only=[NB2], force=True, lock=True) == 0 and taken == [f"--profile {PROFILE} --only {NB2}"]
+    monkeypatch.setattr(reproduce, "one_run_per_folder", record)
+    assert run(clone, only=[NB2], force=True, lock=True) == 0
+    assert taken == [(out_dir(clone).resolve(), f"reproduce --profile {PROFILE} --only {NB2}")]
     assert run(clone, only=[NB2], force=True) == 0 and run(clone, dry_run=True, lock=True) == 0
     with pytest.raises(ParamError):
         reproduce.run_profile("nope", results_root=clone / "results", params_root=clone / "params",

@@ -34,6 +34,7 @@ from kvlib.engine.config import check_positive, fail, from_mapping
 from kvlib.engine.io import sha256_text
 from kvlib.engine.models import (
     DEFAULT_MODEL,
+    check_model_spec,
     default_device_dtype,
     load_model,
     load_tokenizer,
@@ -272,6 +273,8 @@ class BackendConfig:
             fail("run", f"give either model or run, not both (model={self.model!r}, run={self.run!r})")
         if self.kind == "openai" and self.model is None and self.run is None:
             fail("model", "kind openai needs the API's model name (or a run of openai_runs)")
+        if self.kind != "openai" and self.model is not None:
+            check_model_spec(self.model, "model")  # a local path that does not exist fails at planning
         check_positive("batch_size", self.batch_size)
         if self.max_batch_tokens is not None:
             check_positive("max_batch_tokens", self.max_batch_tokens)

@@ -12,13 +12,15 @@ state, and a half-written record cannot exist.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from kvlib.engine.backends import ContextLengthError, check_max_new_tokens, to_messages
+from kvlib.engine.config import InputError
 from kvlib.engine.io import sha256_text
 
 CACHE_FILE = "responses.sqlite"
@@ -34,6 +36,56 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
+_CORRUPT_CODES = (11, 26)  # SQLITE_CORRUPT ("database disk image is malformed"), SQLITE_NOTADB
+
+
+
+class CorruptCacheError(InputError):
+    """The response cache file is damaged (a disk fault, a copy cut short): named with its path and the command
+    that moves it aside, after which the answers it held are asked again (nothing else is lost)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = Path(path)
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        super().__init__(f"{self.path}: the response cache is corrupt ({reason}); move it aside with "
+                         f"`mv {self.path} {aside}` (its -wal and -shm files too, when present) and run again: only "
+                         f"the answers it held are asked again")
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):  # "database is locked", a full disk: not a damaged file
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code in _CORRUPT_CODES or any(m in str(exc) for m in ("malformed", "not a database"))
+
+
+@contextlib.contextmanager
+def _named_if_corrupt(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc):
+            raise CorruptCacheError(path, str(exc)) from None
+        raise
+
+
+def check_cache(directory: str | Path) -> None:
+    """Raise CorruptCacheError when the response cache in `directory` exists and is damaged (SQLite's
+    quick_check: every page read once; no-op when there is no cache yet). `kvlib reproduce` calls it before any
+    compute, so a damaged cache is reported up front instead of failing a notebook an hour in."""
+    path = Path(directory) / CACHE_FILE
+    if not path.is_file():
+        return
+    with _named_if_corrupt(path):
+        db = sqlite3.connect(path, timeout=60)
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        finally:
+            db.close()
+    if rows != [("ok",)]:
+        raise CorruptCacheError(path, "; ".join(str(r[0]) for r in rows[:3]))
+
+
 def cache_key(identity: dict, kind: str, request: Any, params: dict) -> str:
     """sha256 of the canonical JSON of everything that determines a response."""
     payload = {"identity": identity, "kind": kind, "request": request, "params": params}
@@ -47,10 +99,11 @@ class ResponseCache:
         self.path = Path(directory) / CACHE_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # autocommit off by default in sqlite3: put() commits each response itself
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer (several notebooks)
-        self._db.execute(_SCHEMA)
-        self._db.commit()
+        with _named_if_corrupt(self.path):
+            self._db = sqlite3.connect(self.path, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer (several notebooks)
+            self._db.execute(_SCHEMA)
+            self._db.commit()
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         """The stored responses among `keys` (decoded), by key."""
@@ -59,21 +112,24 @@ class ResponseCache:
         for start in range(0, len(unique), 500):  # SQLite's limit on bound parameters
             chunk = unique[start:start + 500]
             marks = ",".join("?" * len(chunk))
-            for key, response in self._db.execute(
-                    f"SELECT key, response FROM responses WHERE key IN ({marks})", chunk):
-                found[key] = json.loads(response)
+            with _named_if_corrupt(self.path):
+                for key, response in self._db.execute(
+                        f"SELECT key, response FROM responses WHERE key IN ({marks})", chunk):
+                    found[key] = json.loads(response)
         return found
 
     def put(self, key: str, kind: str, backend: str, request: Any, response: Any) -> None:
         """Store one response and commit at once (an interruption loses at most the one in flight)."""
-        self._db.execute(
-            "INSERT OR REPLACE INTO responses (key, kind, backend, request, response, created) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (key, kind, backend, json.dumps(request, ensure_ascii=False), json.dumps(response), time.time()))
-        self._db.commit()
+        with _named_if_corrupt(self.path):
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses (key, kind, backend, request, response, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key, kind, backend, json.dumps(request, ensure_ascii=False), json.dumps(response), time.time()))
+            self._db.commit()
 
     def __len__(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        with _named_if_corrupt(self.path):
+            return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
         self._db.close()

@@ -22,6 +22,11 @@ class ParamError(ValueError):
     """A params value is malformed. The message starts with the dotted field name."""
 
 
+class InputError(ParamError):
+    """A file a command reads is malformed, or a file it would write is in the way: caught before any compute.
+    The message is one line that starts with the file (`path:line:` where a line is known) and says the fix."""
+
+
 def fail(field: str, message: str) -> typing.NoReturn:
     raise ParamError(f"{field}: {message}")
 
@@ -143,12 +148,52 @@ def to_mapping(obj: Any) -> Any:
     return obj
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently, so `seed: 0` ... `seed: 1` would run with seed 1 and nobody would know)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` keys may be overridden on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first_line[key]}): keep one of them",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def yaml_error_line(path: str | Path, exc: yaml.YAMLError) -> str:
+    """A YAML error as one line, `path:line: what` (PyYAML's own message spans several lines with a caret)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{context}: {problem}" if context and "duplicate key" not in problem else problem
+    return f"{where}: invalid YAML: {' '.join(text.split())}"
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A YAML params file as a mapping (empty file: {}). A syntax error or a key given twice raises InputError
+    with one line naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: params file not found")
-    with path.open() as fh:
-        data = yaml.safe_load(fh)
+    with path.open(encoding="utf-8") as fh:
+        try:
+            data = yaml.load(fh, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            raise InputError(yaml_error_line(path, exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -127,25 +127,40 @@ def _gguf_source(spec: str) -> tuple[str, Path] | None:
     return None
 
 
+def check_model_spec(spec: Any, field: str = "model") -> str:
+    """`spec` (stripped) when it can name a model: an embedded model, an existing checkpoint directory or .gguf
+    file, or a Hugging Face hub id; else ParamError naming `field`. Nothing is loaded or converted, so params
+    validation (`kvlib reproduce --dry-run`, planning) catches a local path that does not exist before any
+    compute."""
+    spec = _check_spec(spec, field)
+    if _embedded_name(spec) is not None:
+        return spec
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file()):
+        return spec
+    if path.exists():
+        fail(field, f"{spec!r} is a file; expected a checkpoint directory, a .gguf file, an embedded model "
+                    f"({', '.join(EMBEDDED_MODELS)}) or a Hugging Face hub id")
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        fail(field, f"{spec!r} is not an existing directory, an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+                    f"or a Hugging Face hub id like 'org/name': fix the path (relative paths start at the "
+                    f"repository root) or train the model first")
+    return spec
+
+
 def resolve_model(spec: str, *, field: str = "model") -> str:
     """What `from_pretrained` should load for `spec`: the converted checkpoint directory of an embedded model
     (or .gguf file), the absolute path of a local directory, or `spec` itself as a hub id.
 
     `field` names the params field in error messages (the data generator passes "tokenizer").
     """
-    spec = _check_spec(spec, field)
+    spec = check_model_spec(spec, field)
     source = _gguf_source(spec)
     if source is not None:
         return str(_converted_checkpoint(*source))
     path = Path(spec).expanduser()
     if path.is_dir():
         return str(path.resolve())
-    if path.exists():
-        fail(field, f"{spec!r} is a file; expected a checkpoint directory, a .gguf file, an embedded model "
-                    f"({', '.join(EMBEDDED_MODELS)}) or a Hugging Face hub id")
-    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
-        fail(field, f"{spec!r} is not an existing directory, an embedded model ({', '.join(EMBEDDED_MODELS)}) "
-                    f"or a Hugging Face hub id like 'org/name'")
     return spec
 
 

@@ -31,6 +31,7 @@ from typing import Literal
 
 from kvlib.engine import models
 from kvlib.engine.config import (
+    InputError,
     ParamError,
     check_fraction,
     check_positive,
@@ -96,6 +97,7 @@ class TrainConfig:
             fail("out_dir", "required")
         if not self.model:
             fail("model", "required")
+        models.check_model_spec(self.model, "model")  # a local path that does not exist fails here, not mid-run
         if self.epochs <= 0:
             fail("epochs", f"must be > 0, got {self.epochs}")
         if self.learning_rate <= 0:
@@ -147,7 +149,10 @@ def read_chat_file(path: Path) -> list[list[dict]]:
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"train_file: {path} does not exist (generate it first, e.g. `kvlib generate`)")
-    rows, _ = read_jsonl_records(path)
+    try:
+        rows, _ = read_jsonl_records(path)
+    except ValueError as exc:  # a line that is not JSON: `path:line: ...`, one line
+        raise InputError(" ".join(str(exc).split()) + "; fix that line or regenerate the file") from None
     if not rows:
         raise ParamError(f"train_file: {path} holds no examples")
     chats = []
@@ -157,7 +162,7 @@ def read_chat_file(path: Path) -> list[list[dict]]:
                 or any(not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
                        or not isinstance(m.get("content"), str) for m in msgs)
                 or msgs[-1]["role"] != "assistant"):
-            raise ValueError(f"{path}:{lineno}: expected {{'messages': [..., {{'role': 'assistant', ...}}]}} "
+            raise InputError(f"{path}:{lineno}: expected {{'messages': [..., {{'role': 'assistant', ...}}]}} "
                              f"with roles system/user/assistant and string contents")
         chats.append(msgs)
     return chats

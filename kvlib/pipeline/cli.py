@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from kvlib.engine import openai_ft, train
-from kvlib.engine.config import ParamError
-from kvlib.pipeline import data_needs, repro_map, reproduce
+from kvlib.engine.config import InputError, ParamError
+from kvlib.pipeline import data_needs, plan, repro_map, reproduce, verify
 from kvlib.tasks import synthetic as generate
 
 
@@ -27,6 +27,7 @@ def _generate(args: argparse.Namespace) -> int:
     config = generate.config_from_sources(args.params, {k: v for k, v in overrides.items() if v is not None})
     if args.out is None:
         raise ParamError("out: required (--out DIR)")
+    generate.check_out_dir(Path(args.out), overwrite=args.force)  # before any generation
     result = generate.write_dataset(config, Path(args.out), progress=not args.quiet)
     print(generate.format_stats(result))
     return 0
@@ -44,20 +45,37 @@ def _openai_finetune(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
 
-    return reproduce.run_profile(
-        args.profile,
-        only=args.only,
-        results_root=Path(args.results),
-        params_root=Path(args.params_dir),
-        notebooks_dir=Path(args.notebooks),
-        force=args.force,
-        dry_run=args.dry_run,
-        lock=not args.concurrent,
-    )
+    with reproduce.sigterm_as_interrupt():  # a session ending: the running attempt is timed, as on Ctrl-C
+        return reproduce.run_profile(
+            args.profile,
+            only=args.only,
+            results_root=Path(args.results),
+            params_root=Path(args.params_dir),
+            notebooks_dir=Path(args.notebooks),
+            force=args.force,
+            dry_run=args.dry_run,
+            lock=not args.concurrent,
+        )
+
+
+def _verify(args: argparse.Namespace) -> int:
+
+    with reproduce.sigterm_as_interrupt():
+        return verify.verify_profile(
+            args.profile,
+            only=args.only,
+            results_root=Path(args.results),
+            params_root=Path(args.params_dir),
+            notebooks_dir=Path(args.notebooks),
+            force=args.force,
+            update=args.update,
+            lock=not args.concurrent,
+        )
 
 
 def _map(args: argparse.Namespace) -> int:
 
+    plan.profile_dir(args.profile, Path(args.params_dir))  # an unknown profile: one line naming the known ones
     if args.update:
         changed = repro_map.update_readme_map(args.update, args.profile, args.results, args.params_dir)
         print(f"{args.update}: {args.profile} map {'updated' if changed else 'already up to date'}")
@@ -88,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int)
     gen.add_argument("--tokenizer", help="embedded model name, HF id/path, 'tiktoken:<encoding>' or 'spm:<file>'")
     gen.add_argument("--seed", type=int)
-    gen.add_argument("--out", help="output directory")
+    gen.add_argument("--out", help="output directory (refused when it already holds files, unless --force)")
+    gen.add_argument("--force", action="store_true", help="overwrite the dataset in an existing --out directory")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(func=_generate)
 
@@ -115,9 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true",
                      help="validate the profile offline and print what would run and what its models need")
     rep.add_argument("--concurrent", action="store_true",
-                     help="run even while another kvlib reproduce runs on this machine (by default it waits: "
-                          "two runs share the CPU cores and each runs many times slower)")
+                     help="run even while another kvlib reproduce writes the same results folder (by default it "
+                          "waits for it: results/<profile>/.kvlib.lock)")
     rep.set_defaults(func=_reproduce)
+
+    ver = sub.add_parser("verify", help="run a profile again into results/.verify/<profile>/ and compare with its "
+                                         "committed results (tables, claims, figures)")
+    ver.add_argument("--profile", required=True)
+    ver.add_argument("--only", action="append", help="notebook name (repeatable)")
+    ver.add_argument("--results", default="results")
+    ver.add_argument("--params-dir", default="params")
+    ver.add_argument("--notebooks", default="notebooks")
+    ver.add_argument("--force", action="store_true",
+                     help="run again even what an earlier verify regenerated with the same params, code and inputs")
+    ver.add_argument("--update", action="store_true",
+                     help="then replace the committed results with the regenerated ones (only when the run finished)")
+    ver.add_argument("--concurrent", action="store_true", help="do not wait for another run of the scratch folder")
+    ver.set_defaults(func=_verify)
 
     mp = sub.add_parser("map", help="the paper-artifact reproduction map of a profile's results (Markdown)")
     mp.add_argument("--profile", required=True)
@@ -149,11 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Bad input (a params value, a malformed or missing file, an output in the way) is
+    caught before any compute and reported as one line per problem on stderr, naming the file or field and the
+    fix, with exit status 2; never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ParamError as exc:
-        print(f"kvlib {args.command}: invalid parameter: {exc}", file=sys.stderr)
+        kind = "" if isinstance(exc, InputError) else "invalid parameter: "
+        for line in str(exc).splitlines() or [""]:
+            print(f"kvlib {args.command}: {kind}{line}", file=sys.stderr)
         return 2
 
 

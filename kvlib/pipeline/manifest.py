@@ -9,8 +9,12 @@ import importlib
 import json
 import os
 import platform
+import re
+import site
 import subprocess
 import sys
+import sysconfig
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -19,7 +23,7 @@ import kvlib
 from kvlib.engine.config import ParamError
 from kvlib.engine.data import resolve_data_dir
 from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
-from kvlib.engine.models import weight_files
+from kvlib.engine.models import cache_dir, weight_files
 from kvlib.engine.train import IDENTITY_FILE, SUMMARY_FILE
 from kvlib.pipeline.notebooks import profile_finetune_params
 from kvlib.pipeline.plan import NotebookJob, make_job, referenced_runs
@@ -71,6 +75,50 @@ def _portable_path(path: Path) -> str:
         return DATA_DIR_PREFIX + resolved.relative_to(resolve_data_dir().resolve()).as_posix()
     except (FileNotFoundError, ValueError):
         return resolved.as_posix()
+
+
+
+def machine_paths(repo_root: Path, extra: Mapping[str, Path] | None = None) -> list[tuple[str, str]]:
+    """(absolute prefix, placeholder) pairs for `portable_text`, longest prefix first: `extra` (e.g. a results
+    folder outside the checkout), the data directory (`$KVLIB_DATA_DIR`), site-packages and the Python
+    environment (`<site-packages>`, `<venv>`, `<python>`), kvlib's model cache (`<kvlib-cache>`), the repository
+    root (removed: what follows is a path relative to it), the home directory (`~`) and the temp directory
+    (`<tmp>`). Each in its given and its resolved spelling."""
+    pairs: list[tuple[Path | str | None, str]] = [(path, name) for name, path in (extra or {}).items()]
+    try:
+        pairs.append((resolve_data_dir(), DATA_DIR_PREFIX.rstrip("/")))
+    except FileNotFoundError:
+        pass
+    site_dirs = {sysconfig.get_paths().get("purelib"), sysconfig.get_paths().get("platlib"),
+                 getattr(site, "USER_SITE", None), *getattr(site, "getsitepackages", lambda: [])()}
+    pairs += [(d, "<site-packages>") for d in site_dirs if d]
+    pairs += [(sys.prefix, "<venv>" if sys.prefix != sys.base_prefix else "<python>"), (sys.base_prefix, "<python>")]
+    pairs += [(cache_dir(), "<kvlib-cache>"), (repo_root, ""), (Path.home(), "~"), (tempfile.gettempdir(), "<tmp>")]
+    out: dict[str, str] = {}
+    for path, name in pairs:
+        if path is None or str(path) in ("", "/"):
+            continue
+        for spelling in (str(Path(path)), str(Path(path).resolve())):
+            if spelling not in ("", "/"):
+                out.setdefault(spelling, name)
+    return sorted(out.items(), key=lambda kv: len(kv[0]), reverse=True)
+
+
+
+def portable_text(text: str, repo_root: Path, extra: Mapping[str, Path] | None = None) -> str:
+    """`text` (an executed notebook, its HTML, a log) without this machine's absolute paths (`machine_paths`): a
+    path under the repository becomes relative to it (`/home/me/kvlib/results/x.png` -> `results/x.png`), a data
+    file `$KVLIB_DATA_DIR/...`, a package file `<site-packages>/...`. Only whole path components are replaced, so
+    numbers and other text stay byte for byte."""
+    for prefix, name in machine_paths(repo_root, extra):
+        # the whole prefix, not inside a longer path or name (`/data` never matches `/data2` or `/mnt/data`)
+        pattern = re.compile(r"(?<![\w.~-])" + re.escape(prefix) + r"(?=$|[^\w.~-])")
+        if name:
+            text = pattern.sub(lambda _: name, text)
+        else:  # the repository root: `<root>/x` -> `x`, the root alone -> `.`
+            text = re.sub(r"(?<![\w.~-])" + re.escape(prefix) + "/", "", text)
+            text = pattern.sub(".", text)
+    return text
 
 
 
@@ -135,19 +183,42 @@ def _duration(seconds: float | None) -> str:
 
 def _wall_time(entry: Mapping[str, Any]) -> str:
     """A notebook's wall time; when its results took several runs or attempts with these params (interrupted
-    and resumed, or re-rendered from cached answers), their sum too."""
+    and resumed, re-rendered from cached answers, or failed since), their sum too."""
     text = _duration(entry.get("wall_seconds"))
-    if (entry.get("attempts") or 1) > 1:
-        text += (f" (the last run; {entry['attempts']} runs and attempts with these params: "
-                 f"{_duration(entry.get('wall_seconds_all_attempts'))})")
+    if entry_attempts(entry) > 1:
+        text += (f" (the last run; {entry_attempts(entry)} runs and attempts with these params: "
+                 f"{_duration(entry_wall_seconds(entry))})")
     return text
 
 
 
+def entry_attempts(entry: Mapping[str, Any]) -> int:
+    """Every run and attempt behind a notebook's entry: those behind its latest results and those that failed
+    since (`last_failure`)."""
+    return (entry.get("attempts") or 1) + ((entry.get("last_failure") or {}).get("attempts") or 0)
+
+
+
 def entry_wall_seconds(entry: Mapping[str, Any]) -> float:
-    """What a notebook's latest results cost: every run and attempt behind them (manifests written before
-    attempts were counted have only the last run's `wall_seconds`)."""
-    return entry.get("wall_seconds_all_attempts", entry.get("wall_seconds")) or 0
+    """What a notebook's entry cost: every run and attempt behind its latest results (manifests written before
+    attempts were counted have only the last run's `wall_seconds`), plus the attempts that failed since
+    (`last_failure`, counted from that result on: a rerun that succeeds counts them in its own entry instead)."""
+    own = entry.get("wall_seconds_all_attempts", entry.get("wall_seconds")) or 0
+    return own + ((entry.get("last_failure") or {}).get("wall_seconds_all_attempts") or 0)
+
+
+
+def failure_note(entry: Mapping[str, Any], limit: int = 160) -> str:
+    """`a later run failed at <time>: <error>` for an entry whose last good result stands beside a later failure
+    (`last_failure`), else ''. One line, at most about `limit` characters of error."""
+    failure = entry.get("last_failure")
+    if not failure:
+        return ""
+    error = failure.get("error") or {}
+    text = " ".join(f"{error.get('ename', 'error')}: {error.get('evalue', '')}".split()).rstrip(":")
+    if len(text) > limit:
+        text = text[:limit - 3].rstrip() + "..."
+    return f"a later run failed at {failure.get('finished') or failure.get('started') or '?'}: {text}"
 
 
 
@@ -443,8 +514,11 @@ def carry_over_cost(entry: dict, previous: Mapping[str, Any] | None) -> None:
     """A re-run with unchanged params (a changed notebook, --force) is fed by the models and cached answers its
     predecessors computed, so their time counts toward what these results cost; changed params start over."""
     if previous and previous.get("status") == "ok" and previous.get("params_sha256") == entry["params_sha256"]:
+        # the previous result's own runs; the attempts that failed since it (its `last_failure`) are in the
+        # attempts file, so already in `entry`
         entry["attempts"] += previous.get("attempts", 1)
-        entry["wall_seconds_all_attempts"] = round(entry["wall_seconds_all_attempts"] + entry_wall_seconds(previous), 3)
+        own = previous.get("wall_seconds_all_attempts", previous.get("wall_seconds")) or 0
+        entry["wall_seconds_all_attempts"] = round(entry["wall_seconds_all_attempts"] + own, 3)
 
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal, Mapping
 from kvlib.engine.backends import BackendConfig
 from kvlib.engine.config import ParamError, check_positive, fail, from_mapping, load_yaml
 from kvlib.engine.evaluate import check_seed_groups
+from kvlib.engine.models import check_model_spec
 from kvlib.engine.openai_ft import OpenAIFinetuneConfig
 from kvlib.engine.train import TrainConfig
 from kvlib.report import paper
@@ -160,6 +161,8 @@ class FinetuneNotebookParams:
         check_positive("eval_batch_size", self.eval_batch_size)
         check_positive("examples_to_show", self.examples_to_show, 0)
         check_positive("token_loss_samples", self.token_loss_samples, 0)
+        if self.runs:
+            check_model_spec(self.base_model, "base_model")  # a local path that does not exist fails at planning
         self.jobs()  # every run's dataset and training fields, checked before any work
         self.openai_jobs()
 

@@ -16,8 +16,15 @@ from kvlib.engine.config import ParamError, from_mapping, load_yaml, to_mapping
 from kvlib.engine.io import file_sha256, sha256_text
 from kvlib.pipeline.notebooks import INJECTED, NOTEBOOKS, STAGING
 
-# Injected by the runner, never read from a params file: the profile name and the absolute results directory.
-RESERVED_PARAMS = ("profile", "results_dir")
+# Injected by the runner, never read from a params file: the profile name, the results directory (a staging
+# folder) and the params directory (`--params-dir`: where `run:` models and datasets of the profile are looked up).
+RESERVED_PARAMS = ("profile", "results_dir", "params_root")
+
+
+
+# Where a run reads its params and writes its outputs on this machine: injected, but not part of what the run
+# computes, so neither in its params hash nor in the manifest.
+LOCAL_PARAMS = ("results_dir", "params_root")
 
 
 
@@ -47,8 +54,8 @@ class NotebookJob:
 
     @property
     def params(self) -> dict:
-        # results_dir is where this run stages its outputs: it must not change the hash or land in the manifest.
-        return {k: v for k, v in self.injected.get(INJECTED, self.injected).items() if k != "results_dir"}
+        # where this run stages its outputs and reads its params: neither changes the hash or lands in the manifest
+        return {k: v for k, v in self.injected.get(INJECTED, self.injected).items() if k not in LOCAL_PARAMS}
 
 
 
@@ -63,7 +70,8 @@ def discover_notebooks(notebooks_dir: Path) -> dict[str, Path]:
 
 
 
-def _profile_dir(profile: str, params_root: Path) -> Path:
+def profile_dir(profile: str, params_root: Path) -> Path:
+    """`params_root/profile`, or ParamError naming the known profiles."""
     path = params_root / profile
     if not profile or Path(profile).name != profile or not path.is_dir():
         known = sorted(p.name for p in params_root.iterdir() if p.is_dir()) if params_root.is_dir() else []
@@ -97,18 +105,28 @@ def params_class(name: str) -> type:
 
 
 def find_seeds(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Every value under a key named `seed` or `seeds`, by dotted path (`datasets.train.seed`, `runs[0].seed`)."""
+    """Every value under a key whose name ends with `seed` or `seeds` (`seed`, `question_seed`,
+    `distractor_seed`), by dotted path (`datasets.train.seed`, `runs[0].seed`, `question_seed`)."""
     found: dict[str, Any] = {}
     if isinstance(data, Mapping):
         for key, value in data.items():
             path = f"{prefix}.{key}" if prefix else str(key)
-            if key in ("seed", "seeds"):
+            if isinstance(key, str) and key.lower().endswith(("seed", "seeds")):
                 found[path] = value
             found.update(find_seeds(value, path))
     elif isinstance(data, (list, tuple)):
         for i, value in enumerate(data):
             found.update(find_seeds(value, f"{prefix}[{i}]"))
     return found
+
+
+
+def _relative_to(path: Path, root: Path) -> str:
+    """`path` relative to `root` when it is inside it (POSIX spelling), else absolute."""
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 
@@ -136,17 +154,25 @@ def make_job(name: str, notebook: Path, profile: str, profile_dir: Path, results
     if not data:
         raise ParamError(f"{params_file}: empty params file: set the notebook's params for this profile (or "
                          f"`{SKIP_KEY}: <why>` for a notebook that does not apply to it)")
-    # The notebook writes into a staging folder that the runner moves into results/<profile>/ on success only.
-    params = {**data, "profile": profile, "results_dir": str(results_dir / STAGING)}
+    # The notebook writes into a staging folder that the runner moves into results/<profile>/ on success only, and
+    # looks up the profile's runs and datasets in the params directory this profile came from (`--params-dir`):
+    # validated here with its absolute path, injected relative to the repository root (the kernel's working
+    # directory) when it is inside it, so no machine path lands in the executed notebook.
+    params_root = profile_dir.parent.resolve()
+    params = {**data, "profile": profile, "results_dir": str(results_dir / STAGING),
+              "params_root": _relative_to(params_root, notebook.resolve().parent.parent)}
     cls = params_class(name)
     # The class sees the runner-injected values only if it declares them (notebooks may or may not use them).
     declared = {f.name for f in dataclasses.fields(cls)}
     try:
-        obj = from_mapping(cls, {k: v for k, v in params.items() if k in data or k in declared})
+        obj = from_mapping(cls, {k: v for k, v in {**params, "params_root": str(params_root)}.items()
+                                 if k in data or k in declared})
     except ParamError as exc:
         raise ParamError(f"{params_file}: {exc}") from None
+    if "params_root" not in declared:  # a notebook that looks nothing up in the params directory
+        del params["params_root"]
     injected = {INJECTED: params}
-    job_params = {k: v for k, v in params.items() if k != "results_dir"}
+    job_params = {k: v for k, v in params.items() if k not in LOCAL_PARAMS}
     try:
         params_json = _canonical_json(job_params)
     except TypeError as exc:  # e.g. a YAML date: papermill could not inject it faithfully either
@@ -168,12 +194,12 @@ def plan_profile(
     profile: str, only: list[str] | None, params_root: Path, notebooks_dir: Path, results_dir: Path
 ) -> list[NotebookJob]:
     """Validate everything a run needs and return its jobs; raises ParamError listing every problem found."""
-    profile_dir = _profile_dir(profile, params_root)
+    folder = profile_dir(profile, params_root)
     notebooks = discover_notebooks(notebooks_dir)
     jobs, errors = [], []
     for name in _select(notebooks, only):
         try:
-            jobs.append(make_job(name, notebooks[name], profile, profile_dir, results_dir))
+            jobs.append(make_job(name, notebooks[name], profile, folder, results_dir))
         except ParamError as exc:
             errors.append(str(exc))
     if errors:

@@ -11,6 +11,7 @@ from html import escape as e
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from kvlib.engine.config import InputError
 from kvlib.engine.io import atomic_write_text, dumps_json
 from kvlib.engine.models import DEFAULT_MODEL
 from kvlib.pipeline.manifest import (
@@ -18,6 +19,7 @@ from kvlib.pipeline.manifest import (
     _duration,
     _wall_time,
     changed_since_run,
+    failure_note,
     load_manifest_entries,
     redact,
     wall_seconds_total,
@@ -64,6 +66,9 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         entry = entries[name]
         ok = entry.get("status") == "ok"
         status = str(entry.get("status")) + (f": {entry['reason']}" if entry.get("reason") else "")
+        note = failure_note(entry)  # the last good result stands; a later run failed
+        if note:
+            status += f" (the last good result, shown); {note}"
         title = (f'<a href="{e(name)}.html">{e(name)}</a>' if ok else e(name))
         outputs = [o for o in entry.get("outputs", []) if o.endswith((".csv", ".png"))]
         inputs = "<br>".join(f"<code>{e(i['path'])}</code> {e(i['sha256'][:12])}" for i in entry.get("inputs", []))
@@ -75,7 +80,7 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         links = "<br>".join(f'<a href="{e(o)}">{e(o)}</a>' for o in outputs)
         rows.append(
             "<tr>"
-            f"<td>{title}</td><td class=\"{'' if ok else 'failed'}\">{e(status)}</td>"
+            f"<td>{title}</td><td class=\"{'' if ok and not note else 'failed'}\">{e(status)}</td>"
             f"<td>{e(str(entry.get('finished', '')))}{ran_at}</td><td>{e(_wall_time(entry))}</td>"
             f"<td>{e(seeds)}</td>"
             f"<td><a href=\"{e(repo_prefix + entry.get('params_file', ''))}\">{e(entry.get('params_file', ''))}</a></td>"
@@ -163,6 +168,8 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
             verdict_text = "not measured (no claim recorded)"
         if ok and nb in (changed or {}):
             verdict_text = f"stale ({changed[nb]} since this run; kvlib reproduce re-runs it): {verdict_text}"
+        if ok and failure_note(entry):  # the verdict is the last good result's; say that a later run failed
+            verdict_text += f"; {failure_note(entry)}"
         files = [link(results_dir / r, Path(r).name) for r in art["results"]] if ok else []
         rows.append({
             "artifact": art["title"],
@@ -215,10 +222,13 @@ def update_readme_map(readme: str | Path, profile: str, results_root: str | Path
     """Replace the text between the profile's map markers in `readme` with `readme_map_section` (links relative
     to the README's folder). Returns whether the file changed; the markers must already be there."""
     readme = Path(readme)
+    if not readme.is_file():
+        raise InputError(f"{readme}: file not found (--update names the README that holds the map)")
     text = readme.read_text(encoding="utf-8")
     start, end = MAP_START.format(profile=profile), MAP_END.format(profile=profile)
     if start not in text or end not in text:
-        raise ValueError(f"{readme}: add the lines\n{start}\n{end}\nwhere the {profile} map belongs")
+        raise InputError(f"{readme}: no markers for the {profile} map; add the lines `{start}` and `{end}` where "
+                         f"it belongs")
     section = readme_map_section(profile, results_root, params_root, readme.parent, notebooks_dir)
     head, rest = text.split(start, 1)
     new = f"{head}{start}\n{section}{end}{rest.split(end, 1)[1]}"
@@ -242,7 +252,9 @@ def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dic
         map_rows = reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir,
                                           entries=entries, changed=changed_since_run(
                                               out_dir.name, entries, Path(params_root), Path(notebooks_dir)))
-    return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows)))
+    # links to params files go through the repository root (the notebooks' parent), wherever the folder is
+    repo_prefix = Path(os.path.relpath(Path(notebooks_dir).resolve().parent, out_dir.resolve())).as_posix() + "/"
+    return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows, repo_prefix)))
 
 
 

@@ -4,27 +4,36 @@
 
 Every selected params file is validated against the notebook's params class (kvlib.pipeline.notebooks.NOTEBOOKS)
 before anything runs, so a typo fails in a second instead of after an hour of finetuning. A notebook writes into a
-staging folder, moved over its last good result only when it succeeds, so a failed or killed run never replaces a
-good result (and the manifest keeps that result's entry, with the failure recorded beside it).
-`results/<profile>/manifest.json` records what ran, with which params, code and data; a notebook whose
-params, notebook file, recorded inputs and outputs are unchanged is skipped on the next run.
+staging folder; its result replaces the last good one only when it succeeds, in one journaled step (`publish`)
+that a kill cannot tear, so a failed or killed run never loses or replaces a good result (the manifest keeps that
+result's entry, with the failure recorded beside it). One run at a time per results folder (`one_run_per_folder`).
+`results/<profile>/manifest.json` records what ran, with which params, code and data, and every attempt's wall
+time; a notebook whose params, notebook file, recorded inputs and outputs are unchanged is skipped on the next run.
 """
 from __future__ import annotations
 
 import contextlib
+import getpass
+import json
 import os
 import shutil
+import signal
+import socket
 import sys
-import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
-from kvlib.engine.io import atomic_write_text
+from filelock import FileLock, Timeout
+
+from kvlib.engine.cache import check_cache
+from kvlib.engine.io import atomic_write_text, dumps_json
 from kvlib.pipeline.data_needs import check_inputs, missing_for
 from kvlib.pipeline.manifest import (
     BOOKKEEPING_FILES,
+    attempts_path,
     begin_attempt,
     carry_over_cost,
     end_attempts,
@@ -33,6 +42,7 @@ from kvlib.pipeline.manifest import (
     git_info,
     load_manifest_entries,
     merge_inputs,
+    portable_text,
     read_facts,
     read_inputs,
     redact,
@@ -43,7 +53,7 @@ from kvlib.pipeline.manifest import (
 )
 from kvlib.pipeline.notebooks import INJECTED, STAGING
 from kvlib.pipeline.plan import NotebookJob, model_requirements, plan_profile
-from kvlib.pipeline.repro_map import write_results_record
+from kvlib.pipeline.repro_map import write_index, write_results_record
 
 KERNEL_NAME = "python3"
 
@@ -58,7 +68,8 @@ def _papermill_path(path: Path) -> str:
 
 
 def _notebook_artifacts(out_dir: Path, name: str) -> list[str]:
-    """Files the notebook wrote under results/<profile>/<name>/ (inputs.json, facts.json are bookkeeping)."""
+    """Files the notebook wrote under `out_dir`/<name>/ (inputs.json, facts.json are bookkeeping), relative to
+    `out_dir` (the staging folder and the profile's results folder give the same names)."""
     art_dir = out_dir / name
     if not art_dir.is_dir():
         return []
@@ -67,44 +78,182 @@ def _notebook_artifacts(out_dir: Path, name: str) -> list[str]:
     )
 
 
-def _publish(nb: Any, job: NotebookJob, out_dir: Path, repo_root: Path, tmp_nb: Path, tmp_html: Path) -> list[str]:
-    """Write the executed notebook and its HTML under temp names, then move both into place."""
+def _running_files(out_dir: Path, name: str) -> tuple[Path, Path]:
+    """Where a running notebook is executed into (papermill saves it as it goes) and its HTML rendered: temp
+    names beside the results, moved into place by `publish`."""
+    return out_dir / f".{name}.running.ipynb", out_dir / f".{name}.running.html"
+
+
+def _portable(text: str, out_dir: Path, repo_root: Path) -> str:
+    """`text` with secrets redacted and no absolute path of this machine (kvlib.pipeline.manifest.portable_text);
+    a results folder outside the checkout (tests, scratch runs) reads `<results>`."""
+    try:
+        out_dir.resolve().relative_to(repo_root.resolve())
+        extra = None
+    except ValueError:
+        extra = {"<results>": out_dir.parent}
+    return portable_text(redact(text), repo_root, extra)
+
+
+def _render(nb: Any, job: NotebookJob, out_dir: Path, repo_root: Path) -> None:
+    """Write the executed notebook and its HTML under their temp names (`_running_files`), with portable paths
+    (`portable_text`) and secrets redacted. Nothing of the last good result is touched."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    final_nb, final_html = out_dir / f"{job.name}.ipynb", out_dir / f"{job.name}.html"
+    tmp_nb, tmp_html = _running_files(out_dir, job.name)
     # papermill recorded the absolute temp paths; record portable final ones instead.
     meta = nb.metadata.setdefault("papermill", {})
     meta["input_path"] = repo_relative(job.notebook, repo_root)
-    meta["output_path"] = repo_relative(final_nb, repo_root)
-    text = redact(nbformat.writes(nb))
+    meta["output_path"] = repo_relative(out_dir / f"{job.name}.ipynb", repo_root)
+    text = _portable(nbformat.writes(nb), out_dir, repo_root)
     atomic_write_text(tmp_nb, text)
     body, _ = HTMLExporter().from_notebook_node(nbformat.reads(text, as_version=4))
-    atomic_write_text(tmp_html, redact(body))
-    _replace_dir(out_dir / STAGING / job.name, out_dir / job.name)
-    os.replace(tmp_nb, final_nb)
-    os.replace(tmp_html, final_html)
-    (out_dir / f"{job.name}.failed.ipynb").unlink(missing_ok=True)  # superseded by this good run
-    return [final_nb.name, final_html.name, *_notebook_artifacts(out_dir, job.name)]
+    atomic_write_text(tmp_html, _portable(body, out_dir, repo_root))
 
 
-def _replace_dir(new: Path, final: Path) -> None:
-    """Put the folder `new` where `final` is, replacing it (two renames: `final` is never half-written)."""
-    old = final.with_name(f".{final.name}.replaced")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    if new.is_dir():
-        os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
+# ------------------------------------------------------------------------------------ publishing a result
+#
+# A notebook's result is its executed notebook, its HTML, its folder of tables and figures and its manifest entry.
+# `publish` replaces all four with a journal: the new files are complete (staging folder, temp names) before it
+# starts; it writes the journal, moves the last good files aside, moves the new ones into place, writes the
+# manifest (the commit point) and only then deletes what it moved aside. A run killed at any step leaves the
+# journal; `recover` (at the start of the next run, under the folder's lock) rolls forward when the manifest
+# already names the new result and back to the last good one otherwise. So a kill never loses the last good
+# result and never leaves files that the manifest does not describe.
 
 
-def _keep_failed(tmp_nb: Path, out_dir: Path, name: str) -> list[str]:
+def _journal_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f".{name}.publish.json"
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.replaced")
+
+
+def _publish_moves(out_dir: Path, name: str) -> list[tuple[Path, Path]]:
+    """(new, final) pairs of one notebook's result: its folder, executed notebook and HTML."""
+    tmp_nb, tmp_html = _running_files(out_dir, name)
+    return [(out_dir / STAGING / name, out_dir / name), (tmp_nb, out_dir / f"{name}.ipynb"),
+            (tmp_html, out_dir / f"{name}.html")]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _finish_publish(out_dir: Path, name: str) -> None:
+    """After the commit point: delete the last good result's files moved aside, the failed notebook of an earlier
+    attempt (superseded), the attempts (now counted in the manifest entry) and, last, the journal."""
+    for _, final in _publish_moves(out_dir, name):
+        _remove(_aside(final))
+    (out_dir / f"{name}.failed.ipynb").unlink(missing_ok=True)
+    attempts_path(out_dir, name).unlink(missing_ok=True)
+    _journal_path(out_dir, name).unlink(missing_ok=True)
+
+
+def publish(out_dir: Path, name: str, entry: Mapping[str, Any], commit: Callable[[], None]) -> None:
+    """Replace notebook `name`'s last good result with the new one (staged, see `_publish_moves`) and `commit` its
+    manifest `entry` (a callable writing the manifest and index), as one step a kill cannot tear (see above)."""
+    moves = _publish_moves(out_dir, name)
+    atomic_write_text(_journal_path(out_dir, name), dumps_json({
+        "notebook": name, "started": entry["started"], "finished": entry["finished"],
+        "had_last_good": [final.exists() for _, final in moves], "pid": os.getpid(), "host": socket.gethostname()}))
+    for _, final in moves:
+        if final.exists():
+            _remove(_aside(final))  # a leftover of an older publish that `recover` already settled
+            os.replace(final, _aside(final))
+    for new, final in moves:
+        if new.exists():
+            os.replace(new, final)
+    commit()  # the commit point: the manifest now describes the new files
+    _finish_publish(out_dir, name)
+
+
+def recover(out_dir: Path, params_root: Path | None = None, notebooks_dir: Path | None = None) -> list[str]:
+    """Settle every publish a kill interrupted in `out_dir` (see above); returns one line per notebook settled.
+    Rolled back: the last good result is back in place and the attempt that produced the lost result stays in
+    the attempts file (so the rerun counts its time once). Rolled forward: the cleanup is finished and, given
+    `params_root` and `notebooks_dir`, the index page rendered again from the manifest (the kill may have
+    landed between the two)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    entries = None
+    done = []
+    for journal in sorted(out_dir.glob(".*.publish.json")):
+        try:
+            record = json.loads(journal.read_text(encoding="utf-8"))
+            name = record["notebook"]
+        except (ValueError, KeyError, TypeError):  # a journal cut short: its moves had not started
+            journal.unlink(missing_ok=True)
+            continue
+        if _publishing_now(record):  # a --concurrent run of this folder, saving its result right now
+            continue
+        if entries is None:
+            entries = load_manifest_entries(out_dir)
+        entry = entries.get(name) or {}
+        moves = _publish_moves(out_dir, name)
+        if (entry.get("started"), entry.get("finished")) == (record.get("started"), record.get("finished")):
+            for new, final in moves:  # the manifest names the new result: finish the moves and the cleanup
+                if new.exists() and not final.exists():
+                    os.replace(new, final)
+            _finish_publish(out_dir, name)
+            if params_root is not None and notebooks_dir is not None:
+                write_index(out_dir, params_root, notebooks_dir=notebooks_dir)
+            done.append(f"{name}: completed the interrupted save of its result")
+            continue
+        had = record.get("had_last_good") or [True] * len(moves)
+        for (new, final), had_it in zip(moves, had):
+            if _aside(final).exists():
+                if final.exists():
+                    _remove(final)
+                os.replace(_aside(final), final)
+            elif not had_it and final.exists():
+                _remove(final)  # the uncommitted run's file, with no last good one to restore
+            if new.exists():
+                _remove(new)
+        _mark_attempt(out_dir, name, record.get("started"), "killed while saving its result")
+        journal.unlink(missing_ok=True)
+        done.append(f"{name}: a run killed while saving its result was rolled back to the last good result")
+    return done
+
+
+def _publishing_now(record: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote a publish journal is another one still running on this host."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _mark_attempt(out_dir: Path, name: str, started: str | None, how: str) -> None:
+    path = attempts_path(out_dir, name)
+    try:
+        attempts = list(json.loads(path.read_text(encoding="utf-8")))
+    except (FileNotFoundError, ValueError, TypeError):
+        return
+    for attempt in attempts:
+        if attempt.get("started") == started:
+            attempt["ended"] = how
+    atomic_write_text(path, dumps_json(attempts))
+
+
+def _keep_failed(tmp_nb: Path, out_dir: Path, name: str, repo_root: Path) -> list[str]:
     """Keep the partly executed notebook for debugging, next to (never over) the last good result."""
     if not tmp_nb.is_file():
         return []
     failed = out_dir / f"{name}.failed.ipynb"
-    atomic_write_text(failed, redact(tmp_nb.read_text(encoding="utf-8")))
+    atomic_write_text(failed, _portable(tmp_nb.read_text(encoding="utf-8"), out_dir, repo_root))
     return [failed.name]
 
 
@@ -122,17 +271,26 @@ def format_error(exc: BaseException) -> str:
 
 
 def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, BaseException | None]:
-    """Execute one notebook; returns its manifest entry and the error (None on success)."""
+    """Execute one notebook; returns its manifest entry and the error (None on success). On success its result
+    is staged (its folder under .staging/, the executed notebook and HTML under temp names) for `publish`;
+    nothing of the last good result is touched here, whatever happens. Every attempt is timed in the attempts
+    file, an interrupted one (Ctrl-C, SIGTERM) too, before the interruption goes on."""
     import papermill
 
-    tmp_nb, tmp_html = out_dir / f".{job.name}.running.ipynb", out_dir / f".{job.name}.running.html"
+    tmp_nb, tmp_html = _running_files(out_dir, job.name)
     # The notebook writes its tables, figures and records into a staging folder of its own, moved over the last
-    # good result only when the whole notebook succeeded (`_publish`): a failed or killed run leaves it as it was.
+    # good result only when the whole notebook succeeded (`publish`): a failed or killed run leaves it as it was.
     staging = out_dir / STAGING
     shutil.rmtree(staging / job.name, ignore_errors=True)
     started, t0 = utc_now(), time.perf_counter()
     git = git_info(repo_root, out_dir.parent)  # per notebook: a profile's notebooks may run at different commits
     attempts = begin_attempt(out_dir, job.name, started, tmp_nb)
+
+    def cleanup() -> None:
+        tmp_nb.unlink(missing_ok=True)
+        tmp_html.unlink(missing_ok=True)
+        shutil.rmtree(staging / job.name, ignore_errors=True)
+
     error: BaseException | None = None
     try:
         nb = papermill.execute_notebook(
@@ -146,18 +304,22 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
             cwd=str(repo_root),
         )
         inputs, facts = read_inputs(staging, job.name), read_facts(staging, job.name)
-        outputs = _publish(nb, job, out_dir, repo_root, tmp_nb, tmp_html)
+        _render(nb, job, out_dir, repo_root)
+        outputs = [f"{job.name}.ipynb", f"{job.name}.html", *_notebook_artifacts(staging, job.name)]
     except Exception as exc:  # a failing cell, a dead kernel or a failed export all fail this notebook
         error = exc
         inputs, facts = [], {}
-        outputs = _keep_failed(tmp_nb, out_dir, job.name)
-    finally:
-        tmp_nb.unlink(missing_ok=True)
-        tmp_html.unlink(missing_ok=True)
-        shutil.rmtree(staging / job.name, ignore_errors=True)
+        outputs = _keep_failed(tmp_nb, out_dir, job.name, repo_root)
+        cleanup()
+    except BaseException:  # Ctrl-C or SIGTERM: time this attempt, keep it for the rerun, then stop
+        attempts[-1].update(seconds=round(time.perf_counter() - t0, 3), ended="interrupted")
+        end_attempts(out_dir, job.name, attempts, done=False)
+        cleanup()
+        raise
     wall = round(time.perf_counter() - t0, 3)
     attempts[-1].update(seconds=wall, ended="ok" if error is None else "failed")
-    end_attempts(out_dir, job.name, attempts, done=error is None)
+    # kept until the result is published (then the manifest entry counts them): a kill before that leaves them
+    end_attempts(out_dir, job.name, attempts, done=False)
     entry = {
         **entry_identity(job, repo_root),
         "params": job.params,
@@ -202,42 +364,84 @@ def print_plan(jobs: list[NotebookJob], entries: dict[str, dict], out_dir: Path,
     return 0
 
 
-MACHINE_LOCK = Path(tempfile.gettempdir()) / "kvlib-reproduce.lock"
+LOCK_FILE = ".kvlib.lock"  # in the results folder it protects (git-ignored)
+HOLDER_FILE = ".kvlib.lock.holder"  # who holds it, for the message of a run that waits
+
+
+
+def _holder_text(label: str) -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (containers)
+        user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown user"
+    return f"kvlib {label} (pid {os.getpid()}, user {user}, host {socket.gethostname()})"
+
+
+def _share(path: Path) -> None:
+    """Let another user open (and so wait on or take) the lock, whatever the umask of whoever created it."""
+    try:
+        os.chmod(path, 0o666)
+    except OSError:  # created by another user: theirs to share
+        pass
 
 
 @contextlib.contextmanager
-def one_run_per_machine(label: str, lock_path: Path | None = None) -> Iterator[None]:
-    """Hold the machine-wide lock of `kvlib reproduce` while a run executes; a second run waits for it, saying
-    which run holds it. Why: each run's kernel starts torch with a thread per core, so two runs at once fight
-    over the cores. On the 2-core reference machine an MDQA request took 200 s instead of 7 s (28x) while a
-    training ran beside it, and both finished later than one after the other. `--concurrent` skips the lock
-    (e.g. runs on separate GPUs). No lock where fcntl is missing (Windows)."""
+def one_run_per_folder(out_dir: Path, label: str) -> Iterator[None]:
+    """Hold the lock of results folder `out_dir` (`out_dir/.kvlib.lock`, a filelock.FileLock) while a run writes
+    there; a second run of the same folder waits for it, saying who holds it. The lock lives in the folder it
+    protects, so every run of that folder sees it whatever its user or temp directory, and it is created open to
+    every user. Why wait: two runs of one folder would interleave their results, and each run's kernel starts
+    torch with a thread per core, so two runs at once fight over the cores (on the 2-core reference machine an
+    MDQA request took 200 s instead of 7 s while a training ran beside it). `--concurrent` skips the lock."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, holder = out_dir / LOCK_FILE, out_dir / HOLDER_FILE
+    lock = FileLock(str(path), mode=0o666)
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            who = holder.read_text(encoding="utf-8").strip() or "another run"
+        except OSError:
+            who = "another run"
+        print(f"waiting for {who} to finish ({path}): one run at a time per results folder; --concurrent runs "
+              f"anyway", flush=True)
+        lock.acquire()
+    try:
+        _share(path)
+        atomic_write_text(holder, _holder_text(label) + "\n")
+        _share(holder)
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (a session or job scheduler ending the run) into KeyboardInterrupt while a run executes, so
+    the running attempt is timed and the kernel shut down as on Ctrl-C. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    path = MACHINE_LOCK if lock_path is None else Path(lock_path)
-    with open(path, "a+", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another run"
-            print(f"waiting for {holder} to finish ({path}): two runs at once share the CPU cores and each runs "
-                  f"many times slower; --concurrent runs anyway", flush=True)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"kvlib reproduce {label} (pid {os.getpid()})")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
-            fh.flush()
-            fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_caches(jobs: list[NotebookJob], repo_root: Path) -> None:
+    """The response cache of every job (its params' `cache_dir`, from the repository root) opens and passes
+    SQLite's quick check; else CorruptCacheError, one line naming the file and the command that moves it aside."""
+    folders = {str(job.config.cache_dir) for job in jobs if getattr(job.config, "cache_dir", None)}
+    for folder in sorted(folders):
+        path = Path(folder)
+        check_cache(path if path.is_absolute() else repo_root / path)
 
 
 def run_profile(
@@ -252,11 +456,12 @@ def run_profile(
 ) -> int:
     """Run the notebooks of `profile` (or the `only` ones) in order; 0 when all succeed, 1 at the first failure.
     `dry_run`: validate and print the plan (`print_plan`) instead, offline, writing nothing. `lock`: wait for
-    any other locked run on this machine first (`one_run_per_machine`; the CLI locks unless --concurrent).
+    any other locked run of the same results folder first (`one_run_per_folder`; the CLI locks unless
+    --concurrent).
 
-    Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid; returns
-    2, printing one message, before anything runs if a data input of a notebook that would run is missing
-    (kvlib.pipeline.data_needs.check_inputs).
+    Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid, and
+    CorruptCacheError if a response cache the run would use is damaged; returns 2, printing one message, before
+    anything runs if a data input of a notebook that would run is missing (kvlib.pipeline.data_needs.check_inputs).
     """
     results_root, params_root, notebooks_dir = Path(results_root), Path(params_root), Path(notebooks_dir)
     out_dir = (results_root / profile).resolve()
@@ -274,12 +479,15 @@ def run_profile(
     if missing:
         print(missing, file=sys.stderr)
         return 2
+    check_caches(will_run, repo_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {"profile": profile, **environment_info(repo_root, results_root)}
 
-    # one run at a time per machine (see one_run_per_machine); params were validated above, before any wait
-    label = f"--profile {profile}" + "".join(f" --only {n}" for n in only or ())
-    with one_run_per_machine(label) if lock else contextlib.nullcontext():
+    # one run at a time per results folder (see one_run_per_folder); params were validated above, before any wait
+    label = f"reproduce --profile {profile}" + "".join(f" --only {n}" for n in only or ())
+    with one_run_per_folder(out_dir, label) if lock else contextlib.nullcontext():
+        for line in recover(out_dir, params_root, notebooks_dir):  # a kill while saving: settled first
+            print(f"kvlib reproduce: {line}", flush=True)
         for i, job in enumerate(jobs, 1):
             tag = f"[{i}/{len(jobs)}] {job.name}"
             # Read the manifest afresh for every notebook and again before writing: another `kvlib reproduce` of
@@ -299,21 +507,28 @@ def run_profile(
             print(f"{tag}: run ({reason})", flush=True)
             entry, error = run_job(job, out_dir, repo_root)
             entries = load_manifest_entries(out_dir)
-            carry_over_cost(entry, entries.get(job.name))
             previous = entries.get(job.name)
-            if error is not None and previous is not None and previous.get("status") == "ok":
-                # the last good result stays what the record shows; the failure is recorded beside it
+            if error is None:
+                carry_over_cost(entry, previous)
+                entries[job.name] = entry
+
+                def commit(entries: dict = entries) -> None:
+                    write_results_record(out_dir, header, entries, params_root, notebooks_dir)
+
+                publish(out_dir, job.name, entry, commit)
+                print(f"{tag}: ok in {entry['wall_seconds']:.1f}s -> {out_dir / job.name}.html", flush=True)
+                continue
+            if previous is not None and previous.get("status") == "ok":
+                # the last good result stays what the record shows; the failure is recorded beside it, with the
+                # attempts since that result (counted in the cost: kvlib.pipeline.manifest.entry_wall_seconds)
                 entries[job.name] = {**previous, "last_failure": {
-                    k: entry[k] for k in ("started", "finished", "wall_seconds", "attempts", "wall_seconds_all_attempts", "error",
-                                          "outputs", "git") if k in entry}}
+                    k: entry[k] for k in ("started", "finished", "wall_seconds", "attempts",
+                                          "wall_seconds_all_attempts", "error", "outputs", "git") if k in entry}}
             else:
                 entries[job.name] = entry
             write_results_record(out_dir, header, entries, params_root, notebooks_dir)
-            if error is not None:
-                kept = f"; executed notebook kept at {out_dir / entry['outputs'][0]}" if entry["outputs"] else ""
-                print(f"kvlib reproduce: {job.name} failed{kept}\n{redact(format_error(error))}",
-                      file=sys.stderr)
-                return 1
-            print(f"{tag}: ok in {entry['wall_seconds']:.1f}s -> {out_dir / job.name}.html", flush=True)
+            kept = f"; executed notebook kept at {out_dir / entry['outputs'][0]}" if entry["outputs"] else ""
+            print(f"kvlib reproduce: {job.name} failed{kept}\n{redact(format_error(error))}", file=sys.stderr)
+            return 1
         # Nothing rewritten when everything was skipped: the header describes the run that produced the results.
         return 0

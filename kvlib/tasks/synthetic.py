@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from kvlib.engine.config import (
+    InputError,
     ParamError,
     check_fraction,
     check_positive,
@@ -502,6 +503,20 @@ def write_dataset(cfg: GenerationConfig, out_dir: Path, progress: bool = False) 
     (out_dir / "config.json").write_text(json.dumps(to_mapping(cfg), indent=2, sort_keys=True) + "\n")
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return {"out_dir": str(out_dir), **stats}
+
+
+def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse, before any generation, an output that is in the way: a file (a dataset is a directory), or a
+    directory that already holds files (a dataset, or anything else) unless `overwrite` (`kvlib generate
+    --force`), which rewrites the dataset's files there."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: --out is an existing file; a dataset is written as a directory: choose "
+                         f"another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        what = "a dataset" if (out_dir / "config.json").is_file() else "files"
+        raise InputError(f"{out_dir}: --out already holds {what}; choose another --out, or pass --force to "
+                         f"overwrite it")
 
 
 def format_stats(result: dict) -> str:
