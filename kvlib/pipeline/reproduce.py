@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -155,12 +156,18 @@ def _finish_publish(out_dir: Path, name: str) -> None:
     _journal_path(out_dir, name).unlink(missing_ok=True)
 
 
+def entry_fingerprint(entry: Mapping[str, Any]) -> str:
+    """What identifies a manifest entry in a publish journal: all of it, not its times (two runs can start and
+    finish within the same second)."""
+    return hashlib.sha256(dumps_json(entry).encode()).hexdigest()
+
+
 def publish(out_dir: Path, name: str, entry: Mapping[str, Any], commit: Callable[[], None]) -> None:
     """Replace notebook `name`'s last good result with the new one (staged, see `_publish_moves`) and `commit` its
     manifest `entry` (a callable writing the manifest and index), as one step a kill cannot tear (see above)."""
     moves = _publish_moves(out_dir, name)
     atomic_write_text(_journal_path(out_dir, name), dumps_json({
-        "notebook": name, "started": entry["started"], "finished": entry["finished"],
+        "notebook": name, "started": entry["started"], "entry": entry_fingerprint(entry),
         "had_last_good": [final.exists() for _, final in moves], "pid": os.getpid(), "host": socket.gethostname()}))
     for _, final in moves:
         if final.exists():
@@ -197,7 +204,7 @@ def recover(out_dir: Path, params_root: Path | None = None, notebooks_dir: Path 
             entries = load_manifest_entries(out_dir)
         entry = entries.get(name) or {}
         moves = _publish_moves(out_dir, name)
-        if (entry.get("started"), entry.get("finished")) == (record.get("started"), record.get("finished")):
+        if entry and entry_fingerprint(entry) == record.get("entry"):
             for new, final in moves:  # the manifest names the new result: finish the moves and the cleanup
                 if new.exists() and not final.exists():
                     os.replace(new, final)
