@@ -2,7 +2,9 @@
 profile executes every notebook end to end (so a broken notebook fails CI)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,49 @@ def test_smoke_profile_runs_every_notebook(tmp_path, monkeypatch):
             assert (tmp_path / "smoke" / out).is_file()
     tables = (tmp_path / "smoke" / "01_synthetic_data" / "token_lengths.csv").read_text()
     assert "simple-template" in tables and "multisubkey-template" in tables
+    check_rendered_reports(tmp_path / "smoke")
+
+
+PROGRESS = re.compile(r"\d+%\|.*\||it/s\]|s/it\]|IProgress not found")
+
+
+def check_rendered_reports(out_dir: Path) -> None:
+    """What a reader of a rendered profile gets: reports without progress bars, the parameters once (a table
+    after `start`; the parameters cells hidden in the HTML), code folded in the HTML but kept in the .ipynb,
+    Markdown tables that render as tables, figures inline; every table also as LaTeX with caption and label;
+    index.html headed by the claims figure, with each notebook's main figure linked to its report."""
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+
+    for name in NOTEBOOKS:
+        nb = json.loads((out_dir / f"{name}.ipynb").read_text())
+        html = (out_dir / f"{name}.html").read_text()
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        outputs = [o for c in code for o in c.get("outputs", [])]
+        stderr = "".join("".join(o["text"]) for o in outputs if o.get("name") == "stderr")
+        assert not PROGRESS.search(stderr), (name, stderr[:500])
+        assert not PROGRESS.search(html), name
+        assert any("notebooks.start(" in "".join(c["source"]) for c in code)  # the .ipynb keeps the code
+        assert '<details class="kvlib-code"><summary>code</summary>' in html and "kvlib_params =" not in html
+        params = [c for c in code if "params_table(P)" in "".join(c["source"])]
+        assert len(params) == 1, name
+        shown = "".join(params[0]["outputs"][0]["data"]["text/markdown"])
+        assert shown.startswith("| parameter") and "| profile " in shown and "| smoke " in shown
+        for o in outputs:
+            text = "".join(o.get("data", {}).get("text/markdown", ""))
+            if "\n|" in text or text.startswith("|"):
+                assert "<table>" in markdown2html_mistune(text), (name, text[:300])
+        if any(o.endswith(".png") for o in json.loads((out_dir / "manifest.json").read_text())
+               ["notebooks"][name]["outputs"]):
+            assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: no figure in the report"
+            assert "data:image/png;base64," in html
+    for tex in sorted(out_dir.glob("*/*.tex")):
+        text = tex.read_text()
+        assert "\\caption{" in text and f"\\label{{tab:{tex.parent.name}-{tex.stem}}}" in text, tex
+        assert not re.search(r"(?<![A-Za-z])nan(?![A-Za-z])", text), tex
+    index = (out_dir / "index.html").read_text()
+    assert (out_dir / "claims.png").read_bytes().startswith(b"\x89PNG")
+    assert index.index('<img src="claims.png"') < index.index("<h2>Environment</h2>")
+    assert '<a href="03_mdqa.html"><img src="03_mdqa/mdqa_by_position.png"' in index
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
@@ -143,3 +188,17 @@ def test_every_kvlib_name_a_notebook_uses_exists(name):
     missing = sorted(f"{alias}.{attr}" for alias, attr in used
                      if alias in modules and isinstance(modules[alias], type(json)) and not hasattr(modules[alias], attr))
     assert not missing, f"{name} uses names its kvlib modules do not have: {missing}"
+
+
+def test_params_table_shows_the_values_a_run_used(monkeypatch):
+    """One row per parameter with every default filled in, nested values as JSON, and the results folder where
+    the run publishes it, not its staging folder."""
+    monkeypatch.chdir(ROOT)
+    params = notebooks.start("03_mdqa", None)
+    params.results_dir = f"results/smoke/{notebooks.STAGING}"
+    table = notebooks.params_table(params).set_index("parameter")["value"]
+    assert table["results_dir"] == "results/smoke" and table["profile"] == "quick"
+    assert table["models"].splitlines()[0] == 'original: {"model": "smollm2-135m-instruct"}'  # one model a line
+    assert table["settings"] == '["random", "retrieved"]'
+    assert table["max_new_tokens"] == str(params.max_new_tokens)
+    assert list(table.index) == [f.name for f in dataclasses.fields(params)]
