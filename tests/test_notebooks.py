@@ -166,6 +166,31 @@ def check_rendered_reports(out_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_every_name_a_notebook_reads_is_defined(name):
+    """Every name a notebook's code reads is imported, assigned or a builtin somewhere in it (a module used without
+    its import, e.g. `runs.open_model`, fails here in seconds instead of in the middle of a profile run)."""
+    import ast
+    import builtins
+
+    nb = json.loads(NOTEBOOKS[name].read_text())
+    tree = ast.parse("\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"))
+    defined = set(dir(builtins)) | {"display", "get_ipython"}  # IPython's own globals
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            defined.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            defined.add(node.name)
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert not read - defined, f"{name} reads names it never defines: {sorted(read - defined)}"
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_every_kvlib_name_a_notebook_uses_exists(name):
     """`module.attr` for every kvlib module a notebook imports: a renamed or moved function fails here, in seconds,
     instead of hours into a profile run."""
