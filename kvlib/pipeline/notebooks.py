@@ -656,6 +656,7 @@ INJECTED = "kvlib_params"  # the one variable of every notebook's `parameters` c
 INTERACTIVE_PROFILE = "quick"  # what a notebook opened as it is runs (minutes per notebook)
 INTERACTIVE_RESULTS = Path("results") / "interactive"  # git-ignored: where such a run writes
 STAGING = ".staging"  # results/<profile>/.staging/<notebook>/: a pipeline run's outputs until it succeeds
+REPORT_COLUMN_WIDTH = 300  # characters of a table cell a notebook shows (pandas cuts at 50 by default)
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -726,6 +727,10 @@ def start(name: str, injected: Mapping[str, Any] | None, namespace: Mapping[str,
     # tqdm's progress bars fall back to text in a kernel without ipywidgets, warning once per process; the runner
     # strips the bars from the report (kvlib.pipeline.reproduce), and the warning says nothing to its reader
     warnings.filterwarnings("ignore", message="IProgress not found")
+    import pandas as pd
+
+    # a table's text (a verdict with its reason, an interval method) is shown whole, not cut at 50 characters
+    pd.set_option("display.max_colwidth", REPORT_COLUMN_WIDTH)
     stray = sorted(k for k, v in (namespace or {}).items()
                    if k in {f.name for f in dataclasses.fields(cls)} and not isinstance(v, types.ModuleType))
     if stray:

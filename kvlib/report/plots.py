@@ -148,7 +148,7 @@ def delta_bars(table, group: str = "task", series: str = "model", ylabel: str = 
     sources = [] if published is None or not len(published) else list(dict.fromkeys(published["source"]))
     bars = len(names) + len(sources)
     width = 0.8 / max(1, bars)
-    fig, ax = plt.subplots(figsize=(min(11.0, max(5.5, 0.4 * bars * len(groups) + 1.5)), 3.6))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(7.5, 0.4 * bars * len(groups) + 3.5)), 3.8))
     if margin:
         ax.axhspan(-100 * margin, 100 * margin, color="#E3E3E3", zorder=0,
                    label=f"equivalence margin (+-{100 * margin:.2f} points)")
@@ -166,12 +166,12 @@ def delta_bars(table, group: str = "task", series: str = "model", ylabel: str = 
         ax.bar(xs, sub["delta_points"], width, color=greys[k % len(greys)], edgecolor="black", hatch="///",
                linewidth=0.6, label=str(source), zorder=2)
     ax.axhline(0, color="black", linewidth=0.8, zorder=3)
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_xticks(range(len(groups)), [str(g).replace(" (", "\n(") for g in groups], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if note:
-        ax.text(0, -0.16, note, transform=ax.transAxes, fontsize=7, va="top", wrap=True, color="#444444")
+        ax.text(0, -0.22, note, transform=ax.transAxes, fontsize=7, va="top", wrap=True, color="#444444")
     fig.tight_layout()
     return fig
 
@@ -299,6 +299,9 @@ def claims_forest(rows: Sequence[Mapping], title: str = ""):
                 tick.set_fontweight("bold")
                 tick.set_fontsize(8.5)
         ax.set_ylim(-0.7, n - 0.3)
+        if unit == "points":  # a difference of percentages lies in [-100, 100], whatever an interval's method says
+            low, high = ax.get_xlim()
+            ax.set_xlim(max(low, -105), min(high, 105))
         ax.axvline(0, color="black", linewidth=0.8, zorder=1)
         ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel(UNIT_LABELS.get(unit, f"difference ({unit})"), fontsize=8.5)
