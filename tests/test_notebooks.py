@@ -2,7 +2,9 @@
 profile executes every notebook end to end (so a broken notebook fails CI)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,51 @@ def test_smoke_profile_runs_every_notebook(tmp_path, monkeypatch):
             if found:
                 bad[path.relative_to(tmp_path).as_posix()] = sorted(set(found))[:3]
     assert not bad, f"absolute paths in rendered results: {bad}"
+    check_rendered_reports(tmp_path / "smoke")
+
+
+PROGRESS = re.compile(r"\d+%\|.*\||it/s\]|s/it\]|IProgress not found")
+
+
+def check_rendered_reports(out_dir: Path) -> None:
+    """What a reader of a rendered profile gets: reports without progress bars, the parameters once (a table
+    after `start`; the parameters cells hidden in the HTML), code folded in the HTML but kept in the .ipynb,
+    Markdown tables that render as tables, figures inline; every table also as LaTeX with caption and label;
+    index.html headed by the claims figure, with each notebook's main figure linked to its report."""
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+
+    for name in NOTEBOOKS:
+        nb = json.loads((out_dir / f"{name}.ipynb").read_text())
+        html = (out_dir / f"{name}.html").read_text()
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        outputs = [o for c in code for o in c.get("outputs", [])]
+        stderr = "".join("".join(o["text"]) for o in outputs if o.get("name") == "stderr")
+        assert not PROGRESS.search(stderr), (name, stderr[:500])
+        assert not PROGRESS.search(html), name
+        assert any("notebooks.start(" in "".join(c["source"]) for c in code)  # the .ipynb keeps the code
+        assert '<details class="kvlib-code"><summary>code</summary>' in html and "kvlib_params =" not in html
+        params = [c for c in code if "params_table(P)" in "".join(c["source"])]
+        assert len(params) == 1, name
+        shown = "".join(params[0]["outputs"][0]["data"]["text/markdown"])
+        assert shown.startswith("| parameter") and "| profile " in shown and "| smoke " in shown
+        for o in outputs:
+            text = "".join(o.get("data", {}).get("text/markdown", ""))
+            if "\n|" in text or text.startswith("|"):
+                assert "<table>" in markdown2html_mistune(text), (name, text[:300])
+        if any(o.endswith(".png") for o in json.loads((out_dir / "manifest.json").read_text())
+               ["notebooks"][name]["outputs"]):
+            assert any("image/png" in o.get("data", {}) for o in outputs), f"{name}: no figure in the report"
+            assert "data:image/png;base64," in html
+    for tex in sorted(out_dir.glob("*/*.tex")):
+        text = tex.read_text()
+        assert "\\caption{" in text and f"\\label{{tab:{tex.parent.name}-{tex.stem}}}" in text, tex
+        assert not re.search(r"(?<![A-Za-z])nan(?![A-Za-z])", text), tex
+    index = (out_dir / "index.html").read_text()
+    assert (out_dir / "claims.png").read_bytes().startswith(b"\x89PNG")
+    assert index.index('<img src="claims.png"') < index.index("<h2>Environment</h2>")
+    assert '<a href="03_mdqa.html"><img src="03_mdqa/mdqa_by_position.png"' in index
+
+
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
@@ -165,21 +212,38 @@ def test_every_kvlib_name_a_notebook_uses_exists(name):
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_every_name_a_notebook_reads_is_defined(name):
-    """A name read in a notebook (e.g. a kvlib module used in a later cell) is imported or assigned in it."""
+    """Every name a notebook's code reads is imported, assigned or a builtin somewhere in it (a module used without
+    its import, e.g. `runs.open_model`, fails here in seconds instead of in the middle of a profile run)."""
     import ast
     import builtins
 
     nb = json.loads(NOTEBOOKS[name].read_text())
     tree = ast.parse("\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"))
-    defined = set(dir(builtins)) | {notebooks.INJECTED}
+    defined = set(dir(builtins)) | {"display", "get_ipython", notebooks.INJECTED}  # IPython's own globals
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            defined |= {a.asname or a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
             defined.add(node.id)
-        elif isinstance(node, ast.FunctionDef):
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             defined.add(node.name)
         elif isinstance(node, ast.arg):
             defined.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            defined.add(node.name)
     read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     assert not read - defined, f"{name} reads names it never defines: {sorted(read - defined)}"
+
+
+def test_params_table_shows_the_values_a_run_used(monkeypatch):
+    """One row per parameter with every default filled in, nested values as JSON, and the results folder where
+    the run publishes it, not its staging folder."""
+    monkeypatch.chdir(ROOT)
+    params = notebooks.start("03_mdqa", None)
+    params.results_dir = f"results/smoke/{notebooks.STAGING}"
+    table = notebooks.params_table(params).set_index("parameter")["value"]
+    assert table["results_dir"] == "results/smoke" and table["profile"] == "quick"
+    assert table["models"].splitlines()[0] == 'original: {"model": "smollm2-135m-instruct"}'  # one model a line
+    assert table["settings"] == '["random", "retrieved"]'
+    assert table["max_new_tokens"] == str(params.max_new_tokens)
+    assert list(table.index) == [f.name for f in dataclasses.fields(params)]

@@ -359,3 +359,98 @@ def test_fig9_is_not_tested_for_a_finetune_that_did_not_learn_its_task():
     trained = {"long": {"value": 0.8, "n": 20, "ci_low": 0.58, "ci_high": 0.92}}
     (claim,) = paper.longer_context_claims([row], ["long"], 45, trained, threshold=0.5)
     assert claim["verdict"] == "inconclusive" and claim["learned_own_task"] == "80.0% of 20 held-out prompts"
+
+
+def _claims_csv_rows():
+    """Claims rows as a notebook's claims.csv holds them (strings, as csv.DictReader gives them)."""
+    return [
+        {"artifact": "table1", "claim": "synthetic finetuning loses nothing on MMLU", "model": "ft", "delta": "2.3",
+         "ci": "[-1.5, +6.3]", "unit": "points", "h0": "diff <= -2.19 points", "verdict": "holds",
+         "published_delta_points": "Mistral-7B-Instruct-v0.1: +0.02; GPT-3.5 Turbo (1106): -0.32"},
+        {"artifact": "fig5", "claim": "synthetic finetuning improves MDQA, random distractors (mean over positions)",
+         "model": "ft", "delta": "5.3", "ci": "[-0.7, +11.3]", "unit": "points", "verdict": "inconclusive",
+         "published_delta_points": ""},
+        {"artifact": "fig10", "claim": "synthetic finetuning does not improve MDQA with retrieved distractors",
+         "model": "ft", "delta": "4.0", "ci": "[-3.3, +10.7]", "unit": "points", "verdict": "inconclusive"},
+        {"artifact": "table1", "claim": "synthetic finetuning loses nothing on TriviaQA", "model": "ft",
+         "delta": "0.0", "ci": "[+0.0, +0.0]", "unit": "points", "verdict": paper.AT_FLOOR},
+        {"artifact": "fig4", "claim": "the answer template lowers the original model's loss on formatting tokens",
+         "model": "original", "delta": "-0.67", "ci": "[-0.729, -0.620]", "unit": "nats", "verdict": "holds"},
+        {"artifact": "fig9", "claim": "finetuning on long key-value prompts improves MDQA", "model": "long",
+         "verdict": "inconclusive"},  # recorded in the manifest without its numbers
+    ]
+
+
+def test_forest_rows_assemble_the_claims_figure():
+    rows = paper.forest_rows(_claims_csv_rows(), notes={"fig5": "stale"})
+    assert [r["artifact"] for r in rows] == ["fig4", "fig5", "fig9", "fig10", "table1", "table1"]  # paper order
+    by = {(r["artifact"], r["claim"][-7:]): r for r in rows}
+    mmlu = by[("table1", "on MMLU")]
+    assert (mmlu["delta"], mmlu["ci_low"], mmlu["ci_high"], mmlu["unit"]) == (2.3, -1.5, 6.3, "points")
+    assert mmlu["expect"] == "no_loss" and mmlu["margin"] == pytest.approx(2.19)  # the band, in points
+    assert mmlu["published"] == {"Mistral-7B-Instruct-v0.1": 0.02, "GPT-3.5 Turbo (1106)": -0.32}
+    assert mmlu["heading"].startswith("Table 1:") and mmlu["label"] == "ft: loses nothing on MMLU"
+    fig5 = next(r for r in rows if r["artifact"] == "fig5")
+    assert fig5["expect"] == "increase" and fig5["margin"] is None and fig5["published"] == {}
+    assert fig5["heading"].endswith("(stale)")
+    fig10 = next(r for r in rows if r["artifact"] == "fig10")
+    assert fig10["expect"] == "no_gain" and fig10["margin"] == pytest.approx(2.19)  # read off the wording
+    floor = by[("table1", "riviaQA")]
+    assert floor["category"] == paper.AT_FLOOR and (floor["ci_low"], floor["ci_high"]) == (0.0, 0.0)
+    fig4 = rows[0]
+    assert fig4["unit"] == "nats" and fig4["expect"] == "decrease" and fig4["margin"] is None
+    assert (fig4["ci_low"], fig4["ci_high"]) == (-0.729, -0.62)
+    fig9 = next(r for r in rows if r["artifact"] == "fig9")
+    assert fig9["ci_low"] is None and fig9["delta"] is None  # drawn without an interval
+    # numeric interval columns win over the printed one; an h0 names the expectation
+    row = {"artifact": "table2", "claim": "the IN2 baseline loses on NQ-Open", "ci_low": -5.7, "ci_high": -0.7,
+           "ci": "[-6, -1]", "h0": paper.h0_text("decrease"), "verdict": "holds"}
+    assert paper.claim_interval(row) == (-5.7, -0.7) and paper.claim_expectation(row) == "decrease"
+    assert paper.parse_published(float("nan")) == {}
+    assert paper.published_deltas("triviaqa", "IN2") == "Mistral-7B-Instruct-v0.1: -2.19"
+
+
+def test_claims_figure_heads_the_index_and_the_readme_map(tmp_path):
+    """results/<profile>/claims.png is written from the recorded claims (claims.csv, else the manifest's facts),
+    heads index.html, which shows each notebook's main figure linked to its report, and is linked at the top of
+    the README's map block by `kvlib map --update` without running any model."""
+    import csv
+    import json
+
+    out = tmp_path / "results" / "p"
+    (out / "05_general_benchmarks").mkdir(parents=True)
+    (out / "03_mdqa").mkdir()
+    rows = _claims_csv_rows()
+    with (out / "05_general_benchmarks" / "claims.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows[:1] + rows[3:4])
+    (out / "03_mdqa" / "mdqa_by_position.png").write_bytes(b"png")
+    manifest = {"profile": "p", "notebooks": {
+        "05_general_benchmarks": {"status": "ok", "outputs": ["05_general_benchmarks/claims.csv"]},
+        "03_mdqa": {"status": "ok", "outputs": ["03_mdqa/claims.csv", "03_mdqa/mdqa_by_position.png",
+                                                "03_mdqa/z.png"],
+                    "facts": {"claims": [{"artifact": "fig5", "claim": "improves MDQA", "model": "ft",
+                                          "verdict": "holds"}]}},
+        "04_flenqa": {"status": "failed", "outputs": []}}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert [c["artifact"] for c in repro_map.profile_claims(out, manifest["notebooks"])] == ["fig5", "table1",
+                                                                                           "table1"]
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "03_mdqa.ipynb").write_text("{}")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{repro_map.MAP_START.format(profile='p')}\n{repro_map.MAP_END.format(profile='p')}\n")
+    repro_map.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params", tmp_path / "notebooks")
+    assert (out / "claims.png").read_bytes().startswith(b"\x89PNG")
+    block = readme.read_text().split("\n", 1)[1]
+    assert block.startswith("[![The p profile's claims") and "](results/p/claims.png)" in block.split("\n")[0]
+    page = (out / "index.html").read_text()
+    assert page.index('<img src="claims.png"') < page.index("<h2>Reports</h2>") < page.index("<h2>Environment</h2>")
+    assert '<a href="03_mdqa.html"><img src="03_mdqa/mdqa_by_position.png"' in page  # the artifact's figure
+    assert '<a href="05_general_benchmarks.html">05_general_benchmarks</a>' in page and "04_flenqa.html" not in page
+    assert repro_map.main_figure("07_kv_retrieval", {"outputs": ["07_kv_retrieval/b.png", "07_kv_retrieval/a.csv"]}
+                                 ) == "07_kv_retrieval/b.png"
+    # no claim recorded: no figure, and none left behind
+    manifest["notebooks"] = {"01_synthetic_data": {"status": "ok", "outputs": []}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert repro_map.write_claims_figure(out) is None and not (out / "claims.png").exists()

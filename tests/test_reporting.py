@@ -74,3 +74,91 @@ def test_file_sha256_notices_changed_content(tmp_path):
     assert kvio.file_sha256(f) == hashlib.sha256(b"one").hexdigest()
     f.write_bytes(b"two!")  # different size, so the (path, size, mtime) cache key changes
     assert kvio.file_sha256(f) == hashlib.sha256(b"two!").hexdigest()
+
+
+def test_save_table_latex_is_citable(tmp_path):
+    """Every table is also LaTeX a paper can \\input: a caption and a label (defaults from the stem), one fixed
+    precision per float column, empty cells for missing values, special characters escaped."""
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"model": ["base", "ft_%", None], "accuracy": [0.5, 0.123456, float("nan")],
+                       "delta_points": [12.3456, -1.5, 0.0], "n": [10.0, 20.0, float("nan")],
+                       "note": ["a|b", float("nan"), "two\nlines"]})
+    reporting.save_table(df, tmp_path / "05_general_benchmarks" / "claims")
+    tex = (tmp_path / "05_general_benchmarks" / "claims.tex").read_text()
+    assert r"\label{tab:05_general_benchmarks-claims}" in tex
+    assert r"\caption{The paper's claims" in tex and r"05\_general\_benchmarks" in tex  # escaped
+    assert "nan" not in tex
+    body = tex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0].strip().splitlines()
+    assert body[0].split(" & ")[:4] == ["base", "0.5000", "12.35", "10"]  # per column: 4, 2, 0 decimals
+    assert body[1].split(" & ")[:4] == [r"ft\_\%", "0.1235", "-1.50", "20"]
+    assert body[2].split(" & ")[:4] == ["", "", "0.00", ""]  # missing values are empty cells
+    assert len(body) == 3  # a line break inside a cell does not break the row
+    reporting.save_table(df, tmp_path / "t" / "acc", caption="Accuracy 95% by model", label="tab:acc",
+                         precision={"accuracy": 1})
+    tex = (tmp_path / "t" / "acc.tex").read_text()
+    assert r"\caption{Accuracy 95\% by model}" in tex and r"\label{tab:acc}" in tex and " 0.5 " in tex
+    assert reporting.default_caption(tmp_path / "03_mdqa" / "mdqa_accuracy") == "Mdqa accuracy (notebook 03_mdqa)."
+    with pytest.raises(ValueError, match="precision"):
+        reporting.save_table(df, tmp_path / "t" / "acc", precision={"acuracy": 1})
+
+
+def test_markdown_tables_render_as_tables():
+    """A `|` inside a cell (e.g. MMLU's scored choices ' A' | ' B') is escaped and line breaks become <br>, so
+    the Markdown table is a table in nbconvert's HTML, not raw `|---|` text; missing values are empty."""
+    pd = pytest.importorskip("pandas")
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+
+    df = pd.DataFrame({"benchmark": ["MMLU", "GSM8K"], "prompt": ["[' A' | ' B']", "Q: x\nA:"],
+                       "acc": [0.25, float("nan")]})
+    text = reporting.markdown_table(df)
+    assert r"' A' \| ' B'" in text and "Q: x<br>A:" in text and "nan" not in text
+    html = markdown2html_mistune(text)
+    assert html.count("<tr>") == 3 and "<td>[' A' | ' B']</td>" in html.replace(' style="text-align:left"', "")
+    assert reporting.show(df).data == text
+
+
+def test_clean_outputs_strips_progress_bars_and_keeps_other_stderr():
+    nbformat = pytest.importorskip("nbformat")
+    from kvlib.pipeline.reproduce import _clean_outputs
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("load()")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text=(
+            "/venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning: IProgress not found. Please update "
+            "jupyter and ipywidgets. See https://ipywidgets.readthedocs.io/en/stable/user_install.html\n"
+            "  from .autonotebook import tqdm as notebook_tqdm\n")),
+        nbformat.v4.new_output("stream", name="stderr", text="\rLoading weights:  30%|██▉       | 81/272 [00:00<00:00, 770.52it/s]"),
+        nbformat.v4.new_output("stream", name="stderr", text="\rLoading weights: 100%|██████████| 272/272 [00:00<00:00, 754.39it/s]"),
+        nbformat.v4.new_output("stream", name="stderr", text="\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="original [hits 114]\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="Map: 100%|##########| 3/3 [00:00<00:00, 9.1 examples/s]\n"
+                                                             "UserWarning: something a reader should see\n"),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "x"},
+                                                     "text/plain": "HBox()"}),
+    ]
+    nb.cells = [cell]
+    nb.metadata["widgets"] = {"state": {}}
+    _clean_outputs(nb)
+    assert [(o["output_type"], o.get("name"), o.get("text")) for o in nb.cells[0].outputs] == [
+        ("stream", "stdout", "original [hits 114]\n"),
+        ("stream", "stderr", "UserWarning: something a reader should see\n")]
+    assert "widgets" not in nb.metadata
+
+
+def test_citation_metadata_matches_the_package():
+    """CITATION.cff, LICENSE and the README's BibTeX agree with the package: its version and its MIT licence."""
+    from pathlib import Path
+
+    import yaml
+
+    import kvlib
+
+    root = Path(__file__).resolve().parents[1]
+    cff = yaml.safe_load((root / "CITATION.cff").read_text())
+    assert cff["version"] == kvlib.__version__ and cff["license"] == "MIT" and cff["cff-version"] == "1.2.0"
+    assert cff["references"][0]["identifiers"][0]["value"] == "arXiv:2406.19292"
+    assert 'license = { text = "MIT" }' in (root / "pyproject.toml").read_text()
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    readme = (root / "README.md").read_text()
+    assert f"version = {{{kvlib.__version__}}}" in readme and "eprint        = {2406.19292}" in readme

@@ -13,9 +13,11 @@ A notebook runs three ways, all through `start`:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -666,6 +668,7 @@ INJECTED = "kvlib_params"  # the one variable of every notebook's `parameters` c
 INTERACTIVE_PROFILE = "quick"  # what a notebook opened as it is runs (minutes per notebook)
 INTERACTIVE_RESULTS = Path("results") / "interactive"  # git-ignored: where such a run writes
 STAGING = ".staging"  # results/<profile>/.staging/<notebook>/: a pipeline run's outputs until it succeeds
+REPORT_COLUMN_WIDTH = 300  # characters of a table cell a notebook shows (pandas cuts at 50 by default)
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -695,6 +698,35 @@ def _committed_results(results_dir: Path, root: Path) -> str | None:
     return parts[0] if (root / "params" / parts[0]).is_dir() else None
 
 
+def _param_text(value: Any) -> str:
+    """A parameter's value for the params table: a mapping of mappings (models, datasets, runs) one entry per
+    line, other containers as compact JSON."""
+    if isinstance(value, Mapping) and any(isinstance(v, (Mapping, list)) for v in value.values()):
+        return "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False, default=str)}" for k, v in value.items())
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return "" if value is None else str(value)
+
+
+def params_table(params: Any):
+    """The parameters a notebook runs with (its params object as `start` returned it: the profile's values with
+    every default filled in), one row per field, nested values as JSON (`_param_text`): what a report shows once, after
+    `start`. The results folder is shown where the run publishes it (results/<profile>), not the staging folder
+    the notebook writes into until it succeeds."""
+    import pandas as pd
+
+    rows = []
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        if isinstance(value, Mapping):
+            value = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()}
+        if f.name == "results_dir" and STAGING in Path(str(value)).parts:
+            value = Path(*Path(str(value)).parts[:Path(str(value)).parts.index(STAGING)]).as_posix()
+        rows.append({"parameter": f.name, "value": _param_text(value)})
+    return pd.DataFrame(rows)
+
+
 def start(name: str, injected: Mapping[str, Any] | None, namespace: Mapping[str, Any] | None = None):
     """The first call of notebook `name`: its params object from the mapping papermill injected (`kvlib_params`,
     already validated by `kvlib reproduce`), or, when None (the notebook opened as it is), the `quick` profile's
@@ -704,6 +736,13 @@ def start(name: str, injected: Mapping[str, Any] | None, namespace: Mapping[str,
     cls = notebook_class(name)
     root = repo_root()
     os.chdir(root)
+    # tqdm's progress bars fall back to text in a kernel without ipywidgets, warning once per process; the runner
+    # strips the bars from the report (kvlib.pipeline.reproduce), and the warning says nothing to its reader
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import pandas as pd
+
+    # a table's text (a verdict with its reason, an interval method) is shown whole, not cut at 50 characters
+    pd.set_option("display.max_colwidth", REPORT_COLUMN_WIDTH)
     stray = sorted(k for k, v in (namespace or {}).items()
                    if k in {f.name for f in dataclasses.fields(cls)} and not isinstance(v, types.ModuleType))
     if stray:

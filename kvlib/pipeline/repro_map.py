@@ -3,6 +3,7 @@ and each profile's `index.html`, written from the manifest.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -27,16 +28,21 @@ from kvlib.pipeline.manifest import (
     write_manifest,
 )
 from kvlib.pipeline.plan import discover_notebooks
-from kvlib.report import paper
+from kvlib.report import paper, plots
 from kvlib.report.paper import artifact_verdict, load, verdict_category
+from kvlib.report.tables import save_figure
 
 INDEX_FILE = "index.html"
+CLAIMS_FIGURE = "claims.png"  # results/<profile>/claims.png: every claim of the profile at a glance
 
 
 
 _INDEX_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-                "vertical-align:top;text-align:left}code{font-size:90%}.failed{color:#b00}")
+                "vertical-align:top;text-align:left}code{font-size:90%}.failed{color:#b00}"
+                ".claims img{max-width:100%;border:1px solid #ddd}figcaption{font-size:90%;color:#444}"
+                ".gallery{display:flex;flex-wrap:wrap;gap:12px}.gallery figure{width:270px;margin:0;"
+                "border:1px solid #ddd;padding:6px}.gallery img{width:100%;height:170px;object-fit:contain}")
 
 
 
@@ -51,12 +57,53 @@ def _markdown_links_to_html(text: str) -> str:
 
 
 
-def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix: str = "../../") -> str:
+def main_figure(name: str, entry: Mapping[str, Any]) -> str | None:
+    """The figure that stands for notebook `name` in the index (a path under results/<profile>/): the first PNG
+    of the paper artifacts it reproduces (params/paper_reference.yaml's `results`), else its first PNG output."""
+    outputs = [o for o in entry.get("outputs", []) if o.endswith(".png")]
+    listed = [r for a in load().artifacts if a["notebook"] == name for r in a["results"] if r.endswith(".png")]
+    return next((r for r in listed if r in outputs), outputs[0] if outputs else None)
+
+
+CLAIMS_CAPTION = ("Every claim of the paper this profile checks, grouped by figure and table: our difference "
+                  "(finetuned minus original) with its 95% interval, coloured by verdict (Holm-adjusted within each "
+                  "artifact); open markers: the paper's own published differences; grey band: the equivalence margin "
+                  "({margin:.2f} points) that \u201closes nothing\u201d and \u201cdoes not improve\u201d claims must "
+                  "rule out. Each notebook's claims table has the p-values and the original's level.")
+
+
+def _claims_html(claims_figure: str | None) -> str:
+    if not claims_figure:
+        return ""
+    caption = CLAIMS_CAPTION.format(margin=100 * paper.equivalence_margin())
+    return (f'<figure class="claims"><a href="{e(claims_figure)}"><img src="{e(claims_figure)}" '
+            f'alt="the claims of this profile with their 95% intervals and verdicts"></a>'
+            f"<figcaption>{e(caption)}</figcaption></figure>\n")
+
+
+def _gallery_html(entries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Each finished notebook's main figure as a thumbnail linked to its rendered report."""
+    cards = []
+    for name in sorted(entries):
+        entry = entries[name]
+        if entry.get("status") != "ok":
+            continue
+        figure = main_figure(name, entry)
+        image = (f'<a href="{e(name)}.html"><img src="{e(figure)}" alt="{e(name)}: {e(Path(figure).name)}"></a>'
+                 if figure else "")
+        cards.append(f'<figure>{image}<figcaption><a href="{e(name)}.html">{e(name)}</a>'
+                     f'{" &middot; " + e(Path(figure).name) if figure else ""}</figcaption></figure>')
+    return ("<h2>Reports</h2>\n<div class=\"gallery\">" + "".join(cards) + "</div>\n") if cards else ""
+
+
+def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix: str = "../../",
+                 claims_figure: str | None = None) -> str:
     """`results/<profile>/index.html` from the run manifest: every rendered notebook linked, with its status,
     wall time, seeds, params file, tables and figures, input data hashes and recorded facts, under the
     environment (versions, commit) that produced them. `repo_prefix` leads from the page to the repo root.
     `map_rows` (kvlib.report.paper.reproduction_map, links relative to this page) adds the paper-artifact map on top.
-    Deterministic: the same manifest gives the same bytes."""
+    `claims_figure` (a path relative to the page, e.g. CLAIMS_FIGURE) heads the page, followed by each notebook's
+    main figure as a thumbnail linked to its report. Deterministic: the same manifest gives the same bytes."""
 
     entries = manifest.get("notebooks", {})
     git = manifest.get("git") or {}
@@ -95,7 +142,8 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
         f"<title>kvlib results: {e(profile)}</title><style>{_INDEX_STYLE}</style></head><body>\n"
         f"<h1>kvlib results: profile <code>{e(profile)}</code></h1>\n"
-        f"<p>Produced by <code>kvlib reproduce --profile {e(profile)}</code>; "
+        + _claims_html(claims_figure) + _gallery_html(entries)
+        + f"<h2>Environment</h2>\n<p>Produced by <code>kvlib reproduce --profile {e(profile)}</code>; "
         f"<a href=\"manifest.json\">manifest.json</a> has every field below and the full params.</p>\n"
         "<table>"
         f"<tr><th>kvlib</th><td>{e(str(manifest.get('kvlib_version', '')))}</td></tr>"
@@ -184,6 +232,48 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
 
 
 
+def profile_claims(results_dir: str | Path, entries: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+    """The claims of a profile's finished notebooks, for the claims figure: each notebook's claims.csv (with the
+    difference, its interval and the paper's published differences), else the claims its manifest entry recorded
+    (`facts`; verdicts only, drawn without an interval)."""
+    claims: list[dict] = []
+    for name in sorted(entries):
+        entry = entries[name]
+        if entry.get("status") != "ok":
+            continue
+        path = Path(results_dir) / name / "claims.csv"
+        if path.is_file():
+            with path.open(newline="", encoding="utf-8") as fh:
+                claims += list(csv.DictReader(fh))
+        else:
+            claims += [dict(c) for c in (entry.get("facts") or {}).get("claims", [])]
+    return claims
+
+
+def write_claims_figure(out_dir: str | Path, entries: Mapping[str, Mapping[str, Any]] | None = None,
+                        changed: Mapping[str, str] | None = None) -> Path | None:
+    """results/<profile>/claims.png (kvlib.report.plots.claims_forest) from the profile's recorded claims
+    (`profile_claims`; `entries` default: the manifest's), with the artifacts of notebooks that `changed` since
+    they ran marked "(stale)" (the reproduction map says why). Returns its path, or None (and no file) when the profile recorded no claim."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    if entries is None:
+        entries = load_manifest_entries(out_dir)
+    claims = profile_claims(out_dir, entries)
+    path = out_dir / CLAIMS_FIGURE
+    if not claims:
+        path.unlink(missing_ok=True)
+        return None
+    notes = {a["id"]: "stale" for a in load().artifacts if a["notebook"] in (changed or {})}
+    fig = plots.claims_forest(paper.forest_rows(claims, notes),
+                              title=f"The paper's claims checked in profile {out_dir.name}: "
+                                    f"our differences with 95% intervals")
+    save_figure(fig, path, show=False)
+    plt.close(fig)
+    return path
+
+
 def map_markdown(rows: Sequence[Mapping[str, str]]) -> str:
     """The reproduction map as a Markdown table (README)."""
     cols = ["artifact", "notebook", "params", "results", "model", "verdict", "offline"]
@@ -203,7 +293,8 @@ MAP_END = "<!-- reproduction-map:{profile}:end -->"
 
 def readme_map_section(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
                        link_root: str | Path | None = None, notebooks_dir: str | Path = "notebooks") -> str:
-    """What goes between a profile's map markers in the README: the map, then the profile's wall time from its
+    """What goes between a profile's map markers in the README: the claims figure (results/<profile>/claims.png,
+    when written) as an image link, the map, then the profile's wall time from its
     manifest (what the results cost on this machine, with the notebooks `kvlib reproduce` runs from
     `notebooks_dir` that have not finished yet, or changed since they ran, named)."""
 
@@ -211,6 +302,11 @@ def readme_map_section(profile: str, results_root: str | Path = "results", param
     changed = changed_since_run(profile, entries, Path(params_root), Path(notebooks_dir))
     text = map_markdown(reproduction_map(profile, results_root, params_root, link_root, entries=entries,
                                          changed=changed))
+    figure = Path(results_root) / profile / CLAIMS_FIGURE
+    if figure.is_file():
+        href = Path(os.path.relpath(figure.resolve(), Path(link_root or Path.cwd()).resolve())).as_posix()
+        text = (f"[![The {profile} profile's claims: our differences with 95% intervals, by verdict]({href})]({href})"
+                f"\n\n{text}")
     if entries:
         text += "\n" + wall_time_summary(entries, list(discover_notebooks(Path(notebooks_dir))), changed) + "\n"
     return text
@@ -220,7 +316,9 @@ def readme_map_section(profile: str, results_root: str | Path = "results", param
 def update_readme_map(readme: str | Path, profile: str, results_root: str | Path = "results",
                       params_root: str | Path = "params", notebooks_dir: str | Path = "notebooks") -> bool:
     """Replace the text between the profile's map markers in `readme` with `readme_map_section` (links relative
-    to the README's folder). Returns whether the file changed; the markers must already be there."""
+    to the README's folder), after writing the profile's claims figure and index.html afresh from its manifest
+    (`write_index`), so committed results get them without running a model. Returns whether the README changed;
+    the markers must already be there."""
     readme = Path(readme)
     if not readme.is_file():
         raise InputError(f"{readme}: file not found (--update names the README that holds the map)")
@@ -229,6 +327,9 @@ def update_readme_map(readme: str | Path, profile: str, results_root: str | Path
     if start not in text or end not in text:
         raise InputError(f"{readme}: no markers for the {profile} map; add the lines `{start}` and `{end}` where "
                          f"it belongs")
+    out_dir = Path(results_root) / profile
+    if (out_dir / MANIFEST_FILE).is_file():  # the claims figure and index.html from the manifest, no model run
+        write_index(out_dir, Path(params_root), notebooks_dir=Path(notebooks_dir))
     section = readme_map_section(profile, results_root, params_root, readme.parent, notebooks_dir)
     head, rest = text.split(start, 1)
     new = f"{head}{start}\n{section}{end}{rest.split(end, 1)[1]}"
@@ -239,22 +340,25 @@ def update_readme_map(readme: str | Path, profile: str, results_root: str | Path
 
 def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dict | None = None,
                 notebooks_dir: Path = Path("notebooks")) -> Path:
-    """index.html from the manifest (default: read from out_dir/manifest.json), with the reproduction map
-    (kvlib.report.paper) when the profile ran any notebook of the paper's artifacts; results whose params or notebook
-    changed since they ran are marked stale there (`changed_since_run`)."""
+    """index.html from the manifest (default: read from out_dir/manifest.json), headed by the claims figure
+    (`write_claims_figure`, written here), with the reproduction map (kvlib.report.paper) when the profile ran any
+    notebook of the paper's artifacts; results whose params or notebook changed since they ran are marked stale
+    there (`changed_since_run`)."""
 
     out_dir = Path(out_dir)
     if manifest is None:
         manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     entries = manifest.get("notebooks", {})
     map_rows = None
+    changed = changed_since_run(out_dir.name, entries, Path(params_root), Path(notebooks_dir))
     if {a["notebook"] for a in paper.load().artifacts} & set(entries):
         map_rows = reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir,
-                                          entries=entries, changed=changed_since_run(
-                                              out_dir.name, entries, Path(params_root), Path(notebooks_dir)))
+                                    entries=entries, changed=changed)
+    figure = write_claims_figure(out_dir, entries, changed)
     # links to params files go through the repository root (the notebooks' parent), wherever the folder is
     repo_prefix = Path(os.path.relpath(Path(notebooks_dir).resolve().parent, out_dir.resolve())).as_posix() + "/"
-    return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows, repo_prefix)))
+    return atomic_write_text(out_dir / INDEX_FILE, redact(render_index(manifest, map_rows, repo_prefix,
+                                                                       claims_figure=figure and figure.name)))
 
 
 

@@ -17,6 +17,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -96,20 +97,75 @@ def _portable(text: str, out_dir: Path, repo_root: Path) -> str:
     return portable_text(redact(text), repo_root, extra)
 
 
+# A progress bar line as tqdm draws it ("Loading weights:  30%|██▉       | 81/272 [00:00<00:00, 770.52it/s]", or
+# without a total "12it [00:01, 9.5it/s]"), and tqdm's notice that it could not draw a notebook widget.
+_PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*\d|\|\s*\d+/\d+\s*\[|\d+(?:it|B)?\s*\[\d+:\d+.*(?:it/s|s/it|B/s)\]")
+_TQDM_NOTICE = re.compile(r"TqdmWarning: IProgress not found|from \.autonotebook import tqdm")
+_WIDGET = "application/vnd.jupyter.widget-view+json"
+REPORT_TEMPLATE = Path(__file__).resolve().parent / "templates"  # kvlib_report: code cells folded in the HTML
+HIDDEN_IN_REPORT = ("parameters", "injected-parameters")  # cell tags: the params table after `start` shows them
+
+
+def _strip_progress(text: str) -> str:
+    """`text` (a cell's stderr) without progress-bar lines and tqdm's IProgress notice; a line redrawn with
+    carriage returns counts as what a terminal would show last."""
+    kept = []
+    for line in text.split("\n"):
+        shown = next((part for part in reversed(line.split("\r")) if part.strip()), "")
+        if _TQDM_NOTICE.search(line) or _PROGRESS_LINE.search(shown):
+            continue
+        kept.append(shown if "\r" in line else line)
+    return "\n".join(kept)
+
+
+def _clean_outputs(nb: Any) -> Any:
+    """What a reader of the executed notebook does not need, removed in place before it is written: progress bars
+    (stderr stream outputs drawn by tqdm, which `kvlib reproduce` shows in the terminal as the run goes), tqdm's
+    "IProgress not found" warning and progress widgets. Other stderr (warnings, errors) stays."""
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        outputs = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                text = _strip_progress("".join(out.get("text", "")))
+                if not text.strip():
+                    continue
+                out["text"] = text
+            elif _WIDGET in out.get("data", {}):
+                continue
+            outputs.append(out)
+        cell["outputs"] = outputs
+    nb.metadata.pop("widgets", None)
+    return nb
+
+
+def report_exporter():
+    """The HTML exporter of the rendered reports: the kvlib_report template (code cells folded under a "code"
+    toggle, no In/Out prompts) without the parameters cells (the params table shows the values once)."""
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
+
+    exporter = HTMLExporter(template_name="kvlib_report", extra_template_basedirs=[str(REPORT_TEMPLATE)],
+                            exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_cell_tags=set(HIDDEN_IN_REPORT)), enabled=True)
+    return exporter
+
+
 def _render(nb: Any, job: NotebookJob, out_dir: Path, repo_root: Path) -> None:
     """Write the executed notebook and its HTML under their temp names (`_running_files`), with portable paths
     (`portable_text`) and secrets redacted. Nothing of the last good result is touched."""
     import nbformat
-    from nbconvert import HTMLExporter
 
     tmp_nb, tmp_html = _running_files(out_dir, job.name)
     # papermill recorded the absolute temp paths; record portable final ones instead.
     meta = nb.metadata.setdefault("papermill", {})
     meta["input_path"] = repo_relative(job.notebook, repo_root)
     meta["output_path"] = repo_relative(out_dir / f"{job.name}.ipynb", repo_root)
+    _clean_outputs(nb)
     text = _portable(nbformat.writes(nb), out_dir, repo_root)
     atomic_write_text(tmp_nb, text)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.reads(text, as_version=4))
+    body, _ = report_exporter().from_notebook_node(nbformat.reads(text, as_version=4))
     atomic_write_text(tmp_html, _portable(body, out_dir, repo_root))
 
 

@@ -103,3 +103,61 @@ def paper_reference_table():
     """The paper's published scores (kvlib.report.paper, params/paper_reference.yaml) under these tasks' titles."""
 
     return paper.general_table({name: spec.title for name, spec in TASKS.items()})
+
+
+
+PUBLISHED_FINETUNING = "key-value, with template"  # the paper's rows for its synthetic-data models
+
+
+def figure_deltas(deltas: Sequence[dict], models: Sequence[str],
+                  paper_rows: dict[str, str | None] | None = None):
+    """What the general-benchmark difference figure (kvlib.report.plots.delta_bars) shows, as (ours, published,
+    notes). `ours`: per benchmark, each of `models`' difference from the baseline on the headline metric (rows of
+    kvlib.tasks.general.benchmark_deltas, or kvlib.engine.evaluate.with_seed_groups rows for seed groups), with a
+    `benchmark` label naming the metric. Where every model and the baseline score 0 on the headline metric, its
+    difference is no evidence of anything: the task's floor metric is shown instead when someone scores on it,
+    else the benchmark is left out, and `notes` (for the caption) says which. `published`: the paper's own
+    differences (points) for the same benchmarks and metrics' tasks, one row per paper model and finetuning that
+    `paper_rows` (model label -> the paper's finetuning row; default: every model is the paper's key-value model
+    with template) names. Both DataFrames have the columns the figure reads."""
+    import pandas as pd
+
+    paper_rows = paper_rows if paper_rows is not None else {m: PUBLISHED_FINETUNING for m in models}
+
+    def all_zero(rows: list[dict]) -> bool:
+        return all(d.get("value") == 0 and d.get("baseline_value") == 0 for d in rows)
+
+    ours, published, notes = [], [], []
+    finetunings = list(dict.fromkeys(f for m in models if (f := paper_rows.get(m))))
+    for task in dict.fromkeys(d["task"] for d in deltas):
+        spec = TASKS[task]
+        rows = {metric: [d for d in deltas if d["task"] == task and d["metric"] == metric and d["model"] in models]
+                for metric in (spec.headline, spec.floor_metric) if metric}
+        chosen = rows[spec.headline]
+        if not chosen:
+            continue
+        if all_zero(chosen):
+            floor = rows.get(spec.floor_metric) or []
+            if floor and not all_zero(floor):
+                notes.append(f"{spec.title}: every model scores 0 on {spec.headline}, so {spec.floor_metric} is shown")
+                chosen = floor
+            else:
+                metrics = " or ".join(rows)
+                notes.append(f"{spec.title}: not plotted, every model scores 0 on {metrics}")
+                continue
+        label = f"{spec.title} ({chosen[0]['metric']})"
+        ours += [dict(d, benchmark=label) for d in chosen]
+        for finetuning in finetunings:
+            for model, value in paper.published_delta_values(task, finetuning).items():
+                source = model if len(finetunings) == 1 else f"{model}: {finetuning}"
+                published.append({"benchmark": label, "source": f"paper: {source}", "delta_points": value})
+    return pd.DataFrame(ours), pd.DataFrame(published, columns=["benchmark", "source", "delta_points"]), notes
+
+
+def figure_caption(notes: Sequence[str] = ()) -> str:
+    """The caption under the general-benchmark difference figure (`figure_deltas`' notes appended)."""
+    margin = 100 * paper.equivalence_margin()
+    text = (f"Paired differences from the original in points (bars; whiskers: 95% intervals; seed groups: the mean "
+            f"over seeds), the paper's own differences (hatched) and the equivalence margin (grey, +-{margin:.2f} "
+            f"points) that a \"loses nothing\" claim must rule out.")
+    return text + "".join(f" {note}." for note in notes)

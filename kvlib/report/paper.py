@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -474,16 +475,36 @@ def flenqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str],
         for d in pooled if d["model"] in synthetic])
 
 
-def published_deltas(benchmark: str, finetuning: str = "key-value, with template") -> str:
-    """The paper's own difference (points) for `benchmark`, `finetuning` minus original, per model that has both,
-    as text ("Mistral-7B-Instruct-v0.1: +0.02; GPT-3.5 Turbo (1106): -0.32")."""
+def published_delta_values(benchmark: str, finetuning: str = "key-value, with template") -> dict[str, float]:
+    """The paper's own difference (points, rounded to the printed 2 decimals) for `benchmark`, `finetuning` minus
+    original, per model that has both: {"Mistral-7B-Instruct-v0.1": 0.02, "GPT-3.5 Turbo (1106)": -0.32}."""
     rows = {(r["model"], r["finetuning"]): r["scores"] for r in load().general_benchmarks}
-    parts = []
+    out = {}
     for (model, ft), scores in rows.items():
         base = rows.get((model, "original"), {})
         if ft == finetuning and benchmark in scores and benchmark in base:
-            parts.append(f"{model}: {scores[benchmark] - base[benchmark]:+.2f}")
-    return "; ".join(parts)
+            out[model] = round(scores[benchmark] - base[benchmark], 2)
+    return out
+
+
+def published_deltas(benchmark: str, finetuning: str = "key-value, with template") -> str:
+    """`published_delta_values` as text ("Mistral-7B-Instruct-v0.1: +0.02; GPT-3.5 Turbo (1106): -0.32"), the
+    claims tables' `published_delta_points` column."""
+    return "; ".join(f"{model}: {v:+.2f}" for model, v in published_delta_values(benchmark, finetuning).items())
+
+
+def parse_published(text: Any) -> dict[str, float]:
+    """A `published_delta_points` cell back as {model: points} (empty for a missing cell)."""
+    if not isinstance(text, str) or not text.strip():
+        return {}
+    out = {}
+    for part in text.split("; "):
+        model, _, value = part.rpartition(": ")
+        try:
+            out[model.strip()] = float(value)
+        except ValueError:
+            continue
+    return out
 
 
 def general_level(d: Mapping[str, Any]) -> dict | None:
@@ -556,3 +577,81 @@ def artifact_verdict(verdicts: Sequence[str]) -> str:
     return "does not hold on this model"
 
 
+
+
+# ------------------------------------------------------------------------------------ the claims figure
+
+_CI = re.compile(r"\[\s*([-+]?[\d.]+(?:e[-+]?\d+)?)\s*,\s*([-+]?[\d.]+(?:e[-+]?\d+)?)\s*\]")
+# a claim's expectation read off its text, for claims tables written before the `h0` column existed
+_EXPECT_WORDS = (("loses nothing", "no_loss"), ("does not improve", "no_gain"), ("loses on", "decrease"),
+                 ("lowers", "decrease"), ("improves", "increase"), ("gains more", "increase"))
+
+
+def claim_expectation(claim: Mapping[str, Any]) -> str | None:
+    """Which of EXPECTS a claims-table row tests: from its `h0` (`h0_text`), else from the claim's wording."""
+    h0 = claim.get("h0")
+    if isinstance(h0, str) and h0:
+        for expect in EXPECTS:
+            if h0 in (h0_text(expect, "points"), h0_text(expect, "nats")):
+                return expect
+    text = str(claim.get("claim", ""))
+    return next((expect for words, expect in _EXPECT_WORDS if words in text), None)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def claim_interval(claim: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """The 95% interval of a claims-table row in its unit: numeric `ci_low`/`ci_high` if present, else read off
+    the printed `ci` ("[-1.5, +6.3]"); (None, None) when the claim has none."""
+    lo, hi = _number(claim.get("ci_low")), _number(claim.get("ci_high"))
+    if lo is not None and hi is not None:
+        return lo, hi
+    match = _CI.search(str(claim.get("ci") or ""))
+    return (float(match.group(1)), float(match.group(2))) if match else (None, None)
+
+
+def _short_claim(claim: str, width: int = 88) -> str:
+    text = claim.removeprefix("synthetic finetuning ")
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+
+def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | None = None) -> list[dict]:
+    """The claims figure's rows (kvlib.report.plots.claims_forest) from claims-table rows of any notebooks (each
+    notebook's claims.csv, or the claims the manifest recorded): grouped by artifact in the paper's order, each
+    with `label` (model and claim), `unit`, `delta` and its 95% interval (`ci_low`, `ci_high`; None when the row
+    has none, e.g. a claim recorded without its numbers), `verdict` and its `category` (`verdict_category`),
+    `expect`, `margin` (the equivalence margin in the claim's unit, for "loses nothing" / "does not improve"
+    claims in points; else None) and `published` (the paper's own differences, {model: points}, from
+    `published_delta_points`). `notes`: artifact id -> a note for its group heading (e.g. "stale")."""
+    titles = {a["id"]: a["title"] for a in load().artifacts}
+    order = {a["id"]: i for i, a in enumerate(load().artifacts)}
+    rows = []
+    for i, claim in enumerate(claims):
+        artifact = str(claim.get("artifact", ""))
+        expect = claim_expectation(claim)
+        unit = str(claim.get("unit") or "points")
+        lo, hi = claim_interval(claim)
+        verdict_text = str(claim.get("verdict", "not measured"))
+        heading = titles.get(artifact, artifact)
+        if notes and notes.get(artifact):
+            heading += f" ({notes[artifact]})"
+        rows.append({
+            "artifact": artifact, "heading": heading, "claim": str(claim.get("claim", "")),
+            "model": str(claim.get("model", "")),
+            "label": f"{claim.get('model', '')}: {_short_claim(str(claim.get('claim', '')))}",
+            "unit": unit, "delta": _number(claim.get("delta")), "ci_low": lo, "ci_high": hi,
+            "verdict": verdict_text, "category": verdict_category(verdict_text), "expect": expect,
+            "margin": 100 * equivalence_margin() if expect in ("no_loss", "no_gain") and unit == "points" else None,
+            "published": parse_published(claim.get("published_delta_points")),
+            "_order": (order.get(artifact, len(order)), i),
+        })
+    rows.sort(key=lambda r: r["_order"])
+    for r in rows:
+        del r["_order"]
+    return rows

@@ -9,6 +9,8 @@ import numpy as np
 
 matplotlib.use("Agg")  # headless: papermill kernels have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 
 def token_length_histograms(lengths: Mapping[str, Sequence[int]], budget: Mapping[str, int] | None = None):
@@ -76,46 +78,100 @@ def before_after_bars(table, metric: str = "exact"):
 
 
 def accuracy_curves(table, panel: str, x: str, series: str, metric: str, xlabel: str, ylabel: str = "accuracy",
-                    title_prefix: str = ""):
+                    title_prefix: str = "", deltas=None, delta_metric: str = "delta_correct",
+                    delta_label: str = "minus the original (points)"):
     """One panel per value of `panel`: `metric` against `x`, one line per value of `series`, with the 95% CI
-    (`<metric>_ci_low`/`_ci_high` columns, as kvlib.engine.evaluate.summarize writes them) as a shaded band."""
+    (`<metric>_ci_low`/`_ci_high` columns, as kvlib.engine.evaluate.summarize writes them) as a shaded band.
+    `deltas` (a DataFrame with `panel`, `x`, `series`, `delta_metric`, ci_low, ci_high as fractions, e.g.
+    kvlib.tasks.mdqa.position_curves): a second row of panels with each series' difference from the original at
+    every `x` with its 95% CI, in points, in the same colours."""
     panels = list(dict.fromkeys(table[panel]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False, sharey=True)
+    with_deltas = deltas is not None and len(deltas) > 0 and delta_metric in deltas
+    rows = 2 if with_deltas else 1
+    fig, axes = plt.subplots(rows, len(panels), figsize=(4.6 * len(panels), 3.4 if rows == 1 else 6.2),
+                             squeeze=False, sharey="row", sharex="col",
+                             gridspec_kw={"height_ratios": [3, 2]} if with_deltas else None)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys(table[series]))
+    if with_deltas:
+        names += [n for n in dict.fromkeys(deltas[series]) if n not in names]
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(names)}
     for ax, name in zip(axes[0], panels):
         sub = table[table[panel] == name]
         for label in dict.fromkeys(sub[series]):
             line = sub[sub[series] == label].sort_values(x)
-            ax.plot(line[x], line[metric], marker="o", label=str(label))
-            ax.fill_between(line[x], line[f"{metric}_ci_low"], line[f"{metric}_ci_high"], alpha=0.15)
+            ax.plot(line[x], line[metric], marker="o", label=str(label), color=colors[label])
+            ax.fill_between(line[x], line[f"{metric}_ci_low"], line[f"{metric}_ci_high"], alpha=0.15,
+                            color=colors[label])
         ax.set_title(f"{title_prefix}{name}", fontsize=9)
-        ax.set_xlabel(xlabel)
+        if not with_deltas:
+            ax.set_xlabel(xlabel)
         ax.set_xticks(sorted(set(sub[x])))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7, loc="best")
+    if with_deltas:
+        for ax, name in zip(axes[1], panels):
+            sub = deltas[deltas[panel] == name]
+            labels = list(dict.fromkeys(sub[series]))
+            ticks = sorted(set(table[table[panel] == name][x]))
+            step = 0.03 * (max(ticks) - min(ticks) if len(ticks) > 1 else 1)  # side by side, not on top
+            for j, label in enumerate(labels):
+                line = sub[sub[series] == label].sort_values(x)
+                line = line[line[delta_metric].notna()]
+                shift = (j - (len(labels) - 1) / 2) * step
+                delta = 100 * line[delta_metric].astype(float)
+                err = [(delta - 100 * line["ci_low"].astype(float)).clip(lower=0),
+                       (100 * line["ci_high"].astype(float) - delta).clip(lower=0)]
+                ax.errorbar(line[x].astype(float) + shift, delta, yerr=err, marker="o", markersize=4, capsize=3,
+                            linewidth=1, color=colors[label], label=str(label))
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.set_xlabel(xlabel)
+            ax.set_xticks(ticks)
+            ax.grid(alpha=0.3)
+        axes[1][0].set_ylabel(delta_label)
     fig.tight_layout()
     return fig
 
 
-def delta_bars(table, group: str = "task", series: str = "model", ylabel: str = "difference vs baseline (points)"):
+def delta_bars(table, group: str = "task", series: str = "model", ylabel: str = "difference vs baseline (points)",
+               margin: float | None = None, published=None, note: str | None = None):
     """Paired differences as bars in percentage points, one group of bars per value of `group`, one bar per
     value of `series`, with 95% CI whiskers and a line at zero (`table`: a DataFrame with columns `group`,
-    `series`, delta, ci_low, ci_high as fractions, as kvlib.tasks.general.benchmark_deltas writes them)."""
+    `series`, delta, ci_low, ci_high as fractions, as kvlib.tasks.general.benchmark_deltas writes them).
+    `margin` (a fraction, kvlib.report.paper.equivalence_margin): a grey band of +-margin, the change "loses
+    nothing" must rule out. `published` (a DataFrame with `group`, source, delta_points; e.g.
+    kvlib.report.general_tables.figure_deltas): the paper's own differences as hatched bars beside ours. `note`: a
+    line under the plot (e.g. which metrics are left out)."""
     groups = list(dict.fromkeys(table[group]))
     names = list(dict.fromkeys(table[series]))
-    width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 * len(groups)), 3.2))
+    sources = [] if published is None or not len(published) else list(dict.fromkeys(published["source"]))
+    bars = len(names) + len(sources)
+    width = 0.8 / max(1, bars)
+    fig, ax = plt.subplots(figsize=(min(12.0, max(7.5, 0.4 * bars * len(groups) + 3.5)), 3.8))
+    if margin:
+        ax.axhspan(-100 * margin, 100 * margin, color="#E3E3E3", zorder=0,
+                   label=f"equivalence margin (+-{100 * margin:.2f} points)")
+    offset = [(j - (bars - 1) / 2) * width for j in range(bars)]
     for j, name in enumerate(names):
         sub = table[table[series] == name].set_index(group).reindex(groups)
-        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
+        xs = [i + offset[j] for i in range(len(groups))]
         delta = 100 * sub["delta"]
         err = [(delta - 100 * sub["ci_low"]).clip(lower=0), (100 * sub["ci_high"] - delta).clip(lower=0)]
-        ax.bar(xs, delta, width, yerr=err, capsize=3, label=str(name))
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+        ax.bar(xs, delta, width, yerr=err, capsize=3, label=str(name), zorder=2)
+    greys = ["#FFFFFF", "#D0D0D0", "#A0A0A0", "#707070"]
+    for k, source in enumerate(sources):
+        sub = published[published["source"] == source].set_index(group).reindex(groups)
+        xs = [i + offset[len(names) + k] for i in range(len(groups))]
+        ax.bar(xs, sub["delta_points"], width, color=greys[k % len(greys)], edgecolor="black", hatch="///",
+               linewidth=0.6, label=str(source), zorder=2)
+    ax.axhline(0, color="black", linewidth=0.8, zorder=3)
+    ax.set_xticks(range(len(groups)), [str(g).replace(" (", "\n(") for g in groups], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if note:
+        ax.text(0, -0.22, note, transform=ax.transAxes, fontsize=7, va="top", wrap=True, color="#444444")
     fig.tight_layout()
     return fig
 
@@ -180,4 +236,88 @@ def token_losses(rows, pairs: Sequence[tuple[str, str]]):
     right.set_title("by token kind", fontsize=9)
     right.legend(fontsize=6)
     fig.tight_layout()
+    return fig
+
+
+# Verdict categories (kvlib.report.paper.verdict_category) and their colours in every figure that shows verdicts.
+VERDICT_COLORS = {"holds": "#2E7D32", "does not hold": "#C62828", "inconclusive": "#EF8F00",
+                  "untestable at this model's level": "#9E9E9E", "untestable (both score 0)": "#9E9E9E",
+                  "not measured": "#BDBDBD"}
+PUBLISHED_MARKERS = ("D", "s", "^", "v")
+UNIT_LABELS = {"points": "difference from the original (percentage points)",
+               "nats": "difference (nats per token)"}
+
+
+def claims_forest(rows: Sequence[Mapping], title: str = ""):
+    """The claims figure: one row per claim (kvlib.report.paper.forest_rows), grouped under its artifact's
+    heading, with our difference and its 95% interval coloured by verdict, the paper's published differences as
+    open markers, and the equivalence margin as a grey band behind "loses nothing" / "does not improve" claims.
+    One panel per unit (points; Fig. 4's token losses in nats), each on its own axis."""
+    units = list(dict.fromkeys(r["unit"] for r in rows))
+    layout = {}  # unit -> [(kind, row or heading)]
+    for unit in units:
+        lines, last = [], None
+        for r in (r for r in rows if r["unit"] == unit):
+            if r["heading"] != last:
+                lines.append(("heading", r["heading"]))
+                last = r["heading"]
+            lines.append(("claim", r))
+        layout[unit] = lines
+    heights = [len(lines) for lines in layout.values()]
+    fig, axes = plt.subplots(len(units), 1, figsize=(11, 0.24 * sum(heights) + 1.3 * len(units) + 1.0),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    published_models = list(dict.fromkeys(m for r in rows for m in r["published"]))
+    markers = {m: PUBLISHED_MARKERS[i % len(PUBLISHED_MARKERS)] for i, m in enumerate(published_models)}
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    any_band = any(r["margin"] for r in rows)
+    for ax, unit in zip(axes[:, 0], units):
+        lines = layout[unit]
+        n = len(lines)
+        labels = []
+        for i, (kind, item) in enumerate(lines):
+            y = n - 1 - i
+            if kind == "heading":
+                labels.append(item)
+                ax.axhline(y, color="#EEEEEE", linewidth=8, zorder=0)
+                continue
+            r = item
+            labels.append(r["label"] + ("" if r["ci_low"] is not None else "  (no interval recorded)"))
+            if r["margin"]:
+                ax.fill_betweenx([y - 0.42, y + 0.42], -r["margin"], r["margin"], color="#E3E3E3", zorder=0,
+                                 linewidth=0)
+            color = VERDICT_COLORS.get(r["category"], "#555555")
+            if r["ci_low"] is not None:
+                x = r["delta"] if r["delta"] is not None else (r["ci_low"] + r["ci_high"]) / 2
+                ax.errorbar([x], [y], xerr=[[max(x - r["ci_low"], 0)], [max(r["ci_high"] - x, 0)]], fmt="o",
+                            color=color, markersize=5, capsize=2.5, linewidth=1.6, zorder=3)
+            for model, value in r["published"].items():
+                ax.plot([value], [y], marker=markers[model], markersize=5.5, markerfacecolor="none",
+                        markeredgecolor="black", markeredgewidth=1.0, linestyle="none", zorder=4)
+        ax.set_yticks(range(n), list(reversed(labels)), fontsize=7.5)
+        for tick, (kind, _) in zip(ax.get_yticklabels(), reversed(lines)):
+            if kind == "heading":
+                tick.set_fontweight("bold")
+                tick.set_fontsize(8.5)
+        ax.set_ylim(-0.7, n - 0.3)
+        if unit == "points":  # a difference of percentages lies in [-100, 100], whatever an interval's method says
+            low, high = ax.get_xlim()
+            ax.set_xlim(max(low, -105), min(high, 105))
+        ax.axvline(0, color="black", linewidth=0.8, zorder=1)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(UNIT_LABELS.get(unit, f"difference ({unit})"), fontsize=8.5)
+        ax.tick_params(axis="x", labelsize=8)
+    handles = [Line2D([], [], marker="o", color=VERDICT_COLORS.get(c, "#555555"), linestyle="-", markersize=5,
+                      label=c) for c in categories]
+    handles += [Line2D([], [], marker=markers[m], markerfacecolor="none", markeredgecolor="black", linestyle="none",
+                       label=f"paper: {m}") for m in published_models]
+    if any_band:
+        handles.append(Patch(color="#E3E3E3", label="equivalence margin (loses nothing / does not improve)"))
+    height = fig.get_figheight()
+    legend_rows = -(-len(handles) // 4)
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=7.5, frameon=False)
+    top = 1.0
+    if title:
+        fig.suptitle(title, fontsize=10, fontweight="bold")
+        top = 1 - 0.45 / height
+    fig.tight_layout(rect=(0, (0.1 + 0.2 * legend_rows) / height, 1, top))
     return fig

@@ -778,6 +778,33 @@ def accuracy_table(rows: list[dict], keys: Sequence[str]):
                                  "correct_ci_high": "accuracy_ci_high"})
 
 
+POSITION_CAPTION = ("Top: accuracy by position of the gold document, one line per model (a seed group: the mean over its "
+                    "seeds), shaded: 95% interval over questions. Bottom: each model's difference from the original at "
+                    "each position, paired by question, with its 95% interval (a seed group: seeds and questions "
+                    "resampled).")
+
+
+def position_curves(rows: list[dict], base: str, seed_groups: Mapping[str, Sequence[str]], seed: int = 0,
+                    margin: float | None = None):
+    """What the by-position figure shows (notebooks 03 and 08; kvlib.report.plots.accuracy_curves), as (levels,
+    deltas) DataFrames. `levels`: accuracy per setting, model and gold position (`accuracy_table`), each seed
+    group in place of its members (per question the mean over the group's seeds,
+    kvlib.engine.evaluate.seed_group_means, so its interval is across questions). `deltas`: each model's or
+    group's difference from `base` per setting and position (paired_deltas; groups: seed_group_deltas, the
+    seeds-and-items interval claims are judged with), `delta_correct` with ci_low/ci_high."""
+    import pandas as pd
+
+    members = {m for ms in seed_groups.values() for m in ms}
+    level_rows = [r for r in rows if r["model"] not in members]
+    if seed_groups:
+        level_rows += evaluate.seed_group_means(rows, seed_groups, ["setting", "position", "qid"], ["correct"])
+    deltas = paired_deltas(rows, base, ["setting", "position"], "correct", "qid", margin=margin)
+    if seed_groups:
+        deltas = with_seed_groups(deltas, seed_group_deltas(rows, base, seed_groups, ["setting", "position"],
+                                                            "correct", "qid", seed=seed, margin=margin), seed_groups)
+    return accuracy_table(level_rows, ["setting", "model", "position"]), pd.DataFrame(deltas)
+
+
 def evaluate_mdqa(backend: Any, eval_set: Any, positions: Sequence[int], max_new_tokens: int,
                   label: str, final_answer: Callable[[str], str] | None = None) -> list[dict]:
     """Every question of a kvlib.tasks.mdqa.MDQAEvalSet with its gold at each 1-based position, answered through the
