@@ -14,7 +14,14 @@ from kvlib.engine import evaluate
 from kvlib.engine.evaluate import group_rows
 from kvlib.engine.io import file_sha256
 from kvlib.engine.train import train
-from kvlib.pipeline.notebooks import PAPER_MODEL, PAPER_ROWS, BaselinesNotebookParams, _paper_reference, _slug
+from kvlib.pipeline.notebooks import (
+    PAPER_MODEL,
+    PAPER_ROWS,
+    BaselinesNotebookParams,
+    _paper_reference,
+    _slug,
+    synthetic_models,
+)
 from kvlib.pipeline.runs import open_model
 from kvlib.report import paper
 from kvlib.tasks import flenqa, general, mdqa
@@ -247,7 +254,7 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
     accuracy when `flenqa_rows`, the scored items, are given); the claims of each artifact are Holm-adjusted
     together (kvlib.report.paper.holm_families)."""
 
-    synthetic = [label for label in P.models if label != P.original]
+    synthetic = synthetic_models(P.models, P.original)  # other models are reported, not judged
     kinds = {label: spec["kind"] for label, spec in P.baselines.items()}
     out = []
     for d in mdqa_deltas:

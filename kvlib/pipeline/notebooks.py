@@ -52,6 +52,10 @@ def model_configs(models: Mapping[str, Any], backend: Mapping[str, Any] | None, 
             entry = {}
         if not isinstance(entry, Mapping):
             fail(f"models.{label}", f"expected a mapping like {{model: ...}} or {{run: ...}}, got {entry!r}")
+        entry = dict(entry)
+        flag = entry.pop(SYNTHETIC_FLAG, None)
+        if flag is not None and not isinstance(flag, bool):
+            fail(f"models.{label}.{SYNTHETIC_FLAG}", f"expected true/false, got {flag!r}")
         config = from_mapping(BackendConfig, {**backend, **entry}, f"models.{label}")
         if config.run is not None:
             if runs is None:
@@ -66,6 +70,32 @@ def model_configs(models: Mapping[str, Any], backend: Mapping[str, Any] | None, 
         configs[label] = config
     return configs
 
+
+
+# a model entry's flag: finetuned on the synthetic key-value data (so judged on the paper's claims) or not
+SYNTHETIC_FLAG = "synthetic"
+
+
+def is_synthetic(entry: Any) -> bool:
+    """Whether a `models:` entry is declared as finetuned on the synthetic data: `synthetic: true`, or a `run:` of
+    notebook 02 (every run there trains on a synthetic dataset of notebook 01) without `synthetic: false`."""
+    if not isinstance(entry, Mapping):
+        return False
+    flag = entry.get(SYNTHETIC_FLAG)
+    return flag if isinstance(flag, bool) else entry.get("run") is not None
+
+
+def synthetic_models(models: Mapping[str, Any], base: str | None, seed_groups: Mapping[str, Any] | None = None
+                     ) -> list[str]:
+    """The labels judged on the paper's claims against `base`: the models finetuned on the synthetic data
+    (`is_synthetic`), seed groups standing in for their members (a group counts when all its members do). Every
+    other model compared with `base` (another original, a model added with --set) is reported in the difference
+    tables but not judged."""
+    groups = dict(seed_groups or {})
+    members = {m for ms in groups.values() for m in ms}
+    labels = [label for label, entry in models.items()
+              if label != base and label not in members and is_synthetic(entry)]
+    return labels + [g for g, ms in groups.items() if ms and all(is_synthetic(models.get(m)) for m in ms)]
 
 
 @dataclass
@@ -84,6 +114,10 @@ class EvalModelsParams:
 
     def model_configs(self) -> dict[str, BackendConfig]:
         return model_configs(self.models, self.backend, self.profile, self.params_root)
+
+    def synthetic_models(self, base: str | None) -> list[str]:
+        """The models (and seed groups) judged on the paper's claims against `base`: see `synthetic_models`."""
+        return synthetic_models(self.models, base, self.seed_groups)
 
     def validate(self) -> None:
         configs = self.model_configs()
