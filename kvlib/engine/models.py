@@ -137,6 +137,52 @@ def _check_spec(spec: Any, what: str) -> str:
     return spec.strip()
 
 
+def normalize_model_spec(spec: Any, what: str = "model") -> str:
+    """`spec` checked as a model spec without loading or converting anything: an embedded model name (returned
+    canonical), a local checkpoint directory or .gguf file (returned as an absolute path, so it means the same
+    from any working directory) or a hub id (returned as it is). Anything else raises ParamError."""
+    spec = _check_spec(spec, what)
+    name = _embedded_name(spec)
+    if name is not None:
+        return name
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file()):
+        return str(path.resolve())
+    if path.exists():
+        fail(what, f"{spec!r} is a file; expected a checkpoint directory, a .gguf file, an embedded model "
+                   f"({', '.join(EMBEDDED_MODELS)}) or a Hugging Face hub id")
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        fail(what, f"{spec!r} is not an existing directory, an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+                   f"or a Hugging Face hub id like 'org/name'")
+    return spec
+
+
+def _model_key(spec: str) -> tuple[str, str]:
+    spec = str(spec).strip()
+    name = _embedded_name(spec)
+    if name is not None:
+        return "embedded", name
+    path = Path(spec).expanduser()
+    if path.exists():
+        return "path", str(path.resolve())
+    return "hub", spec.lower()
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model specs name the same model: embedded names and aliases, local paths (resolved) and hub ids
+    (case-insensitive, as the hub treats them)."""
+    return _model_key(a) == _model_key(b)
+
+
+def same_tokenizer(tokenizer_spec: str, model_spec: str) -> bool:
+    """Whether a tokenizer spec measures `model_spec`'s tokens: the same model, or the offline SentencePiece alias
+    of its tokenizer (`mistral-7b-v0.1` for mistralai/Mistral-7B-Instruct-v0.1)."""
+    if same_model(tokenizer_spec, model_spec):
+        return True
+    alias = spm_tokenizer_alias(tokenizer_spec)
+    return alias is not None and alias == spm_tokenizer_alias(model_spec)
+
+
 def _gguf_source(spec: str) -> tuple[str, Path] | None:
     """(name, GGUF path) when `spec` is an embedded model name or an existing .gguf file, else None."""
     name = _embedded_name(spec)
@@ -251,14 +297,73 @@ def strip_quantization(model: Any) -> Any:
     return model
 
 
+class ModelAccessError(OSError):
+    """A Hugging Face hub model that cannot be downloaded as things stand: gated (its licence not accepted by the
+    account of the token in use, or no token) or missing (no such repository, or a private one)."""
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether `spec` names a model on the Hugging Face hub (not an embedded model, a local path or a .gguf file)."""
+    spec = str(spec).strip()
+    return (_embedded_name(spec) is None and not Path(spec).expanduser().exists()
+            and not spec.startswith((".", "/", "~")) and bool(_HUB_ID.match(spec)))
+
+
+def hub_access_error(exc: BaseException, repo: str) -> ModelAccessError | None:
+    """The ModelAccessError for `repo` when `exc` (or what caused it: transformers wraps huggingface_hub's errors
+    in an OSError) is huggingface_hub's GatedRepoError or RepositoryNotFoundError, else None. The message names the
+    repository, what to accept where, and HF_TOKEN."""
+    try:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    seen, error = set(), exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        url = f"https://huggingface.co/{repo}"
+        token = "set" if os.environ.get("HF_TOKEN") else "not set"
+        if isinstance(error, GatedRepoError):
+            return ModelAccessError(
+                f"{repo} is a gated model on the Hugging Face hub: open {url}, log in and accept its licence "
+                f"(the access request is granted to that account), then make a read token of the same account "
+                f"available as HF_TOKEN (now {token}; `export HF_TOKEN=hf_...` or `hf auth login`) and run again")
+        if isinstance(error, RepositoryNotFoundError):
+            return ModelAccessError(
+                f"{repo}: no such model on the Hugging Face hub, or a private or gated one the token in use cannot "
+                f"see ({url}). Check the name; for a private or gated model accept its licence there and set "
+                f"HF_TOKEN (now {token}) to a read token of an account with access")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def check_hub_access(spec: str) -> None:
+    """Before any compute: raise ModelAccessError when `spec` is a hub model the hub says this machine cannot
+    download (huggingface_hub.auth_check: gated without an accepted licence, or missing). Nothing is checked for
+    local and embedded models, with HF_HUB_OFFLINE set, or when the hub cannot be reached (loading will say)."""
+    spec = _check_spec(spec, "model")
+    if not is_hub_id(spec) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    import huggingface_hub
+
+    try:
+        huggingface_hub.auth_check(spec)
+    except Exception as exc:  # noqa: BLE001 - only the two answers that settle it stop the run
+        error = hub_access_error(exc, spec)
+        if error is not None:
+            raise error from exc
+
+
 def _from_pretrained(loader: Callable[..., Any], source: str, what: str, **kwargs: Any) -> Any:
-    """`loader(source, **kwargs)`, turning the opaque offline failure for a hub id into a message that says
-    what to do."""
+    """`loader(source, **kwargs)`, turning the opaque failures for a hub id into messages that say what to do:
+    a gated or missing repository (ModelAccessError: the licence to accept, HF_TOKEN), or no network."""
     try:
         return loader(source, **kwargs)
     except OSError as exc:
         if Path(source).exists():
             raise
+        access = hub_access_error(exc, source)
+        if access is not None:
+            raise access from exc
         raise OSError(
             f"could not load {what} {source!r} from the Hugging Face hub (unreachable, or no such repo): {exc}\n"
             f"Offline, pass a local checkpoint directory or the embedded model {DEFAULT_MODEL!r}, or set "
