@@ -361,8 +361,8 @@ def test_failure_stops_the_run_before_later_notebooks(tmp_path, capsys):
         (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").unlink(), "params file not found"),
         (lambda r: (r / "params" / PROFILE / f"{NB2}.yaml").write_text("results_dir: /tmp\n"),
          "results_dir: set by kvlib reproduce"),
-        (lambda r: notebooks.NOTEBOOKS.pop(NB2), "no params class registered"),
-        (lambda r: notebooks.NOTEBOOKS.update({NB2: "kvlib.nope:Params"}), "is not a dataclass"),
+        (lambda r: plan.NOTEBOOKS.pop(NB2), "no params class registered"),
+        (lambda r: plan.NOTEBOOKS.update({NB2: "kvlib.nope:Params"}), "is not a dataclass"),
     ],
     ids=["unknown-key", "invalid-value", "missing-file", "reserved-key", "unregistered", "bad-class"],
 )

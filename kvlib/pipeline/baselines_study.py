@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 from kvlib.engine import evaluate
 from kvlib.engine.evaluate import group_rows
 from kvlib.engine.io import file_sha256
-from kvlib.engine.train import train
+from kvlib.engine.train import LauncherConfig
 from kvlib.pipeline.notebooks import (
     PAPER_MODEL,
     PAPER_ROWS,
@@ -22,7 +22,7 @@ from kvlib.pipeline.notebooks import (
     _slug,
     synthetic_models,
 )
-from kvlib.pipeline.runs import open_model
+from kvlib.pipeline.runs import open_model, train_run
 from kvlib.report import paper
 from kvlib.tasks import flenqa, general, mdqa
 from kvlib.tasks.baseline_sets import BaselineConfig, _counter_for, ensure_baseline, matched_config, sample_lengths
@@ -125,11 +125,11 @@ def contamination_table(prepared: Mapping[str, PreparedBaseline], synthetic=None
 
 
 
-def train_baselines(prepared: Mapping[str, PreparedBaseline]) -> dict[str, dict]:
-    """Train every baseline with kvlib.engine.train.train (a finished run is reused, an interrupted one resumes);
-    label -> the run summary (model_dir, steps, tokens, loss)."""
+def train_baselines(prepared: Mapping[str, PreparedBaseline], launcher: LauncherConfig | None = None) -> dict[str, dict]:
+    """Train every baseline the way the profile's runs train (`launcher`: kvlib.pipeline.runs.train_run; a finished
+    run is reused, an interrupted one resumes); label -> the run summary (model_dir, steps, tokens, loss)."""
 
-    return {label: train(b.train_config, resume="auto") for label, b in prepared.items()}
+    return {label: train_run(b.train_config, launcher, where=f"baseline {label}") for label, b in prepared.items()}
 
 
 

@@ -34,7 +34,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
 
-    return train.main_cli(params=args.params, out=args.out, resume=args.resume, dry_run=args.dry_run)
+    resume = "auto" if args.resume_auto else args.resume
+    return train.main_cli(params=args.params, out=args.out, resume=resume, dry_run=args.dry_run)
 
 
 def _openai_finetune(args: argparse.Namespace) -> int:
@@ -53,6 +54,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         force=args.force,
         dry_run=args.dry_run,
         lock=not args.concurrent,
+        model=args.model,
+        sets=args.set or (),
     )
 
 
@@ -95,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="finetune an open model on a chat JSONL (answer-only loss, full or LoRA)")
     tr.add_argument("--params", type=Path, required=True, help="YAML with training parameters")
     tr.add_argument("--out", help="output directory (overrides params)")
-    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    resume = tr.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    resume.add_argument("--resume-auto", action="store_true",
+                        help="what pipelines do: reuse a finished run, continue this run's checkpoints, and start "
+                             "over when the checkpoints belong to another config or training file")
     tr.add_argument("--dry-run", action="store_true",
                     help="validate data, tokenizer lengths, steps and a memory estimate without loading weights")
     tr.set_defaults(func=_train)
@@ -111,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results", default="results")
     rep.add_argument("--params-dir", default="params")
     rep.add_argument("--notebooks", default="notebooks")
+    rep.add_argument("--model", metavar="SPEC",
+                     help="run the profile with this base model, finetuned and compared in place of the profile's: a "
+                          "Hugging Face hub id, a local checkpoint directory, the embedded model, or "
+                          "openai:<model>[@<base_url>] (an OpenAI-compatible endpoint: evaluated, not finetuned); "
+                          "results go to <results>/<profile>/<model slug>/")
+    rep.add_argument("--set", action="append", metavar="NOTEBOOK.KEY=VALUE",
+                     help="set one param (repeatable; VALUE is YAML, KEY may be dotted: "
+                          "01_synthetic_data.datasets.simple-template.n_train=8), validated like the params files; "
+                          "results go to <results>/<profile>/<model slug>/")
     rep.add_argument("--force", action="store_true", help="re-run notebooks that already finished")
     rep.add_argument("--dry-run", action="store_true",
                      help="validate the profile offline and print what would run and what its models need")

@@ -12,19 +12,21 @@ A notebook runs three ways, all through `start`:
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import os
 import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 from kvlib.engine.backends import BackendConfig
 from kvlib.engine.config import ParamError, check_positive, fail, from_mapping, load_yaml
 from kvlib.engine.evaluate import check_seed_groups
 from kvlib.engine.openai_ft import OpenAIFinetuneConfig
-from kvlib.engine.train import TrainConfig
+from kvlib.engine.train import LauncherConfig, TrainConfig
 from kvlib.report import paper
 from kvlib.tasks import harness
 from kvlib.tasks.baseline_sets import KINDS, BaselineConfig
@@ -32,6 +34,37 @@ from kvlib.tasks.flenqa import STYLES, FLenQAConfig, Style
 from kvlib.tasks.general import TASKS, FewshotFormat, TaskParams, TaskSpec, task_spec
 from kvlib.tasks.mdqa import MAX_RANDOM_DOCUMENTS, RETRIEVED_DOCUMENTS, SETTINGS
 from kvlib.tasks.synthetic import GenerationConfig
+
+
+# params files planned but not written (yet): path -> data. `kvlib reproduce --model/--set` validates a profile's
+# transformed params before anything is written (its --dry-run writes nothing), while notebooks read each other's
+# params files (a run of 02, a dataset of 01) by path: they find the planned data here first.
+_PARAMS_OVERLAY: dict[Path, dict] = {}
+
+
+@contextlib.contextmanager
+def params_overlay(files: Mapping[str | Path, Mapping[str, Any]]) -> Iterator[None]:
+    """Within the block, `read_params_file(path)` returns `files[path]` (a deep copy) instead of reading it."""
+    added = {}
+    for path, data in files.items():
+        for key in (Path(path), Path(path).resolve()):
+            added[key] = copy.deepcopy(dict(data))
+    previous = dict(_PARAMS_OVERLAY)
+    _PARAMS_OVERLAY.update(added)
+    try:
+        yield
+    finally:
+        _PARAMS_OVERLAY.clear()
+        _PARAMS_OVERLAY.update(previous)
+
+
+def read_params_file(path: str | Path) -> dict:
+    """A params YAML as data: the planned one of `params_overlay` if any, else the file."""
+    path = Path(path)
+    for key in (path, path.resolve()):
+        if key in _PARAMS_OVERLAY:
+            return copy.deepcopy(_PARAMS_OVERLAY[key])
+    return load_yaml(path)
 
 
 def model_configs(models: Mapping[str, Any], backend: Mapping[str, Any] | None, profile: str,
@@ -148,7 +181,7 @@ def profile_dataset(profile: str, name: str, params_root: Path = Path("params"))
     """Config and output directory of dataset `name` of a profile. Datasets are defined once, in
     params/<profile>/01_synthetic_data.yaml, and every later notebook refers to them by name."""
     path = Path(params_root) / profile / "01_synthetic_data.yaml"
-    params = from_mapping(SyntheticDataNotebookParams, load_yaml(path))
+    params = from_mapping(SyntheticDataNotebookParams, read_params_file(path))
     if name not in params.datasets:
         raise ParamError(f"dataset: {name!r} is not defined in {path}; known: {', '.join(params.datasets)}")
     return params.datasets[name], Path(params.data_dir) / profile / name
@@ -185,6 +218,11 @@ class FinetuneNotebookParams:
     # train.openai.jsonl. Without openai_submit only validation and the cost estimate run (offline, no key).
     openai_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     openai_submit: bool = False
+    # how the HF runs train: in the notebook's process (None, or kind inprocess), or launched as their own
+    # multi-GPU job (kind accelerate: `accelerate launch --config_file ... -m kvlib train`). With num_processes N
+    # each run's gradient_accumulation_steps is split over the N processes, so the global batch stays
+    # per_device_batch_size x gradient_accumulation_steps as written in runs.
+    launcher: LauncherConfig | None = None
 
     def validate(self) -> None:
         if not self.runs and not self.openai_runs:
@@ -219,6 +257,13 @@ class FinetuneNotebookParams:
             cfg = from_mapping(TrainConfig, {**fields, "train_file": str(data_dir / "train.jsonl"),
                                              "out_dir": str(Path(self.models_dir) / self.profile / name),
                                              "model": self.base_model}, f"runs.{name}")
+            processes = self.launcher.num_processes if self.launcher is not None else 1
+            if cfg.gradient_accumulation_steps % processes:
+                fail(f"runs.{name}.gradient_accumulation_steps",
+                     f"{cfg.gradient_accumulation_steps} does not split over launcher.num_processes {processes}: the "
+                     f"global batch (per_device_batch_size x gradient_accumulation_steps) is shared by the processes")
+            if processes > 1:
+                cfg = dataclasses.replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps // processes)
             jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
         return jobs
 
@@ -251,7 +296,7 @@ def profile_finetune_params(profile: str, params_root: str | Path = "params") ->
     """The profile's 02_finetune params (params/<profile>/02_finetune.yaml), validated: where evaluation
     notebooks look up the runs they evaluate."""
     path = Path(params_root) / profile / "02_finetune.yaml"
-    data = load_yaml(path)
+    data = read_params_file(path)
     try:
         return from_mapping(FinetuneNotebookParams, {**data, "profile": profile, "params_root": str(params_root)})
     except ParamError as exc:
@@ -379,9 +424,9 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
         for label in self.harness_crosscheck:
             if label not in configs:
                 fail("harness_crosscheck", f"{label!r} is not one of the models {list(configs)}")
-            if configs[label].kind != "hf":
-                fail("harness_crosscheck", f"{label!r} is a {configs[label].kind} backend; the cross-check scores "
-                                           f"a local HF model")
+            if configs[label].kind == "openai":
+                fail("harness_crosscheck", f"{label!r} is an {configs[label].kind} backend; the cross-check scores "
+                                           f"a local model (loaded in transformers whatever its engine)")
         if self.harness_crosscheck:
 
             if not harness.available():
@@ -403,6 +448,11 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
                                                       f"log-likelihoods; use auto or generate")
         check_positive("n_boot", self.n_boot, 100)
         check_positive("examples_to_show", self.examples_to_show, 0)
+
+    def harness_model(self, label: str) -> BackendConfig:
+        """The model `label` as lm-evaluation-harness's cross-check loads it: in transformers (kind hf), whichever
+        engine (vLLM with kind auto or vllm) answered the notebook's own evaluation."""
+        return dataclasses.replace(self.model_configs()[label], kind="hf")
 
     def task_list(self) -> list[tuple[TaskSpec, TaskParams]]:
         """The selected benchmarks in TASKS order (so tables read the same in every profile)."""
@@ -579,6 +629,10 @@ class BaselinesNotebookParams(EvalModelsParams):
         self.mdqa_params(), self.flenqa_params(), self.general_params()
 
     # -- baselines
+
+    def finetune_launcher(self) -> LauncherConfig | None:
+        """How the baselines train: the launcher of the profile's 02_finetune params (they reuse `match`'s recipe)."""
+        return profile_finetune_params(self.profile, self.params_root).launcher
 
     def match_job(self):
         """The 02_finetune job named by `match` (its dataset and TrainConfig)."""
