@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvlib.engine import openai_ft, train
+import kvlib
+from kvlib.engine import openai_ft, resources, train
 from kvlib.engine.config import ParamError
 from kvlib.pipeline import data_needs, repro_map, reproduce
 from kvlib.tasks import synthetic as generate
@@ -43,7 +44,28 @@ def _openai_finetune(args: argparse.Namespace) -> int:
     return openai_ft.main_cli(params=args.params, dry_run=args.dry_run)
 
 
+def _init(args: argparse.Namespace) -> int:
+
+    dest = Path(args.dir)
+    written = resources.init_project(dest, force=args.force)
+    kept = len(resources.resource_files()) - len(written)
+    print(f"{dest}: wrote {len(written)} files (notebooks/, params/ of kvlib {kvlib.__version__})"
+          + (f"; kept {kept} existing ones (--force replaces them)" if kept else ""))
+    print(f"next: cd {dest} && kvlib data fetch --profile quick && kvlib reproduce --profile quick")
+    return 0
+
+
+def _project_dirs(args: argparse.Namespace) -> None:
+    """A clear stop when the working directory is not a project (no params/ and notebooks/): an installed kvlib
+    writes them with `kvlib init`."""
+    if not Path(args.params_dir).is_dir() and not Path(args.notebooks).is_dir():
+        raise ParamError(f"params_dir: no {args.params_dir}/ and {args.notebooks}/ in {Path.cwd()}; run kvlib in the "
+                         f"repository, or write the notebooks and profiles of this kvlib here with `kvlib init .`")
+
+
 def _reproduce(args: argparse.Namespace) -> int:
+
+    _project_dirs(args)
 
     return reproduce.run_profile(
         args.profile,
@@ -76,7 +98,14 @@ def _data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlib", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvlib {kvlib.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    ini = sub.add_parser("init", help="write the notebooks and profiles (params/) of this kvlib into a folder, to run "
+                                      "`kvlib reproduce` there (an installed kvlib outside the repository)")
+    ini.add_argument("dir", nargs="?", default=".", help="the folder (created if missing; default: here)")
+    ini.add_argument("--force", action="store_true", help="replace files that exist (default: keep them)")
+    ini.set_defaults(func=_init)
 
     gen = sub.add_parser("generate", help="write a synthetic key-value retrieval dataset (train/eval JSONL)")
     gen.add_argument("--params", type=Path, help="YAML with generation parameters (flags override it)")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
+from kvlib.engine import resources
 from kvlib.engine.backends import BackendConfig
 from kvlib.engine.config import ParamError, check_positive, fail, from_mapping, load_yaml
 from kvlib.engine.evaluate import check_seed_groups
@@ -745,13 +746,14 @@ STAGING = ".staging"  # results/<profile>/.staging/<notebook>/: a pipeline run's
 
 
 def repo_root(start: Path | None = None) -> Path:
-    """The repository root: the nearest folder at or above `start` (default: the working directory) holding
-    params/ and notebooks/, else the one above the installed package."""
+    """The project root: the nearest folder at or above `start` (default: the working directory) holding
+    params/ and notebooks/ (the repository, or a folder made by `kvlib init`), else the checkout kvlib runs from
+    (kvlib.engine.resources)."""
     here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "params").is_dir() and (folder / "notebooks").is_dir():
             return folder
-    return Path(__file__).resolve().parents[2]
+    return resources.CHECKOUT
 
 
 def notebook_class(name: str) -> type:
