@@ -546,6 +546,8 @@ def plan_run(profile: str, only: list[str] | None, params_root: Path, notebooks_
     with params_overlay(variant.planned_files()):
         for name in _select(notebooks, only):
             try:
+                if name not in params:  # no params file in the profile: the usual error, naming it
+                    make_job(name, notebooks[name], profile, profile_dir, out_dir)
                 jobs.append(make_job(name, notebooks[name], profile, derived / profile, out_dir,
                                      data=params.get(name)))
             except ParamError as exc:

@@ -31,10 +31,8 @@ def ensure_run_model(profile: str, run: str, params_root: str | Path = "params")
 
     params = profile_finetune_params(profile, params_root)
     jobs, openai_jobs = params.jobs(), params.openai_jobs()
-    if run in jobs:
-        job = jobs[run]
-        ensure_dataset(job.data_config, job.data_dir)
-        return train_job(job, params.launcher)["model_dir"]
+    if run in jobs:  # its dataset is written first if missing
+        return train_job(jobs[run], params.launcher)["model_dir"]
     if run in openai_jobs:
         state_file = Path(openai_jobs[run].train_config.job_dir) / STATE_FILE
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
