@@ -36,19 +36,15 @@ def hf_backend_bf16():
     return HFBackend(DEFAULT_MODEL, device="cpu", dtype="bfloat16", batch_size=3, progress=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, hf_backend) -> str:
-    """A tiny random Llama (2 layers, width 32, context 128) with the embedded model's tokenizer and chat
-    template, saved as a checkpoint: loads and generates in milliseconds, for plumbing tests."""
+def save_tiny_llama(path, tokenizer, context: int) -> str:
+    """A random 2-layer Llama of width 32 with `tokenizer` (its chat template included), saved as a checkpoint."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = hf_backend.tokenizer
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -79,3 +75,39 @@ def find_absolute_paths(text: str, machine: tuple[str, ...] = ()) -> list[str]:
         if prefix and prefix.rstrip("/") not in ("", "."):
             found += re.findall(r"(?<![\w.~/-])" + re.escape(prefix.rstrip("/")) + r"(?![\w.~-])[^\s\"'<>]*", text)
     return found
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, hf_backend) -> str:
+    """A tiny random Llama (2 layers, width 32, context 128) with the embedded model's tokenizer and chat
+    template, saved as a checkpoint: loads and generates in milliseconds, for plumbing tests."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hf_backend.tokenizer, 128)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_4k_dir(tmp_path_factory, hf_backend) -> str:
+    """The tiny Llama with a 4096-token context (a profile's prompts fit), in a folder named `tiny-llama`."""
+    return save_tiny_llama(tmp_path_factory.mktemp("checkpoints") / "tiny-llama", hf_backend.tokenizer, 4096)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory) -> str:
+    """A tiny random MistralForCausalLM (2 layers, width 32, context 4096) with Mistral-7B-Instruct-v0.1's own
+    tokenizer (its SentencePiece model, shipped in mistral_common, as an HF tokenizer) and v0.1's chat template
+    (no system turn, a space after each `</s>`), in a folder named `tiny-mistral`. Offline, in seconds."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from kvlib.engine.models import hf_tokenizer_from_spm
+
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny-mistral"
+    tokenizer = hf_tokenizer_from_spm("mistral-7b-v0.1")
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=4096, sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    MistralForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 
 from kvlib.engine.config import check_positive, fail, from_mapping
 from kvlib.engine.io import sha256_text
-from kvlib.engine.models import (
+from kvlib.engine.models import (  # noqa: F401 - end_of_turn_ids is part of this module's interface
     DEFAULT_MODEL,
     check_model_spec,
     default_device_dtype,
+    end_of_turn_ids,
+    fit_to_template,
     load_model,
     load_tokenizer,
     model_identity,
@@ -47,9 +49,6 @@ Request = Union[str, Sequence[Message]]  # a plain user prompt, or a chat conver
 LoglikelihoodRequest = tuple[Request, str]  # (context, continuation)
 
 _ROLES = ("system", "user", "assistant")
-# Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Llama 2/Mistral, Gemma). The
-# tokenizer's eos is not always the end-of-turn token (Llama 3: eos <|end_of_text|>, turns end in <|eot_id|>).
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>")
 # CPU flags of native bfloat16 arithmetic (Intel Cooper Lake+/Sapphire Rapids+, AMD Zen 4+). Without them
 # PyTorch emulates bf16 on CPU, which is slower than float32.
 _CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -216,17 +215,6 @@ def resolve_eval_dtype(device: str | None = None, dtype: str = "auto") -> str:
     return _DTYPE_NAMES[torch_dtype]
 
 
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end generation: the tokenizer's eos plus every known end-of-turn token in its vocab."""
-    vocab = tokenizer.get_vocab()
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids += [vocab[token] for token in _END_OF_TURN_TOKENS if token in vocab]
-    if not ids:
-        raise ValueError("the tokenizer has no eos token and none of the known end-of-turn tokens "
-                         f"{list(_END_OF_TURN_TOKENS)}; generation could not stop at the end of a turn")
-    return list(dict.fromkeys(ids))  # dedupe, keep order
-
-
 # ------------------------------------------------------------------------------------------- params
 
 
@@ -373,6 +361,7 @@ class LocalChatModel:
         if not self.tokenizer.chat_template:
             raise ValueError(f"{self.spec}: the tokenizer has no chat template, so chat requests cannot be "
                              f"formatted; use a chat/instruct model or a tokenizer with a chat_template")
+        messages = fit_to_template(self.tokenizer, messages)  # a system turn where the template has none
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:

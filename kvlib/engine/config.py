@@ -40,6 +40,9 @@ def _check_type(value: Any, tp: Any, field: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # `X | None` with a value: X's own message names the field that is wrong
+            return _check_type(value, options[0], field)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -257,6 +257,19 @@ def seed_group_means(rows: Sequence[dict], groups: Mapping[str, Sequence[str]], 
     return out
 
 
+def engines_used(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, str]:
+    """Model label -> the engine(s) that answered it (the rows' `backend`: hf, vllm, openai), for the manifest's
+    facts: with backend kind auto it is vLLM or transformers depending on the machine. `rows`: result rows, or
+    sections of them (a mapping of lists)."""
+    if isinstance(rows, Mapping):
+        rows = [r for section in rows.values() for r in section]
+    found: dict[str, set] = {}
+    for r in rows:
+        if r.get("backend"):
+            found.setdefault(str(r["model"]), set()).add(str(r["backend"]))
+    return {label: ", ".join(sorted(engines)) for label, engines in found.items()}
+
+
 def compared_labels(labels: Sequence[str], base: str | None, groups: Mapping[str, Sequence[str]]) -> list[str]:
     """The labels compared with `base` once seed groups stand in for their members (base None: every label
     that is not a member, then the groups, e.g. the series a figure shows)."""

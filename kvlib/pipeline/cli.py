@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvlib.engine import openai_ft, train
+import kvlib
+from kvlib.engine import openai_ft, resources, train
 from kvlib.engine.config import InputError, ParamError
 from kvlib.pipeline import data_needs, plan, repro_map, reproduce, verify
 from kvlib.tasks import synthetic as generate
@@ -35,7 +36,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
 
-    return train.main_cli(params=args.params, out=args.out, resume=args.resume, dry_run=args.dry_run)
+    resume = "auto" if args.resume_auto else args.resume
+    return train.main_cli(params=args.params, out=args.out, resume=resume, dry_run=args.dry_run)
 
 
 def _openai_finetune(args: argparse.Namespace) -> int:
@@ -43,8 +45,28 @@ def _openai_finetune(args: argparse.Namespace) -> int:
     return openai_ft.main_cli(params=args.params, dry_run=args.dry_run)
 
 
+def _init(args: argparse.Namespace) -> int:
+
+    dest = Path(args.dir)
+    written = resources.init_project(dest, force=args.force)
+    kept = len(resources.resource_files()) - len(written)
+    print(f"{dest}: wrote {len(written)} files (notebooks/, params/ of kvlib {kvlib.__version__})"
+          + (f"; kept {kept} existing ones (--force replaces them)" if kept else ""))
+    print(f"next: cd {dest} && kvlib data fetch --profile quick && kvlib reproduce --profile quick")
+    return 0
+
+
+def _project_dirs(args: argparse.Namespace) -> None:
+    """A clear stop when the working directory is not a project (no params/ and notebooks/): an installed kvlib
+    writes them with `kvlib init`."""
+    if not Path(args.params_dir).is_dir() and not Path(args.notebooks).is_dir():
+        raise ParamError(f"params_dir: no {args.params_dir}/ and {args.notebooks}/ in {Path.cwd()}; run kvlib in the "
+                         f"repository, or write the notebooks and profiles of this kvlib here with `kvlib init .`")
+
+
 def _reproduce(args: argparse.Namespace) -> int:
 
+    _project_dirs(args)
     with reproduce.sigterm_as_interrupt():  # a session ending: the running attempt is timed, as on Ctrl-C
         return reproduce.run_profile(
             args.profile,
@@ -55,11 +77,14 @@ def _reproduce(args: argparse.Namespace) -> int:
             force=args.force,
             dry_run=args.dry_run,
             lock=not args.concurrent,
+            model=args.model,
+            sets=args.set or (),
         )
 
 
 def _verify(args: argparse.Namespace) -> int:
 
+    _project_dirs(args)
     with reproduce.sigterm_as_interrupt():
         return verify.verify_profile(
             args.profile,
@@ -91,7 +116,14 @@ def _data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvlib", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvlib {kvlib.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    ini = sub.add_parser("init", help="write the notebooks and profiles (params/) of this kvlib into a folder, to run "
+                                      "`kvlib reproduce` there (an installed kvlib outside the repository)")
+    ini.add_argument("dir", nargs="?", default=".", help="the folder (created if missing; default: here)")
+    ini.add_argument("--force", action="store_true", help="replace files that exist (default: keep them)")
+    ini.set_defaults(func=_init)
 
     gen = sub.add_parser("generate", help="write a synthetic key-value retrieval dataset (train/eval JSONL)")
     gen.add_argument("--params", type=Path, help="YAML with generation parameters (flags override it)")
@@ -114,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="finetune an open model on a chat JSONL (answer-only loss, full or LoRA)")
     tr.add_argument("--params", type=Path, required=True, help="YAML with training parameters")
     tr.add_argument("--out", help="output directory (overrides params)")
-    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    resume = tr.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    resume.add_argument("--resume-auto", action="store_true",
+                        help="what pipelines do: reuse a finished run, continue this run's checkpoints, and start "
+                             "over when the checkpoints belong to another config or training file")
     tr.add_argument("--dry-run", action="store_true",
                     help="validate data, tokenizer lengths, steps and a memory estimate without loading weights")
     tr.set_defaults(func=_train)
@@ -130,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results", default="results")
     rep.add_argument("--params-dir", default="params")
     rep.add_argument("--notebooks", default="notebooks")
+    rep.add_argument("--model", metavar="SPEC",
+                     help="run the profile with this base model, finetuned and compared in place of the profile's: a "
+                          "Hugging Face hub id, a local checkpoint directory, the embedded model, or "
+                          "openai:<model>[@<base_url>] (an OpenAI-compatible endpoint: evaluated, not finetuned); "
+                          "results go to <results>/<profile>/<model slug>/")
+    rep.add_argument("--set", action="append", metavar="NOTEBOOK.KEY=VALUE",
+                     help="set one param (repeatable; VALUE is YAML, KEY may be dotted: "
+                          "01_synthetic_data.datasets.simple-template.n_train=8), validated like the params files; "
+                          "results go to <results>/<profile>/<model slug>/")
     rep.add_argument("--force", action="store_true", help="re-run notebooks that already finished")
     rep.add_argument("--dry-run", action="store_true",
                      help="validate the profile offline and print what would run and what its models need")

@@ -12,6 +12,8 @@ A notebook runs three ways, all through `start`:
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -20,14 +22,15 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
+from kvlib.engine import resources
 from kvlib.engine.backends import BackendConfig
 from kvlib.engine.config import ParamError, check_positive, fail, from_mapping, load_yaml
 from kvlib.engine.evaluate import check_seed_groups
 from kvlib.engine.models import check_model_spec
 from kvlib.engine.openai_ft import OpenAIFinetuneConfig
-from kvlib.engine.train import TrainConfig
+from kvlib.engine.train import LauncherConfig, TrainConfig
 from kvlib.report import paper
 from kvlib.tasks import harness
 from kvlib.tasks.baseline_sets import KINDS, BaselineConfig
@@ -35,6 +38,37 @@ from kvlib.tasks.flenqa import STYLES, FLenQAConfig, Style
 from kvlib.tasks.general import TASKS, FewshotFormat, TaskParams, TaskSpec, task_spec
 from kvlib.tasks.mdqa import MAX_RANDOM_DOCUMENTS, RETRIEVED_DOCUMENTS, SETTINGS
 from kvlib.tasks.synthetic import GenerationConfig
+
+
+# params files planned but not written (yet): path -> data. `kvlib reproduce --model/--set` validates a profile's
+# transformed params before anything is written (its --dry-run writes nothing), while notebooks read each other's
+# params files (a run of 02, a dataset of 01) by path: they find the planned data here first.
+_PARAMS_OVERLAY: dict[Path, dict] = {}
+
+
+@contextlib.contextmanager
+def params_overlay(files: Mapping[str | Path, Mapping[str, Any]]) -> Iterator[None]:
+    """Within the block, `read_params_file(path)` returns `files[path]` (a deep copy) instead of reading it."""
+    added = {}
+    for path, data in files.items():
+        for key in (Path(path), Path(path).resolve()):
+            added[key] = copy.deepcopy(dict(data))
+    previous = dict(_PARAMS_OVERLAY)
+    _PARAMS_OVERLAY.update(added)
+    try:
+        yield
+    finally:
+        _PARAMS_OVERLAY.clear()
+        _PARAMS_OVERLAY.update(previous)
+
+
+def read_params_file(path: str | Path) -> dict:
+    """A params YAML as data: the planned one of `params_overlay` if any, else the file."""
+    path = Path(path)
+    for key in (path, path.resolve()):
+        if key in _PARAMS_OVERLAY:
+            return copy.deepcopy(_PARAMS_OVERLAY[key])
+    return load_yaml(path)
 
 
 def model_configs(models: Mapping[str, Any], backend: Mapping[str, Any] | None, profile: str,
@@ -55,6 +89,10 @@ def model_configs(models: Mapping[str, Any], backend: Mapping[str, Any] | None, 
             entry = {}
         if not isinstance(entry, Mapping):
             fail(f"models.{label}", f"expected a mapping like {{model: ...}} or {{run: ...}}, got {entry!r}")
+        entry = dict(entry)
+        flag = entry.pop(SYNTHETIC_FLAG, None)
+        if flag is not None and not isinstance(flag, bool):
+            fail(f"models.{label}.{SYNTHETIC_FLAG}", f"expected true/false, got {flag!r}")
         config = from_mapping(BackendConfig, {**backend, **entry}, f"models.{label}")
         if config.run is not None:
             if runs is None:
@@ -69,6 +107,32 @@ def model_configs(models: Mapping[str, Any], backend: Mapping[str, Any] | None, 
         configs[label] = config
     return configs
 
+
+
+# a model entry's flag: finetuned on the synthetic key-value data (so judged on the paper's claims) or not
+SYNTHETIC_FLAG = "synthetic"
+
+
+def is_synthetic(entry: Any) -> bool:
+    """Whether a `models:` entry is declared as finetuned on the synthetic data: `synthetic: true`, or a `run:` of
+    notebook 02 (every run there trains on a synthetic dataset of notebook 01) without `synthetic: false`."""
+    if not isinstance(entry, Mapping):
+        return False
+    flag = entry.get(SYNTHETIC_FLAG)
+    return flag if isinstance(flag, bool) else entry.get("run") is not None
+
+
+def synthetic_models(models: Mapping[str, Any], base: str | None, seed_groups: Mapping[str, Any] | None = None
+                     ) -> list[str]:
+    """The labels judged on the paper's claims against `base`: the models finetuned on the synthetic data
+    (`is_synthetic`), seed groups standing in for their members (a group counts when all its members do). Every
+    other model compared with `base` (another original, a model added with --set) is reported in the difference
+    tables but not judged."""
+    groups = dict(seed_groups or {})
+    members = {m for ms in groups.values() for m in ms}
+    labels = [label for label, entry in models.items()
+              if label != base and label not in members and is_synthetic(entry)]
+    return labels + [g for g, ms in groups.items() if ms and all(is_synthetic(models.get(m)) for m in ms)]
 
 
 @dataclass
@@ -87,6 +151,10 @@ class EvalModelsParams:
 
     def model_configs(self) -> dict[str, BackendConfig]:
         return model_configs(self.models, self.backend, self.profile, self.params_root)
+
+    def synthetic_models(self, base: str | None) -> list[str]:
+        """The models (and seed groups) judged on the paper's claims against `base`: see `synthetic_models`."""
+        return synthetic_models(self.models, base, self.seed_groups)
 
     def validate(self) -> None:
         configs = self.model_configs()
@@ -117,7 +185,7 @@ def profile_dataset(profile: str, name: str, params_root: Path = Path("params"))
     """Config and output directory of dataset `name` of a profile. Datasets are defined once, in
     params/<profile>/01_synthetic_data.yaml, and every later notebook refers to them by name."""
     path = Path(params_root) / profile / "01_synthetic_data.yaml"
-    params = from_mapping(SyntheticDataNotebookParams, load_yaml(path))
+    params = from_mapping(SyntheticDataNotebookParams, read_params_file(path))
     if name not in params.datasets:
         raise ParamError(f"dataset: {name!r} is not defined in {path}; known: {', '.join(params.datasets)}")
     return params.datasets[name], Path(params.data_dir) / profile / name
@@ -154,6 +222,11 @@ class FinetuneNotebookParams:
     # train.openai.jsonl. Without openai_submit only validation and the cost estimate run (offline, no key).
     openai_runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     openai_submit: bool = False
+    # how the HF runs train: in the notebook's process (None, or kind inprocess), or launched as their own
+    # multi-GPU job (kind accelerate: `accelerate launch --config_file ... -m kvlib train`). With num_processes N
+    # each run's gradient_accumulation_steps is split over the N processes, so the global batch stays
+    # per_device_batch_size x gradient_accumulation_steps as written in runs.
+    launcher: LauncherConfig | None = None
 
     def validate(self) -> None:
         if not self.runs and not self.openai_runs:
@@ -190,6 +263,13 @@ class FinetuneNotebookParams:
             cfg = from_mapping(TrainConfig, {**fields, "train_file": str(data_dir / "train.jsonl"),
                                              "out_dir": str(Path(self.models_dir) / self.profile / name),
                                              "model": self.base_model}, f"runs.{name}")
+            processes = self.launcher.num_processes if self.launcher is not None else 1
+            if cfg.gradient_accumulation_steps % processes:
+                fail(f"runs.{name}.gradient_accumulation_steps",
+                     f"{cfg.gradient_accumulation_steps} does not split over launcher.num_processes {processes}: the "
+                     f"global batch (per_device_batch_size x gradient_accumulation_steps) is shared by the processes")
+            if processes > 1:
+                cfg = dataclasses.replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps // processes)
             jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
         return jobs
 
@@ -222,7 +302,7 @@ def profile_finetune_params(profile: str, params_root: str | Path = "params") ->
     """The profile's 02_finetune params (params/<profile>/02_finetune.yaml), validated: where evaluation
     notebooks look up the runs they evaluate."""
     path = Path(params_root) / profile / "02_finetune.yaml"
-    data = load_yaml(path)
+    data = read_params_file(path)
     try:
         return from_mapping(FinetuneNotebookParams, {**data, "profile": profile, "params_root": str(params_root)})
     except ParamError as exc:
@@ -358,9 +438,9 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
         for label in self.harness_crosscheck:
             if label not in configs:
                 fail("harness_crosscheck", f"{label!r} is not one of the models {list(configs)}")
-            if configs[label].kind != "hf":
-                fail("harness_crosscheck", f"{label!r} is a {configs[label].kind} backend; the cross-check scores "
-                                           f"a local HF model")
+            if configs[label].kind == "openai":
+                fail("harness_crosscheck", f"{label!r} is an {configs[label].kind} backend; the cross-check scores "
+                                           f"a local model (loaded in transformers whatever its engine)")
         if self.harness_crosscheck:
 
             if not harness.available():
@@ -382,6 +462,11 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
                                                       f"log-likelihoods; use auto or generate")
         check_positive("n_boot", self.n_boot, 100)
         check_positive("examples_to_show", self.examples_to_show, 0)
+
+    def harness_model(self, label: str) -> BackendConfig:
+        """The model `label` as lm-evaluation-harness's cross-check loads it: in transformers (kind hf), whichever
+        engine (vLLM with kind auto or vllm) answered the notebook's own evaluation."""
+        return dataclasses.replace(self.model_configs()[label], kind="hf")
 
     def task_list(self) -> list[tuple[TaskSpec, TaskParams]]:
         """The selected benchmarks in TASKS order (so tables read the same in every profile)."""
@@ -560,6 +645,10 @@ class BaselinesNotebookParams(EvalModelsParams):
 
     # -- baselines
 
+    def finetune_launcher(self) -> LauncherConfig | None:
+        """How the baselines train: the launcher of the profile's 02_finetune params (they reuse `match`'s recipe)."""
+        return profile_finetune_params(self.profile, self.params_root).launcher
+
     def match_job(self):
         """The 02_finetune job named by `match` (its dataset and TrainConfig)."""
 
@@ -672,13 +761,14 @@ REPORT_COLUMN_WIDTH = 300  # characters of a table cell a notebook shows (pandas
 
 
 def repo_root(start: Path | None = None) -> Path:
-    """The repository root: the nearest folder at or above `start` (default: the working directory) holding
-    params/ and notebooks/, else the one above the installed package."""
+    """The project root: the nearest folder at or above `start` (default: the working directory) holding
+    params/ and notebooks/ (the repository, or a folder made by `kvlib init`), else the checkout kvlib runs from
+    (kvlib.engine.resources)."""
     here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "params").is_dir() and (folder / "notebooks").is_dir():
             return folder
-    return Path(__file__).resolve().parents[2]
+    return resources.CHECKOUT
 
 
 def notebook_class(name: str) -> type:

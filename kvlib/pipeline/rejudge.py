@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from kvlib.engine import evaluate
 from kvlib.engine.config import from_mapping, load_yaml
 from kvlib.pipeline import baselines_study as study
-from kvlib.pipeline.notebooks import FinetuneNotebookParams
+from kvlib.pipeline.notebooks import FinetuneNotebookParams, synthetic_models
 from kvlib.report.paper import (
     equivalence_margin,
     flenqa_claims,
@@ -90,7 +90,8 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
     if missing:
         raise FileNotFoundError(f"{folder}: missing {', '.join(missing)} (has {notebook} run in this profile?)")
     items = {f: read_items(folder / f) for f in ITEM_FILES[notebook]}
-    models = list((params.get("models") or {"original": {}}))
+    entries = dict(params.get("models") or {"original": {}})
+    models = list(entries)
     groups = dict(params.get("seed_groups") or {})
 
     if notebook == "02_finetune":
@@ -102,7 +103,7 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         rows = items["mdqa_items.csv"]
         base = models[0]
         pooled, _ = mdqa.mdqa_pooled_deltas(rows, base, groups, margin=equivalence_margin())
-        compared = evaluate.compared_labels(models, base, groups)
+        compared = synthetic_models(entries, base, groups)  # other models are reported, not judged
         if notebook == "08_longer_context":
             return longer_context_claims(pooled, compared, int(params.get("num_documents", rows[0]["num_documents"])))
 
@@ -115,7 +116,7 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         if groups:
             pooled = evaluate.with_seed_groups(
                 pooled, evaluate.seed_group_deltas(rows, base, groups, ["style"], "correct", "id", margin=equivalence_margin()), groups)
-        return flenqa_claims(pooled, evaluate.compared_labels(models, base, groups), rows)
+        return flenqa_claims(pooled, synthetic_models(entries, base, groups), rows)
 
 
     if notebook == "05_general_benchmarks":
@@ -123,12 +124,11 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         baseline = params.get("baseline", "original")
         n_boot, seed = int(params.get("n_boot", 2000)), int(params.get("seed", 0))
         deltas = general.benchmark_deltas(rows, baseline, n_boot, seed, margin=equivalence_margin())
-        compared = [label for label in models if label != baseline]
         if groups:
             deltas = evaluate.with_seed_groups(
                 deltas, general.benchmark_seed_group_deltas(rows, baseline, groups, seed, margin=equivalence_margin()), groups)
-            compared = evaluate.compared_labels(models, baseline, groups)
-        return general_claims(deltas, compared, {name: spec.headline for name, spec in general.TASKS.items()},
+        return general_claims(deltas, synthetic_models(entries, baseline, groups),
+                              {name: spec.headline for name, spec in general.TASKS.items()},
                               {name: spec.title for name, spec in general.TASKS.items()})
 
 

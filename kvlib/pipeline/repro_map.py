@@ -106,6 +106,9 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
     main figure as a thumbnail linked to its report. Deterministic: the same manifest gives the same bytes."""
 
     entries = manifest.get("notebooks", {})
+    variant = manifest.get("variant") or {}  # --model/--set: results/<profile>/<slug>/, one folder deeper
+    if variant and repo_prefix == "../../":
+        repo_prefix = "../../../"
     git = manifest.get("git") or {}
     commit = git.get("commit") or "not a git checkout"
     rows = []
@@ -143,7 +146,9 @@ def render_index(manifest: dict, map_rows: list[dict] | None = None, repo_prefix
         f"<title>kvlib results: {e(profile)}</title><style>{_INDEX_STYLE}</style></head><body>\n"
         f"<h1>kvlib results: profile <code>{e(profile)}</code></h1>\n"
         + _claims_html(claims_figure) + _gallery_html(entries)
-        + f"<h2>Environment</h2>\n<p>Produced by <code>kvlib reproduce --profile {e(profile)}</code>; "
+        + f"<h2>Environment</h2>\n<p>Produced by <code>{e(variant.get('command') or 'kvlib reproduce --profile ' + profile)}</code>"
+        + (f" (base model {e(str(variant.get('base_model')))} replaced by {e(str(variant.get('model')))})"
+           if variant.get("model") and variant.get("model") != variant.get("base_model") else "") + "; "
         f"<a href=\"manifest.json\">manifest.json</a> has every field below and the full params.</p>\n"
         "<table>"
         f"<tr><th>kvlib</th><td>{e(str(manifest.get('kvlib_version', '')))}</td></tr>"
@@ -176,7 +181,7 @@ def _model_of(entry: Mapping[str, Any]) -> str:
 
 def reproduction_map(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
                      link_root: str | Path | None = None, entries: Mapping[str, dict] | None = None,
-                     changed: Mapping[str, str] | None = None) -> list[dict]:
+                     changed: Mapping[str, str] | None = None, results_dir: str | Path | None = None) -> list[dict]:
     """One row per paper artifact for `profile`, from its manifest's notebook entries (`entries`, default: read
     from results/<profile>/manifest.json): the notebook (its html), params file, result files and model, and the
     verdict aggregated from the claims the notebook recorded. Links are relative to `link_root` (default: the
@@ -185,7 +190,7 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
     that an earlier params or notebook version produced, so they are not read as the current configuration's."""
 
 
-    results_dir = Path(results_root) / profile
+    results_dir = Path(results_dir) if results_dir is not None else Path(results_root) / profile  # or a variant's
     link_root = Path(link_root) if link_root is not None else Path.cwd()
     if entries is None:
         entries = load_manifest_entries(results_dir)
@@ -349,11 +354,12 @@ def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dic
     if manifest is None:
         manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     entries = manifest.get("notebooks", {})
+    profile = str(manifest.get("profile") or out_dir.name)  # a run with --model/--set: results/<profile>/<slug>/
     map_rows = None
-    changed = changed_since_run(out_dir.name, entries, Path(params_root), Path(notebooks_dir))
+    changed = changed_since_run(profile, entries, Path(params_root), Path(notebooks_dir))
     if {a["notebook"] for a in paper.load().artifacts} & set(entries):
-        map_rows = reproduction_map(out_dir.name, out_dir.parent, params_root, link_root=out_dir,
-                                    entries=entries, changed=changed)
+        map_rows = reproduction_map(profile, out_dir.parent, params_root, link_root=out_dir,
+                                    entries=entries, changed=changed, results_dir=out_dir)
     figure = write_claims_figure(out_dir, entries, changed)
     # links to params files go through the repository root (the notebooks' parent), wherever the folder is
     repo_prefix = Path(os.path.relpath(Path(notebooks_dir).resolve().parent, out_dir.resolve())).as_posix() + "/"

@@ -32,6 +32,7 @@ from filelock import FileLock, Timeout
 
 from kvlib.engine.cache import check_cache
 from kvlib.engine.io import atomic_write_text, dumps_json
+from kvlib.engine.models import ModelAccessError, check_hub_access
 from kvlib.pipeline.data_needs import check_inputs, missing_for
 from kvlib.pipeline.manifest import (
     BOOKKEEPING_FILES,
@@ -54,7 +55,7 @@ from kvlib.pipeline.manifest import (
     utc_now,
 )
 from kvlib.pipeline.notebooks import INJECTED, STAGING
-from kvlib.pipeline.plan import NotebookJob, model_requirements, plan_profile
+from kvlib.pipeline.plan import NotebookJob, Overrides, ProfileVariant, model_requirements, plan_run
 from kvlib.pipeline.repro_map import write_index, write_results_record
 
 KERNEL_NAME = "python3"
@@ -409,11 +410,14 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
 
 
 def print_plan(jobs: list[NotebookJob], entries: dict[str, dict], out_dir: Path, repo_root: Path, profile: str,
-               force: bool = False) -> int:
-    """What `run_profile` would do, printed without running or writing anything (`--dry-run`): each notebook,
-    whether it would run (and why), be skipped as up to date, or does not apply to the profile, what its
-    models need (weights, API keys) and which of its data inputs are missing (kvlib.pipeline.data_needs)."""
+               force: bool = False, variant: ProfileVariant | None = None) -> int:
+    """What `run_profile` would do, printed without running or writing anything (`--dry-run`): with --model/--set
+    every change to the profile's params (`variant`), then each notebook, whether it would run (and why), be skipped
+    as up to date, or does not apply to the profile, what its models need (weights, API keys) and which of its data
+    inputs are missing (kvlib.pipeline.data_needs)."""
     print(f"kvlib reproduce --profile {profile} --dry-run: {len(jobs)} notebooks, params valid")
+    for line in variant.describe() if variant is not None else []:
+        print(line)
     for i, job in enumerate(jobs, 1):
         if job.skip:
             print(f"[{i}/{len(jobs)}] {job.name}: not for this profile ({job.skip})")
@@ -507,6 +511,30 @@ def check_caches(jobs: list[NotebookJob], repo_root: Path) -> None:
         check_cache(path if path.is_absolute() else repo_root / path)
 
 
+def model_access_problems(jobs: list[NotebookJob]) -> str | None:
+    """The check before compute for hub models: every Hugging Face hub model the jobs load (02's base model, the
+    `models:` entries) is asked of the hub (kvlib.engine.models.check_hub_access); a gated one whose licence the
+    token's account has not accepted, or a missing one, is named with the fix. None when nothing is known wrong
+    (local models, HF_HUB_OFFLINE, or the hub out of reach: loading says more then)."""
+    specs: list[str] = []
+    for job in jobs:
+        config = job.config
+        if getattr(config, "runs", None):
+            specs.append(config.base_model)
+        if hasattr(config, "model_configs"):
+            specs += [c.model for c in config.model_configs().values()
+                      if c.kind != "openai" and c.run is None and c.model]
+    problems = []
+    for spec in dict.fromkeys(specs):
+        try:
+            check_hub_access(spec)
+        except ModelAccessError as exc:
+            problems.append(str(exc))
+    if not problems:
+        return None
+    return "kvlib reproduce: stopped before any compute:\n" + "\n".join(f"- {p}" for p in problems)
+
+
 def run_profile(
     profile: str,
     only: list[str] | None = None,
@@ -516,38 +544,55 @@ def run_profile(
     force: bool = False,
     dry_run: bool = False,
     lock: bool = False,
+    model: str | None = None,
+    sets: list[str] | tuple[str, ...] = (),
 ) -> int:
     """Run the notebooks of `profile` (or the `only` ones) in order; 0 when all succeed, 1 at the first failure.
     `dry_run`: validate and print the plan (`print_plan`) instead, offline, writing nothing. `lock`: wait for
     any other locked run of the same results folder first (`one_run_per_folder`; the CLI locks unless
-    --concurrent).
+    --concurrent). `model` (a model spec: hub id, local checkpoint, embedded name, openai:<model>[@<base_url>])
+    replaces the profile's base model, `sets` (NOTEBOOK.KEY=VALUE) set single params
+    (kvlib.pipeline.plan.apply_overrides); with either, the run goes to results_root/<profile>/<model slug>/, never
+    into the profile's own results.
 
     Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid, and
     CorruptCacheError if a response cache the run would use is damaged; returns 2, printing one message, before
-    anything runs if a data input of a notebook that would run is missing (kvlib.pipeline.data_needs.check_inputs).
+    anything runs if a data input of a notebook that would run is missing (kvlib.pipeline.data_needs.check_inputs)
+    or a hub model it loads is gated or missing (`model_access_problems`).
     """
     results_root, params_root, notebooks_dir = Path(results_root), Path(params_root), Path(notebooks_dir)
-    out_dir = (results_root / profile).resolve()
-    jobs = plan_profile(profile, only, params_root, notebooks_dir, out_dir)
+    planned = plan_run(profile, only, params_root, notebooks_dir, results_root, Overrides(model, tuple(sets or ())))
+    jobs, out_dir, variant = planned.jobs, planned.out_dir, planned.variant
     repo_root = notebooks_dir.resolve().parent
     if dry_run:
-        return print_plan(jobs, load_manifest_entries(out_dir), out_dir, repo_root, profile, force)
+        with planned.planned_params():
+            return print_plan(jobs, load_manifest_entries(out_dir), out_dir, repo_root, profile, force, variant)
 
     # The check before compute: every data input of the notebooks that will run (kvlib/engine/datasets.yaml) is in
     # place, else one message naming each missing one and the command that fetches them, before any training.
     entries = load_manifest_entries(out_dir)
+    if variant is not None:  # the params this run executes with, where its notebooks and stale checks read them
+        out_dir.mkdir(parents=True, exist_ok=True)
+        variant.write()
+        params_root = variant.params_root
     will_run = [job for job in jobs
                 if not job.skip and (force or stale_reason(job, entries.get(job.name), out_dir, repo_root))]
-    missing = check_inputs(will_run, profile=profile)
+    missing = check_inputs(will_run, profile=profile) or model_access_problems(will_run)
     if missing:
         print(missing, file=sys.stderr)
         return 2
     check_caches(will_run, repo_root)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {"profile": profile, **environment_info(repo_root, results_root)}
+    if variant is not None:
+        header["variant"] = {"command": variant.command(), "base_model": variant.base_model, "model": variant.model,
+                             "slug": variant.slug, "changes": variant.changes,
+                             "params": repo_relative(variant.params_root / profile, repo_root)}
 
     # one run at a time per results folder (see one_run_per_folder); params were validated above, before any wait
-    label = f"reproduce --profile {profile}" + "".join(f" --only {n}" for n in only or ())
+    label = ("reproduce " + variant.command().removeprefix("kvlib reproduce ") if variant is not None
+             else f"reproduce --profile {profile}")
+    label += "".join(f" --only {n}" for n in only or ())
     with one_run_per_folder(out_dir, label) if lock else contextlib.nullcontext():
         for line in recover(out_dir, params_root, notebooks_dir):  # a kill while saving: settled first
             print(f"kvlib reproduce: {line}", flush=True)

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+from kvlib.engine import resources
 from kvlib.engine.config import ParamError, load_yaml
 from kvlib.engine.stats import holm, p_from_interval, paired_difference_test
 from kvlib.tasks.flenqa import FLENQA_CHANCE, balanced_accuracy_table
 from kvlib.tasks.general import TASKS
 from kvlib.tasks.mdqa import MDQA_CHANCE, SETTING_CONTRAST
 
-DEFAULT_PATH = Path(__file__).resolve().parents[2] / "params" / "paper_reference.yaml"
+REFERENCE_FILE = "params/paper_reference.yaml"  # in the checkout, or carried by the wheel (kvlib.engine.resources)
 BENCHMARKS = ("mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open")  # kvlib.tasks.general.TASKS names
 SECTIONS = ("paper", "general_benchmarks", "claims", "artifacts", "training", "not_published")
 ARTIFACT_FIELDS = {"id", "title", "notebook", "claims", "results", "offline"}
@@ -92,10 +93,11 @@ def _check_artifact(i: int, art: Any, path: Path) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def load(path: str | Path | None = None) -> PaperReference:
-    """Read and validate the reference file (default: the repository's params/paper_reference.yaml)."""
-    path = Path(path) if path is not None else DEFAULT_PATH
+    """Read and validate the reference file (default: params/paper_reference.yaml of the checkout kvlib runs from,
+    or the copy an installed wheel carries)."""
+    path = Path(path) if path is not None else resources.resource_path(REFERENCE_FILE)
     if not path.is_file():
-        raise ParamError(f"paper reference: {path} not found (it ships in the repository's params/)")
+        raise ParamError(f"paper reference: {path} not found (it ships in the repository's params/ and in the wheel)")
     data = load_yaml(path)
     _need(isinstance(data, Mapping), path.name, "expected a mapping at the top level")
     unknown = set(data) - set(SECTIONS)
