@@ -335,7 +335,8 @@ def test_rejudge_recomputes_committed_claims_without_writing(monkeypatch):
     contrast = [r for r in mdqa if r["claim"].startswith("synthetic finetuning gains more")]
     assert len(contrast) == 3 and {r["artifact"] for r in contrast} == {"fig10"} and all(r["n"] == 50 for r in contrast)
     (fig9,) = rejudge.rejudge_claims("08_longer_context", results)
-    assert fig9["artifact"] == "fig9" and fig9["family_size"] == 1
+    # the long finetune scored 0 of 20 on its own held-out task (02's committed heldout_accuracy.csv): not tested
+    assert fig9["artifact"] == "fig9" and fig9["verdict"].startswith(paper.NOT_TESTED) and "0.0% of 20" in fig9["verdict"]
     assert {p: p.stat().st_mtime for p in results.rglob("*") if p.is_file()} == before
     old = [{"artifact": "fig9", "claim": fig9["claim"], "model": fig9["model"], "ci": "[0, 1]", "verdict": "holds"}]
     (side,) = rejudge.compare_claims(old, [fig9])

@@ -9,7 +9,7 @@ from pathlib import Path
 import kvlib
 from kvlib.engine import openai_ft, resources, train
 from kvlib.engine.config import InputError, ParamError
-from kvlib.pipeline import data_needs, plan, repro_map, reproduce, verify
+from kvlib.pipeline import data_needs, plan, rejudge, repro_map, reproduce, verify
 from kvlib.tasks import synthetic as generate
 
 
@@ -109,6 +109,18 @@ def _map(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rejudge(args: argparse.Namespace) -> int:
+
+    plan.profile_dir(args.profile, Path(args.params_dir))
+    if args.write:
+        path = rejudge.write_record(args.profile, args.results, args.params_dir)
+        print(f"{path}: written; `kvlib map --profile {args.profile} --update README.md` shows it in the map, "
+              f"index.html and claims.png")
+    else:
+        print(rejudge.format_record(rejudge.build_record(args.profile, args.results, args.params_dir)), end="")
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
 
     return data_needs.main_cli(args)
@@ -203,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--params-dir", default="params")
     mp.add_argument("--update", metavar="README", help="rewrite the map between the profile's markers in this file")
     mp.set_defaults(func=_map)
+
+    rj = sub.add_parser("rejudge", help="what a profile's committed results say under the current protocol, without "
+                                         "running a model: the protocol changes each notebook predates and its "
+                                         "claims re-judged from its committed item files")
+    rj.add_argument("--profile", required=True)
+    rj.add_argument("--results", default="results")
+    rj.add_argument("--params-dir", default="params")
+    rj.add_argument("--write", action="store_true",
+                    help="write the record to <results>/<profile>/rejudged.json (the reproduction map reads it)")
+    rj.set_defaults(func=_rejudge)
 
     dt = sub.add_parser("data", help="the data registry (kvlib/engine/datasets.yaml): status, fetch, README table")
     dsub = dt.add_subparsers(dest="data_command", required=True)

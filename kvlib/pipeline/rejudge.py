@@ -1,23 +1,35 @@
 """Re-judging a notebook's claims from its committed item files with the current statistics (no model is run),
-so a change of method can be applied to results that took hours to compute; nothing is written."""
+so a change of method can be applied to results that took hours to compute (`rejudge_claims`, which writes
+nothing), and the record of what is known about a profile's committed results without re-running them
+(`build_record`, written to results/<profile>/rejudged.json by `kvlib rejudge --profile P --write`): per notebook,
+the protocol changes its item files show it predates (`PROTOCOL_CHANGES`, detected from the recorded fields), and
+its claims re-judged where the committed items still measure what the claim asks."""
 from __future__ import annotations
 
+import csv
+import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 from kvlib.engine import evaluate
 from kvlib.engine.config import from_mapping, load_yaml
+from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
+from kvlib.pipeline.manifest import load_manifest_entries
 from kvlib.pipeline import baselines_study as study
-from kvlib.pipeline.notebooks import FinetuneNotebookParams, synthetic_models
+from kvlib.pipeline.notebooks import FinetuneNotebookParams, LongerContextNotebookParams, synthetic_models
 from kvlib.report.paper import (
+    artifact_verdict,
+    claim_interval,
     equivalence_margin,
     flenqa_claims,
     general_claims,
     longer_context_claims,
     mdqa_claims,
     token_loss_claims,
+    verdict_category,
 )
 from kvlib.tasks import general, mdqa
 from kvlib.tasks.mdqa import SETTING_RANDOM, SETTING_RETRIEVED
@@ -71,6 +83,24 @@ def _template_pairs(params: Mapping[str, Any], profile: str, params_root: str | 
                 if "-template-" in r and r.replace("-template-", "-notemplate-") in runs]
 
 
+def learned_own_task(results_dir: str | Path, models: Mapping[str, Any]) -> dict[str, dict]:
+    """label -> {value, n}: the held-out value accuracy on its own task of each model that is a run of 02_finetune
+    ({run: name}), from 02's committed heldout_accuracy.csv (the finetuned row of that run): the check notebook 08
+    makes before judging transfer (kvlib.pipeline.runs.heldout_value_accuracy, on the same eval split). Empty when
+    02's table is not there."""
+    path = Path(results_dir) / "02_finetune" / "heldout_accuracy.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8") as fh:
+        table = {r["run"]: r for r in csv.DictReader(fh) if r.get("model") == "finetuned"}
+    out = {}
+    for label, entry in models.items():
+        run = entry.get("run") if isinstance(entry, Mapping) else None
+        if run in table:
+            out[label] = {"value": float(table[run]["value"]), "n": int(table[run]["n"])}
+    return out
+
+
 def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, Any] | None = None,
                    params_root: str | Path = "params") -> list[dict]:
     """A notebook's claims table recomputed from the item-level files it committed (`ITEM_FILES`, under
@@ -105,7 +135,9 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         pooled, _ = mdqa.mdqa_pooled_deltas(rows, base, groups, margin=equivalence_margin())
         compared = synthetic_models(entries, base, groups)  # other models are reported, not judged
         if notebook == "08_longer_context":
-            return longer_context_claims(pooled, compared, int(params.get("num_documents", rows[0]["num_documents"])))
+            threshold = float(params.get("learned_threshold", LongerContextNotebookParams.learned_threshold))
+            return longer_context_claims(pooled, compared, int(params.get("num_documents", rows[0]["num_documents"])),
+                                         learned_own_task(results_dir, entries), threshold)
 
         return mdqa_claims(pooled, compared, SETTING_RANDOM, SETTING_RETRIEVED)
 
@@ -156,3 +188,274 @@ def compare_claims(old: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, 
                     "new_ci": n.get("ci", ""), "p_value": n.get("p_value"), "p_holm": n.get("p_holm"),
                     "family_size": n.get("family_size"), "new_verdict": n.get("verdict", "")})
     return out
+
+
+# ------------------------------------------------------------------------ what is known without re-running
+#
+# The protocol changes that committed results may predate. Each is detected from a field every item row records
+# (nothing is assumed from dates or commits); what the protocol is NOW cannot be read from old rows, so it is
+# declared here. `rejudge`: whether the committed items still measure what the claims ask, so the current
+# statistics can be applied to them (True: the same models on the same prompts, only the numerics differ; the
+# re-judged verdict stands for those numerics until the notebook runs again) or not (False: another model or
+# another prompt was measured; only a re-run can judge the claim).
+
+@dataclass(frozen=True)
+class ProtocolChange:
+    id: str
+    field: str  # the item-file column that shows a row predates the change
+    now: str  # the protocol today, as the map states it
+    rejudge: bool
+
+
+PROTOCOL_CHANGES = {change.id: change for change in (
+    # evaluation dtype: a CPU evaluation used to run in bfloat16 when a short matmul timing found it faster
+    # (`dtype: auto`); it now runs in EVAL_DTYPE unless the profile says otherwise, the same in every notebook
+    ProtocolChange("numerics", "dtype", "now float32", rejudge=True),
+    # the weights a notebook evaluated for a run of 02_finetune, against those the profile's latest evaluation of
+    # that run recorded: other weights are an earlier training of the run
+    ProtocolChange("evaluated_weights", "weights_sha256", "an earlier training of the run", rejudge=False),
+    # generative benchmarks: prompts went through the chat template; lm-evaluation-harness's default, and
+    # kvlib's now, is the raw few-shot text (RAW_TEXT_TASKS)
+    ProtocolChange("chat_template", "chat_template", "now raw text, as lm-evaluation-harness does by default",
+                   rejudge=False),
+)}
+EVAL_DTYPE = "float32"  # the evaluation dtype of the profiles that have committed results (cpu, quick: CPU runs)
+RAW_TEXT_TASKS = ("gsm8k", "triviaqa", "nq_open")  # kvlib.tasks.general.TASKS sent as raw text, not chat
+RECORD_FILE = "rejudged.json"
+RECORD_COMMAND = "kvlib rejudge --profile {profile} --write"
+STALE_RERUN = "stale: to be re-run"  # a claim the committed items cannot judge (the claims figure's category)
+
+
+def item_files(folder: Path) -> list[Path]:
+    """The item-level files a notebook committed (every *items.csv in its results folder, token_loss.csv)."""
+    return sorted([*folder.glob("*items.csv"), *folder.glob("token_loss.csv")])
+
+
+def _label_runs(entry: Mapping[str, Any]) -> dict[str, str]:
+    """label -> 02_finetune run of the models a manifest entry evaluated (its recorded params)."""
+    models = (entry.get("params") or {}).get("models") or {}
+    return {label: m["run"] for label, m in models.items() if isinstance(m, Mapping) and m.get("run")}
+
+
+def _weights_by_label(rows: Sequence[Mapping[str, Any]]) -> dict[str, set]:
+    out: dict[str, set] = {}
+    for row in rows:
+        if row.get("weights_sha256"):
+            out.setdefault(str(row["model"]), set()).add(str(row["weights_sha256"]))
+    return out
+
+
+def current_run_weights(results_dir: Path, entries: Mapping[str, Mapping[str, Any]],
+                        items: Mapping[str, Mapping[str, list]]) -> dict[str, tuple[str, str]]:
+    """run -> (weights sha256, notebook): the weights the latest-finished notebook evaluating the run recorded."""
+    current: dict[str, tuple[str, str, str]] = {}
+    for name, entry in entries.items():
+        runs = _label_runs(entry)
+        for rows in items.get(name, {}).values():
+            for label, hashes in _weights_by_label(rows).items():
+                if label in runs and len(hashes) == 1:
+                    finished = str(entry.get("finished", ""))
+                    if runs[label] not in current or finished > current[runs[label]][2]:
+                        current[runs[label]] = (next(iter(hashes)), name, finished)
+    return {run: (sha, name) for run, (sha, name, _) in current.items()}
+
+
+def protocol_findings(name: str, entry: Mapping[str, Any], files: Mapping[str, list],
+                      current: Mapping[str, tuple[str, str]]) -> list[dict]:
+    """The protocol changes (`PROTOCOL_CHANGES`) that notebook `name`'s item rows (`files`: file name -> rows)
+    predate, each {change, reason, models, tasks}: `models`/`tasks` the labels or benchmarks it concerns (None:
+    every claim of the notebook); `reason` says what the rows record and what the protocol is now."""
+    findings = []
+    dtypes = {str(r["dtype"]) for rows in files.values() for r in rows if r.get("dtype")}
+    if dtypes - {EVAL_DTYPE}:
+        where = ", ".join(f for f, rows in files.items() if any(r.get("dtype") not in (None, EVAL_DTYPE) for r in rows))
+        findings.append({"change": "numerics", "models": None, "tasks": None,
+                         "reason": f"evaluated in {'/'.join(sorted(dtypes - {EVAL_DTYPE}))} ({where}), "
+                                   f"{PROTOCOL_CHANGES['numerics'].now}"})
+    runs = _label_runs(entry)
+    stale = {}
+    for rows in files.values():
+        for label, hashes in _weights_by_label(rows).items():
+            run = runs.get(label)
+            if run in current and hashes != {current[run][0]}:
+                stale[label] = (run, sorted(hashes), *current[run])
+    for label, (run, old, sha, where) in sorted(stale.items()):
+        findings.append({"change": "evaluated_weights", "models": [label], "tasks": None,
+                         "reason": f"{label!r} (run {run}) evaluated weights {', '.join(h[:10] for h in old)}, not "
+                                   f"{sha[:10]} as {where}: {PROTOCOL_CHANGES['evaluated_weights'].now}"})
+    templated = sorted({str(r["task"]) for rows in files.values() for r in rows
+                        if r.get("task") in RAW_TEXT_TASKS and r.get("chat_template")
+                        and r.get("prompt_format", "chat") == "chat"})
+    if templated:
+        titles = [general.TASKS[t].title for t in templated]
+        findings.append({"change": "chat_template", "models": None, "tasks": templated,
+                         "reason": f"{', '.join(titles)} prompted through the chat template, "
+                                   f"{PROTOCOL_CHANGES['chat_template'].now}"})
+    return findings
+
+
+def _claim_concerns(claim: Mapping[str, Any], finding: Mapping[str, Any], groups: Mapping[str, Sequence[str]]) -> bool:
+    """Whether a claims-table row is about what `finding` changed: its model (or a seed group holding it), its
+    benchmark (named by its title in the claim)."""
+    if finding["models"] is not None:
+        members = {str(claim.get("model"))} | set(groups.get(str(claim.get("model")), ()))
+        if not members & set(finding["models"]):
+            return False
+    if finding["tasks"] is not None:
+        titles = [general.TASKS[t].title for t in finding["tasks"]]
+        if not any(f"on {title}" in str(claim.get("claim", "")) for title in titles):
+            return False
+    return True
+
+
+def _zero_width(ci: str) -> bool:
+    lo, hi = claim_interval({"ci": ci})
+    return lo is not None and lo == hi
+
+
+def _old_claims(folder: Path, entry: Mapping[str, Any]) -> list[dict]:
+    path = folder / "claims.csv"
+    if path.is_file():
+        with path.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    return [dict(c) for c in (entry.get("facts") or {}).get("claims", [])]
+
+
+def _rounded(value: Any) -> Any:
+    """A number for the record: 4 decimals; NaN (a claim that was not tested has no p) as null."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    return value
+
+
+def notebook_record(name: str, results_dir: Path, entry: Mapping[str, Any], files: Mapping[str, list],
+                    current: Mapping[str, tuple[str, str]], params_root: str | Path = "params") -> dict:
+    """One notebook's part of the record (`build_record`): its item files with their sha256 (the record holds only
+    while they are unchanged), the protocol changes it predates (`stale`), and per claim the old and re-judged
+    verdict and CI, or why it is not re-judged. A claim is re-judged unless a change that the committed items
+    cannot answer (ProtocolChange.rejudge False) concerns it; re-judged claims stay Holm-adjusted within their
+    artifact's whole family (the claims left to a re-run count in it, the conservative side)."""
+    folder = results_dir / name
+    findings = protocol_findings(name, entry, files, current)
+    record: dict[str, Any] = {
+        "items": {f: file_sha256(folder / f) for f in sorted(files)},
+        "stale": [{"change": f["change"], "reason": f["reason"], "rejudged": PROTOCOL_CHANGES[f["change"]].rejudge}
+                  for f in findings],
+        "claims": [],
+    }
+    if name not in ITEM_FILES:
+        return record
+    groups = dict((notebook_params(name, results_dir.name, params_root).get("seed_groups") or {}))
+    new = rejudge_claims(name, results_dir, params_root=params_root)
+    old = _old_claims(folder, entry)
+    fresh = {(r["artifact"], r["claim"], r["model"]): r for r in new}
+    for row in compare_claims(old, new):
+        blocking = [f for f in findings if not PROTOCOL_CHANGES[f["change"]].rejudge and _claim_concerns(row, f, groups)]
+        if blocking and not row["old_verdict"]:
+            continue  # a claim the notebook did not make then, which its items cannot judge now
+        claim = {"artifact": row["artifact"], "claim": row["claim"], "model": row["model"],
+                 "old_ci": row["old_ci"], "old_verdict": row["old_verdict"],
+                 "old_ci_zero_width": _zero_width(row["old_ci"])}
+        if blocking:
+            claim["rerun"] = "; ".join(f["reason"] for f in blocking)
+        else:
+            n = fresh[(row["artifact"], row["claim"], row["model"])]
+            claim.update({"new_ci": row["new_ci"], "new_verdict": row["new_verdict"], "new_delta": _rounded(n.get("delta")),
+                          "unit": n.get("unit"), "h0": n.get("h0"), "p_holm": _rounded(n.get("p_holm")),
+                          "family_size": n.get("family_size")})
+        record["claims"].append(claim)
+    return record
+
+
+def build_record(profile: str, results_root: str | Path = "results", params_root: str | Path = "params") -> dict:
+    """What is known about a profile's committed results without re-running them (results/<profile>/rejudged.json):
+    per finished notebook that committed item files, `notebook_record`. Deterministic: the same committed files
+    give the same record."""
+    results_dir = Path(results_root) / profile
+    entries = {n: e for n, e in load_manifest_entries(results_dir).items() if e.get("status") == "ok"}
+    items = {n: {p.name: read_items(p) for p in item_files(results_dir / n)} for n in sorted(entries)}
+    items = {n: files for n, files in items.items() if files}
+    current = current_run_weights(results_dir, entries, items)
+    notebooks = {n: notebook_record(n, results_dir, entries[n], files, current, params_root)
+                 for n, files in items.items()}
+    return {"profile": profile, "command": RECORD_COMMAND.format(profile=profile),
+            "about": "Each notebook's committed results as they stand under the current protocol, without re-running "
+                     "a model: `stale` lists the protocol changes its item files show it predates (rejudged: whether "
+                     "its claims could still be re-judged from those items); `claims` has each claim's old verdict "
+                     "and CI and, unless a change it cannot answer concerns it (`rerun`), the verdict and CI the "
+                     "current statistics give on the committed items. Valid while the item files keep the sha256 "
+                     "listed under `items`; a re-run of the notebook replaces it.",
+            "notebooks": notebooks}
+
+
+def write_record(profile: str, results_root: str | Path = "results", params_root: str | Path = "params") -> Path:
+    """`build_record` written to results/<profile>/rejudged.json."""
+    path = Path(results_root) / profile / RECORD_FILE
+    return atomic_write_text(path, dumps_json(build_record(profile, results_root, params_root)))
+
+
+def load_record(results_dir: str | Path) -> dict[str, dict]:
+    """notebook -> its part of results_dir/rejudged.json, for the notebooks whose item files are still those the
+    record was derived from (a notebook run again is judged by its own claims table); {} without a record."""
+    results_dir = Path(results_dir)
+    path = results_dir / RECORD_FILE
+    if not path.is_file():
+        return {}
+    notebooks = json.loads(path.read_text(encoding="utf-8")).get("notebooks", {})
+    return {name: rec for name, rec in notebooks.items()
+            if all((results_dir / name / f).is_file() and file_sha256(results_dir / name / f) == sha
+                   for f, sha in rec.get("items", {}).items())}
+
+
+def artifact_summary(record: Mapping[str, Any], artifact: str) -> dict:
+    """A notebook record's standing on one artifact, for the reproduction map: `reasons` (every protocol change
+    it predates), `old` and `new` artifact verdicts (kvlib.report.paper.artifact_verdict) over its claims that
+    were re-judged, `new_counts` (category -> count), `rerun` (how many of its claims only a re-run can judge),
+    `claims` (how many it has) and `collapsed` (how many old verdicts stood on a zero-width interval)."""
+    claims = [c for c in record.get("claims", []) if c["artifact"] == artifact]
+    judged = [c for c in claims if "new_verdict" in c]
+    categories = [verdict_category(c["new_verdict"]) for c in judged]
+    return {"reasons": [s["reason"] for s in record.get("stale", [])],
+            "old": artifact_verdict([c["old_verdict"] for c in judged if c["old_verdict"]]) if judged else None,
+            "new": artifact_verdict([c["new_verdict"] for c in judged]) if judged else None,
+            "new_counts": {v: categories.count(v) for v in dict.fromkeys(categories)},
+            "collapsed": sum(bool(c.get("old_ci_zero_width")) for c in claims),
+            "rerun": len(claims) - len(judged), "claims": len(claims)}
+
+
+def figure_claims(record: Mapping[str, Any], old: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The claims figure's rows for a notebook with a record: each re-judged claim with its new difference, CI and
+    verdict; each claim left to a re-run with its old numbers under the STALE_RERUN verdict (the paper's
+    published differences kept from the old table)."""
+    published = {(c.get("artifact"), c.get("claim"), c.get("model")): c.get("published_delta_points") for c in old}
+    rows = []
+    for c in record.get("claims", []):
+        key = (c["artifact"], c["claim"], c["model"])
+        base = {"artifact": c["artifact"], "claim": c["claim"], "model": c["model"],
+                "published_delta_points": published.get(key)}
+        if "new_verdict" in c:
+            rows.append({**base, "delta": c.get("new_delta"), "ci": c["new_ci"], "unit": c.get("unit"),
+                         "h0": c.get("h0"), "verdict": c["new_verdict"]})
+        else:
+            old_row = next((o for o in old if (o.get("artifact"), o.get("claim"), o.get("model")) == key), {})
+            rows.append({**old_row, **base, "verdict": STALE_RERUN})
+    return rows
+
+
+def format_record(record: Mapping[str, Any]) -> str:
+    """A record (`build_record`) as text for the terminal: per notebook, why it is stale, then each claim whose
+    verdict the re-judging changed (old -> new) and how many claims only a re-run can judge."""
+    lines = []
+    for name, rec in record.get("notebooks", {}).items():
+        lines.append(name)
+        lines += [f"  stale: {s['reason']}" + ("" if s["rejudged"] else " (the claims it concerns: to be re-run)") for s in rec["stale"]]
+        judged = [c for c in rec["claims"] if "new_verdict" in c]
+        for c in judged:
+            if c["new_verdict"] != c["old_verdict"]:
+                lines.append(f"  {c['artifact']} {c['model']}: {c['claim']}: {c['old_verdict'] or '(new claim)'} "
+                             f"{c['old_ci']} -> {c['new_verdict']} {c['new_ci']}")
+        same = sum(c["new_verdict"] == c["old_verdict"] for c in judged)
+        rerun = len(rec["claims"]) - len(judged)
+        if rec["claims"]:
+            lines.append(f"  {len(judged)} claims re-judged ({same} unchanged), {rerun} to be re-run")
+    return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from kvlib.pipeline.manifest import (
     wall_time_summary,
     write_manifest,
 )
+from kvlib.pipeline import rejudge
 from kvlib.pipeline.plan import discover_notebooks
 from kvlib.report import paper, plots
 from kvlib.report.paper import artifact_verdict, load, verdict_category
@@ -179,21 +180,42 @@ def _model_of(entry: Mapping[str, Any]) -> str:
 
 
 
+def rejudged_verdict(summary: Mapping[str, Any], old_text: str) -> str:
+    """An artifact's verdict cell from its record (kvlib.pipeline.rejudge.artifact_summary): the verdict its claims
+    get re-judged from the committed items, next to the one the notebook wrote (`old_text`), and how many claims
+    only a re-run can judge."""
+    parts = []
+    if summary["new"] is not None:
+        counts = ", ".join(f"{n} {v}" for v, n in summary["new_counts"].items())
+        collapsed = (f"; {summary['collapsed']} on a zero-width interval" if summary["collapsed"] else "")
+        parts.append(f"re-judged from the committed items: {summary['new']} ({counts}) (was: {old_text}{collapsed})")
+    if summary["rerun"]:
+        parts.append(f"{summary['rerun']} of {summary['claims']} claims to be re-run"
+                     + ("" if summary["new"] is not None else f" (was: {old_text})"))
+    return "; ".join(parts) or old_text
+
+
 def reproduction_map(profile: str, results_root: str | Path = "results", params_root: str | Path = "params",
                      link_root: str | Path | None = None, entries: Mapping[str, dict] | None = None,
-                     changed: Mapping[str, str] | None = None, results_dir: str | Path | None = None) -> list[dict]:
+                     changed: Mapping[str, str] | None = None, results_dir: str | Path | None = None,
+                     rejudged: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
     """One row per paper artifact for `profile`, from its manifest's notebook entries (`entries`, default: read
     from results/<profile>/manifest.json): the notebook (its html), params file, result files and model, and the
     verdict aggregated from the claims the notebook recorded. Links are relative to `link_root` (default: the
     working directory, i.e. the repository root) and are given only for files that exist, so every link
     resolves. `changed` (kvlib.pipeline.reproduce.changed_since_run: notebook -> reason) marks the verdicts of results
-    that an earlier params or notebook version produced, so they are not read as the current configuration's."""
+    that an earlier params or notebook version produced, so they are not read as the current configuration's.
+    `rejudged` (kvlib.pipeline.rejudge.load_record, default: read from the results folder): per notebook, the
+    protocol changes its results predate, named in the stale mark, and its claims re-judged from the committed
+    items, shown next to the verdict the notebook wrote."""
 
 
     results_dir = Path(results_dir) if results_dir is not None else Path(results_root) / profile  # or a variant's
     link_root = Path(link_root) if link_root is not None else Path.cwd()
     if entries is None:
         entries = load_manifest_entries(results_dir)
+    if rejudged is None:
+        rejudged = rejudge.load_record(results_dir)
 
     def link(path: Path, text: str) -> str:
         if not path.is_file():
@@ -219,8 +241,13 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
             verdict_text += " (" + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")"
         else:
             verdict_text = "not measured (no claim recorded)"
-        if ok and nb in (changed or {}):
-            verdict_text = f"stale ({changed[nb]} since this run; kvlib reproduce re-runs it): {verdict_text}"
+        record = rejudged.get(nb) if ok else None
+        if record is not None and art["claims"]:
+            verdict_text = rejudged_verdict(rejudge.artifact_summary(record, art["id"]), verdict_text)
+        reasons = ([f"{changed[nb]} since this run"] if ok and nb in (changed or {}) else []) + (
+            [s["reason"] for s in record.get("stale", [])] if record is not None else [])
+        if reasons:
+            verdict_text = f"stale ({'; '.join(reasons)}; kvlib reproduce re-runs it): {verdict_text}"
         if ok and failure_note(entry):  # the verdict is the last good result's; say that a later run failed
             verdict_text += f"; {failure_note(entry)}"
         files = [link(results_dir / r, Path(r).name) for r in art["results"]] if ok else []
@@ -237,10 +264,13 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
 
 
 
-def profile_claims(results_dir: str | Path, entries: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+def profile_claims(results_dir: str | Path, entries: Mapping[str, Mapping[str, Any]],
+                   rejudged: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
     """The claims of a profile's finished notebooks, for the claims figure: each notebook's claims.csv (with the
     difference, its interval and the paper's published differences), else the claims its manifest entry recorded
-    (`facts`; verdicts only, drawn without an interval)."""
+    (`facts`; verdicts only, drawn without an interval). A notebook in `rejudged` (kvlib.pipeline.rejudge.load_record)
+    gives its claims as re-judged from the committed items, those left to a re-run marked
+    (kvlib.pipeline.rejudge.figure_claims)."""
     claims: list[dict] = []
     for name in sorted(entries):
         entry = entries[name]
@@ -249,29 +279,53 @@ def profile_claims(results_dir: str | Path, entries: Mapping[str, Mapping[str, A
         path = Path(results_dir) / name / "claims.csv"
         if path.is_file():
             with path.open(newline="", encoding="utf-8") as fh:
-                claims += list(csv.DictReader(fh))
+                own = list(csv.DictReader(fh))
         else:
-            claims += [dict(c) for c in (entry.get("facts") or {}).get("claims", [])]
+            own = [dict(c) for c in (entry.get("facts") or {}).get("claims", [])]
+        record = (rejudged or {}).get(name)
+        claims += rejudge.figure_claims(record, own) if record is not None and record.get("claims") else own
     return claims
+
+
+def figure_notes(changed: Mapping[str, str] | None, rejudged: Mapping[str, Mapping[str, Any]] | None
+                 ) -> dict[str, str]:
+    """artifact id -> the note on its heading in the claims figure: "stale" for a notebook changed since it ran or
+    predating a protocol change, with what its claims are there (re-judged from the committed items, to be
+    re-run)."""
+    notes = {}
+    for art in load().artifacts:
+        nb, record = art["notebook"], (rejudged or {}).get(art["notebook"])
+        parts = ["stale"] if nb in (changed or {}) or (record or {}).get("stale") else []
+        if record is not None and art["claims"]:
+            summary = rejudge.artifact_summary(record, art["id"])
+            if summary["new"] is not None:
+                parts.append("re-judged from the committed items")
+            if summary["rerun"]:
+                parts.append(f"{summary['rerun']} claims to be re-run")
+        if parts:
+            notes[art["id"]] = ", ".join(parts) if len(parts) == 1 else f"{parts[0]}: {', '.join(parts[1:])}"
+    return notes
 
 
 def write_claims_figure(out_dir: str | Path, entries: Mapping[str, Mapping[str, Any]] | None = None,
                         changed: Mapping[str, str] | None = None) -> Path | None:
     """results/<profile>/claims.png (kvlib.report.plots.claims_forest) from the profile's recorded claims
     (`profile_claims`; `entries` default: the manifest's), with the artifacts of notebooks that `changed` since
-    they ran marked "(stale)" (the reproduction map says why). Returns its path, or None (and no file) when the profile recorded no claim."""
+    they ran, or that the profile's record (kvlib.pipeline.rejudge.load_record) finds predating a protocol change,
+    marked "(stale ...)" (the reproduction map says why): their claims drawn as re-judged from the committed items,
+    or as "stale: to be re-run". Returns its path, or None (and no file) when the profile recorded no claim."""
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     if entries is None:
         entries = load_manifest_entries(out_dir)
-    claims = profile_claims(out_dir, entries)
+    rejudged = rejudge.load_record(out_dir)
+    claims = profile_claims(out_dir, entries, rejudged)
     path = out_dir / CLAIMS_FIGURE
     if not claims:
         path.unlink(missing_ok=True)
         return None
-    notes = {a["id"]: "stale" for a in load().artifacts if a["notebook"] in (changed or {})}
-    fig = plots.claims_forest(paper.forest_rows(claims, notes),
+    fig = plots.claims_forest(paper.forest_rows(claims, figure_notes(changed, rejudged)),
                               title=f"The paper's claims checked in profile {out_dir.name}: "
                                     f"our differences with 95% intervals")
     save_figure(fig, path, show=False)
