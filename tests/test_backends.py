@@ -269,23 +269,24 @@ def test_cpu_supports_bf16_parses_cpuinfo():
     assert isinstance(cpu_supports_bf16(), bool)  # this machine
 
 
-def test_cpu_bf16_speedup_is_measured_once():
-    first = backends.cpu_bf16_speedup()
-    assert first > 0 and backends.cpu_bf16_speedup() == first  # cached: the choice never flips within a run
+def test_cpu_bf16_speedup_is_a_figure_not_a_decision(monkeypatch):
+    assert backends.cpu_bf16_speedup(size=64, repeats=1) > 0  # benchmarks print it
+
+    def timing(*args, **kwargs):
+        raise AssertionError("the evaluation dtype must never depend on a timing")
+
+    monkeypatch.setattr(backends, "cpu_bf16_speedup", timing)
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: True)  # a CPU with native bf16
+    assert resolve_eval_dtype("cpu", "auto") == "float32"
 
 
 def test_resolve_eval_dtype(monkeypatch):
-    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: True)
-    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 2.0)
-    assert resolve_eval_dtype("cpu", "auto") == "bfloat16"
-    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 0.6)  # native bf16 that is slower here: float32
-    assert resolve_eval_dtype("cpu", "auto") == "float32"
-    assert resolve_eval_dtype("cpu", "bfloat16") == "bfloat16"
-    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 2.0)
-    assert resolve_eval_dtype("cpu", "float32") == "float32"
-    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: False)
-    assert resolve_eval_dtype("cpu", "auto") == "float32"
-    assert resolve_eval_dtype("cpu", "bfloat16") == "bfloat16"
+    for native in (True, False):
+        monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: native)
+        assert resolve_eval_dtype("cpu", "auto") == "float32"  # auto on a CPU: float32, whatever the CPU
+        assert resolve_eval_dtype("cpu", "bfloat16") == "bfloat16"  # a profile states bf16
+        assert resolve_eval_dtype("cpu", "float32") == "float32"
+        assert resolve_eval_dtype(None, "auto") in ("float32", "bfloat16", "float16")  # CUDA: bf16 (fp16)
     with pytest.raises(ParamError, match="dtype: float16 is not supported on CPU"):
         resolve_eval_dtype("cpu", "float16")
     with pytest.raises(ParamError, match="dtype:"):
@@ -327,6 +328,14 @@ def test_backend_config_validation():
         build_backend({"run": "simple-template"})
     with pytest.raises(ParamError, match="batch_size: must be >= 1"):  # the constructor validates the same way
         HFBackend(batch_size=0)
+
+
+def test_dtype_auto_is_recorded_as_resolved(tiny_llama_dir):
+    from kvlib.engine.evaluate import result_fields
+
+    backend = build_backend({"model": tiny_llama_dir, "dtype": "auto", "device": "cpu"}, progress=False)
+    assert backend.identity()["dtype"] == "float32" and next(backend.model.parameters()).dtype == torch.float32
+    assert result_fields(backend, 4)["dtype"] == "float32"  # never "auto"
 
 
 def test_tiny_random_llama_loads_by_path(tiny_llama_dir):

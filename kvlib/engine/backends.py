@@ -163,7 +163,8 @@ def _read_cpuinfo() -> str:
 def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     """Whether the CPU does bfloat16 arithmetic natively: an `avx512_bf16` or `amx_bf16` flag in the text of
     /proc/cpuinfo (`cpuinfo`, read from the machine when None). Linux/x86 only: elsewhere (no /proc/cpuinfo,
-    or ARM, whose bf16 speed in PyTorch varies by build) this says False, so evaluation stays in float32."""
+    or ARM, whose bf16 speed in PyTorch varies by build) this says False. Informative (benchmarks print it):
+    the flag does not say bf16 is faster here, and the evaluation dtype is the params' choice anyway."""
     if cpuinfo is None:
         cpuinfo = _read_cpuinfo() if sys.platform.startswith("linux") else ""
     for line in cpuinfo.splitlines():
@@ -173,17 +174,11 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
-# bf16 must beat float32 by this factor in cpu_bf16_speedup to be chosen: a clear margin, so that timing noise
-# never flips the choice (and with it the answers) between two runs on the same machine
-BF16_MIN_SPEEDUP = 1.3
-
-
-@functools.lru_cache(maxsize=1)
 def cpu_bf16_speedup(size: int = 1024, repeats: int = 5) -> float:
-    """float32 time / bfloat16 time of a (size x size) linear layer on this CPU (once per process, ~0.2 s).
-    The `avx512_bf16` flag alone does not say bf16 is faster: on one host of this project bf16 prefill was 2x
-    faster than float32, on another (same flags, no AMX) 1.7x slower, because PyTorch's bf16 kernels there
-    fell back to slower code paths. So "auto" measures instead of trusting the flag."""
+    """float32 time / bfloat16 time of a (size x size) linear layer on this CPU: a figure benchmarks print
+    beside their results. Nothing in kvlib decides anything by it: a timing differs from run to run and from
+    host to host, and numerics must not (the dtype is the params' `dtype`, see resolve_eval_dtype). On one
+    host of this project bf16 prefill was 2x faster than float32, on another (same flags, no AMX) 1.7x slower."""
 
     x = torch.randn(size, size)
     w = torch.randn(size, size)
@@ -202,17 +197,12 @@ def cpu_bf16_speedup(size: int = 1024, repeats: int = 5) -> float:
 
 
 def resolve_eval_dtype(device: str | None = None, dtype: str = "auto") -> str:
-    """The dtype name evaluation runs in. "auto": bfloat16 on CUDA (float16 on GPUs without bf16); on a CPU,
-    bfloat16 only where the CPU has native bf16 (cpu_supports_bf16) AND bf16 measures at least
-    BF16_MIN_SPEEDUP faster than float32 here (cpu_bf16_speedup), else float32. Explicit
-    "float32"/"bfloat16"/"float16" are honoured (float16 not on CPU). The dtype is recorded with every result.
-
-    Differs from kvlib.engine.models.default_device_dtype (whose auto is float32 on every CPU, the safe choice for
-    training) only in that CPU case; device and dtype are validated there.
-    """
-    dev, torch_dtype = default_device_dtype(device, dtype)
-    if dtype == "auto" and dev.type == "cpu" and cpu_supports_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
-        return "bfloat16"
+    """The dtype name evaluation runs in, fixed by params alone: "auto" is bfloat16 on CUDA (float16 on GPUs
+    without bf16) and float32 on a CPU, whatever the CPU (kvlib.engine.models.default_device_dtype, which also
+    validates device and dtype); "float32"/"bfloat16"/"float16" are honoured (float16 not on CPU). A profile
+    that wants bf16 on a CPU states `dtype: bfloat16`. The resolved name (never "auto") is what the backend's
+    identity, every result row and the response cache record."""
+    _, torch_dtype = default_device_dtype(device, dtype)
     return _DTYPE_NAMES[torch_dtype]
 
 
@@ -312,7 +302,7 @@ def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = Tr
 
 def vllm_usable() -> bool:
     """Whether backend kind auto picks vLLM: it is installed and a CUDA GPU is visible. On a CPU, auto stays
-    with transformers, whose CPU path kvlib measured and tuned (bf16 detection, the batch-token cap)."""
+    with transformers, whose CPU path kvlib measured and tuned (the batch-token cap)."""
 
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
