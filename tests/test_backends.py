@@ -1,6 +1,7 @@
 """kvlib.engine.backends: the HF backend's batched greedy generation, context-length checks, log-likelihoods, dtype
 resolution and params. Uses the embedded model (session fixtures in conftest.py) with short prompts and few new
-tokens, so the file runs in well under a minute on 2 CPU cores."""
+tokens, so the file runs in well under a minute on 2 CPU cores. kvlib's own decoder and stop rules:
+tests/test_decoder.py."""
 from __future__ import annotations
 
 import math
@@ -48,6 +49,7 @@ def test_batched_generation_equals_one_at_a_time_in_original_order(hf_backend):
 
 
 def test_generation_batches_respect_max_batch_tokens(hf_backend, monkeypatch):
+    monkeypatch.setattr(hf_backend, "decoder", "generate")  # the left-padded batches of transformers' generate()
     sizes = []
     run_batch = hf_backend._generate_batch
 
@@ -64,6 +66,8 @@ def test_generation_batches_respect_max_batch_tokens(hf_backend, monkeypatch):
 
 
 def test_prefix_cache_reuses_shared_prefixes_and_answers_like_batches(hf_backend, monkeypatch):
+    # decoder "generate": prompts sharing long prefixes go one at a time through generate() with the cached prefix
+    monkeypatch.setattr(hf_backend, "decoder", "generate")
     context = "Dictionary [1] {122: 765, 4548: 1475, 93: 3021}\nDictionary [2] {77: 12, 5012: 8810}\n"
     prompts = PROMPTS + [context + f"What is the value of key {key}?" for key in (4548, 5012, 93)]
     batched = hf_backend.generate(prompts, MAX_NEW)
@@ -314,6 +318,10 @@ def test_backend_config_validation():
         build_backend({"max_batch_tokens": 0})
     with pytest.raises(ParamError, match=r"backend\.prefix_cache"):
         build_backend({"prefix_cache": "yes"})
+    with pytest.raises(ParamError, match=r"backend\.decoder: must be one of \['kvlib', 'generate'\]"):
+        build_backend({"decoder": "static"})
+    with pytest.raises(ParamError, match=r"backend\.threads: must be >= 1"):
+        build_backend({"threads": 0})
     with pytest.raises(ParamError, match=r"backend\.kind: must be one of \['hf', 'vllm', 'auto', 'openai'\]"):
         build_backend({"kind": "tgi"})
     with pytest.raises(ParamError, match=r"backend\.run: give either model or run"):
