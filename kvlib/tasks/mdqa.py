@@ -54,6 +54,9 @@ SETTING_CONTRAST = "gain with random minus gain with retrieved distractors"
 # floor); a claim is testable only where the original clears it (kvlib.report.paper.original_level)
 MDQA_CHANCE = 0.0
 QID_SCHEME = "sha1 hex of kvlib.engine.scoring.normalize_answer(question)"
+# Where an MDQA answer ends for its scorer: generation stops there (kvlib.engine.backends.StopRule; part of the
+# response-cache key). LitM's metric (kvlib.engine.scoring.score_mdqa_answer) reads the reply's first line only.
+MDQA_ANSWER_END = StopRule(first_line=True)
 
 Layout = Literal["auto", "qa", "retrieval"]
 
@@ -777,11 +780,6 @@ def accuracy_table(rows: list[dict], keys: Sequence[str]):
         pd.DataFrame(evaluate.count_over_length(rows, keys)).drop(columns="n_items"), on=keys)
     return table.rename(columns={"correct": "accuracy", "correct_ci_low": "accuracy_ci_low",
                                  "correct_ci_high": "accuracy_ci_high"})
-
-
-# Where an MDQA answer ends for its scorer: generation stops there (kvlib.engine.backends.StopRule; part of the
-# response-cache key). LitM's metric (kvlib.engine.scoring.score_mdqa_answer) reads the reply's first line only.
-MDQA_ANSWER_END = StopRule(first_line=True)
 
 
 def evaluate_mdqa(backend: Any, eval_set: Any, positions: Sequence[int], max_new_tokens: int,
