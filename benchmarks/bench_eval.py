@@ -1,107 +1,262 @@
-"""MDQA answering speed: kvlib's HF backend against a naive one-prompt-at-a-time `generate` loop, and the
-llama.cpp server through kvlib's OpenAI-compatible backend, on the same prompts in the same run.
+"""MDQA answering speed of kvlib's HF backend, each lever against today's float32 path in the same run.
 
 Prompts: --questions MDQA questions of the derived random-distractor setting with --documents documents, each
 with the gold at every one of --positions (as the MDQA notebooks ask them), LitM's prompt through the chat
-template; greedy, --new-tokens new tokens at most.
-- naive: transformers' defaults a user starts from (float32, SDPA), one prompt per `generate` call;
-- each kvlib lever alone: float32 batched without a token cap, bfloat16 one at a time; then kvlib's default
-  (dtype auto: bf16 only where it measures faster; on a CPU at most CPU_MAX_BATCH_TOKENS padded tokens per
-  batch, so long prompts go one at a time);
-- llama.cpp: the embedded Q4_1 GGUF behind `python -m llama_cpp.server`, one request at a time.
-Target: kvlib default >= 2x the naive loop.
+template; greedy, at most --new-tokens new tokens. Every configuration answers every question in turn (the
+configurations interleaved question by question, so that load from other processes on a shared host falls on
+all of them alike):
+- baseline: today's float32 path, transformers' generate() (decoder "generate"; on a CPU long prompts go one
+  at a time), whole replies;
+- + kvlib decoder: each prompt prefilled alone, rows decoded together in a preallocated KV cache;
+- + stop rule: decoding ends where LitM's metric stops reading (the first line);
+- + prefix reuse: prompts in token order, each prefilling only what follows the prefix it shares with the
+  previous one, whose attention covers only its own rows;
+- the same in bfloat16 (a dtype a profile must state; its answers are compared with float32's).
+Printed per configuration: wall time and this process's CPU time (which leaves out the time other processes
+held the cores: with --threads 1 the steadier measure on a shared host), each as a ratio to the baseline;
+answers identical to the baseline's; decoding's cost per new token per prompt (decode-step wall time over
+the rows it advanced). Then one prompt's
+prefill measured op by op: the linear layers' achieved GFLOP/s against the rate the same GEMM shapes reach
+alone in this run, and attention's. Goals: >= 1.6x with identical float32 answers; >= 2.5x in bfloat16 with
+>= 97% of answers equal to float32's; decoding <= 30 ms per new token per prompt in float32.
 
-    python benchmarks/bench_eval.py [--questions 3] [--positions 1,10,20] [--documents 20] [--new-tokens 32]
+    python benchmarks/bench_eval.py [--quick] [--questions 1] [--positions 1,5,10,15,20] [--documents 20]
+                                    [--new-tokens 32] [--batch-size 8] [--threads N] [--llama]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from kvlib.tasks import mdqa
 from kvlib.engine import models
-from kvlib.engine.backends import HFBackend, OpenAIChatBackend, cpu_bf16_speedup, cpu_supports_bf16
+from kvlib.engine.backends import (
+    HFBackend,
+    OpenAIChatBackend,
+    StopRule,
+    _KVCache,
+    _kvlib_attention,
+    _Layout,
+    cpu_bf16_speedup,
+    cpu_supports_bf16,
+)
+from kvlib.tasks import mdqa
+from kvlib.tasks.mdqa import MDQA_ANSWER_END
 
 
-def mdqa_prompts(n: int, documents: int, positions: list[int]) -> list[str]:
+def mdqa_prompts(n: int, documents: int, positions: list[int]) -> list[list[str]]:
+    """The prompts of each of `n` questions, one per gold position."""
     (eval_set,) = mdqa.build_eval_sets(["random"], documents, n, question_seed=0, distractor_seed=0).values()
-    return [prompt for e in eval_set.examples for _, prompt in mdqa.position_prompts(e, positions)]
+    return [[prompt for _, prompt in mdqa.position_prompts(e, positions)] for e in eval_set.examples]
 
 
-def time_naive(prompts: list[str], new_tokens: int, dtype: torch.dtype) -> tuple[float, list[str]]:
-    """The loop a user writes first: one prompt per generate() call, stop at eos or max_new_tokens."""
-    path = models.resolve_model(models.DEFAULT_MODEL)
-    tokenizer = models.load_tokenizer(models.DEFAULT_MODEL)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
-    answers = []
-    start = time.perf_counter()
+class ForwardTimer:
+    """Wall time of the model's forward passes, split into prefill (more than one new token per row) and
+    decode steps (one per row), with the rows each decode step advanced."""
+
+    def __init__(self, model: Any):
+        self.prefill_s = self.decode_s = 0.0
+        self.decode_rows = 0
+        self._start = 0.0
+        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         model.register_forward_hook(self._post, with_kwargs=True)]
+
+    def _pre(self, module, args, kwargs):
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, kwargs, output):
+        seconds = time.perf_counter() - self._start
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] == 1:
+            self.decode_s += seconds
+            self.decode_rows += ids.shape[0]
+        else:
+            self.prefill_s += seconds
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# label, dtype, decoder, stop rule, prefix reuse, threads (None: the run's)
+CONFIGS = [
+    ("baseline: float32, generate(), whole replies", "float32", "generate", False, False, None),
+    ("+ kvlib decoder", "float32", "kvlib", False, False, None),
+    ("+ stop rule (first line)", "float32", "kvlib", True, False, None),
+    ("+ prefix reuse (all float32 levers)", "float32", "kvlib", True, True, None),
+    ("all levers, bfloat16", "bfloat16", "kvlib", True, True, None),
+]
+ONE_THREAD = ("all float32 levers + threads: 1", "float32", "kvlib", True, True, 1)
+ALL_FLOAT32 = CONFIGS[3][0]
+
+
+def run_configs(questions: list[list[str]], new_tokens: int, batch_size: int) -> dict[str, dict]:
+    backends = {dtype: HFBackend(models.DEFAULT_MODEL, dtype=dtype, batch_size=batch_size, progress=False)
+                for dtype in sorted({c[1] for c in CONFIGS})}
+    for backend in backends.values():  # warm up (first-call allocations, kernel selection)
+        backend.generate(["Hello"], 2)
+    results = {label: {"seconds": 0.0, "cpu_s": 0.0, "answers": [], "prefill_s": 0.0, "decode_s": 0.0,
+                       "decode_rows": 0} for label, *_ in CONFIGS}
+    for q, prompts in enumerate(questions):
+        for label, dtype, decoder, stop, prefix, threads in CONFIGS:
+            backend = backends[dtype]
+            backend.decoder, backend.prefix_cache, backend.threads = decoder, prefix, threads
+            timer = ForwardTimer(backend._decoder_model() if decoder == "kvlib" else backend.model)
+            start, cpu = time.perf_counter(), time.process_time()
+            answers = backend.generate(prompts, new_tokens, stop=MDQA_ANSWER_END if stop else None)
+            seconds = time.perf_counter() - start
+            timer.remove()
+            r = results[label]
+            r["seconds"] += seconds
+            r["cpu_s"] += time.process_time() - cpu
+            r["answers"] += answers if stop else [MDQA_ANSWER_END.apply(a) for a in answers]
+            r["prefill_s"] += timer.prefill_s
+            r["decode_s"] += timer.decode_s
+            r["decode_rows"] += timer.decode_rows
+            print(f"  question {q + 1}/{len(questions)}: {label}: {seconds:.1f} s", flush=True)
+    return results
+
+
+def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """GFLOP/s of one (m x k) @ (k x n) linear layer alone (best of `repeats`)."""
+    a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     with torch.inference_mode():
-        for prompt in prompts:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)
-            out = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
-            answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    return time.perf_counter() - start, answers
+        torch.nn.functional.linear(a, w)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, w)
+            best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best / 1e9
 
 
-def time_backend(backend, prompts: list[str], new_tokens: int) -> tuple[float, list[str]]:
-    start = time.perf_counter()
-    answers = backend.generate(prompts, new_tokens)
-    return time.perf_counter() - start, answers
+def prefill_breakdown(backend: HFBackend, prompt: str) -> dict:
+    """One prompt's prefill (kvlib's decoder, from scratch) op by op: time and FLOPs of the linear layers and
+    of attention, and the rate the same linear shapes reach alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+
+    (ids,) = backend._encode_prompts([prompt])
+    model = backend._decoder_model()
+    config = model.config
+    shapes: dict[tuple[int, int, int], list[float]] = {}
+
+    def pre(module, args):
+        module._kvlib_start = time.perf_counter()
+
+    def post(module, args, output):
+        x = args[0]
+        m = x.numel() // x.shape[-1]
+        shapes.setdefault((m, module.in_features, module.out_features), []).append(
+            time.perf_counter() - module._kvlib_start)
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    handles = [h for m in linears for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    cache = _KVCache(1, len(ids))
+    with torch.inference_mode(), _kvlib_attention(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        backend._step(model, [ids], [list(range(len(ids)))], cache, _Layout(past=0))
+        total_s = time.perf_counter() - start
+    for h in handles:
+        h.remove()
+    attention_s = sum(e.self_cpu_time_total for e in prof.key_averages()
+                      if "scaled_dot_product" in e.key) / 1e6
+    linear_s = sum(sum(v) for v in shapes.values())
+    linear_flop = sum(2 * m * k * n * len(v) for (m, k, n), v in shapes.items())
+    # the GEMM rate of the same shapes alone, weighted by their FLOPs: the ceiling the linear layers could reach
+    alone_s = sum(2 * m * k * n * len(v) / (gemm_rate(m, k, n, model.dtype) * 1e9) for (m, k, n), v in shapes.items())
+    n = len(ids)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    # causal: query i attends to i + 1 keys; QK^T and PV are 2 FLOPs per multiply-add each
+    attention_flop = config.num_hidden_layers * heads * head_dim * 4 * n * (n + 1) / 2
+    return {"tokens": n, "total_s": total_s, "linear_s": linear_s, "linear_gflops": linear_flop / linear_s / 1e9,
+            "gemm_gflops": linear_flop / alone_s / 1e9, "attention_s": attention_s,
+            "attention_gflops": attention_flop / attention_s / 1e9}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--questions", type=int, default=3)
-    parser.add_argument("--positions", default="1,10,20", help="gold positions, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="one question, 10 documents, 3 gold positions")
+    parser.add_argument("--questions", type=int, default=1)
+    parser.add_argument("--positions", default="1,5,10,15,20", help="gold positions, comma-separated")
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--no-llama", action="store_true", help="skip the llama.cpp server")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--llama", action="store_true", help="also time the llama.cpp server (Q4_1 GGUF)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip bfloat16 (emulated, slow, on CPUs without it)")
     args = parser.parse_args()
-    prompts = mdqa_prompts(args.questions, args.documents, [int(p) for p in args.positions.split(",")])
+    if args.quick:
+        args.questions, args.documents, args.positions, args.no_bf16 = 1, 10, "1,5,10", True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if torch.get_num_threads() > 1:  # the params' threads lever, when the run has more than one
+        CONFIGS.append(ONE_THREAD)
+    if args.no_bf16:
+        CONFIGS.remove(next(c for c in CONFIGS if c[1] == "bfloat16"))
+    questions = mdqa_prompts(args.questions, args.documents, [int(p) for p in args.positions.split(",")])
+    prompts = [p for ps in questions for p in ps]
     counter = HFBackend(models.DEFAULT_MODEL, dtype="float32", progress=False)
     prompt_tokens = sum(counter.prompt_lengths(prompts))
-    del counter
-    print(f"{len(prompts)} MDQA prompts, {args.documents} documents, {prompt_tokens / len(prompts):.0f} prompt "
-          f"tokens each (embedded model), <= {args.new_tokens} new tokens, {torch.get_num_threads()} threads, "
-          f"CPU native bf16: {cpu_supports_bf16()}, bf16 matmul speed-up here: {cpu_bf16_speedup():.2f}x")
+    print(f"{len(prompts)} MDQA prompts ({len(questions)} questions x gold positions {args.positions}), "
+          f"{args.documents} documents, {prompt_tokens / len(prompts):.0f} prompt tokens each (embedded model), "
+          f"<= {args.new_tokens} new tokens, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+          f"CPU native bf16: {cpu_supports_bf16()}, bf16 matmul speed-up here: {cpu_bf16_speedup():.2f}x", flush=True)
 
-    results = {}
-    results["naive loop, float32"] = time_naive(prompts, args.new_tokens, torch.float32)
-    no_cap = 10**9  # batches of batch_size whatever their length (the CPU default caps padded tokens)
-    for label, dtype, batch, cap, prefix in (
-            ("kvlib float32, batched, no token cap", "float32", args.batch_size, no_cap, False),
-            ("kvlib bfloat16, one at a time", "bfloat16", 1, None, False),
-            ("kvlib float32, prefix cache", "float32", 1, None, True),
-            ("kvlib default (dtype auto, batch auto)", "auto", args.batch_size, None, False),
-            ("kvlib default + prefix cache", "auto", args.batch_size, None, True)):
-        backend = HFBackend(models.DEFAULT_MODEL, dtype=dtype, batch_size=batch, max_batch_tokens=cap,
-                            prefix_cache=prefix, progress=False)
-        results[label + f" [{backend.dtype}, <={backend.max_batch_tokens} tok]"] = time_backend(
-            backend, prompts, args.new_tokens)
-        del backend
-    if not args.no_llama:
+    results = run_configs(questions, args.new_tokens, args.batch_size)
+    base = results[CONFIGS[0][0]]
+    float32_all = results[ALL_FLOAT32]
+    print(f"\n{'configuration':44s} {'wall s':>7s} {'s/prompt':>8s} {'vs base':>8s} {'CPU s':>7s} {'vs base':>8s} "
+          f"{'same as base':>12s} {'decode ms/tok':>13s}")
+    for label, dtype, *_ in CONFIGS:
+        r = results[label]
+        same = sum(a == b for a, b in zip(r["answers"], (base if dtype == "float32" else float32_all)["answers"]))
+        per_token = 1e3 * r["decode_s"] / r["decode_rows"] if r["decode_rows"] else float("nan")
+        compared = "" if dtype == "float32" else " (vs float32)"
+        print(f"{label:44s} {r['seconds']:7.1f} {r['seconds'] / len(prompts):8.2f} "
+              f"{base['seconds'] / r['seconds']:7.2f}x {r['cpu_s']:7.1f} {base['cpu_s'] / r['cpu_s']:7.2f}x "
+              f"{same:>5d}/{len(prompts):<3d}{compared:14s} {per_token:10.1f}")
+    if args.llama:
         from kvlib.engine.servers import LlamaServer
 
         with LlamaServer(models.embedded_gguf_path(models.DEFAULT_MODEL), n_ctx=8192) as server:
             backend = OpenAIChatBackend(server.model, base_url=server.base_url, concurrency=1, progress=False)
             backend.generate(["warm up"], 4)
-            results["llama.cpp server (Q4_1 GGUF), one at a time"] = time_backend(backend, prompts, args.new_tokens)
+            start = time.perf_counter()
+            answers = backend.generate(prompts, args.new_tokens, stop=MDQA_ANSWER_END)
+            seconds = time.perf_counter() - start
+        same = sum(a == b for a, b in zip(answers, float32_all["answers"]))
+        print(f"{'llama.cpp server (Q4_1 GGUF), one at a time':44s} {seconds:7.1f} {seconds / len(prompts):8.2f} "
+              f"{base['seconds'] / seconds:7.2f}x {'':7s} {'':8s} {same:>5d}/{len(prompts):<3d}(vs float32)")
 
-    naive_s, naive_answers = results["naive loop, float32"]
-    print(f"{'':72s} {'wall s':>8s} {'prompt tok/s':>13s} {'vs naive':>9s} {'same answers':>13s}")
-    for label, (seconds, answers) in results.items():
-        same = sum(a == b for a, b in zip(answers, naive_answers))
-        print(f"{label:72s} {seconds:8.1f} {prompt_tokens / seconds:13.0f} {naive_s / seconds:8.2f}x "
-              f"{same:>6d}/{len(prompts)}")
-    default = next(v for k, v in results.items() if k.startswith("kvlib default"))
-    print(f"kvlib default vs naive loop: {naive_s / default[0]:.2f}x (target >= 2x)")
-    with_prefix = next(v for k, v in results.items() if k.startswith("kvlib default + prefix cache"))
-    print(f"kvlib default + prefix cache vs naive loop: {naive_s / with_prefix[0]:.2f}x")
+    best = min((results[c[0]] for c in CONFIGS if c[1] == "float32"), key=lambda r: r["seconds"])
+    print(f"\nfloat32, all levers vs baseline: {base['seconds'] / float32_all['seconds']:.2f}x "
+          f"({base['seconds'] / best['seconds']:.2f}x at best), "
+          f"{sum(a == b for a, b in zip(float32_all['answers'], base['answers']))}/{len(prompts)} answers identical "
+          f"(goal >= 1.6x, all identical)")
+    bf16 = next((results[c[0]] for c in CONFIGS if c[1] == "bfloat16"), None)
+    if bf16 is not None:
+        agree = sum(a == b for a, b in zip(bf16["answers"], float32_all["answers"])) / len(prompts)
+        print(f"bfloat16, all levers vs baseline: {base['seconds'] / bf16['seconds']:.2f}x, "
+              f"{agree:.0%} of answers equal to float32's (goal >= 2.5x, >= 97%)")
+    for label in (ALL_FLOAT32, ONE_THREAD[0]):
+        if label in results and results[label]["decode_rows"]:
+            r = results[label]
+            print(f"{label}: decoding {1e3 * r['decode_s'] / r['decode_rows']:.1f} ms per new token per prompt "
+                  f"(goal <= 30)")
+
+    for dtype in sorted({c[1] for c in CONFIGS}, reverse=True):  # float32 first
+        backend = HFBackend(models.DEFAULT_MODEL, dtype=dtype, progress=False)
+        b = prefill_breakdown(backend, prompts[0])
+        print(f"prefill of one {b['tokens']}-token prompt, {dtype}: {b['total_s']:.2f} s; linear layers "
+              f"{b['linear_s']:.2f} s at {b['linear_gflops']:.1f} GFLOP/s (the same GEMMs alone: "
+              f"{b['gemm_gflops']:.1f} GFLOP/s, {b['linear_gflops'] / b['gemm_gflops']:.0%}); attention "
+              f"{b['attention_s']:.2f} s at {b['attention_gflops']:.1f} GFLOP/s")
+        del backend
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """kvlib.engine.backends: the HF backend's batched greedy generation, context-length checks, log-likelihoods, dtype
 resolution and params. Uses the embedded model (session fixtures in conftest.py) with short prompts and few new
-tokens, so the file runs in well under a minute on 2 CPU cores."""
+tokens, so the file runs in well under a minute on 2 CPU cores. kvlib's own decoder and stop rules:
+tests/test_decoder.py."""
 from __future__ import annotations
 
 import math
@@ -48,6 +49,7 @@ def test_batched_generation_equals_one_at_a_time_in_original_order(hf_backend):
 
 
 def test_generation_batches_respect_max_batch_tokens(hf_backend, monkeypatch):
+    monkeypatch.setattr(hf_backend, "decoder", "generate")  # the left-padded batches of transformers' generate()
     sizes = []
     run_batch = hf_backend._generate_batch
 
@@ -64,6 +66,8 @@ def test_generation_batches_respect_max_batch_tokens(hf_backend, monkeypatch):
 
 
 def test_prefix_cache_reuses_shared_prefixes_and_answers_like_batches(hf_backend, monkeypatch):
+    # decoder "generate": prompts sharing long prefixes go one at a time through generate() with the cached prefix
+    monkeypatch.setattr(hf_backend, "decoder", "generate")
     context = "Dictionary [1] {122: 765, 4548: 1475, 93: 3021}\nDictionary [2] {77: 12, 5012: 8810}\n"
     prompts = PROMPTS + [context + f"What is the value of key {key}?" for key in (4548, 5012, 93)]
     batched = hf_backend.generate(prompts, MAX_NEW)
@@ -269,23 +273,24 @@ def test_cpu_supports_bf16_parses_cpuinfo():
     assert isinstance(cpu_supports_bf16(), bool)  # this machine
 
 
-def test_cpu_bf16_speedup_is_measured_once():
-    first = backends.cpu_bf16_speedup()
-    assert first > 0 and backends.cpu_bf16_speedup() == first  # cached: the choice never flips within a run
+def test_cpu_bf16_speedup_is_a_figure_not_a_decision(monkeypatch):
+    assert backends.cpu_bf16_speedup(size=64, repeats=1) > 0  # benchmarks print it
+
+    def timing(*args, **kwargs):
+        raise AssertionError("the evaluation dtype must never depend on a timing")
+
+    monkeypatch.setattr(backends, "cpu_bf16_speedup", timing)
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: True)  # a CPU with native bf16
+    assert resolve_eval_dtype("cpu", "auto") == "float32"
 
 
 def test_resolve_eval_dtype(monkeypatch):
-    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: True)
-    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 2.0)
-    assert resolve_eval_dtype("cpu", "auto") == "bfloat16"
-    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 0.6)  # native bf16 that is slower here: float32
-    assert resolve_eval_dtype("cpu", "auto") == "float32"
-    assert resolve_eval_dtype("cpu", "bfloat16") == "bfloat16"
-    monkeypatch.setattr(backends, "cpu_bf16_speedup", lambda: 2.0)
-    assert resolve_eval_dtype("cpu", "float32") == "float32"
-    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: False)
-    assert resolve_eval_dtype("cpu", "auto") == "float32"
-    assert resolve_eval_dtype("cpu", "bfloat16") == "bfloat16"
+    for native in (True, False):
+        monkeypatch.setattr(backends, "cpu_supports_bf16", lambda cpuinfo=None: native)
+        assert resolve_eval_dtype("cpu", "auto") == "float32"  # auto on a CPU: float32, whatever the CPU
+        assert resolve_eval_dtype("cpu", "bfloat16") == "bfloat16"  # a profile states bf16
+        assert resolve_eval_dtype("cpu", "float32") == "float32"
+        assert resolve_eval_dtype(None, "auto") in ("float32", "bfloat16", "float16")  # CUDA: bf16 (fp16)
     with pytest.raises(ParamError, match="dtype: float16 is not supported on CPU"):
         resolve_eval_dtype("cpu", "float16")
     with pytest.raises(ParamError, match="dtype:"):
@@ -313,6 +318,10 @@ def test_backend_config_validation():
         build_backend({"max_batch_tokens": 0})
     with pytest.raises(ParamError, match=r"backend\.prefix_cache"):
         build_backend({"prefix_cache": "yes"})
+    with pytest.raises(ParamError, match=r"backend\.decoder: must be one of \['kvlib', 'generate'\]"):
+        build_backend({"decoder": "static"})
+    with pytest.raises(ParamError, match=r"backend\.threads: must be >= 1"):
+        build_backend({"threads": 0})
     with pytest.raises(ParamError, match=r"backend\.kind: must be one of \['hf', 'vllm', 'auto', 'openai'\]"):
         build_backend({"kind": "tgi"})
     with pytest.raises(ParamError, match=r"backend\.run: give either model or run"):
@@ -327,6 +336,14 @@ def test_backend_config_validation():
         build_backend({"run": "simple-template"})
     with pytest.raises(ParamError, match="batch_size: must be >= 1"):  # the constructor validates the same way
         HFBackend(batch_size=0)
+
+
+def test_dtype_auto_is_recorded_as_resolved(tiny_llama_dir):
+    from kvlib.engine.evaluate import result_fields
+
+    backend = build_backend({"model": tiny_llama_dir, "dtype": "auto", "device": "cpu"}, progress=False)
+    assert backend.identity()["dtype"] == "float32" and next(backend.model.parameters()).dtype == torch.float32
+    assert result_fields(backend, 4)["dtype"] == "float32"  # never "auto"
 
 
 def test_tiny_random_llama_loads_by_path(tiny_llama_dir):

@@ -2,9 +2,10 @@
 for every evaluation in kvlib.
 
 Every backend follows the `Backend` protocol: a `name`, an `identity()` recorded with results (what exactly
-produced them), and `generate(requests, max_new_tokens) -> list[str]`. A *request* is a list of chat messages
-(``[{"role": ..., "content": ...}, ...]``) or a plain string, which means one user message. Decoding is greedy
-(temperature 0) and stops at the end of the assistant's turn. Evaluations pick a backend by params through
+produced them), and `generate(requests, max_new_tokens, stop=None) -> list[str]`. A *request* is a list of chat
+messages (``[{"role": ..., "content": ...}, ...]``) or a plain string, which means one user message. Decoding
+is greedy (temperature 0) and stops at the end of the assistant's turn, or where a task's `StopRule` says its
+answer ends (the scorer reads nothing after it). Evaluations pick a backend by params through
 `BackendConfig` / `build_backend`.
 
 Three backends: `HFBackend` (a local Hugging Face model in transformers), `VLLMBackend` (the same model in
@@ -14,12 +15,14 @@ each answer arrives, which is how kvlib.engine.cache.CachedBackend stores every 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -86,9 +89,10 @@ class Backend(Protocol):
         ...
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int,
-                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
-        """Greedy completions of `requests`, in their order, stripped of surrounding whitespace;
-        `on_result(i, answer)` is called as each one arrives."""
+                 on_result: Callable[[int, str], None] | None = None, stop: StopRule | None = None) -> list[str]:
+        """Greedy completions of `requests`, in their order, stripped of surrounding whitespace and cut where
+        `stop` says the answer ends; `on_result(i, answer)` is called as each one arrives. (A backend without
+        `stop` still works through `generate_until`, which cuts its whole replies.)"""
         ...
 
     def fits(self, requests: Sequence[Request], max_new_tokens: int) -> list[bool]:
@@ -120,6 +124,108 @@ def check_max_new_tokens(max_new_tokens: Any) -> int:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     return max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """Where an answer ends for the scorer that reads it, so that decoding can stop there.
+
+    A task declares it next to its scorer (kvlib.tasks.mdqa, kvlib.tasks.general, ...) and passes it with its requests as
+    `generate(..., stop=rule)`. The answer is the reply cut at the earliest of:
+      * `first_line`: the first line break after the reply's first non-blank character (LitM's MDQA metric
+        and short-answer metrics read `reply.strip().split("\\n")[0]` and nothing after it);
+      * `strings`: the first occurrence of any of these strings, which is dropped (lm-evaluation-harness's
+        `until`);
+      * `pattern`: the end of the first match of this regular expression, which is kept (the end of a
+        template sentence). It should match the same span in every text that starts with that span.
+    and whitespace-stripped. A cut made while decoding equals the cut of the whole reply decoded to the end:
+    everything before a cut point is already in the text when the cut is found. So a backend may stop at
+    the cut (kvlib's HF decoder does) or decode on and cut afterwards (`apply`); the answers are the same.
+    The rule is part of the response-cache key (kvlib.engine.cache): a stopped answer never stands for a whole one.
+    """
+
+    first_line: bool = False
+    strings: tuple[str, ...] = ()
+    pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.first_line, bool):
+            raise TypeError(f"StopRule.first_line must be a bool, got {self.first_line!r}")
+        strings = (self.strings,) if isinstance(self.strings, str) else tuple(self.strings)
+        if not all(isinstance(s, str) and s for s in strings):
+            raise TypeError(f"StopRule.strings must be non-empty strings, got {self.strings!r}")
+        object.__setattr__(self, "strings", strings)
+        if self.pattern is not None:
+            if not isinstance(self.pattern, str) or not self.pattern:
+                raise TypeError(f"StopRule.pattern must be a non-empty regular expression, got {self.pattern!r}")
+            re.compile(self.pattern)  # fail now, not mid-generation
+        if not (self.first_line or self.strings or self.pattern):
+            raise ValueError("a StopRule needs first_line, strings or pattern (no rule: pass stop=None)")
+
+    def cut(self, text: str) -> str | None:
+        """The answer `text` holds if the rule has fired in it (stripped), else None."""
+        ends = []
+        if self.first_line:
+            start = len(text) - len(text.lstrip())
+            newline = text.find("\n", start)
+            if newline >= 0:
+                ends.append(newline)
+        for s in self.strings:
+            at = text.find(s)
+            if at >= 0:
+                ends.append(at)
+        if self.pattern is not None:
+            match = _compiled(self.pattern).search(text)
+            if match is not None:
+                ends.append(match.end())
+        if not ends:
+            return None
+        end = min(ends)
+        for s in self.strings:  # a stop string begun before the cut but not complete yet would cut earlier
+            if any(s.startswith(text[j:]) for j in range(max(0, len(text) - len(s) + 1), min(end, len(text)))):
+                return None
+        return text[:end].strip()
+
+    def apply(self, text: str) -> str:
+        """The answer in a whole reply: cut where the rule fires, else the reply stripped."""
+        answer = self.cut(text)
+        return text.strip() if answer is None else answer
+
+    def key(self) -> dict:
+        """Plain data for cache keys and result rows."""
+        return {"first_line": self.first_line, "strings": list(self.strings), "pattern": self.pattern}
+
+    def describe(self) -> str:
+        parts = (["first line"] if self.first_line else []) + [f"before {s!r}" for s in self.strings] + (
+            [f"after /{self.pattern}/"] if self.pattern else [])
+        return "answer ends at the " + " or ".join(parts) if parts else ""
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def accepts_stop(backend: Any) -> bool:
+    """Whether `backend.generate` takes a `stop` rule (every kvlib backend does; a backend written against
+    the older protocol does not, and its whole replies are cut afterwards by `generate_until`)."""
+    try:
+        parameters = inspect.signature(backend.generate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "stop" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def generate_until(backend: Any, requests: Sequence[Request], max_new_tokens: int, stop: StopRule | None,
+                   on_result: Callable[[int, str], None] | None = None) -> list[str]:
+    """`backend.generate(requests, max_new_tokens)` with answers ending where `stop` says: the backend stops
+    there itself when it takes a stop rule, else its whole replies are cut (the same answers)."""
+    if stop is None:
+        return backend.generate(requests, max_new_tokens, on_result=on_result)
+    if accepts_stop(backend):
+        return backend.generate(requests, max_new_tokens, on_result=on_result, stop=stop)
+    cut = None if on_result is None else (lambda i, answer: on_result(i, stop.apply(answer)))
+    return [stop.apply(a) for a in backend.generate(requests, max_new_tokens, on_result=cut)]
 
 
 # On a CPU, left-padded batches of long prompts are slower than one prompt at a time: the padding mask takes
@@ -162,7 +268,8 @@ def _read_cpuinfo() -> str:
 def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     """Whether the CPU does bfloat16 arithmetic natively: an `avx512_bf16` or `amx_bf16` flag in the text of
     /proc/cpuinfo (`cpuinfo`, read from the machine when None). Linux/x86 only: elsewhere (no /proc/cpuinfo,
-    or ARM, whose bf16 speed in PyTorch varies by build) this says False, so evaluation stays in float32."""
+    or ARM, whose bf16 speed in PyTorch varies by build) this says False. Informative (benchmarks print it):
+    the flag does not say bf16 is faster here, and the evaluation dtype is the params' choice anyway."""
     if cpuinfo is None:
         cpuinfo = _read_cpuinfo() if sys.platform.startswith("linux") else ""
     for line in cpuinfo.splitlines():
@@ -172,17 +279,11 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
-# bf16 must beat float32 by this factor in cpu_bf16_speedup to be chosen: a clear margin, so that timing noise
-# never flips the choice (and with it the answers) between two runs on the same machine
-BF16_MIN_SPEEDUP = 1.3
-
-
-@functools.lru_cache(maxsize=1)
 def cpu_bf16_speedup(size: int = 1024, repeats: int = 5) -> float:
-    """float32 time / bfloat16 time of a (size x size) linear layer on this CPU (once per process, ~0.2 s).
-    The `avx512_bf16` flag alone does not say bf16 is faster: on one host of this project bf16 prefill was 2x
-    faster than float32, on another (same flags, no AMX) 1.7x slower, because PyTorch's bf16 kernels there
-    fell back to slower code paths. So "auto" measures instead of trusting the flag."""
+    """float32 time / bfloat16 time of a (size x size) linear layer on this CPU: a figure benchmarks print
+    beside their results. Nothing in kvlib decides anything by it: a timing differs from run to run and from
+    host to host, and numerics must not (the dtype is the params' `dtype`, see resolve_eval_dtype). On one
+    host of this project bf16 prefill was 2x faster than float32, on another (same flags, no AMX) 1.7x slower."""
 
     x = torch.randn(size, size)
     w = torch.randn(size, size)
@@ -201,17 +302,12 @@ def cpu_bf16_speedup(size: int = 1024, repeats: int = 5) -> float:
 
 
 def resolve_eval_dtype(device: str | None = None, dtype: str = "auto") -> str:
-    """The dtype name evaluation runs in. "auto": bfloat16 on CUDA (float16 on GPUs without bf16); on a CPU,
-    bfloat16 only where the CPU has native bf16 (cpu_supports_bf16) AND bf16 measures at least
-    BF16_MIN_SPEEDUP faster than float32 here (cpu_bf16_speedup), else float32. Explicit
-    "float32"/"bfloat16"/"float16" are honoured (float16 not on CPU). The dtype is recorded with every result.
-
-    Differs from kvlib.engine.models.default_device_dtype (whose auto is float32 on every CPU, the safe choice for
-    training) only in that CPU case; device and dtype are validated there.
-    """
-    dev, torch_dtype = default_device_dtype(device, dtype)
-    if dtype == "auto" and dev.type == "cpu" and cpu_supports_bf16() and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
-        return "bfloat16"
+    """The dtype name evaluation runs in, fixed by params alone: "auto" is bfloat16 on CUDA (float16 on GPUs
+    without bf16) and float32 on a CPU, whatever the CPU (kvlib.engine.models.default_device_dtype, which also
+    validates device and dtype); "float32"/"bfloat16"/"float16" are honoured (float16 not on CPU). A profile
+    that wants bf16 on a CPU states `dtype: bfloat16`. The resolved name (never "auto") is what the backend's
+    identity, every result row and the response cache record."""
+    _, torch_dtype = default_device_dtype(device, dtype)
     return _DTYPE_NAMES[torch_dtype]
 
 
@@ -244,9 +340,19 @@ class BackendConfig:
     attn_implementation: str = "sdpa"
     # vllm: share of GPU memory vLLM's engine may take (weights, activations and its paged KV cache)
     gpu_memory_utilization: float = 0.85
-    # one prompt at a time in token order, reusing the KV cache of the prefix each shares with the previous one
-    # (the documents before the gold in MDQA, few-shot examples): less prefill, no batching; see HFBackend
+    # prompts in token order, each prefilling only what follows the prefix it shares with the previous one (the
+    # documents before the gold in MDQA, few-shot examples), attention of those tokens only; see HFBackend
     prefix_cache: bool = False
+    # hf: how greedy tokens are computed. "kvlib": kvlib's decoder (each prompt prefilled alone on the causal
+    # fast path, rows decoded together in a preallocated KV cache, each row stopping at its end of turn or its
+    # stop rule); on a CPU, with models whose attention it knows (Llama, Mistral, Qwen2/3), else "generate".
+    # "generate": transformers' generate() on left-padded batches. Either gives the same greedy tokens up to
+    # floating-point rounding (tests compare them token for token), so it is not part of the identity.
+    decoder: Literal["kvlib", "generate"] = "kvlib"
+    # hf: torch CPU threads while the backend computes (None: torch's setting, one per core). On a host whose
+    # cores other work also uses, every parallel op waits for a thread on a busy core: 1 thread then decodes
+    # up to 10x faster (measured on this project's 2-core host). The results are the same (tested bitwise).
+    threads: int | None = None
     # openai
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -266,6 +372,8 @@ class BackendConfig:
         check_positive("batch_size", self.batch_size)
         if self.max_batch_tokens is not None:
             check_positive("max_batch_tokens", self.max_batch_tokens)
+        if self.threads is not None:
+            check_positive("threads", self.threads)
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
             fail("base_url", f"must be an http(s) URL, got {self.base_url!r}")
         if not self.api_key_env.strip() or self.api_key_env.startswith(("sk-", "sk_")):
@@ -295,12 +403,12 @@ def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = Tr
     return HFBackend(config.model or DEFAULT_MODEL, device=config.device, dtype=config.dtype,
                      batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
                      attn_implementation=config.attn_implementation, prefix_cache=config.prefix_cache,
-                     progress=progress)
+                     decoder=config.decoder, threads=config.threads, progress=progress)
 
 
 def vllm_usable() -> bool:
     """Whether backend kind auto picks vLLM: it is installed and a CUDA GPU is visible. On a CPU, auto stays
-    with transformers, whose CPU path kvlib measured and tuned (bf16 detection, the batch-token cap)."""
+    with transformers and kvlib's decoder (see HFBackend)."""
 
     return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
@@ -412,37 +520,56 @@ class LocalChatModel:
 class HFBackend(LocalChatModel):
     """A local Hugging Face causal LM (any kvlib model spec), batched greedy generation and scoring.
 
-    Requests are tokenized once through the tokenizer's chat template, sorted longest first and left-padded
-    in batches of at most `batch_size` rows and (if set) `max_batch_tokens` padded tokens. A request that
-    does not fit the context window raises ContextLengthError; see fits() to count them beforehand.
+    Requests are tokenized once through the tokenizer's chat template. A request that does not fit the
+    context window raises ContextLengthError; see fits() to count them beforehand.
 
-    With `prefix_cache`, prompts that share a prefix of at least `prefix_min_shared` tokens with another instead
-    go one at a time in lexicographic token order, and each reuses the KV cache of the prefix it shares with
-    the previous one, prefilling only the rest (the others still go in batches). Prompts that share long
-    prefixes (MDQA: one question at several gold positions shares the documents before the gold; few-shot
-    prompts share their shots) then cost a fraction of their length. Greedy answers equal the
-    batched ones up to floating-point rounding of a prefill split in two (benchmarks/bench_eval.py counts them).
+    generate() with `decoder="kvlib"` (the default, on a CPU with a Llama/Mistral/Qwen-type model) runs
+    kvlib's greedy decoder: each prompt is prefilled alone (no padding, so attention takes SDPA's causal fast
+    path), its keys and values are copied into one slot of a preallocated KV cache, and the rows of up to
+    `batch_size` prompts are decoded together, one token per row per step, so that the weights are read once
+    per step for all of them; a row leaves the batch at its end of turn, at `max_new_tokens`, or where the
+    request's StopRule says the answer ends. Greedy tokens equal transformers' generate() up to floating-point
+    rounding (tests compare them token for token). With `decoder="generate"`, transformers' generate() runs on
+    left-padded batches, sorted longest first, of at most `batch_size` rows and `max_batch_tokens` padded
+    tokens (the path before kvlib's decoder; a stop rule then cuts whole replies).
+
+    With `prefix_cache`, prompts go in lexicographic token order (prompts with a common prefix are
+    neighbours, which makes the prefix shared with the previous prompt as long as it can be: the sum over
+    neighbours of shared prefixes is what a prefix tree of all prompts saves) and each prefills only what
+    follows the prefix it shares with the previous one; the new tokens' attention covers only their own rows
+    (the cached prefix without a mask, themselves causally; see `_attend_after_prefix`). Prompts that share
+    long prefixes (MDQA: one question at several gold positions shares the documents before the gold;
+    few-shot prompts share their shots) then cost a fraction of their length. With `decoder="generate"`,
+    prompts sharing at least `prefix_min_shared` tokens go one at a time through generate() with the cached
+    prefix and the rest in batches. Answers equal those computed without it up to floating-point rounding
+    (tests and benchmarks/bench_eval.py compare them).
     """
 
     name = "hf"
-    # prefix_cache reuses prefixes of at least this many tokens; other prompts go in batches, which beat one at a
-    # time when little is shared (every prompt shares the chat template's header, ~30 tokens for SmolLM2)
+    # decoder "generate" + prefix_cache reuses prefixes of at least this many tokens; other prompts go in batches,
+    # which beat one at a time when little is shared (every prompt shares the chat template's header, ~30 tokens)
     prefix_min_shared = 128
+    # kvlib's decoder: most bytes of keys and values one batch of decoded rows may hold (rows x (longest prompt +
+    # max_new_tokens) x bytes per token); a params `max_batch_tokens` caps rows x those tokens as well
+    decode_max_cache_bytes = 2 << 30
 
     def __init__(self, spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "auto",
                  batch_size: int = 8, max_batch_tokens: int | None = None, attn_implementation: str = "sdpa",
-                 prefix_cache: bool = False, progress: bool = True):
+                 prefix_cache: bool = False, decoder: str = "kvlib", threads: int | None = None,
+                 progress: bool = True):
         # one validation home for constructor arguments and params files
         config = from_mapping(BackendConfig, {
             "kind": "hf", "model": spec, "device": device, "dtype": dtype, "batch_size": batch_size,
             "max_batch_tokens": max_batch_tokens, "attn_implementation": attn_implementation,
-            "prefix_cache": prefix_cache,
+            "prefix_cache": prefix_cache, "decoder": decoder, "threads": threads,
         })
         self.spec = config.model
         self.dtype = resolve_eval_dtype(config.device, config.dtype)
         self.batch_size, self.max_batch_tokens = config.batch_size, config.max_batch_tokens
+        self._decode_max_tokens = config.max_batch_tokens  # only a cap the params state bounds kvlib's decoder
         self.attn_implementation = config.attn_implementation
         self.prefix_cache = config.prefix_cache
+        self.threads = config.threads
         self.progress = progress
         self.model, self.tokenizer = load_model(self.spec, config.device, self.dtype, self.attn_implementation)
         self.device = next(self.model.parameters()).device
@@ -458,6 +585,10 @@ class HFBackend(LocalChatModel):
         # explicitly also silences its warnings about inherited sampling settings
         self._greedy = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, eos_token_id=self.stop_ids,
                             pad_token_id=self.pad_id)
+        why_not = kvlib_decoder_unsupported(self.model, self.device, self._logits_to_keep)
+        self.decoder = config.decoder if why_not is None else "generate"
+        if config.decoder == "kvlib" and why_not is not None and self.device.type == "cpu":
+            print(f"kvlib: {self.spec}: transformers' generate() decodes ({why_not})", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------- describe
 
@@ -470,8 +601,9 @@ class HFBackend(LocalChatModel):
             "attn_implementation": self.attn_implementation,
             "chat_template_sha256": self._template_sha256(),
             "stop_token_ids": self.stop_ids,
-            # batch_size, max_batch_tokens and prefix_cache are left out on purpose: they choose how prompts are
-            # computed, not what answers them (equal up to floating-point rounding), so cached answers stay valid
+            # batch_size, max_batch_tokens, prefix_cache, decoder and threads are left out on purpose: they
+            # choose how prompts are computed, not what answers them (equal up to floating-point rounding), so
+            # cached answers stay valid
         }
 
     def _text_config(self) -> Any:
@@ -484,6 +616,19 @@ class HFBackend(LocalChatModel):
         return (torch.tensor(ids, dtype=torch.long, device=self.device),
                 torch.tensor(mask, dtype=torch.long, device=self.device))
 
+    @contextlib.contextmanager
+    def _computing(self):
+        """No autograd, and the params' torch threads (restored afterwards)."""
+        previous = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            if self.threads is not None:
+                torch.set_num_threads(previous)
+
     def _progress(self, total: int, desc: str):
 
         return tqdm(total=total, desc=f"{desc} {self.spec}", unit="req", disable=not self.progress)
@@ -493,7 +638,7 @@ class HFBackend(LocalChatModel):
         """run_batch over `items` in planned batches; results in the items' original order, each passed to
         on_result(index, result) as its batch finishes."""
         results: list = [None] * len(items)
-        with self._progress(len(items), desc) as bar, torch.inference_mode():
+        with self._progress(len(items), desc) as bar, self._computing():
             for batch in plan_batches(lengths, self.batch_size, self.max_batch_tokens):
                 for i, result in zip(batch, run_batch([items[i] for i in batch])):
                     results[i] = result
@@ -505,15 +650,39 @@ class HFBackend(LocalChatModel):
     # ------------------------------------------------------------------------------------- generate
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int,
-                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+                 on_result: Callable[[int, str], None] | None = None, stop: StopRule | None = None) -> list[str]:
         """Greedy completion of each request (chat template applied), stopped at the end of the assistant's
-        turn or after `max_new_tokens`; special tokens removed and whitespace stripped; in request order.
-        Raises ContextLengthError, before generating anything, if any prompt + max_new_tokens is too long."""
+        turn, after `max_new_tokens`, or where `stop` says the answer ends; special tokens removed and
+        whitespace stripped; in request order. Raises ContextLengthError, before generating anything, if any
+        prompt + max_new_tokens is too long."""
         check_max_new_tokens(max_new_tokens)
+        if stop is not None and not isinstance(stop, StopRule):
+            raise TypeError(f"stop must be a StopRule or None, got {stop!r}")
         prompts = self._encode_prompts(requests)
         # a batch grows to prompt + max_new_tokens: that is what the context window and max_batch_tokens bound
         totals = [len(p) + max_new_tokens for p in prompts]
         self._check_fit(totals, f"prompt + max_new_tokens={max_new_tokens}")
+        if self.decoder == "kvlib":
+            results: list = [None] * len(prompts)
+
+            def keep(i: int, answer: str) -> None:
+                results[i] = answer
+                if on_result is not None:
+                    on_result(i, answer)
+
+            if prompts:
+                self._decode(prompts, max_new_tokens, stop, keep)
+            return results
+        if stop is not None:  # generate() decodes whole replies; cut each where the rule says
+            store = on_result
+            on_result = None if store is None else (lambda i, answer: store(i, stop.apply(answer)))
+            return [stop.apply(a) for a in self._generate_padded(prompts, totals, max_new_tokens, on_result)]
+        return self._generate_padded(prompts, totals, max_new_tokens, on_result)
+
+    def _generate_padded(self, prompts: list[list[int]], totals: list[int], max_new_tokens: int,
+                         on_result: Callable[[int, str], None] | None) -> list[str]:
+        """decoder "generate": transformers' generate() on left-padded batches (and with prefix_cache, the
+        prompts sharing long prefixes one at a time with the cached prefix)."""
         if not self.prefix_cache:
             return self._run_batched(prompts, totals, lambda batch: self._generate_batch(batch, max_new_tokens),
                                      "generate", on_result)
@@ -549,7 +718,7 @@ class HFBackend(LocalChatModel):
         from transformers import DynamicCache
 
         cache, held = DynamicCache(), []
-        with self._progress(len(prompts), "generate") as bar, torch.inference_mode():
+        with self._progress(len(prompts), "generate") as bar, self._computing():
             for i in sorted(range(len(prompts)), key=prompts.__getitem__):
                 prompt = prompts[i]
                 # keep at least one prompt token to feed: generate() needs the last one's logits
@@ -563,6 +732,97 @@ class HFBackend(LocalChatModel):
                 held = prompt
                 on_result(i, self._decode_answer(output[0, len(prompt):].tolist()))
                 bar.update(1)
+
+    # ------------------------------------------------------------------------------- kvlib's decoder
+
+    def _decoder_model(self) -> Any:
+        # a peft model's LoRA layers sit inside its base model, whose forward takes the decoder's arguments
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def _decode(self, prompts: list[list[int]], max_new_tokens: int, stop: StopRule | None,
+                on_result: Callable[[int, str], None]) -> None:
+        """decoder "kvlib" (see the class docstring): each answer passed to on_result(index, answer) as its row
+        finishes."""
+        if self.prefix_cache:
+            order = sorted(range(len(prompts)), key=prompts.__getitem__)  # neighbours share the longest prefixes
+        else:
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # the rows of a batch alike in length
+        model = self._decoder_model()
+        cap = self.decode_max_cache_bytes // kv_bytes_per_token(model.config, model.dtype)
+        if self._decode_max_tokens is not None:
+            cap = min(cap, self._decode_max_tokens)
+        batches = plan_decode_batches([len(prompts[i]) for i in order], max_new_tokens, self.batch_size, cap)
+        prompt_cache = _KVCache(1, max(len(p) for p in prompts))  # the prompt being prefilled (and its prefix)
+        held: list[int] = []  # the tokens prompt_cache holds
+        with self._progress(len(prompts), "generate") as bar, self._computing(), _kvlib_attention(model):
+            for batch in batches:
+                indices = [order[j] for j in batch]
+                held = self._decode_batch(model, [prompts[i] for i in indices], indices, max_new_tokens, stop,
+                                          prompt_cache, held, on_result, bar)
+
+    def _decode_batch(self, model: Any, prompts: list[list[int]], indices: list[int], max_new_tokens: int,
+                      stop: StopRule | None, prompt_cache: _KVCache, held: list[int],
+                      on_result: Callable[[int, str], None], bar: Any) -> list[int]:
+        """Prefill `prompts` one at a time, then decode them as the rows of one batch. Row r of the batch
+        cache holds its prompt right-aligned at columns [width - len, width), its generated tokens after that
+        (every row writes the same column at each step); a finished row's slot takes the last live row, so the
+        live rows are always the first ones. Returns the tokens prompt_cache holds afterwards."""
+        width = max(len(p) for p in prompts)
+        cache = _KVCache(len(prompts), width + max_new_tokens)
+        rows: list[_Row] = []
+        for index, prompt in zip(indices, prompts):
+            # keep at least one prompt token to feed: its logits give the first new token
+            past = min(shared_prefix_length(held, prompt), len(prompt) - 1) if self.prefix_cache else 0
+            prompt_cache.write, prompt_cache.first = past, 0
+            logits = self._step(model, [prompt[past:]], [list(range(past, len(prompt)))], prompt_cache,
+                                _Layout(past=past))
+            held = prompt
+            cache.copy_row(len(rows), prompt_cache, len(prompt), width - len(prompt))
+            rows.append(_Row(index, len(prompt), width - len(prompt), [int(logits[0].argmax())]))
+        live = rows
+        generated = 1
+        while True:
+            done = [slot for slot, row in enumerate(live) if self._row_done(row, max_new_tokens, stop)]
+            for slot in reversed(done):  # highest slot first, so each swap moves a live row
+                row = live[slot]
+                answer = self._decode_answer(row.tokens)
+                on_result(row.index, answer if stop is None else stop.apply(answer))
+                bar.update(1)
+                last = len(live) - 1
+                if slot != last:
+                    cache.move_row(last, slot, live[last].start, width + generated - 1)
+                    live[slot] = live[last]
+                live.pop()
+            if not live:
+                return held
+            # feed each row's last token: generated token g sits at column width + g - 1, position len + g - 1
+            cache.write, cache.first = width + generated - 1, min(row.start for row in live)
+            columns = cache.write + 1 - cache.first
+            mask = None
+            if any(row.start != cache.first for row in live):
+                starts = torch.tensor([row.start - cache.first for row in live], device=self.device)
+                mask = (torch.arange(columns, device=self.device)[None, :] >= starts[:, None])[:, None, None, :]
+            logits = self._step(model, [[row.tokens[-1]] for row in live],
+                                [[row.length + generated - 1] for row in live], cache,
+                                _Layout(decode=True, rows=len(live), mask=mask))
+            for row, token in zip(live, logits.argmax(-1).tolist()):
+                row.tokens.append(token)
+            generated += 1
+
+    def _step(self, model: Any, ids: list[list[int]], positions: list[list[int]], cache: _KVCache,
+              layout: _Layout) -> torch.Tensor:
+        """One forward pass of kvlib's decoder: the logits of each row's last token."""
+        output = model(input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+                       position_ids=torch.tensor(positions, dtype=torch.long, device=self.device),
+                       use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache, _LAYOUT: layout})
+        return output.logits[:, -1]
+
+    def _row_done(self, row: _Row, max_new_tokens: int, stop: StopRule | None) -> bool:
+        if row.tokens[-1] in self.stop_ids or len(row.tokens) >= max_new_tokens:
+            return True
+        if stop is None:
+            return False
+        return stop.cut(self.tokenizer.decode(row.tokens, skip_special_tokens=True)) is not None
 
     # ---------------------------------------------------------------------------------- loglikelihood
 
@@ -621,6 +881,213 @@ class HFBackend(LocalChatModel):
                 scores.append((total, bool((logprobs.argmax(-1) == target).all())))
             results.append(scores)
         return results
+
+
+# ------------------------------------------------------------------------------- kvlib's decoder, parts
+
+# the attention implementation kvlib's decoder registers with transformers and switches a model to while it
+# decodes, and the forward keyword that tells it what the keys hold (transformers hands unknown forward
+# keywords down to the attention function)
+_ATTENTION = "kvlib_decoder"
+_LAYOUT = "kvlib_layout"
+_KVLIB_DECODER_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# generation-config fields whose logits processors generate() would apply and kvlib's decoder does not
+_PROCESSOR_FIELDS = ("min_length", "min_new_tokens", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+                     "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "sequence_bias",
+                     "exponential_decay_length_penalty")
+
+
+def kvlib_decoder_unsupported(model: Any, device: torch.device, logits_to_keep: bool = True) -> str | None:
+    """Why kvlib's decoder cannot run `model` (None: it can). It knows the attention of decoder-only models
+    whose every layer attends to every earlier token (no sliding window), on a CPU."""
+    if device.type != "cpu":
+        return f"kvlib's decoder runs on a CPU, not {device.type}"
+    try:
+        from transformers import AttentionInterface  # noqa: F401  (transformers >= 4.48)
+    except ImportError:
+        return "this transformers has no AttentionInterface"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.model_type not in _KVLIB_DECODER_MODELS:
+        return f"kvlib's decoder knows the attention of {sorted(_KVLIB_DECODER_MODELS)}, not {config.model_type!r}"
+    layer_types = getattr(config, "layer_types", None) or ()
+    if any(t != "full_attention" for t in layer_types) or (
+            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
+        return "sliding-window attention"
+    if not logits_to_keep:
+        return "the model's forward takes no logits_to_keep"
+    generation = getattr(base, "generation_config", None)
+    for field in _PROCESSOR_FIELDS:
+        if getattr(generation, field, None) not in (None, 0, False, [], (), {}):
+            return f"its generation config sets {field}, which generate() applies"
+    return None
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one token takes in a model's KV cache."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def plan_decode_batches(lengths: Sequence[int], max_new_tokens: int, batch_size: int,
+                        max_tokens: int) -> list[list[int]]:
+    """Consecutive positions of `lengths` (prompt lengths in decoding order) grouped into batches of at most
+    `batch_size` rows whose cache, rows x (longest prompt + max_new_tokens) tokens, holds at most `max_tokens`
+    (a single longer prompt still gets a batch of its own)."""
+    batches: list[list[int]] = []
+    longest = 0
+    for j, n in enumerate(lengths):
+        current = batches[-1] if batches else None
+        if current and len(current) < batch_size and (
+                (len(current) + 1) * (max(longest, n) + max_new_tokens) <= max_tokens):
+            current.append(j)
+            longest = max(longest, n)
+        else:
+            batches.append([j])
+            longest = n
+    return batches
+
+
+@dataclasses.dataclass
+class _Row:
+    index: int  # the request's position
+    length: int  # prompt tokens
+    start: int  # first cache column of the prompt
+    tokens: list[int]  # generated so far
+
+
+@dataclasses.dataclass
+class _Layout:
+    """What the keys handed to attention hold in kvlib's decoder: a prefill of one prompt whose first `past`
+    tokens were cached before (its queries are the tokens after them), or a decode step of `rows` rows, one
+    query each, `mask` [rows, 1, 1, columns] saying which key columns each row sees (None: all)."""
+
+    past: int = 0
+    decode: bool = False
+    rows: int = 1
+    mask: torch.Tensor | None = None
+
+
+class _KVCache:
+    """Keys and values of `rows` sequences in preallocated tensors, one pair per layer ([rows, kv heads,
+    capacity, head dim]), written in place (a transformers DynamicCache concatenates a new tensor per token
+    and layer). The model calls update() as it calls a transformers Cache's; the decoder sets `write` (the
+    column the step's tokens go to) and `first` (the first column attention reads) before each step, and
+    attention reads the columns [first, write + new tokens) of the live rows, the first `live`."""
+
+    is_compileable = False
+
+    def __init__(self, rows: int, capacity: int):
+        self.rows, self.capacity = rows, capacity
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.write = self.first = 0
+
+    def _allocate(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        # zeros, not empty: a masked column still meets its value row (0 x NaN would be NaN)
+        self.keys.append(keys.new_zeros((self.rows, keys.shape[1], self.capacity, keys.shape[3])))
+        self.values.append(values.new_zeros((self.rows, values.shape[1], self.capacity, values.shape[3])))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):
+            self._allocate(layer_idx, key_states, value_states)
+        rows, end = key_states.shape[0], self.write + key_states.shape[2]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:rows, :, self.write:end] = key_states
+        values[:rows, :, self.write:end] = value_states
+        return keys[:rows, :, self.first:end], values[:rows, :, self.first:end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.write
+
+    def copy_row(self, row: int, source: _KVCache, length: int, column: int) -> None:
+        """The first `length` columns of `source`'s row 0 into row `row` from column `column` on."""
+        for layer, (keys, values) in enumerate(zip(source.keys, source.values)):
+            if layer == len(self.keys):
+                self._allocate(layer, keys, values)
+            self.keys[layer][row, :, column:column + length] = keys[0, :, :length]
+            self.values[layer][row, :, column:column + length] = values[0, :, :length]
+
+    def move_row(self, source: int, target: int, start: int, end: int) -> None:
+        """Columns [start, end) of row `source` into row `target`."""
+        for keys, values in zip(self.keys, self.values):
+            keys[target, :, start:end] = keys[source, :, start:end]
+            values[target, :, start:end] = values[source, :, start:end]
+
+
+@contextlib.contextmanager
+def _kvlib_attention(model: Any):
+    """`model` attends through `_attention` while kvlib's decoder runs it (transformers then builds no mask:
+    the decoder's _Layout says what each query sees)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTENTION, _attention)
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = _ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of kvlib's decoder (query [rows, heads, queries, dim], key/value [rows, kv heads, columns,
+    dim]) as its _Layout says. A prompt prefilled from scratch and a single row's decode step make exactly
+    the SDPA calls transformers' own SDPA attention makes for them, so their results are bitwise those of
+    generate()."""
+    layout = kwargs.get(_LAYOUT)
+    if not isinstance(layout, _Layout):
+        raise RuntimeError("kvlib's decoder attention ran without its layout")
+    rows, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    gqa = heads != kv_heads
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if layout.decode and layout.mask is not None:
+        # one query per row: the query heads of each kv head side by side, so that no key is repeated
+        packed = query.reshape(rows, kv_heads, heads // kv_heads, dim)
+        output = sdpa(packed, key, value, attn_mask=layout.mask, scale=scaling).reshape(rows, heads, 1, dim)
+    elif layout.decode or layout.past == 0:
+        output = sdpa(query, key, value, is_causal=queries > 1, scale=scaling, enable_gqa=gqa)
+    else:
+        output = _attend_after_prefix(query, key, value, layout.past, scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _attend_after_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past: int,
+                         scale: float | None) -> torch.Tensor:
+    """Causal attention of the queries of one row (the tokens after `past` cached ones) over every key:
+    computed as two attentions merged by their log-sum-exps, over the cached prefix (no mask: every query
+    sees all of it) and over the new tokens themselves (SDPA's causal path). So the new tokens cost attention
+    for their own rows only; an explicit mask instead computes the whole queries x keys rectangle through
+    SDPA's masked path. Equal to the one-pass result up to float rounding (CPU only, where SDPA's flash
+    kernel returns its log-sum-exp; elsewhere the masked path)."""
+    rows, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    if query.device.type != "cpu":
+        visible = torch.ones(queries, key.shape[2], dtype=torch.bool, device=query.device).tril(past)
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale,
+                                                                enable_gqa=groups > 1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # the prefix: each kv head's query heads stacked as one longer query block (no key repeated)
+    stacked = query.reshape(rows, kv_heads, groups * queries, dim)
+    out_prefix, lse_prefix = flash(stacked, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scale)
+    out_prefix = out_prefix.reshape(rows, heads, queries, dim)
+    lse_prefix = lse_prefix.reshape(rows, heads, queries)
+    new_keys, new_values = key[:, :, past:], value[:, :, past:]
+    if groups > 1:
+        new_keys, new_values = new_keys.repeat_interleave(groups, 1), new_values.repeat_interleave(groups, 1)
+    out_new, lse_new = flash(query, new_keys, new_values, 0.0, True, scale=scale)
+    lse = torch.logaddexp(lse_prefix, lse_new)
+    output = (out_prefix.float() * (lse_prefix - lse).exp().unsqueeze(-1)
+              + out_new.float() * (lse_new - lse).exp().unsqueeze(-1))
+    return output.to(query.dtype)
 
 
 # -------------------------------------------------------------------------------------------- vLLM
@@ -692,8 +1159,9 @@ class VLLMBackend(LocalChatModel):
                 bar.update(len(piece))
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int,
-                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
-        """Greedy completions, as HFBackend.generate (same prompts, same stopping, same decoding)."""
+                 on_result: Callable[[int, str], None] | None = None, stop: StopRule | None = None) -> list[str]:
+        """Greedy completions, as HFBackend.generate (same prompts, same stopping, same decoding; a stop rule
+        cuts the whole replies vLLM returns, which on a GPU cost little more)."""
         check_max_new_tokens(max_new_tokens)
         prompts = self._encode_prompts(requests)
         self._check_fit([len(p) + max_new_tokens for p in prompts], f"prompt + max_new_tokens={max_new_tokens}")
@@ -703,6 +1171,8 @@ class VLLMBackend(LocalChatModel):
 
         def store(i: int, output: Any) -> None:
             results[i] = self._decode_answer(list(output.outputs[0].token_ids))
+            if stop is not None:
+                results[i] = stop.apply(results[i])
             if on_result is not None:
                 on_result(i, results[i])
 
@@ -848,13 +1318,15 @@ class OpenAIChatBackend:
         _check_list(requests, "requests")
         return [True] * len(requests)
 
-    def _complete(self, messages: list[dict], max_new_tokens: int) -> str:
+    def _complete(self, messages: list[dict], max_new_tokens: int, stop: StopRule | None = None) -> str:
         response = self.client.chat.completions.create(
             model=self.model, messages=messages, temperature=0, max_tokens=max_new_tokens)
-        return (response.choices[0].message.content or "").strip()
+        text = response.choices[0].message.content or ""
+        return text.strip() if stop is None else stop.apply(text)
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int,
-                 on_result: Callable[[int, str], None] | None = None) -> list[str]:
+                 on_result: Callable[[int, str], None] | None = None, stop: StopRule | None = None) -> list[str]:
+        """Greedy replies; a stop rule cuts each whole reply (the server decodes to its end)."""
         import openai
 
         check_max_new_tokens(max_new_tokens)
@@ -864,7 +1336,7 @@ class OpenAIChatBackend:
         too_long: list[int] = []
         with ThreadPoolExecutor(self.concurrency) as pool, tqdm(
                 total=len(conversations), desc=f"generate {self.model}", unit="req", disable=not self.progress) as bar:
-            futures = {pool.submit(self._complete, c, max_new_tokens): i for i, c in enumerate(conversations)}
+            futures = {pool.submit(self._complete, c, max_new_tokens, stop): i for i, c in enumerate(conversations)}
             try:
                 for future in as_completed(futures):
                     i = futures[future]

@@ -2,10 +2,14 @@
 
 A key is the sha256 of (backend identity, request kind, exact request, generation params). The identity is
 the backend's `identity()`: for a local model it includes the weights' sha256, dtype and chat template, for
-an API model the base URL and model name (a fine-tuned model's name is unique). So a changed model, prompt or
-`max_new_tokens` can never be answered from a stale entry, and an interrupted evaluation, run again, asks the
-model only for what is missing: nothing is lost (each response is committed as it arrives) and nothing is
-counted twice (one row per key).
+an API model the base URL and model name (a fine-tuned model's name is unique). The generation params are
+`max_new_tokens` and, when the request carries one, its stop rule (kvlib.engine.backends.StopRule): an answer cut
+where a task's scorer stops reading is stored apart from a whole reply and never stands for one. The other
+way is sound, and used: a whole reply of the same request and budget, cut by the rule, is exactly the
+stopped answer (StopRule's contract), so a cache of whole replies still answers stopped requests. So a changed
+model, prompt, budget or stop rule can never be answered from a stale entry, and an interrupted evaluation,
+run again, asks the model only for what is missing: nothing is lost (each response is committed as it
+arrives) and nothing is counted twice (one row per key).
 
 SQLite (standard library) holds it: a commit is atomic, so a process killed mid-write leaves the previous
 state, and a half-written record cannot exist.
@@ -19,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from kvlib.engine.backends import ContextLengthError, check_max_new_tokens, to_messages
+from kvlib.engine.backends import ContextLengthError, StopRule, check_max_new_tokens, generate_until, to_messages
 from kvlib.engine.config import InputError
 from kvlib.engine.io import sha256_text
 
@@ -84,6 +88,15 @@ def check_cache(directory: str | Path) -> None:
             db.close()
     if rows != [("ok",)]:
         raise CorruptCacheError(path, "; ".join(str(r[0]) for r in rows[:3]))
+
+
+def generation_params(max_new_tokens: int, stop: Any = None) -> dict:
+    """The generation params of a generate() key: the budget, greedy decoding, and the stop rule if any (left
+    out when there is none, so that keys written before stop rules existed stay valid)."""
+    params = {"max_new_tokens": max_new_tokens, "decoding": "greedy"}
+    if stop is not None:
+        params["stop"] = stop.key()
+    return params
 
 
 def cache_key(identity: dict, kind: str, request: Any, params: dict) -> str:
@@ -153,13 +166,19 @@ class CachedBackend:
         # only reached for attributes CachedBackend does not define itself
         return getattr(self.backend, attr)
 
-    def generate(self, requests: Sequence[Any], max_new_tokens: int, on_result: Callable | None = None) -> list:
+    def generate(self, requests: Sequence[Any], max_new_tokens: int, on_result: Callable | None = None,
+                 stop: Any = None) -> list:
 
         check_max_new_tokens(max_new_tokens)
+        if stop is not None and not isinstance(stop, StopRule):
+            raise TypeError(f"stop must be a kvlib.engine.backends.StopRule or None, got {stop!r}")
         payloads = [to_messages(r, f"requests[{i}]") for i, r in enumerate(requests)]
-        params = {"max_new_tokens": max_new_tokens, "decoding": "greedy"}
+        params = generation_params(max_new_tokens, stop)
+        # a stopped request is also answered by the whole reply of the same request and budget, cut by the rule
+        whole = None if stop is None else (generation_params(max_new_tokens, None), stop.apply)
         return self._answer("generate", payloads, params, on_result,
-                            lambda todo, store: self.backend.generate(todo, max_new_tokens, on_result=store))
+                            lambda todo, store: generate_until(self.backend, todo, max_new_tokens, stop, store),
+                            whole)
 
     def loglikelihood(self, requests: Sequence[Any], on_result: Callable | None = None) -> list:
 
@@ -177,10 +196,19 @@ class CachedBackend:
                                                                           on_result=store))
 
     def _answer(self, kind: str, payloads: list, params: dict, on_result: Callable | None,
-                run: Callable[[list, Callable], list]) -> list:
+                run: Callable[[list, Callable], list],
+                fallback: tuple[dict, Callable[[Any], Any]] | None = None) -> list:
+        """Cached responses, the rest from `run`; `fallback` = (other params, how their response becomes this
+        one): responses stored under those params answer what these keys lack."""
 
         keys = [cache_key(self._identity, kind, p, params) for p in payloads]
         found = self.cache.get_many(keys)
+        if fallback is not None and len(found) < len(set(keys)):
+            other_params, convert = fallback
+            missing = {k: cache_key(self._identity, kind, p, other_params) for k, p in zip(keys, payloads)
+                       if k not in found}
+            other = self.cache.get_many(list(missing.values()))
+            found.update({k: convert(other[o]) for k, o in missing.items() if o in other})
         results: list = [None] * len(payloads)
         todo_index: dict[str, list[int]] = {}  # identical requests are asked once
         for i, key in enumerate(keys):

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from kvlib.engine.backends import BackendConfig, ContextLengthError, build_backend
+from kvlib.engine.backends import BackendConfig, ContextLengthError, StopRule, build_backend, generate_until
 from kvlib.engine.cache import CachedBackend, ResponseCache
 from kvlib.engine.config import ParamError, fail
 from kvlib.engine.stats import mean_ci, paired_difference_test, seed_item_test
@@ -71,15 +71,17 @@ def open_backend(config: BackendConfig, cache_dir: str | Path | None = "runs/cac
             pass
 
 
-def answer_requests(backend: Any, requests: Sequence[Any], max_new_tokens: int) -> list[str | None]:
+def answer_requests(backend: Any, requests: Sequence[Any], max_new_tokens: int,
+                    stop: StopRule | None = None) -> list[str | None]:
     """The backend's answer to each request, None for one that does not fit the model's context window
     (checked up front where the backend can count, else reported by the server). Callers count the Nones per
-    setting: an over-length prompt is never silently skipped, truncated or left out of a denominator."""
+    setting: an over-length prompt is never silently skipped, truncated or left out of a denominator. `stop`:
+    where the task's answer ends (decoding stops there; kvlib.engine.backends.generate_until)."""
     fits = backend.fits(requests, max_new_tokens)
     keep = [i for i, ok in enumerate(fits) if ok]
     answers: list[str | None] = [None] * len(requests)
     try:
-        got = backend.generate([requests[i] for i in keep], max_new_tokens)
+        got = generate_until(backend, [requests[i] for i in keep], max_new_tokens, stop)
     except ContextLengthError as exc:
         if exc.results is None:
             raise
@@ -89,9 +91,10 @@ def answer_requests(backend: Any, requests: Sequence[Any], max_new_tokens: int) 
     return answers
 
 
-def result_fields(backend: Any, max_new_tokens: int | None) -> dict:
+def result_fields(backend: Any, max_new_tokens: int | None, stop: StopRule | None = None) -> dict:
     """Columns recorded with every result row: which backend and model (weights hash or API model name),
-    chat template, dtype and generation params produced it."""
+    chat template, dtype (as resolved: "auto" is never recorded) and generation params (with the stop rule
+    that ended answers, if any) produced it."""
     identity = backend.identity()
     model = identity.get("model")
     return {
@@ -103,6 +106,7 @@ def result_fields(backend: Any, max_new_tokens: int | None) -> dict:
         "dtype": identity.get("dtype"),
         "decoding": "greedy",
         "max_new_tokens": max_new_tokens,
+        "stop_rule": None if stop is None else stop.describe(),
     }
 
 

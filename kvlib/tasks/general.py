@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Literal, Mapping, Sequence
 
-from kvlib.engine.backends import ContextLengthError
+from kvlib.engine.backends import ContextLengthError, StopRule
 from kvlib.engine.config import check_positive, fail, from_mapping
 from kvlib.engine.data import read_jsonl_records, resolve_data_dir
 from kvlib.engine.evaluate import answer_requests, paired_with_base, result_fields
@@ -835,9 +835,20 @@ def supports_loglikelihood(backend) -> bool:
     return callable(getattr(inner, "loglikelihood", None))
 
 
-def _default_answer(backend, requests, max_new_tokens):
+def answer_end(spec: TaskSpec) -> StopRule | None:
+    """Where a generated reply's scored part ends (kvlib.engine.backends.StopRule; generation stops there), or
+    None when the scorer may read the whole reply. GSM8K scores the reply up to its first stop string; the short
+    answers' `em` reads the reply up to its first stop string ("\n" among them) and `contains` its first line,
+    so both end at the first line; a generative multiple-choice letter may be named anywhere."""
+    if spec.scorer == "gsm8k" and spec.stop:
+        return StopRule(strings=spec.stop)
+    if spec.scorer == "short_answer" and "\n" in spec.stop:
+        return StopRule(first_line=True)
+    return None
 
-    return answer_requests(backend, requests, max_new_tokens)
+
+def _default_answer(backend, requests, max_new_tokens, stop=None):
+    return answer_requests(backend, requests, max_new_tokens, stop)
 
 
 def _loglikelihoods(backend, pairs: list[tuple[str, str]]) -> tuple[list, set[int]]:
@@ -861,13 +872,15 @@ def evaluate_task(backend, task: PreparedTask, label: str, fewshot_format: str =
     the context length; task not runnable on this backend). Nothing is dropped silently.
 
     `answer(backend, requests, max_new_tokens) -> [str | None]` generates (default
-    kvlib.engine.evaluate.answer_requests: None marks an over-length prompt); `row_fields` are columns added to
+    kvlib.engine.evaluate.answer_requests, stopping where `answer_end(spec)` says the scored part ends: None
+    marks an over-length prompt); `row_fields` are columns added to
     every row (default kvlib.engine.evaluate.result_fields: model identity, dtype, max_new_tokens, ...)."""
     spec = task.spec
     variant = resolve_variant(task, supports_loglikelihood(backend))
     if row_fields is None:
-
-        row_fields = result_fields(backend, task.max_new_tokens if variant == "generate" else None)
+        generates = variant == "generate"
+        row_fields = result_fields(backend, task.max_new_tokens if generates else None,
+                                   answer_end(spec) if generates and answer is None else None)
     base = {"model": label, "task": spec.name, "variant": variant or "not run", "n_shot": task.n_shot,
             **row_fields}
     rows = [dict(base, id=item.id, group=item.group, skipped=None, response=None) for item in task.items]
@@ -890,7 +903,10 @@ def evaluate_task(backend, task: PreparedTask, label: str, fewshot_format: str =
             row["response"] = row["answer"]
         return rows
     requests = [build_prompt(spec, item, task.shots_for(item), fewshot_format) for item in task.items]
-    replies = (answer or _default_answer)(backend, requests, task.max_new_tokens)
+    if answer is None:  # kvlib's own answering stops where the task's scorer stops reading
+        replies = _default_answer(backend, requests, task.max_new_tokens, answer_end(spec))
+    else:
+        replies = answer(backend, requests, task.max_new_tokens)
     if len(replies) != len(requests):
         raise RuntimeError(f"{spec.name}: {len(replies)} replies for {len(requests)} requests")
     for row, item, reply in zip(rows, task.items, replies):

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import numpy as np
 
 from kvlib.engine import evaluate
+from kvlib.engine.backends import StopRule
 from kvlib.engine.config import ParamError, from_mapping
 from kvlib.engine.data import MDQA_QUESTIONS, JsonlReport, OnTruncated, mdqa_paths, read_jsonl_records, resolve_data_dir
 from kvlib.engine.evaluate import answer_requests, paired_deltas, result_fields, seed_group_deltas, with_seed_groups
@@ -53,6 +54,9 @@ SETTING_CONTRAST = "gain with random minus gain with retrieved distractors"
 # floor); a claim is testable only where the original clears it (kvlib.report.paper.original_level)
 MDQA_CHANCE = 0.0
 QID_SCHEME = "sha1 hex of kvlib.engine.scoring.normalize_answer(question)"
+# Where an MDQA answer ends for its scorer: generation stops there (kvlib.engine.backends.StopRule; part of the
+# response-cache key). LitM's metric (kvlib.engine.scoring.score_mdqa_answer) reads the reply's first line only.
+MDQA_ANSWER_END = StopRule(first_line=True)
 
 Layout = Literal["auto", "qa", "retrieval"]
 
@@ -818,8 +822,10 @@ def evaluate_mdqa(backend: Any, eval_set: Any, positions: Sequence[int], max_new
         for position, prompt in position_prompts(example, positions):
             keys.append((example, position))
             requests.append([{"role": "user", "content": prompt}])
-    answers = answer_requests(backend, requests, max_new_tokens)
-    fields = result_fields(backend, max_new_tokens)
+    # a reply whose final answer comes after other text (final_answer) is read past its first line
+    stop = MDQA_ANSWER_END if final_answer is None else None
+    answers = answer_requests(backend, requests, max_new_tokens, stop)
+    fields = result_fields(backend, max_new_tokens, stop)
     rows = []
     for (example, position), answer in zip(keys, answers):
         scored = answer if answer is None or final_answer is None else final_answer(answer)

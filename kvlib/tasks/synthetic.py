@@ -40,6 +40,7 @@ from kvlib.engine.config import (
     params_section,
     to_mapping,
 )
+from kvlib.engine.backends import StopRule, generate_until
 from kvlib.engine.data import read_jsonl
 from kvlib.engine.evaluate import answer_requests, result_fields
 from kvlib.engine.models import load_token_counter
@@ -610,11 +611,20 @@ def ensure_dataset(cfg: GenerationConfig, out_dir: Path, progress: bool = False)
     return write_dataset(cfg, out_dir, progress=progress)
 
 
+# Where a key-value answer ends for its scorer: generation stops there (kvlib.engine.backends.StopRule; part of
+# the response-cache key). kvlib.engine.scoring.score_kv_answer reads the first value phrase, the first
+# "Dictionary [i]" and (multi-subkey) the first key tuple holding the queried subkeys: the answer template gives
+# them in that order and ends with "... Dictionary [i].", so the answer ends at the first "Dictionary [i]." after
+# a "value". (LitM key-value retrieval, kvlib.tasks.litm_kv, looks for the value anywhere in the reply, and
+# FLenQA's verdict, kvlib.engine.scoring.parse_true_false, may be its last word: neither has a stop rule.)
+KV_ANSWER_END = StopRule(pattern=r"(?is)\bvalue\b.*?\bdictionary \[\d+\]\.")
+
+
 def evaluate_kv(backend, samples: Sequence[Sample], max_new_tokens: int, label: str) -> list[dict]:
     """Answer synthetic key-value prompts (user turn only, as in training) and score each answer.
     Over-length prompts are never skipped: the backend raises, naming them."""
     requests = [[{"role": "user", "content": s.prompt}] for s in samples]
-    answers = backend.generate(requests, max_new_tokens=max_new_tokens)
+    answers = generate_until(backend, requests, max_new_tokens, KV_ANSWER_END)
     rows = []
     for s, answer in zip(samples, answers):
         scores = score_kv_answer(answer, s.meta)
@@ -628,8 +638,8 @@ def evaluate_kv_grid(backend: Any, samples: Sequence[Sample], max_new_tokens: in
     """Synthetic key-value samples of kvlib.tasks.synthetic.position_length_grid, scored like evaluate_kv, with the
     cell (number of dictionaries, relative gold position) and over-length prompts counted (correct None)."""
     requests = [[{"role": "user", "content": s.prompt}] for s in samples]
-    answers = answer_requests(backend, requests, max_new_tokens)
-    fields = result_fields(backend, max_new_tokens)
+    answers = answer_requests(backend, requests, max_new_tokens, KV_ANSWER_END)
+    fields = result_fields(backend, max_new_tokens, KV_ANSWER_END)
     rows = []
     for s, answer in zip(samples, answers):
         scores = score_kv_answer(answer, s.meta) if answer is not None else {
