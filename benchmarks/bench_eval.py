@@ -26,7 +26,6 @@ alone in this run, and attention's. Goals: >= 1.6x with identical float32 answer
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Any
 
@@ -36,7 +35,6 @@ from kvlib.engine import models
 from kvlib.engine.backends import (
     HFBackend,
     OpenAIChatBackend,
-    StopRule,
     _KVCache,
     _kvlib_attention,
     _Layout,
