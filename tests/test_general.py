@@ -531,7 +531,10 @@ def test_conventions_table_lists_every_prepared_task(tiny_tasks):
     assert table.loc[0, "prompt of a test item"].startswith("The following are multiple choice questions (with "
                                                             "answers) about {subject}.\\n\\n{question}\\nA. {A}")
     assert table.loc[0, "metrics by variant"] == "loglikelihood: acc; generate: acc, parsed (+ macro over subjects)"
-    assert "cut at ['Q:']" in table.loc[3, "generation"] and "shots multiturn" in table.loc[3, "generation"]
+    assert "cut at ['Q:']" in table.loc[3, "generation"]
+    assert table.loc[3, "prompt format"] == ("local models: raw text, no chat template (harness default); "
+                                             "chat APIs: chat template, shots multiturn")
+    assert table.loc[1, "prompt format"] == "raw text (log-likelihood)"
     assert set(general_tables.paper_reference_table()["MMLU"].dropna()) >= {53.42, 68.07}
 
 

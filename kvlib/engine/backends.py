@@ -3,8 +3,13 @@ for every evaluation in kvlib.
 
 Every backend follows the `Backend` protocol: a `name`, an `identity()` recorded with results (what exactly
 produced them), and `generate(requests, max_new_tokens, stop=None) -> list[str]`. A *request* is a list of chat
-messages (``[{"role": ..., "content": ...}, ...]``) or a plain string, which means one user message. Decoding
-is greedy (temperature 0) and stops at the end of the assistant's turn, or where a task's `StopRule` says its
+messages (``[{"role": ..., "content": ...}, ...]``) or a plain string, which means one user message; both go
+through the chat template. A `RawPrompt(text)` is the exception: plain text that a local model continues as it
+is, without the chat template (lm-evaluation-harness's default for generative tasks), tokenized as the tokenizer
+encodes text by default (a BOS token where the tokenizer adds one). Only backends whose `accepts_raw_text` is
+True take one (the local ones); a chat API (`OpenAIChatBackend`) has no way to send text without its server's
+chat template and rejects it with a TypeError before asking anything. Decoding is greedy (temperature 0) and
+stops at the end of the assistant's turn (raw text: the end of sequence), or where a task's `StopRule` says its
 answer ends (the scorer reads nothing after it). Evaluations pick a backend by params through
 `BackendConfig` / `build_backend`.
 
@@ -48,7 +53,24 @@ from kvlib.engine.models import (  # noqa: F401 - end_of_turn_ids is part of thi
 )
 
 Message = Mapping[str, str]
-Request = Union[str, Sequence[Message]]  # a plain user prompt, or a chat conversation
+
+
+@dataclasses.dataclass(frozen=True)
+class RawPrompt:
+    """A generation request given to a local model as plain text, without the chat template: the model
+    continues `text` itself (lm-evaluation-harness's default for generative tasks). Tokenized as the tokenizer
+    encodes text by default, so with a BOS token where the tokenizer adds one (as the harness's HF model does),
+    except when `text` already starts with the BOS token's text. Chat APIs cannot take one (`accepts_raw_text`)."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text:
+            raise TypeError(f"RawPrompt: expected non-empty text, got {self.text!r}")
+
+
+# a plain user prompt, a chat conversation (both through the chat template), or raw text (no template)
+Request = Union[str, Sequence[Message], RawPrompt]
 LoglikelihoodRequest = tuple[Request, str]  # (context, continuation)
 
 _ROLES = ("system", "user", "assistant")
@@ -83,6 +105,7 @@ class Backend(Protocol):
     """What every model backend offers an evaluation."""
 
     name: str
+    accepts_raw_text: bool  # whether generate() takes RawPrompt requests (text without the chat template)
 
     def identity(self) -> dict:
         """Plain-data description of exactly what generates (model, weights hash, dtype, ...), for results."""
@@ -105,9 +128,13 @@ class Backend(Protocol):
 
 def to_messages(request: Request, where: str = "request") -> list[dict]:
     """The chat messages of a request: a string becomes one user message; a conversation is checked and
-    copied into plain dicts (so callers may pass any Mapping, and caches can hash the result)."""
+    copied into plain dicts (so callers may pass any Mapping, and caches can hash the result). A RawPrompt has
+    no chat form: TypeError."""
     if isinstance(request, str):
         return [{"role": "user", "content": request}]
+    if isinstance(request, RawPrompt):
+        raise TypeError(f"{where}: a RawPrompt is text for a local model without the chat template, not a chat "
+                        f"conversation; chat-only backends (kind openai) take a string or chat messages")
     if not isinstance(request, Sequence) or not request:
         raise TypeError(f"{where}: expected a prompt string or a non-empty list of chat messages, got {request!r}")
     messages = []
@@ -118,6 +145,20 @@ def to_messages(request: Request, where: str = "request") -> list[dict]:
             raise TypeError(f"{where}[{i}]: role must be one of {list(_ROLES)} and content a string, got {message!r}")
         messages.append({"role": message["role"], "content": message["content"]})
     return messages
+
+
+def request_payload(request: Request, where: str = "request") -> list[dict] | dict:
+    """A request as plain JSON data, what the response cache keys and stores: the chat messages of a chat
+    request (`to_messages`), ``{"raw_text": text}`` for a RawPrompt, so the same text sent raw and as a user
+    message can never share a cached answer."""
+    if isinstance(request, RawPrompt):
+        return {"raw_text": request.text}
+    return to_messages(request, where)
+
+
+def accepts_raw_text(backend: Any) -> bool:
+    """Whether `backend` (or the backend a kvlib.engine.cache.CachedBackend wraps) takes RawPrompt requests."""
+    return bool(getattr(getattr(backend, "backend", backend), "accepts_raw_text", False))
 
 
 def check_max_new_tokens(max_new_tokens: Any) -> int:
@@ -424,6 +465,7 @@ class LocalChatModel:
     spec: str
     tokenizer: Any
     stop_ids: list[int]
+    accepts_raw_text = True  # RawPrompt requests are tokenized as plain text (`_encode_prompts`)
 
     def _text_config(self) -> Any:
         raise NotImplementedError
@@ -446,7 +488,8 @@ class LocalChatModel:
     # ------------------------------------------------------------------------------------- lengths
 
     def prompt_lengths(self, requests: Sequence[Request]) -> list[int]:
-        """Token count of each request as the model sees it (chat template and generation prompt included)."""
+        """Token count of each request as the model sees it (chat template and generation prompt included;
+        a RawPrompt: its text's tokens)."""
         return [len(ids) for ids in self._encode_prompts(requests)]
 
     def fits(self, requests: Sequence[Request], max_new_tokens: int) -> list[bool]:
@@ -478,9 +521,26 @@ class LocalChatModel:
         # apply_chat_template(tokenize=True) does after rendering.
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
+    def _encode_raw(self, texts: list[str]) -> list[list[int]]:
+        # lm-evaluation-harness's HF model (tok_batch_encode, add_bos_token unset): the tokenizer's default special
+        # tokens (a BOS where it adds one), none when the text already starts with the BOS token's text
+        bos = self.tokenizer.bos_token
+        return [self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+                for text in texts]
+
     def _encode_prompts(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Token ids of each generation request: chat requests through the chat template with the generation
+        prompt, RawPrompt text as it is (`_encode_raw`)."""
         _check_list(requests, "requests")
-        return self._encode([self._render(to_messages(r, f"requests[{i}]")) for i, r in enumerate(requests)])
+        raw = [i for i, r in enumerate(requests) if isinstance(r, RawPrompt)]
+        chat = [i for i, r in enumerate(requests) if not isinstance(r, RawPrompt)]
+        ids: list = [None] * len(requests)
+        for i, tokens in zip(raw, self._encode_raw([requests[i].text for i in raw])):
+            ids[i] = tokens
+        rendered = [self._render(to_messages(requests[i], f"requests[{i}]")) for i in chat]
+        for i, tokens in zip(chat, self._encode(rendered)):
+            ids[i] = tokens
+        return ids
 
     def _decode_answer(self, tokens: list[int]) -> str:
         """Generated tokens as the answer text: up to the first end-of-turn token, special tokens removed,
@@ -651,7 +711,7 @@ class HFBackend(LocalChatModel):
 
     def generate(self, requests: Sequence[Request], max_new_tokens: int,
                  on_result: Callable[[int, str], None] | None = None, stop: StopRule | None = None) -> list[str]:
-        """Greedy completion of each request (chat template applied), stopped at the end of the assistant's
+        """Greedy completion of each request (chat template applied; a RawPrompt's text continued as it is), stopped at the end of the assistant's
         turn, after `max_new_tokens`, or where `stop` says the answer ends; special tokens removed and
         whitespace stripped; in request order. Raises ContextLengthError, before generating anything, if any
         prompt + max_new_tokens is too long."""
@@ -1096,7 +1156,7 @@ def _attend_after_prefix(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 class VLLMBackend(LocalChatModel):
     """A local model in vLLM's offline engine (`pip install vllm`, CUDA): continuous batching and paged
     attention with automatic prefix caching, for the GPU profiles. Prompts are tokenized by kvlib exactly as
-    for HFBackend (same chat template, same tokens) and handed to vLLM as token ids; answers are decoded by the
+    for HFBackend (same chat template, same tokens; RawPrompt text without it) and handed to vLLM as token ids; answers are decoded by the
     same code, so only the engine differs. Its identity says "vllm": its answers are cached apart from HF ones.
 
     loglikelihood() reads vLLM's prompt log-probs of context + continuation (lm-evaluation-harness's method);
@@ -1279,12 +1339,15 @@ class OpenAIChatBackend:
     """A model behind an OpenAI-compatible chat-completions API (OpenAI, vLLM, llama.cpp's server, ...).
 
     Greedy (temperature 0), `concurrency` requests in flight, the SDK's retries with exponential backoff on
-    429/5xx/timeouts/connection errors. The server applies the chat template. A prompt the server rejects as
-    too long is reported (ContextLengthError carrying every other answer), never dropped. No log-likelihood:
+    429/5xx/timeouts/connection errors. The server applies the chat template: a RawPrompt (text without it) is
+    rejected by fits() and generate() with a TypeError before anything is sent (`accepts_raw_text` is False;
+    callers such as kvlib.tasks.general send these backends chat messages instead). A prompt the server rejects
+    as too long is reported (ContextLengthError carrying every other answer), never dropped. No log-likelihood:
     chat APIs do not return prompt log-probabilities.
     """
 
     name = "openai"
+    accepts_raw_text = False
 
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 4, max_retries: int = 6, timeout_s: float = 600.0, progress: bool = True):
@@ -1316,6 +1379,8 @@ class OpenAIChatBackend:
         """Unknown before asking: True for each request (the server's rejection is reported by generate)."""
         check_max_new_tokens(max_new_tokens)
         _check_list(requests, "requests")
+        for i, request in enumerate(requests):
+            to_messages(request, f"requests[{i}]")  # a RawPrompt (or a malformed request) fails here, up front
         return [True] * len(requests)
 
     def _complete(self, messages: list[dict], max_new_tokens: int, stop: StopRule | None = None) -> str:

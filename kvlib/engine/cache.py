@@ -1,6 +1,8 @@
 """The on-disk response cache: every model response, stored the moment it arrives, keyed by what produced it.
 
-A key is the sha256 of (backend identity, request kind, exact request, generation params). The identity is
+A key is the sha256 of (backend identity, request kind, exact request, generation params). The exact request
+is its JSON form (kvlib.engine.backends.request_payload): chat messages, or ``{"raw_text": ...}`` for a RawPrompt
+(text without the chat template), so the same text asked raw and as a chat message are two entries. The identity is
 the backend's `identity()`: for a local model it includes the weights' sha256, dtype and chat template, for
 an API model the base URL and model name (a fine-tuned model's name is unique). The generation params are
 `max_new_tokens` and, when the request carries one, its stop rule (kvlib.engine.backends.StopRule): an answer cut
@@ -23,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from kvlib.engine.backends import ContextLengthError, StopRule, check_max_new_tokens, generate_until, to_messages
+from kvlib.engine.backends import (ContextLengthError, StopRule, check_max_new_tokens, generate_until, request_payload,
+                                   to_messages)
 from kvlib.engine.config import InputError
 from kvlib.engine.io import sha256_text
 
@@ -172,13 +175,13 @@ class CachedBackend:
         check_max_new_tokens(max_new_tokens)
         if stop is not None and not isinstance(stop, StopRule):
             raise TypeError(f"stop must be a kvlib.engine.backends.StopRule or None, got {stop!r}")
-        payloads = [to_messages(r, f"requests[{i}]") for i, r in enumerate(requests)]
+        payloads = [request_payload(r, f"requests[{i}]") for i, r in enumerate(requests)]
         params = generation_params(max_new_tokens, stop)
         # a stopped request is also answered by the whole reply of the same request and budget, cut by the rule
         whole = None if stop is None else (generation_params(max_new_tokens, None), stop.apply)
         return self._answer("generate", payloads, params, on_result,
                             lambda todo, store: generate_until(self.backend, todo, max_new_tokens, stop, store),
-                            whole)
+                            whole, requests=list(requests))
 
     def loglikelihood(self, requests: Sequence[Any], on_result: Callable | None = None) -> list:
 
@@ -197,9 +200,10 @@ class CachedBackend:
 
     def _answer(self, kind: str, payloads: list, params: dict, on_result: Callable | None,
                 run: Callable[[list, Callable], list],
-                fallback: tuple[dict, Callable[[Any], Any]] | None = None) -> list:
+                fallback: tuple[dict, Callable[[Any], Any]] | None = None, requests: list | None = None) -> list:
         """Cached responses, the rest from `run`; `fallback` = (other params, how their response becomes this
-        one): responses stored under those params answer what these keys lack."""
+        one): responses stored under those params answer what these keys lack. `payloads`: the JSON form keyed and
+        stored; `requests`: what the backend is asked (default: the payloads)."""
 
         keys = [cache_key(self._identity, kind, p, params) for p in payloads]
         found = self.cache.get_many(keys)
@@ -223,6 +227,7 @@ class CachedBackend:
             return results
         todo_keys = list(todo_index)
         todo = [payloads[todo_index[k][0]] for k in todo_keys]
+        asked = todo if requests is None else [requests[todo_index[k][0]] for k in todo_keys]
 
         def store(j: int, response: Any) -> None:
             self.cache.put(todo_keys[j], kind, self.name, todo[j], response)
@@ -233,7 +238,7 @@ class CachedBackend:
 
         self.misses += len(todo)
         try:
-            run(todo, store)
+            run(asked, store)
         except ContextLengthError as exc:  # report the caller's indices, with every answer that did come back
             over = [i for j in exc.indices for i in todo_index[todo_keys[j]]]
             lengths = [n for j, n in zip(exc.indices, exc.lengths) for _ in todo_index[todo_keys[j]]]

@@ -419,13 +419,16 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
     """Parameters of notebooks/05_general_benchmarks.ipynb. `models`, `backend`, `cache_dir`: as in every
     evaluation notebook (kvlib.engine.evaluate.EvalModelsParams: label -> {model: <spec>} or {run: <02_finetune
     run>} over shared backend defaults). `baseline`: the label every other model is compared with.
-    `tasks`: benchmark name -> TaskParams fields; only the listed benchmarks run."""
+    `tasks`: benchmark name -> TaskParams fields; only the listed benchmarks run. Generation prompts are raw text
+    without the chat template (lm-evaluation-harness's default) on local models unless a task asks for
+    `prompt_format: chat`; chat API models always get the chat template (kvlib.tasks.general)."""
 
     data_dir: str | None = None  # None: $KVLIB_DATA_DIR or ../shared/data
     baseline: str = "original"
     tasks: dict[str, TaskParams] = field(default_factory=dict)
     seed: int = 0  # which items the subsample draws (the same for every model)
-    fewshot_format: FewshotFormat = "multiturn"  # how few-shot examples reach a chat model (generation only)
+    # how few-shot examples reach the model when a generation prompt goes through the chat template
+    fewshot_format: FewshotFormat = "multiturn"
     n_boot: int = 2000
     examples_to_show: int = 2
     # labels of local HF models to run again through lm-evaluation-harness on the same items (kvlib.tasks.harness)
@@ -460,8 +463,20 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
                     if config.kind == "openai":
                         fail(f"tasks.{name}.variant", f"model {label!r} is a {config.kind} backend, which has no "
                                                       f"log-likelihoods; use auto or generate")
+            if settings.prompt_format == "raw":
+                for label, config in configs.items():
+                    if config.kind == "openai":
+                        fail(f"tasks.{name}.prompt_format", f"model {label!r} is a {config.kind} backend, a chat API "
+                                                            f"that cannot send text without its chat template; use "
+                                                            f"auto or chat")
         check_positive("n_boot", self.n_boot, 100)
         check_positive("examples_to_show", self.examples_to_show, 0)
+
+    def raw_text(self) -> bool | None:
+        """Whether the models can be sent raw text (no chat template): True when all are local models, False when
+        all are chat APIs (kind openai), None for a mix (for the conventions table)."""
+        kinds = {config.kind == "openai" for config in self.model_configs().values()}
+        return None if len(kinds) > 1 else not (kinds.pop() if kinds else False)
 
     def harness_model(self, label: str) -> BackendConfig:
         """The model `label` as lm-evaluation-harness's cross-check loads it: in transformers (kind hf), whichever

@@ -7,7 +7,7 @@ import math
 from typing import Sequence
 
 from kvlib.report import paper
-from kvlib.tasks.general import TASKS, Item, PreparedTask
+from kvlib.tasks.general import TASKS, Item, PreparedTask, resolve_prompt_format
 
 
 def _pct(value: float, lo: float | None = None, hi: float | None = None, signed: bool = False) -> str:
@@ -24,7 +24,8 @@ def _pct(value: float, lo: float | None = None, hi: float | None = None, signed:
 def headline_table(summary: Sequence[dict], deltas: Sequence[dict], baseline: str):
     """The paper-style table (percent): one row per model with each task's headline metric and 95% CI,
     then one row per other model with its paired delta vs the baseline. Cells say `n/a` where a task did
-    not run; the `variants` column says how each model ran (e.g. MMLU generate for a chat API)."""
+    not run; the `variants` column says how each model ran (e.g. MMLU generate for a chat API) and, for
+    generation, in which prompt format (raw text or chat template)."""
     import pandas as pd
 
     tasks = list(dict.fromkeys(s["task"] for s in summary))
@@ -38,7 +39,7 @@ def headline_table(summary: Sequence[dict], deltas: Sequence[dict], baseline: st
         for t in tasks:
             s = head.get((model, t))
             row[columns[t]] = _pct(s["value"], s["ci_low"], s["ci_high"]) + f" (n={s['n']})" if s else "n/a"
-        row["variants"] = ", ".join(f"{t}:{head[(model, t)]['variant']}" for t in tasks if (model, t) in head)
+        row["variants"] = ", ".join(f"{t}:{_variant_text(head[(model, t)])}" for t in tasks if (model, t) in head)
         out.append(row)
     for model in models:
         if model == baseline:
@@ -53,6 +54,11 @@ def headline_table(summary: Sequence[dict], deltas: Sequence[dict], baseline: st
 
 
 
+def _variant_text(summary_row: dict) -> str:
+    variant, fmt = summary_row["variant"], summary_row.get("prompt_format")
+    return f"{variant} ({fmt})" if variant == "generate" and fmt else variant
+
+
 def headline_deltas(deltas: Sequence[dict]):
     """The paired deltas of each task's headline metric, with a `benchmark` label (for the bar chart)."""
     import pandas as pd
@@ -63,10 +69,34 @@ def headline_deltas(deltas: Sequence[dict]):
 
 
 
-def conventions_table(tasks: Sequence[PreparedTask], fewshot_format: str = "multiturn"):
+def prompt_format_text(task: PreparedTask, fewshot_format: str = "multiturn", raw_text: bool | None = None) -> str:
+    """How a task's generation prompt reaches the model (the conventions table's `prompt format`): raw text
+    without the chat template, or the chat template with the few-shot format, and who decided. `raw_text`: whether
+    the models evaluated can send raw text (True: local models; False: chat APIs; None: some of each)."""
+    if "generate" not in task.spec.variants:
+        return "raw text (log-likelihood)"
+    chat = f"chat template, shots {fewshot_format}" if task.n_shot else "chat template"
+    how = {"raw": "raw text, no chat template", "chat": chat}
+    default = " (harness default)" if task.spec.prompt_format == "raw" else ""
+    if task.prompt_format == "chat":
+        text = f"{chat} (asked by the profile: prompt_format chat)"
+    elif raw_text is None:
+        local, api = resolve_prompt_format(task, True), resolve_prompt_format(task, False)
+        text = (f"local models: {how[local]}{default if task.prompt_format == 'auto' else ''}; "
+                f"chat APIs: {how[api] if api else 'not run (raw text asked for)'}")
+    else:
+        fmt = resolve_prompt_format(task, raw_text)
+        text = (how[fmt] + (default if fmt == "raw" and task.prompt_format == "auto" else "")
+                + (" (chat API: no raw text)" if fmt == "chat" else "")) if fmt else "not run (raw text asked for)"
+    return ("generate variant: " + text) if task.spec.variants[0] != "generate" else text
+
+
+def conventions_table(tasks: Sequence[PreparedTask], fewshot_format: str = "multiturn", raw_text: bool | None = None):
     """What each benchmark runs as, from the declarations (the notebook's 'conventions' table): data used,
     shots and their source, the prompt template of a test item, variants with their metrics, headline
-    metric, generation settings."""
+    metric, generation settings, and the prompt format (`prompt_format_text`: raw text without the chat template,
+    the harness's default, unless the profile asks for the chat template with `tasks.<name>.prompt_format: chat`
+    or the model is a chat API; `raw_text` as there)."""
     import pandas as pd
 
     rows = []
@@ -80,9 +110,10 @@ def conventions_table(tasks: Sequence[PreparedTask], fewshot_format: str = "mult
         generation = "-"
         if "generate" in spec.variants:
             only = "" if spec.variants[0] == "generate" else "generate variant: "
-            chat = f"chat template, shots {fewshot_format}" if task.n_shot else "chat template"
             stops = f", cut at {list(spec.stop)}" if spec.stop else ""
-            generation = f"{only}greedy, max {task.max_new_tokens} new tokens{stops}; {chat}"
+            if spec.scorer == "multiple_choice" and spec.stop:
+                stops += " (raw text; a chat reply is searched whole)"
+            generation = f"{only}greedy, max {task.max_new_tokens} new tokens{stops}"
         rows.append({
             "benchmark": spec.title,
             "harness task": spec.harness,
@@ -93,6 +124,7 @@ def conventions_table(tasks: Sequence[PreparedTask], fewshot_format: str = "mult
                                   + (" (+ macro over subjects)" if spec.macro else ""),
             "headline": spec.headline,
             "generation": generation,
+            "prompt format": prompt_format_text(task, fewshot_format, raw_text),
             "notes": spec.notes,
         })
     return pd.DataFrame(rows)

@@ -16,11 +16,22 @@ like the harness. Chat-only APIs (OpenAI) expose no log-likelihoods: MMLU then r
 answer letter parsed from the reply, `kvlib.engine.scoring.parse_choice_letter`), HellaSwag has no generative
 variant here and is reported as not run; every result row says which variant produced it.
 
-Generation goes through the chat template (the models are instruct models): few-shot examples become
-user/assistant turns ("multiturn", lm-eval's --apply_chat_template --fewshot_as_multiturn) or one user
-message holding the harness's raw few-shot text ("single_turn"). The harness stops generation at its
-`until` strings; our backends stop at the end of the assistant's turn, so the reply is cut at the first
-stop string afterwards (`truncate_at_stop`), which gives the same text.
+Prompt format of generation (`prompt_format`, per task in the params; every result row records the one used).
+- "raw" (the default wherever the backend can take it: local models in transformers or vLLM): the harness's
+  own default path, lm-eval without --apply_chat_template: the raw few-shot text (`fewshot_text`) is sent
+  WITHOUT the chat template (a kvlib.engine.backends.RawPrompt, tokenized as the tokenizer encodes text) and
+  the model continues it. This is how the harness runs TriviaQA, NQ-Open, GSM8K (and MMLU's generative variant)
+  by default, and what `TaskSpec.prompt_format` declares for every task.
+- "chat": through the model's chat template, few-shot examples as user/assistant turns ("multiturn", lm-eval's
+  --apply_chat_template --fewshot_as_multiturn) or one user message holding the raw few-shot text
+  ("single_turn", the notebook's `fewshot_format`). A profile asks for it per task (`tasks.<name>.prompt_format:
+  chat`); chat-only APIs (OpenAI), which cannot send text without their server's chat template, always run it
+  ("auto" resolves to it there; an explicit "raw" for such a model fails when the params are read).
+The harness stops generation at its `until` strings; our backends stop at the end of the turn (raw text: the
+end of sequence) or at the generation budget, so the reply is cut at the first stop string afterwards
+(`truncate_at_stop`), which gives the same text. One difference remains on the raw path: backends strip the
+reply's surrounding whitespace before the cut, so a reply that STARTS with a stop string ("\nParis" on
+TriviaQA) is the harness's empty answer but kvlib's "Paris" (the harness cross-check counts such items).
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Literal, Mapping, Sequence
 
-from kvlib.engine.backends import ContextLengthError, StopRule
+from kvlib.engine.backends import ContextLengthError, RawPrompt, StopRule, accepts_raw_text
 from kvlib.engine.config import check_positive, fail, from_mapping
 from kvlib.engine.data import read_jsonl_records, resolve_data_dir
 from kvlib.engine.evaluate import answer_requests, paired_with_base, result_fields
@@ -59,6 +70,7 @@ from kvlib.tasks.synthetic import load_template
 
 Variant = Literal["loglikelihood", "generate"]
 FewshotFormat = Literal["multiturn", "single_turn"]
+PromptFormat = Literal["raw", "chat"]
 LETTERS = "ABCDEFGHIJ"
 HARNESS_REPO = "github.com/EleutherAI/lm-evaluation-harness"
 
@@ -454,7 +466,10 @@ class TaskSpec:
     also report the mean over item groups (MMLU subjects). `chance`: the score of guessing (1 / number of
     choices; 0 where answers are free text, the floor), which the original's score must clear by `chance_margin`
     (None: kvlib.report.paper.equivalence_margin) for a claim on the task to be testable
-    (kvlib.report.paper.original_level)."""
+    (kvlib.report.paper.original_level). `prompt_format`: how the harness sends a generation prompt by default
+    ("raw": its text without the chat template; lm-eval applies a chat template only when asked); `stop`: the
+    harness's `until` strings, where a generated reply is cut (MMLU: those of its generative variant, applied
+    to raw-text replies only; a chat reply is searched whole for the letter it names)."""
 
     name: str
     title: str
@@ -481,6 +496,7 @@ class TaskSpec:
     # the metric a claim is also judged on when both models score 0 on `headline`: a small instruct model that
     # never replies in the harness's short form still shows whether the answer appears in its reply
     floor_metric: str | None = None
+    prompt_format: PromptFormat = "raw"
     chance: float = 0.0
     chance_margin: float | None = None
     notes: str = ""
@@ -498,9 +514,10 @@ TASKS: dict[str, TaskSpec] = {
             scorer="multiple_choice",
             metrics={"loglikelihood": ("acc",), "generate": ("acc", "parsed")}, headline="acc",
             data="hendrycks test split (14042 questions, 57 subjects)", default_files=("mmlu",),
-            loader=load_mmlu, max_new_tokens=32, macro=True, chance=0.25,
+            loader=load_mmlu, max_new_tokens=32, macro=True, chance=0.25, stop=("\n",),
             notes="acc = micro (the harness's group aggregate, weighted by size); acc_macro = mean over subjects. "
-                  "Generative variant (chat APIs): the letter parsed from the reply."),
+                  "Generative variant (chat APIs; the harness's mmlu_generative on raw text): the letter parsed "
+                  "from the reply (raw text: its first line)."),
         TaskSpec(
             name="hellaswag", title="HellaSwag", harness="hellaswag", variants=("loglikelihood",),
             n_shot=0, max_shots=0, shots_from="none (harness default: 0-shot)",
@@ -566,7 +583,10 @@ class TaskParams:
     `fraction` (e.g. 0.2: the paper's 20% of MMLU for GPT-3.5), drawn with the notebook's seed, the same
     items for every model; MMLU is stratified by subject. `n_shot`/`max_new_tokens`: None keeps the task's
     convention. `variant`: auto = log-likelihood where the backend offers it, else generation. `path`: a
-    file (directory for MMLU) instead of the data directory's default."""
+    file (directory for MMLU) instead of the data directory's default. `prompt_format` (generation only): auto =
+    the harness's default, raw text without the chat template (`TaskSpec.prompt_format`), where the backend can
+    send raw text (local models), else the chat template (chat APIs); "chat" asks for the chat template on every
+    backend (with the notebook's `fewshot_format`); "raw" insists on raw text (refused for a chat API model)."""
 
     max_examples: int | None = None
     fraction: float | None = None
@@ -574,6 +594,7 @@ class TaskParams:
     variant: Literal["auto", "loglikelihood", "generate"] = "auto"
     max_new_tokens: int | None = None
     path: str | None = None
+    prompt_format: Literal["auto", "raw", "chat"] = "auto"
 
     def validate(self) -> None:
         if self.max_examples is not None:
@@ -594,6 +615,11 @@ class TaskParams:
                                     f"({spec.shots_from}); got {self.n_shot}")
         if self.variant != "auto" and self.variant not in spec.variants:
             fail(f"{where}.variant", f"{spec.name} runs as {list(spec.variants)}, got {self.variant!r}")
+        if self.prompt_format != "auto" and "generate" not in spec.variants:
+            fail(f"{where}.prompt_format", f"{spec.name} is scored by log-likelihood on raw text only; the prompt "
+                                           f"format applies to generation")
+        if self.prompt_format != "auto" and self.variant == "loglikelihood":
+            fail(f"{where}.prompt_format", "applies to generation; variant loglikelihood scores raw text")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -686,6 +712,7 @@ class PreparedTask:
     variant: str
     report: LoadReport
     path: Path
+    prompt_format: str = "auto"  # requested (TaskParams.prompt_format); resolve_prompt_format gives the one used
 
     @property
     def n_total(self) -> int:
@@ -729,7 +756,8 @@ def prepare_task(name: str, settings: TaskParams | Mapping[str, Any] | None = No
         report = dataclasses.replace(report, notes=report.notes + (("used items whose shots repeat their question",
                                                                     repeats),))
     return PreparedTask(spec, tuple(chosen), shots, n_shot,
-                        settings.max_new_tokens or spec.max_new_tokens, settings.variant, report, path)
+                        settings.max_new_tokens or spec.max_new_tokens, settings.variant, report, path,
+                        settings.prompt_format)
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -748,6 +776,20 @@ def resolve_variant(task: PreparedTask, has_loglikelihood: bool) -> str | None:
     return None
 
 
+def resolve_prompt_format(task: PreparedTask, raw_text: bool) -> str | None:
+    """The prompt format ("raw" or "chat") a backend that can (`raw_text`) or cannot send raw text generates
+    `task` in: the requested one, "auto" resolving to the task's harness default (`TaskSpec.prompt_format`) where
+    the backend takes raw text, else to "chat"; None when raw text is required and the backend cannot send it."""
+    requested = task.prompt_format
+    if requested == "auto":
+        return task.spec.prompt_format if raw_text else "chat"
+    if requested == "raw" and not raw_text:
+        return None
+    if requested not in ("raw", "chat"):
+        raise ValueError(f"{task.spec.name}: prompt_format must be auto, raw or chat, got {requested!r}")
+    return requested
+
+
 def fewshot_text(spec: TaskSpec, item: Item, shots: Sequence[Item]) -> str:
     """The harness's raw prompt: description, each shot as text + target_delimiter + target followed by
     the few-shot delimiter, then the item's text (ending where the answer starts)."""
@@ -756,11 +798,17 @@ def fewshot_text(spec: TaskSpec, item: Item, shots: Sequence[Item]) -> str:
     return spec.description(item) + labeled + spec.doc_to_text(item)
 
 
-def build_prompt(spec: TaskSpec, item: Item, shots: Sequence[Item], fewshot_format: str = "multiturn"):
-    """A generation request: "single_turn", the raw few-shot text as one user message; "multiturn", each
-    shot a user turn (its text) and an assistant turn (its answer), then the item as the last user turn.
-    The description opens the first user turn (no system message: some chat templates, Mistral's among them,
-    reject one)."""
+def build_prompt(spec: TaskSpec, item: Item, shots: Sequence[Item], fewshot_format: str = "multiturn",
+                 prompt_format: str = "chat"):
+    """A generation request. prompt_format "raw": the harness's raw few-shot text (`fewshot_text`) as a RawPrompt,
+    continued without the chat template. "chat", by `fewshot_format`: "single_turn", the raw few-shot text as one
+    user message; "multiturn", each shot a user turn (its text) and an assistant turn (its answer), then the item
+    as the last user turn. The description opens the first user turn (no system message: some chat templates,
+    Mistral's among them, reject one)."""
+    if prompt_format == "raw":
+        return RawPrompt(fewshot_text(spec, item, shots))
+    if prompt_format != "chat":
+        raise ValueError(f"prompt_format must be 'raw' or 'chat', got {prompt_format!r}")
     if fewshot_format == "single_turn" or not shots:
         return [{"role": "user", "content": fewshot_text(spec, item, shots)}]
     if fewshot_format != "multiturn":
@@ -794,9 +842,10 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def score_item(spec: TaskSpec, item: Item, variant: str, response: str | None = None,
-               logliks: Sequence[float] | None = None) -> dict:
+               logliks: Sequence[float] | None = None, prompt_format: str = "chat") -> dict:
     """Per-item metrics (the columns of `spec.metrics[variant]`, plus what the model chose): from the
-    choices' log-likelihoods (variant loglikelihood) or from the generated reply (variant generate)."""
+    choices' log-likelihoods (variant loglikelihood) or from the generated reply (variant generate; cut at the
+    task's stop strings, for multiple choice only when the reply continues raw text, `prompt_format` "raw")."""
     if variant == "loglikelihood":
         if logliks is None:
             raise ValueError(f"{spec.name}: log-likelihood scoring needs logliks")
@@ -806,7 +855,9 @@ def score_item(spec: TaskSpec, item: Item, variant: str, response: str | None = 
     if not isinstance(response, str):
         raise TypeError(f"{spec.name}: generation scoring needs the reply text, got {response!r}")
     if spec.scorer == "multiple_choice":  # generative multiple choice: the letter the reply names
-        letter = parse_choice_letter(response, len(item.choices))
+        # raw text: the harness's mmlu_generative reads the first line; a chat reply is searched whole
+        letter = parse_choice_letter(truncate_at_stop(response, spec.stop) if prompt_format == "raw" else response,
+                                     len(item.choices))
         return {"answer": letter, "parsed": float(letter is not None),
                 "acc": float(letter is not None and letter == LETTERS[item.gold])}
     answer = truncate_at_stop(response, spec.stop)
@@ -869,7 +920,9 @@ def _loglikelihoods(backend, pairs: list[tuple[str, str]]) -> tuple[list, set[in
 def evaluate_task(backend, task: PreparedTask, label: str, fewshot_format: str = "multiturn",
                   answer: Callable | None = None, row_fields: Mapping[str, Any] | None = None) -> list[dict]:
     """One row per item of `task` for model `label`: its metrics, or `skipped` with the reason (prompt over
-    the context length; task not runnable on this backend). Nothing is dropped silently.
+    the context length; task not runnable on this backend). Nothing is dropped silently. `prompt_format` column:
+    the text the model saw ("raw" without the chat template, log-likelihood always; "chat"; see
+    resolve_prompt_format); `fewshot_format` applies to the chat format only.
 
     `answer(backend, requests, max_new_tokens) -> [str | None]` generates (default
     kvlib.engine.evaluate.answer_requests, stopping where `answer_end(spec)` says the scored part ends: None
@@ -877,16 +930,20 @@ def evaluate_task(backend, task: PreparedTask, label: str, fewshot_format: str =
     every row (default kvlib.engine.evaluate.result_fields: model identity, dtype, max_new_tokens, ...)."""
     spec = task.spec
     variant = resolve_variant(task, supports_loglikelihood(backend))
+    prompt_format = "raw" if variant == "loglikelihood" else (
+        resolve_prompt_format(task, accepts_raw_text(backend)) if variant == "generate" else None)
     if row_fields is None:
         generates = variant == "generate"
         row_fields = result_fields(backend, task.max_new_tokens if generates else None,
                                    answer_end(spec) if generates and answer is None else None)
     base = {"model": label, "task": spec.name, "variant": variant or "not run", "n_shot": task.n_shot,
-            **row_fields}
+            "prompt_format": prompt_format, **row_fields}
     rows = [dict(base, id=item.id, group=item.group, skipped=None, response=None) for item in task.items]
-    if variant is None:
+    if variant is None or prompt_format is None:
+        reason = ("no log-likelihoods on this backend" if variant is None
+                  else "raw text (no chat template) asked for, which this backend cannot send")
         for row in rows:
-            row["skipped"] = "no log-likelihoods on this backend"
+            row["skipped"] = reason
         return rows
     if variant == "loglikelihood":
         spans, pairs = [], []
@@ -902,7 +959,7 @@ def evaluate_task(backend, task: PreparedTask, label: str, fewshot_format: str =
             row.update(score_item(spec, item, variant, logliks=lls[a:b]))
             row["response"] = row["answer"]
         return rows
-    requests = [build_prompt(spec, item, task.shots_for(item), fewshot_format) for item in task.items]
+    requests = [build_prompt(spec, item, task.shots_for(item), fewshot_format, prompt_format) for item in task.items]
     if answer is None:  # kvlib's own answering stops where the task's scorer stops reading
         replies = _default_answer(backend, requests, task.max_new_tokens, answer_end(spec))
     else:
@@ -914,7 +971,7 @@ def evaluate_task(backend, task: PreparedTask, label: str, fewshot_format: str =
             row["skipped"] = "over context length"
             continue
         row["response"] = reply
-        row.update(score_item(spec, item, variant, response=reply))
+        row.update(score_item(spec, item, variant, response=reply, prompt_format=prompt_format))
     return rows
 
 
@@ -938,7 +995,8 @@ def summarize_benchmarks(rows: Sequence[dict], n_boot: int = 2000, seed: int = 0
         variant = items[0]["variant"]
         spec = TASKS[task]
         skipped = sorted({r["skipped"] for r in items if r["skipped"]})
-        common = {"model": model, "task": task, "variant": variant, "n_shot": items[0]["n_shot"],
+        common = {"model": model, "task": task, "variant": variant, "prompt_format": items[0].get("prompt_format"),
+                  "n_shot": items[0]["n_shot"],
                   "n": len(scored), "n_skipped": len(items) - len(scored), "skipped_reason": "; ".join(skipped)}
         metrics = _metric_columns(task, variant) or (spec.headline,)
         for metric in metrics:
@@ -981,6 +1039,7 @@ def benchmark_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, se
                 continue
             variant = task_rows[0]["variant"]
             base_variant = base_rows[0]["variant"]
+            fmt, base_fmt = task_rows[0].get("prompt_format"), base_rows[0].get("prompt_format")
             spec = TASKS[task]
             metrics = [m for m in _metric_columns(task, variant) if m in _metric_columns(task, base_variant)
                        and m != "parsed"] or [spec.headline]
@@ -992,6 +1051,7 @@ def benchmark_deltas(rows: Sequence[dict], baseline: str, n_boot: int = 2000, se
                 for name, macro in [(metric, False)] + ([(f"{metric}_macro", True)] if spec.macro else []):
                     row = {"model": model, "baseline": baseline, "task": task, "metric": name,
                            "variant": variant if variant == base_variant else f"{variant} vs {base_variant}",
+                           "prompt_format": fmt if fmt == base_fmt else f"{fmt} vs {base_fmt}",
                            "n": len(pairs), "value": float("nan"), "baseline_value": float("nan"),
                            "baseline_ci_low": float("nan"), "baseline_ci_high": float("nan"),
                            "delta": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "ci_method": "",

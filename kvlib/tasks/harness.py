@@ -8,10 +8,16 @@ are written as local JSONL in the schema the harness's own task expects (`harnes
 where the documents come from (`dataset_path: json`). The harness then scores the model kvlib already
 loaded (same weights, same dtype).
 
-Chat template: as in kvlib, log-likelihood tasks (MMLU, HellaSwag) are scored on raw text and generation
-tasks go through the chat template with few-shot examples as turns (`apply_chat_template=True,
-fewshot_as_multiturn=True`). One known difference: the harness sends a task's `description` (NQ-Open's
-"Answer these questions:") as a system message, kvlib puts it at the start of the first user turn.
+Prompt format: the harness runs on its own default path, without `apply_chat_template`, for every task kvlib
+runs as raw text on a local model: the log-likelihood tasks (MMLU, HellaSwag) and, by default, the generation
+tasks (TriviaQA, NQ-Open, GSM8K; kvlib.tasks.general.resolve_prompt_format). So the two engines are compared on
+the path a harness user gets, and where kvlib's prompts, tokenization or reply cutting differ from it, the
+cross-check disagrees. Only a task whose params ask for the chat template (`prompt_format: chat`) goes through
+the harness's `apply_chat_template=True` (few-shot examples as turns with `fewshot_format: multiturn`); there the
+harness sends a task's `description` (NQ-Open's "Answer these questions:") as a system message, while kvlib puts
+it at the start of the first user turn, so NQ-Open predictions can differ on that path by design. On the raw
+path one known difference is counted, not hidden: a reply that starts with a stop string ("\nParis") is the
+harness's empty answer, while kvlib's backends strip the reply before cutting it (kvlib.tasks.general).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import Any, Sequence
 import yaml
 
 from kvlib.engine.scoring import multiple_choice_scores
-from kvlib.tasks.general import PreparedTask
+from kvlib.tasks.general import PreparedTask, resolve_prompt_format
 
 # kvlib task -> the harness task definition it follows (relative to lm_eval/tasks)
 HARNESS_FILES = {
@@ -42,6 +48,13 @@ COMPARED = {
     "nq_open": [("em", "exact_match", "remove_whitespace")],
 }
 LOGLIKELIHOOD_TASKS = ("mmlu", "hellaswag")
+
+
+def uses_chat_template(task: PreparedTask) -> bool:
+    """Whether the harness runs `task` with apply_chat_template: only a generation task that kvlib runs through
+    the chat template on a local model (its params ask for `prompt_format: chat`); everything else goes the
+    harness's default way, raw text."""
+    return task.spec.name not in LOGLIKELIHOOD_TASKS and resolve_prompt_format(task, raw_text=True) == "chat"
 
 
 def available() -> bool:
@@ -129,7 +142,10 @@ def write_harness_tasks(tasks: Sequence[PreparedTask], out_dir: str | Path) -> d
 def run_harness(model: Any, tokenizer: Any, tasks: Sequence[PreparedTask], work_dir: str | Path,
                 batch_size: int = 8, fewshot_format: str = "multiturn") -> list[dict]:
     """Evaluate an already-loaded HF model with lm-evaluation-harness on kvlib's prepared items. One row per
-    (task, item id, kvlib metric) with the harness's per-item score, matched through `kvlib_id`."""
+    (task, item id, kvlib metric) with the harness's per-item score, matched through `kvlib_id`. The harness runs
+    on its default path (no chat template) except for tasks kvlib runs through the chat template
+    (`uses_chat_template`), which get `apply_chat_template=True` (and `fewshot_as_multiturn` by `fewshot_format`).
+    Each row says which (`chat_template`)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -137,9 +153,10 @@ def run_harness(model: Any, tokenizer: Any, tasks: Sequence[PreparedTask], work_
     names = write_harness_tasks(tasks, work_dir)
     manager = TaskManager(include_path=str(Path(work_dir).resolve()), include_defaults=False)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=_context(model))
+    chat_tasks = {t.spec.name for t in tasks if uses_chat_template(t)}
     rows = []
-    for chat, wanted in ((False, [n for n in names if n in LOGLIKELIHOOD_TASKS]),
-                         (True, [n for n in names if n not in LOGLIKELIHOOD_TASKS])):
+    for chat, wanted in ((False, [n for n in names if n not in chat_tasks]),
+                         (True, [n for n in names if n in chat_tasks])):
         if not wanted:
             continue
         results = lm_eval.simple_evaluate(
@@ -153,7 +170,7 @@ def run_harness(model: Any, tokenizer: Any, tasks: Sequence[PreparedTask], work_
                         if sample.get("filter", "none") != filter_name:
                             continue
                         rows.append({"task": name, "id": sample["doc"]["kvlib_id"], "metric": kvlib_metric,
-                                     "harness": float(sample[metric]),
+                                     "chat_template": chat, "harness": float(sample[metric]),
                                      "harness_prediction": _prediction(sample, metric)})
     return rows
 
@@ -178,9 +195,12 @@ def _prediction(sample: dict, metric: str) -> int | str:
 def compare(kvlib_rows: Sequence[dict], harness_rows: Sequence[dict], model: str) -> list[dict]:
     """Per task and metric: n items both engines scored, kvlib's mean, the harness's mean, the share of items
     whose score agrees, and the share where both engines made the same prediction (the same choice; for
-    generation the same text up to the stop strings). kvlib_rows: kvlib.tasks.general.evaluate_task rows."""
+    generation the same text up to the stop strings). `prompt_format`: the format of kvlib's rows (raw text
+    or chat template), `harness_chat_template`: whether the harness applied one. kvlib_rows:
+    kvlib.tasks.general.evaluate_task rows."""
     ours = {(r["task"], r["id"]): r for r in kvlib_rows if r["model"] == model and r["skipped"] is None}
     table: dict[tuple[str, str], list[tuple[float, float, bool]]] = {}
+    formats: dict[tuple[str, str], tuple] = {}
     for h in harness_rows:
         mine = ours.get((h["task"], h["id"]))
         if mine is None or h["metric"] not in mine:
@@ -191,10 +211,13 @@ def compare(kvlib_rows: Sequence[dict], harness_rows: Sequence[dict], model: str
             predicted = mine.get("pred_norm" if h["metric"] == "acc_norm" else "pred")
         same = predicted == h["harness_prediction"]
         table.setdefault((h["task"], h["metric"]), []).append((float(mine[h["metric"]]), h["harness"], same))
+        formats.setdefault((h["task"], h["metric"]), (mine.get("prompt_format"), h.get("chat_template")))
     out = []
     for (task, metric), triples in table.items():
         n = len(triples)
-        out.append({"model": model, "task": task, "metric": metric, "n": n,
+        fmt, chat = formats[(task, metric)]
+        out.append({"model": model, "task": task, "metric": metric, "prompt_format": fmt,
+                    "harness_chat_template": chat, "n": n,
                     "kvlib": sum(a for a, _, _ in triples) / n, "harness": sum(b for _, b, _ in triples) / n,
                     "same_score": sum(a == b for a, b, _ in triples) / n,
                     "same_prediction": sum(s for _, _, s in triples) / n})
