@@ -220,7 +220,9 @@ PROTOCOL_CHANGES = {change.id: change for change in (
                    rejudge=False),
 )}
 EVAL_DTYPE = "float32"  # the evaluation dtype of the profiles that have committed results (cpu, quick: CPU runs)
-RAW_TEXT_TASKS = ("gsm8k", "triviaqa", "nq_open")  # kvlib.tasks.general.TASKS sent as raw text, not chat
+# the generative tasks (on a local model) whose default prompt is now the raw few-shot text, not the chat template
+RAW_TEXT_TASKS = tuple(name for name, spec in general.TASKS.items()
+                       if spec.variants[0] == "generate" and spec.prompt_format == "raw")
 RECORD_FILE = "rejudged.json"
 RECORD_COMMAND = "kvlib rejudge --profile {profile} --write"
 STALE_RERUN = "stale: to be re-run"  # a claim the committed items cannot judge (the claims figure's category)
