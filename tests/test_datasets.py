@@ -215,8 +215,11 @@ def test_fetch_installs_verified_files_where_the_registry_says(server, tmp_path,
 def test_cli_fetch_real_entries_from_a_mirror_of_the_offline_data_directory(server, tmp_path, capfd):
     base, _ = server
     root = tmp_path / "data"
-    rc = cli.main(["data", "fetch", "nq_open", "kv-retrieval-75", "--data-dir", str(root), "--mirror", f"{base}/shared"])
+    rc = cli.main(["data", "fetch", "nq_open", "kv-retrieval-75", "mdqa-20docs", "--data-dir", str(root),
+                   "--mirror", f"{base}/shared"])
     assert rc == 0
+    subset = "mdqa/derived_20docs_first441/nq-open-20_total_documents_gold_at_0.first441.jsonl.gz"
+    assert (root / subset).read_bytes() == (SHARED / subset).read_bytes()  # the mirror holds the subset only
     out = capfd.readouterr()
     assert "100%" in out.err
     for rel in ("nq_open/NQ-open.dev.jsonl", "mdqa/kv_retrieval_data/kv-retrieval-75_keys.jsonl.gz"):
@@ -227,6 +230,30 @@ def test_cli_fetch_real_entries_from_a_mirror_of_the_offline_data_directory(serv
     assert re.search(r"gsm8k\s+missing .*-> kvlib data fetch gsm8k --data-dir", text)
     items, report = general.load_nq_open(root / "nq_open/NQ-open.dev.jsonl")
     assert report.records == 3610
+
+
+def test_a_mirror_without_the_official_files_gives_the_substitute(server, tmp_path, capsys):
+    """A mirror of an offline data directory holds a documented subset, not the official file: fetch installs the
+    first substitute it holds (verified), says so, and status reads it as that subset; a mirror holding neither
+    fails with one line and installs nothing."""
+    base, files = server
+    b = (files / "toy" / "b.jsonl").read_bytes()
+    sub = {"title": "the b file alone", "kind": "subset", "records": 50,
+           "files": [{"path": "toy/b.jsonl", "size": len(b), "sha256": _sha256(b)}]}
+    registry = _toy_registry(tmp_path, base, files, substitutes=[sub])
+    root = tmp_path / "data"
+    datasets.fetch(["toy"], root, mirror=f"{base}/files", registry=registry, timeout=5, progress=False)
+    # toy/a.txt is served (installed, verified), toy/nested/b.jsonl is not: the subset's file comes instead
+    assert _leftovers(root) == ["toy/a.txt", "toy/b.jsonl"]
+    assert "installed its subset instead: the b file alone (50 records)" in capsys.readouterr().out
+    _, (st,) = datasets.status(["toy"], root, registry=registry)
+    assert st.state == "subset"
+    missing = dict(sub, files=[{"path": "toy/none.jsonl", "size": 1, "sha256": "0" * 64}])
+    registry = _toy_registry(tmp_path, base, files, substitutes=[missing])
+    empty = tmp_path / "empty"
+    with pytest.raises(datasets.NotOnServer, match="holds neither its official files nor a substitute"):
+        datasets.fetch(["toy"], empty, mirror=f"{base}/files", registry=registry, timeout=5, progress=False)
+    assert _leftovers(empty) == ["toy/a.txt"]  # only verified files, nothing half-written
 
 
 def test_mirror_from_the_environment(server, tmp_path, monkeypatch):

@@ -53,6 +53,10 @@ class FetchError(DataError):
     pass
 
 
+class NotOnServer(FetchError):
+    """The server answered 404: it does not hold this file (a mirror may hold a substitute instead)."""
+
+
 # ---------------------------------------------------------------------------------------------- registry
 
 
@@ -379,8 +383,9 @@ def _http_download(ds: Dataset, spec: FileSpec, url: str, tmp: Path, target: Pat
     except requests.exceptions.HTTPError as exc:
         code = exc.response.status_code if exc.response is not None else "?"
         reason = exc.response.reason if exc.response is not None else ""
-        raise FetchError(f"{ds.name}: {url} answered {code} {reason}; nothing was installed "
-                         f"({target} is unchanged)") from None
+        error = NotOnServer if code == 404 else FetchError
+        raise error(f"{ds.name}: {url} answered {code} {reason}; nothing was installed "
+                    f"({target} is unchanged)") from None
     except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
         raise FetchError(f"{ds.name}: the download of {url} broke off ({_one_line(exc, 120)}); nothing was "
                          f"installed, run the same command again") from None
@@ -477,10 +482,33 @@ def fetch(names: Sequence[str] | None = None, data_dir: str | Path | None = None
         if not todo:
             out(f"{ds.name}: present ({len(ds.files)} file{'s' * (len(ds.files) != 1)})")
             continue
-        for spec in todo:
-            installed.append(fetch_file(ds, spec, root, mirror, progress, hub_cache, timeout, out))
+        try:
+            for spec in todo:
+                installed.append(fetch_file(ds, spec, root, mirror, progress, hub_cache, timeout, out))
+        except NotOnServer:
+            if not mirror:
+                raise
+            installed += _fetch_substitute(ds, root, mirror, progress, timeout, out)
     out(f"data directory {root}: {len(installed)} file{'s' * (len(installed) != 1)} installed")
     return installed
+
+
+def _fetch_substitute(ds: Dataset, root: Path, mirror: str, progress: bool, timeout: float,
+                      out: Callable[[str], None]) -> list[Path]:
+    """A mirror that lacks `ds`'s official files (a copy of an offline data directory holding a documented subset):
+    the first substitute whose files it holds, installed and verified like official files. Raises NotOnServer
+    when it holds none of them."""
+    for sub in ds.substitutes:
+        todo = [f for f in sub.files if file_problem(root / f.path, f) is not None]
+        try:
+            installed = [fetch_file(ds, spec, root, mirror, progress, None, timeout, out) for spec in todo]
+        except NotOnServer:
+            continue
+        out(f"{ds.name}: the mirror has no official files; installed its {sub.kind} instead: {sub.title} "
+            f"({sub.records} records)")
+        return installed
+    raise NotOnServer(f"{ds.name}: the mirror {mirror} holds neither its official files nor a substitute "
+                      f"({', '.join(f.path for f in ds.files)}); nothing was installed")
 
 
 # ------------------------------------------------------------------------------- what each notebook reads
