@@ -389,10 +389,11 @@ class Slow:
 
     def generate(self, requests, max_new_tokens, on_result=None):
         out = []
-        for i, messages in enumerate(requests):
+        for i, request in enumerate(requests):  # a prompt string or a chat conversation (kvlib.engine.backends)
             time.sleep(P.delay)
-            answer = "answer to " + messages[-1]["content"]
-            Slow.asked.append(messages[-1]["content"])
+            question = request if isinstance(request, str) else request[-1]["content"]
+            answer = "answer to " + question
+            Slow.asked.append(question)
             if on_result:
                 on_result(i, answer)
             out.append(answer)
@@ -419,11 +420,8 @@ def _stored(cache: Path) -> int:
     return len(ResponseCache(cache)) if (cache / CACHE_FILE).is_file() else 0
 
 
-@pytest.mark.slow
-def test_a_run_killed_during_evaluation_resumes_from_the_cache(tmp_path, monkeypatch):
-    """A real SIGKILL of `kvlib reproduce` while a notebook evaluates: the last good result is untouched, and the
-    rerun asks the model only what the cache lacks, ending with one stored answer per question and the table an
-    uninterrupted run writes."""
+def _eval_repo(tmp_path: Path) -> Path:
+    """A repository with one notebook, 01_eval, that evaluates a fake model through the response cache."""
     repo = tmp_path / "repo"
     (repo / "notebooks").mkdir(parents=True)
     (repo / "params" / PROFILE).mkdir(parents=True)
@@ -433,6 +431,15 @@ def test_a_run_killed_during_evaluation_resumes_from_the_cache(tmp_path, monkeyp
                nbformat.v4.new_code_cell(textwrap.dedent(EVAL_CODE))],
         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}),
         repo / "notebooks" / "01_eval.ipynb")
+    return repo
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_evaluation_resumes_from_the_cache(tmp_path, monkeypatch):
+    """A real SIGKILL of `kvlib reproduce` while a notebook evaluates: the last good result is untouched, and the
+    rerun asks the model only what the cache lacks, ending with one stored answer per question and the table an
+    uninterrupted run writes."""
+    repo = _eval_repo(tmp_path)
     params = repo / "params" / PROFILE / "01_eval.yaml"
     params.write_text("n: 30\n")
     monkeypatch.syspath_prepend(str(repo))
@@ -481,15 +488,7 @@ def test_a_run_killed_during_evaluation_resumes_from_the_cache(tmp_path, monkeyp
 def test_sigterm_times_the_attempt_like_ctrl_c(tmp_path, monkeypatch):
     """A session ending sends SIGTERM: `kvlib reproduce` stops as on Ctrl-C, with the running attempt timed in the
     attempts file (not left for the next run to guess) and the kernel shut down."""
-    repo = tmp_path / "repo"
-    (repo / "notebooks").mkdir(parents=True)
-    (repo / "params" / PROFILE).mkdir(parents=True)
-    (repo / "evalparams.py").write_text(EVAL_PARAMS)
-    nbformat.write(nbformat.v4.new_notebook(
-        cells=[nbformat.v4.new_code_cell("kvlib_params = None", metadata={"tags": ["parameters"]}),
-               nbformat.v4.new_code_cell(textwrap.dedent(EVAL_CODE))],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}),
-        repo / "notebooks" / "01_eval.ipynb")
+    repo = _eval_repo(tmp_path)
     (repo / "params" / PROFILE / "01_eval.yaml").write_text("n: 200\ndelay: 0.2\n")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(kvlib=KVLIB_ROOT, repo=str(repo)))

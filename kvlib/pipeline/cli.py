@@ -64,38 +64,34 @@ def _project_dirs(args: argparse.Namespace) -> None:
                          f"repository, or write the notebooks and profiles of this kvlib here with `kvlib init .`")
 
 
+def _add_profile_run_args(parser: argparse.ArgumentParser) -> None:
+    """The options `kvlib reproduce` and `kvlib verify` share (read back by `_profile_run_args`)."""
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--only", action="append", help="notebook name (repeatable), e.g. 01_synthetic_data")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--params-dir", default="params")
+    parser.add_argument("--notebooks", default="notebooks")
+
+
+def _profile_run_args(args: argparse.Namespace) -> dict:
+    """The options `kvlib reproduce` and `kvlib verify` share, as run_profile / verify_profile arguments."""
+    return {"only": args.only, "results_root": Path(args.results), "params_root": Path(args.params_dir),
+            "notebooks_dir": Path(args.notebooks), "force": args.force, "lock": not args.concurrent}
+
+
 def _reproduce(args: argparse.Namespace) -> int:
 
     _project_dirs(args)
     with reproduce.sigterm_as_interrupt():  # a session ending: the running attempt is timed, as on Ctrl-C
-        return reproduce.run_profile(
-            args.profile,
-            only=args.only,
-            results_root=Path(args.results),
-            params_root=Path(args.params_dir),
-            notebooks_dir=Path(args.notebooks),
-            force=args.force,
-            dry_run=args.dry_run,
-            lock=not args.concurrent,
-            model=args.model,
-            sets=args.set or (),
-        )
+        return reproduce.run_profile(args.profile, **_profile_run_args(args), dry_run=args.dry_run,
+                                     model=args.model, sets=args.set or ())
 
 
 def _verify(args: argparse.Namespace) -> int:
 
     _project_dirs(args)
     with reproduce.sigterm_as_interrupt():
-        return verify.verify_profile(
-            args.profile,
-            only=args.only,
-            results_root=Path(args.results),
-            params_root=Path(args.params_dir),
-            notebooks_dir=Path(args.notebooks),
-            force=args.force,
-            update=args.update,
-            lock=not args.concurrent,
-        )
+        return verify.verify_profile(args.profile, **_profile_run_args(args), update=args.update)
 
 
 def _map(args: argparse.Namespace) -> int:
@@ -173,11 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     oft.set_defaults(func=_openai_finetune)
 
     rep = sub.add_parser("reproduce", help="run the notebooks of a profile with papermill into results/")
-    rep.add_argument("--profile", required=True)
-    rep.add_argument("--only", action="append", help="notebook name (repeatable), e.g. 01_synthetic_data")
-    rep.add_argument("--results", default="results")
-    rep.add_argument("--params-dir", default="params")
-    rep.add_argument("--notebooks", default="notebooks")
+    _add_profile_run_args(rep)
     rep.add_argument("--model", metavar="SPEC",
                      help="run the profile with this base model, finetuned and compared in place of the profile's: a "
                           "Hugging Face hub id, a local checkpoint directory, the embedded model, or "
@@ -197,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="run a profile again into results/.verify/<profile>/ and compare with its "
                                          "committed results (tables, claims, figures)")
-    ver.add_argument("--profile", required=True)
-    ver.add_argument("--only", action="append", help="notebook name (repeatable)")
-    ver.add_argument("--results", default="results")
-    ver.add_argument("--params-dir", default="params")
-    ver.add_argument("--notebooks", default="notebooks")
+    _add_profile_run_args(ver)
     ver.add_argument("--force", action="store_true",
                      help="run again even what an earlier verify regenerated with the same params, code and inputs")
     ver.add_argument("--update", action="store_true",
