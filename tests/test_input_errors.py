@@ -68,6 +68,18 @@ def test_cli_reports_a_broken_params_file_in_one_line(tmp_path, capsys, monkeypa
     assert not (tmp_path / "results").exists()
 
 
+def test_an_interrupted_command_ends_with_one_line_and_status_130(capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM, which `kvlib reproduce` turns into one) ends the CLI with one line saying how to resume,
+    not a traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(cli.reproduce, "run_profile", interrupted)
+    monkeypatch.chdir(ROOT)
+    assert cli.main(["reproduce", "--profile", "smoke"]) == 130
+    assert _one_line_error(capsys, "reproduce").endswith("run the same command again to resume")
+
+
 # ----------------------------------------------------------------------------------- models and --params-dir
 
 

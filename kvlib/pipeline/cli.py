@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines() or [""]:
             print(f"kvlib {args.command}: {kind}{line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under `kvlib reproduce`/`verify` (a session ending)
+        print(f"kvlib {args.command}: interrupted; finished work is kept (results, trained checkpoints, cached "
+              f"answers): run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
