@@ -501,7 +501,7 @@ def _apply_set(params: dict[str, dict], profile: str, text: str, changes: list[s
     changes.append(f"{name}.{'.'.join(keys)}: {_show(old)} -> {_show(value)} (--set)")
 
 
-def apply_overrides(profile: str, params: Mapping[str, Any], overrides: Overrides, params_root_value: str,
+def apply_overrides(profile: str, params: Mapping[str, Any], overrides: Overrides,
                     slug: str) -> tuple[dict[str, dict], list[str]]:
     """The profile's params (notebook -> data, as loaded) with `overrides` applied, and what changed: the base model
     replaced (`_replace_base_model`), generated data and trained models moved under <dir>/variants/<slug>/, then
@@ -563,7 +563,7 @@ def plan_run(profile: str, only: list[str] | None, params_root: Path, notebooks_
         value = derived.relative_to(repo_root).as_posix()
     except ValueError:
         value = derived.as_posix()
-    params, changes = apply_overrides(profile, loaded, overrides, value, slug)
+    params, changes = apply_overrides(profile, loaded, overrides, slug)
     variant = ProfileVariant(profile, base, model, slug, overrides, params, changes, derived, value)
     jobs, errors = [], []
     with params_overlay(variant.planned_files()):
