@@ -66,7 +66,7 @@ reproduce: data
 
 bench: $(TEST_STAMP)
 	@if [ -z "$(BENCHES)" ]; then echo "no benchmarks/bench_*.py found"; exit 1; fi
-	@set -e; for b in $(BENCHES); do echo "== $$b"; $(VENV_PY) $$b; done
+	@set -e; for b in $(BENCHES); do echo "== $$b"; $(VENV_PY) $$b --update README.md; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,8 +20,11 @@ prefill measured op by op: the linear layers' achieved GFLOP/s against the rate 
 alone in this run, and attention's. Goals: >= 1.6x with identical float32 answers; >= 2.5x in bfloat16 with
 >= 97% of answers equal to float32's; decoding <= 30 ms per new token per prompt in float32.
 
-    python benchmarks/bench_eval.py [--quick] [--questions 1] [--positions 1,5,10,15,20] [--documents 20]
-                                    [--new-tokens 32] [--batch-size 8] [--threads N] [--llama]
+With --update README.md the same results, as Markdown, replace the README's benchmark section (between its
+`bench_eval` markers): `make bench` does that.
+
+    python benchmarks/bench_eval.py [--quick] [--questions 4] [--positions 1,5,10,15,20] [--documents 20]
+                                    [--new-tokens 32] [--batch-size 8] [--threads N] [--llama] [--update README.md]
 """
 from __future__ import annotations
 
@@ -32,17 +35,10 @@ from typing import Any
 import torch
 
 from kvlib.engine import models
-from kvlib.engine.backends import (
-    HFBackend,
-    OpenAIChatBackend,
-    _KVCache,
-    _kvlib_attention,
-    _Layout,
-    cpu_bf16_speedup,
-    cpu_supports_bf16,
-)
+from kvlib.engine.backends import HFBackend, OpenAIChatBackend, _KVCache, _kvlib_attention, _Layout, cpu_supports_bf16
 from kvlib.tasks import mdqa
 from kvlib.tasks.mdqa import MDQA_ANSWER_END
+from readme_section import add_update_option, check, write
 
 
 def mdqa_prompts(n: int, documents: int, positions: list[int]) -> list[list[str]]:
@@ -176,10 +172,63 @@ def prefill_breakdown(backend: HFBackend, prompt: str) -> dict:
             "attention_gflops": attention_flop / attention_s / 1e9}
 
 
+def bf16_gemm_speedup(size: int = 1024) -> float:
+    """float32 time / bfloat16 time of one (size x size) linear layer here: printed beside the results, read by
+    nothing (kvlib's numerics are the params' dtype, whatever this says)."""
+    return gemm_rate(size, size, size, torch.bfloat16, repeats=5) / gemm_rate(size, size, size, torch.float32, repeats=5)
+
+
+def summarize(results: dict[str, dict], n_prompts: int) -> tuple[list[dict], list[str]]:
+    """One row per configuration (ratios against the baseline, answers against float32) and the goal lines."""
+    base, float32_all = results[CONFIGS[0][0]], results[ALL_FLOAT32]
+    rows = []
+    for label, dtype, *_ in CONFIGS:
+        r = results[label]
+        reference = base if dtype == "float32" else float32_all
+        rows.append({"configuration": label, "dtype": dtype, "wall_s": r["seconds"],
+                     "s_per_prompt": r["seconds"] / n_prompts, "speedup": base["seconds"] / r["seconds"],
+                     "cpu_speedup": base["cpu_s"] / r["cpu_s"],
+                     "same": sum(a == b for a, b in zip(r["answers"], reference["answers"])),
+                     "decode_ms": 1e3 * r["decode_s"] / r["decode_rows"] if r["decode_rows"] else float("nan")})
+    best = max((r for r in rows if r["dtype"] == "float32"), key=lambda r: r["speedup"])
+    identical = sum(a == b for a, b in zip(float32_all["answers"], base["answers"]))
+    goals = [f"float32, all levers vs baseline: {base['seconds'] / float32_all['seconds']:.2f}x "
+             f"({best['speedup']:.2f}x at best), {identical}/{n_prompts} answers identical (goal >= 1.6x, all identical)"]
+    bf16 = next((results[c[0]] for c in CONFIGS if c[1] == "bfloat16"), None)
+    if bf16 is not None:
+        agree = sum(a == b for a, b in zip(bf16["answers"], float32_all["answers"])) / n_prompts
+        goals.append(f"bfloat16, all levers vs baseline: {base['seconds'] / bf16['seconds']:.2f}x, "
+                     f"{agree:.0%} of answers equal to float32's (goal >= 2.5x, >= 97%)")
+    for label in (ALL_FLOAT32, ONE_THREAD[0]):
+        if label in results and results[label]["decode_rows"]:
+            r = results[label]
+            goals.append(f"{label}: decoding {1e3 * r['decode_s'] / r['decode_rows']:.1f} ms per new token per "
+                         f"prompt (goal <= 30)")
+    return rows, goals
+
+
+def prefill_line(b: dict, dtype: str) -> str:
+    return (f"prefill of one {b['tokens']}-token prompt, {dtype}: {b['total_s']:.2f} s; linear layers "
+            f"{b['linear_s']:.2f} s at {b['linear_gflops']:.1f} GFLOP/s (the same GEMMs alone: "
+            f"{b['gemm_gflops']:.1f} GFLOP/s, {b['linear_gflops'] / b['gemm_gflops']:.0%}); attention "
+            f"{b['attention_s']:.2f} s at {b['attention_gflops']:.1f} GFLOP/s")
+
+
+def markdown(setup: str, rows: list[dict], n_prompts: int, notes: list[str]) -> str:
+    """The README section: what was run, the table, the goal and prefill lines."""
+    lines = [setup, "", "| configuration | wall s | s per prompt | vs baseline (wall) | vs baseline (CPU time) | "
+             "answers same as float32 | decode ms per new token |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        decode = "" if r["decode_ms"] != r["decode_ms"] else f"{r['decode_ms']:.1f}"
+        lines.append(f"| {r['configuration']} | {r['wall_s']:.1f} | {r['s_per_prompt']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['cpu_speedup']:.2f}x | {r['same']}/{n_prompts} | {decode} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one question, 10 documents, 3 gold positions")
-    parser.add_argument("--questions", type=int, default=1)
+    parser.add_argument("--questions", type=int, default=4, help="MDQA questions, each asked at every position")
     parser.add_argument("--positions", default="1,5,10,15,20", help="gold positions, comma-separated")
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -187,9 +236,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--llama", action="store_true", help="also time the llama.cpp server (Q4_1 GGUF)")
     parser.add_argument("--no-bf16", action="store_true", help="skip bfloat16 (emulated, slow, on CPUs without it)")
+    add_update_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.questions, args.documents, args.positions, args.no_bf16 = 1, 10, "1,5,10", True
+    check(parser, args.update, "bench_eval")
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.get_num_threads() > 1:  # the params' threads lever, when the run has more than one
@@ -200,24 +251,22 @@ def main() -> None:
     prompts = [p for ps in questions for p in ps]
     counter = HFBackend(models.DEFAULT_MODEL, dtype="float32", progress=False)
     prompt_tokens = sum(counter.prompt_lengths(prompts))
-    print(f"{len(prompts)} MDQA prompts ({len(questions)} questions x gold positions {args.positions}), "
-          f"{args.documents} documents, {prompt_tokens / len(prompts):.0f} prompt tokens each (embedded model), "
-          f"<= {args.new_tokens} new tokens, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"CPU native bf16: {cpu_supports_bf16()}, bf16 matmul speed-up here: {cpu_bf16_speedup():.2f}x", flush=True)
+    setup = (f"{len(prompts)} MDQA prompts ({len(questions)} questions x gold positions {args.positions}), "
+             f"{args.documents} documents, {prompt_tokens / len(prompts):.0f} prompt tokens each (embedded model), "
+             f"<= {args.new_tokens} new tokens, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}, CPU native bf16: {cpu_supports_bf16()}, bf16 GEMM speed-up here: "
+             f"{bf16_gemm_speedup():.2f}x")
+    print(setup, flush=True)
 
     results = run_configs(questions, args.new_tokens, args.batch_size)
-    base = results[CONFIGS[0][0]]
-    float32_all = results[ALL_FLOAT32]
+    rows, goals = summarize(results, len(prompts))
     print(f"\n{'configuration':44s} {'wall s':>7s} {'s/prompt':>8s} {'vs base':>8s} {'CPU s':>7s} {'vs base':>8s} "
           f"{'same as base':>12s} {'decode ms/tok':>13s}")
-    for label, dtype, *_ in CONFIGS:
-        r = results[label]
-        same = sum(a == b for a, b in zip(r["answers"], (base if dtype == "float32" else float32_all)["answers"]))
-        per_token = 1e3 * r["decode_s"] / r["decode_rows"] if r["decode_rows"] else float("nan")
+    for r, (label, dtype, *_) in zip(rows, CONFIGS):
         compared = "" if dtype == "float32" else " (vs float32)"
-        print(f"{label:44s} {r['seconds']:7.1f} {r['seconds'] / len(prompts):8.2f} "
-              f"{base['seconds'] / r['seconds']:7.2f}x {r['cpu_s']:7.1f} {base['cpu_s'] / r['cpu_s']:7.2f}x "
-              f"{same:>5d}/{len(prompts):<3d}{compared:14s} {per_token:10.1f}")
+        print(f"{label:44s} {r['wall_s']:7.1f} {r['s_per_prompt']:8.2f} {r['speedup']:7.2f}x "
+              f"{results[label]['cpu_s']:7.1f} {r['cpu_speedup']:7.2f}x "
+              f"{r['same']:>5d}/{len(prompts):<3d}{compared:14s} {r['decode_ms']:10.1f}")
     if args.llama:
         from kvlib.engine.servers import LlamaServer
 
@@ -227,34 +276,19 @@ def main() -> None:
             start = time.perf_counter()
             answers = backend.generate(prompts, args.new_tokens, stop=MDQA_ANSWER_END)
             seconds = time.perf_counter() - start
-        same = sum(a == b for a, b in zip(answers, float32_all["answers"]))
-        print(f"{'llama.cpp server (Q4_1 GGUF), one at a time':44s} {seconds:7.1f} {seconds / len(prompts):8.2f} "
-              f"{base['seconds'] / seconds:7.2f}x {'':7s} {'':8s} {same:>5d}/{len(prompts):<3d}(vs float32)")
-
-    best = min((results[c[0]] for c in CONFIGS if c[1] == "float32"), key=lambda r: r["seconds"])
-    print(f"\nfloat32, all levers vs baseline: {base['seconds'] / float32_all['seconds']:.2f}x "
-          f"({base['seconds'] / best['seconds']:.2f}x at best), "
-          f"{sum(a == b for a, b in zip(float32_all['answers'], base['answers']))}/{len(prompts)} answers identical "
-          f"(goal >= 1.6x, all identical)")
-    bf16 = next((results[c[0]] for c in CONFIGS if c[1] == "bfloat16"), None)
-    if bf16 is not None:
-        agree = sum(a == b for a, b in zip(bf16["answers"], float32_all["answers"])) / len(prompts)
-        print(f"bfloat16, all levers vs baseline: {base['seconds'] / bf16['seconds']:.2f}x, "
-              f"{agree:.0%} of answers equal to float32's (goal >= 2.5x, >= 97%)")
-    for label in (ALL_FLOAT32, ONE_THREAD[0]):
-        if label in results and results[label]["decode_rows"]:
-            r = results[label]
-            print(f"{label}: decoding {1e3 * r['decode_s'] / r['decode_rows']:.1f} ms per new token per prompt "
-                  f"(goal <= 30)")
-
+        same = sum(a == b for a, b in zip(answers, results[ALL_FLOAT32]["answers"]))
+        base_s = results[CONFIGS[0][0]]["seconds"]
+        goals.append(f"llama.cpp server (Q4_1 GGUF), one at a time: {seconds:.1f} s, {base_s / seconds:.2f}x, "
+                     f"{same}/{len(prompts)} answers equal to float32's")
+    print()
+    for line in goals:
+        print(line)
     for dtype in sorted({c[1] for c in CONFIGS}, reverse=True):  # float32 first
         backend = HFBackend(models.DEFAULT_MODEL, dtype=dtype, progress=False)
-        b = prefill_breakdown(backend, prompts[0])
-        print(f"prefill of one {b['tokens']}-token prompt, {dtype}: {b['total_s']:.2f} s; linear layers "
-              f"{b['linear_s']:.2f} s at {b['linear_gflops']:.1f} GFLOP/s (the same GEMMs alone: "
-              f"{b['gemm_gflops']:.1f} GFLOP/s, {b['linear_gflops'] / b['gemm_gflops']:.0%}); attention "
-              f"{b['attention_s']:.2f} s at {b['attention_gflops']:.1f} GFLOP/s")
+        goals.append(prefill_line(prefill_breakdown(backend, prompts[0]), dtype))
+        print(goals[-1], flush=True)
         del backend
+    write(args.update, "bench_eval", markdown(setup, rows, len(prompts), goals))
 
 
 if __name__ == "__main__":

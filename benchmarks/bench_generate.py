@@ -18,6 +18,7 @@ import time
 
 from kvlib.tasks import synthetic as gen
 from kvlib.engine.models import DEFAULT_MODEL, load_token_counter, load_tokenizer
+from readme_section import add_update_option, check, text_block, write
 
 
 def naive_generate(cfg: gen.GenerationConfig, n: int, tokenizer, seed: int) -> list[tuple[str, str]]:
@@ -60,7 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="samples per timed run")
     parser.add_argument("--repeats", type=int, default=3)
+    add_update_option(parser)
     args = parser.parse_args()
+    check(parser, args.update, "bench_generate")
 
     cfg = gen.GenerationConfig(n_train=args.n, n_eval=0, tokenizer=DEFAULT_MODEL)  # the paper config
     tokenizer = load_tokenizer(DEFAULT_MODEL)
@@ -70,12 +73,13 @@ def main() -> None:
 
     naive = best_rate(lambda: naive_generate(cfg, args.n, tokenizer, 0), args.n, args.repeats)
     ours = best_rate(lambda: gen.generate_split(cfg, "train", args.n, counter.count), args.n, args.repeats)
-    print(f"paper config: {cfg.num_dicts} dictionaries, <= {cfg.max_tokens} tokens, tokenizer {DEFAULT_MODEL}, "
-          f"{args.n} samples, best of {args.repeats}")
-    print(f"baseline (official recipe, straightforward): {naive:8.1f} samples/s")
-    print(f"kvlib.tasks.synthetic:                              {ours:8.1f} samples/s")
-    print(f"ratio kvlib / baseline: {ours / naive:.2f}x (target >= 2x)")
-
+    lines = [f"paper config: {cfg.num_dicts} dictionaries, <= {cfg.max_tokens} tokens, tokenizer {DEFAULT_MODEL}, "
+             f"{args.n} samples, best of {args.repeats}",
+             f"baseline (official recipe, straightforward): {naive:8.1f} samples/s",
+             f"kvlib.tasks.synthetic:                       {ours:8.1f} samples/s",
+             f"ratio kvlib / baseline: {ours / naive:.2f}x (target >= 2x)"]
+    print("\n".join(lines))
+    write(args.update, "bench_generate", text_block(lines))
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ from kvlib.tasks import synthetic as gen
 from kvlib.engine import models
 from kvlib.engine import train
 from kvlib.engine.config import from_mapping
+from readme_section import add_update_option, check, text_block, write
 
 
 class StepTimer(TrainerCallback):
@@ -85,7 +86,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    add_update_option(parser)
     args = parser.parse_args()
+    check(parser, args.update, "bench_train")
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     torch.manual_seed(0)
@@ -99,17 +102,17 @@ def main() -> None:
                 time_kvlib(train_file, Path(tmp) / f"run-{precision}", args.steps, precision)[args.warmup:])
     auto = train.resolve_precision("auto", torch.cuda.is_available())
     baseline = medians["bare loop, fp32"]
-    print(f"embedded model, ~{args.tokens}-token samples, batch 1, median of {args.steps - args.warmup} timed "
-          f"steps, {torch.get_num_threads()} threads")
-    print(f"{'':26s} {'s/step':>7s} {'vs bare fp32':>13s}")
-    for label, seconds in medians.items():
-        print(f"{label:26s} {seconds:7.2f} {baseline / seconds:12.2f}x")
+    lines = [f"embedded model, ~{args.tokens}-token samples, batch 1, median of {args.steps - args.warmup} timed "
+             f"steps, {torch.get_num_threads()} threads, torch {torch.__version__}",
+             f"{'':26s} {'s/step':>7s} {'vs bare fp32':>13s}"]
+    lines += [f"{label:26s} {seconds:7.2f} {baseline / seconds:12.2f}x" for label, seconds in medians.items()]
     for precision in ("fp32", "bf16"):
         overhead = medians[f"kvlib train, {precision}"] / medians[f"bare loop, {precision}"] - 1
-        print(f"kvlib overhead over the bare loop, {precision}: {100 * overhead:+.1f}% (target <= +15%)")
-    print(f"precision auto picks {auto} here: kvlib train {baseline / medians[f'kvlib train, {auto}']:.2f}x "
-          f"the bare fp32 loop")
-
+        lines.append(f"kvlib overhead over the bare loop, {precision}: {100 * overhead:+.1f}% (target <= +15%)")
+    lines.append(f"precision auto picks {auto} here: kvlib train {baseline / medians[f'kvlib train, {auto}']:.2f}x "
+                 f"the bare fp32 loop")
+    print("\n".join(lines))
+    write(args.update, "bench_train", text_block(lines))
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, Union, runtime_checkable
@@ -318,28 +317,6 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
         if key.strip() == "flags" and _CPU_BF16_FLAGS & set(value.split()):
             return True
     return False
-
-
-def cpu_bf16_speedup(size: int = 1024, repeats: int = 5) -> float:
-    """float32 time / bfloat16 time of a (size x size) linear layer on this CPU: a figure benchmarks print
-    beside their results. Nothing in kvlib decides anything by it: a timing differs from run to run and from
-    host to host, and numerics must not (the dtype is the params' `dtype`, see resolve_eval_dtype). On one
-    host of this project bf16 prefill was 2x faster than float32, on another (same flags, no AMX) 1.7x slower."""
-
-    x = torch.randn(size, size)
-    w = torch.randn(size, size)
-    timings = {}
-    with torch.inference_mode():
-        for dt in (torch.float32, torch.bfloat16):
-            a, b = x.to(dt), w.to(dt)
-            torch.nn.functional.linear(a, b)  # warm-up (kernel selection, caches)
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                torch.nn.functional.linear(a, b)
-                best = min(best, time.perf_counter() - start)
-            timings[dt] = best
-    return timings[torch.float32] / timings[torch.bfloat16]
 
 
 def resolve_eval_dtype(device: str | None = None, dtype: str = "auto") -> str:

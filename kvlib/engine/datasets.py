@@ -33,6 +33,7 @@ import requests
 import yaml
 
 from kvlib.engine.data import data_dir_for_writing, resolve_data_dir
+from kvlib.engine.io import marked_block, replace_marked_block
 
 REGISTRY_FILE = Path(__file__).with_name("datasets.yaml")
 MIRROR_ENV = "KVLIB_DATA_MIRROR"
@@ -574,21 +575,15 @@ def registry_table(registry: Mapping[str, Dataset] | None = None) -> str:
 
 def update_readme(readme: str | Path, registry: Mapping[str, Dataset] | None = None) -> bool:
     """Rewrite the registry table between the markers of `readme`; returns whether the file changed."""
-    readme = Path(readme)
-    text = readme.read_text(encoding="utf-8")
-    if TABLE_START not in text or TABLE_END not in text:
-        raise DataError(f"{readme}: add the lines {TABLE_START} and {TABLE_END} where the data table belongs")
-    head, rest = text.split(TABLE_START, 1)
-    new = f"{head}{TABLE_START}\n{registry_table(registry)}{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
-    if new != text:
-        readme.write_text(new, encoding="utf-8")
-    return new != text
+    try:
+        return replace_marked_block(readme, TABLE_START, TABLE_END, registry_table(registry))
+    except (OSError, ValueError) as exc:
+        raise DataError(str(exc)) from None
 
 
 def readme_block(readme: str | Path) -> str:
     """The text between the registry markers of `readme` (what update_readme writes)."""
-    text = Path(readme).read_text(encoding="utf-8")
-    return text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].removeprefix("\n")
+    return marked_block(readme, TABLE_START, TABLE_END)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -67,3 +67,25 @@ def file_sha256(path: str | Path) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+
+def replace_marked_block(path: str | Path, start: str, end: str, body: str) -> bool:
+    """Replace the text between the marker lines `start` and `end` of the file at `path` with `body` (generated
+    README sections: the data table, the reproduction maps, the benchmark table); returns whether the file
+    changed. The markers must already be there: where a section belongs is the author's choice. Raises
+    FileNotFoundError or ValueError, which callers turn into their own one-line errors."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        raise ValueError(f"{path}: no markers; add the lines `{start}` and `{end}` where the section belongs")
+    head, rest = text.split(start, 1)
+    new = f"{head}{start}\n{body}{end}{rest.split(end, 1)[1]}"
+    if new != text:
+        atomic_write_text(path, new)
+    return new != text
+
+
+def marked_block(path: str | Path, start: str, end: str) -> str:
+    """The text between the marker lines `start` and `end` of the file at `path` (what replace_marked_block wrote)."""
+    return Path(path).read_text(encoding="utf-8").split(start, 1)[1].split(end, 1)[0].removeprefix("\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kvlib.engine.config import InputError
-from kvlib.engine.io import atomic_write_text, dumps_json
+from kvlib.engine.io import atomic_write_text, dumps_json, replace_marked_block
 from kvlib.engine.models import DEFAULT_MODEL
 from kvlib.pipeline.manifest import (
     MANIFEST_FILE,
@@ -381,20 +381,19 @@ def update_readme_map(readme: str | Path, profile: str, results_root: str | Path
     readme = Path(readme)
     if not readme.is_file():
         raise InputError(f"{readme}: file not found (--update names the README that holds the map)")
-    text = readme.read_text(encoding="utf-8")
     start, end = MAP_START.format(profile=profile), MAP_END.format(profile=profile)
-    if start not in text or end not in text:
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:  # checked before the index is rewritten
         raise InputError(f"{readme}: no markers for the {profile} map; add the lines `{start}` and `{end}` where "
                          f"it belongs")
     out_dir = Path(results_root) / profile
     if (out_dir / MANIFEST_FILE).is_file():  # the claims figure and index.html from the manifest, no model run
         write_index(out_dir, Path(params_root), notebooks_dir=Path(notebooks_dir))
     section = readme_map_section(profile, results_root, params_root, readme.parent, notebooks_dir)
-    head, rest = text.split(start, 1)
-    new = f"{head}{start}\n{section}{end}{rest.split(end, 1)[1]}"
-    if new != text:
-        readme.write_text(new, encoding="utf-8")
-    return new != text
+    try:
+        return replace_marked_block(readme, start, end, section)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def write_index(out_dir: Path, params_root: Path = Path("params"), manifest: dict | None = None,
