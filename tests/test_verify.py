@@ -42,7 +42,15 @@ def write(path: Path, text: str | bytes) -> Path:
                                             "column 'a': 'x' then, 'z' now)"),
     ("a,b\nx,1\n", "a,b\nx,1\ny,2\n", "differs", "differs (4 of 4 cells; 2x2 cells then, 3x2 now)"),
     ("a,b\nx,1.0\n", "a,b\nx,1.000001\n", "differs", None),  # 1e-6 relative: outside 1e-9
-], ids=["identical", "float-noise", "relative", "nan", "value", "text", "shape", "outside-tolerance"])
+    # a column added: the shared columns are compared by name
+    ("a,b\nx,1\ny,2\n", "a,c,b\nx,q,1\ny,r,2\n", "columns changed",
+     "columns changed (columns added now: c; the 2 shared columns: equal)"),
+    ("a,b,d\nx,1,5\ny,2,6\n", "b,a\n1,x\n2.5,y\n", "columns changed",
+     "columns changed (columns removed: d; the 2 shared columns: 1 of 6 cells differ, largest absolute difference "
+     "0.5, first at row 2, column 'b': '2' then, '2.5' now)"),
+    ("a,b\nx,1\n", "a,c\nx,1\ny,2\n", "differs", "differs (4 of 4 cells; 2x2 cells then, 3x2 now)"),  # rows differ
+], ids=["identical", "float-noise", "relative", "nan", "value", "text", "shape", "outside-tolerance",
+        "column-added", "column-removed-and-value", "columns-and-rows"])
 def test_tables_are_compared_cell_by_cell_with_a_relative_tolerance(tmp_path, then, now, status, describe):
     result = verify.compare_tables("t.csv", write(tmp_path / "a.csv", then), write(tmp_path / "b.csv", now))
     assert result.status == status

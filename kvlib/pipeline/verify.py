@@ -57,7 +57,7 @@ TEXT_SUFFIXES = (".ipynb", ".html", ".md", ".tex", ".json", ".csv", ".txt")
 @dataclass
 class TableComparison:
     name: str  # path relative to the results folder
-    status: str  # identical | within tolerance | differs | missing now | new now
+    status: str  # identical | within tolerance | columns changed | differs | missing now | new now
     max_abs_diff: float | None = None
     cells: int = 0
     cells_differing: int = 0
@@ -71,6 +71,8 @@ class TableComparison:
         if self.status == "differs":
             largest = "" if self.max_abs_diff is None else f"; largest absolute difference {self.max_abs_diff:.6g}"
             return f"differs ({self.cells_differing} of {self.cells} cells{largest}; {self.first})"
+        if self.status == "columns changed":
+            return f"columns changed ({self.first})"
         return self.status
 
 
@@ -106,24 +108,10 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= ABS_TOL + REL_TOL * max(abs(a), abs(b))
 
 
-def compare_tables(name: str, then: Path, now: Path) -> TableComparison:
-    """One CSV of the committed results (`then`) against the regenerated one (`now`)."""
-    if not now.is_file():
-        return TableComparison(name, "missing now")
-    if not then.is_file():
-        return TableComparison(name, "new now")
-    a_bytes, b_bytes = then.read_bytes(), now.read_bytes()
-    a = list(csv.reader(io.StringIO(a_bytes.decode("utf-8"))))
-    b = list(csv.reader(io.StringIO(b_bytes.decode("utf-8"))))
-    cells = sum(len(r) for r in a)
-    if a_bytes == b_bytes:
-        return TableComparison(name, "identical", 0.0, cells)
-    shape_a, shape_b = (len(a), max(map(len, a), default=0)), (len(b), max(map(len, b), default=0))
-    if shape_a != shape_b:
-        return TableComparison(name, "differs", None, cells, cells,
-                               f"{shape_a[0]}x{shape_a[1]} cells then, {shape_b[0]}x{shape_b[1]} now")
+def _compare_cells(a: list[list[str]], b: list[list[str]], header: list[str]) -> tuple[int, float, str]:
+    """(cells differing beyond the tolerance, largest absolute numeric difference, where it first differs) of two
+    tables of the same shape; `header` names the columns (row 0 of both)."""
     largest, differing, first = 0.0, 0, ""
-    header = a[0] if a else []
     for i, (row_a, row_b) in enumerate(zip(a, b)):
         for j, (x, y) in enumerate(zip(row_a, row_b)):
             if x == y:
@@ -138,6 +126,54 @@ def compare_tables(name: str, then: Path, now: Path) -> TableComparison:
             if not first:
                 column = header[j] if i > 0 and j < len(header) else str(j + 1)
                 first = f"first at row {i}, column {column!r}: {x!r} then, {y!r} now"
+    return differing, largest, first
+
+
+def _shared_columns(a: list[list[str]], b: list[list[str]]) -> tuple[list[list[str]], list[list[str]], str] | None:
+    """Both tables cut to the columns they share, in the committed order, and a note of the columns added and
+    removed; None when the header is not a set of distinct names or the row counts differ (nothing to align)."""
+    head_a, head_b = a[0], b[0]
+    if len(a) != len(b) or len(set(head_a)) != len(head_a) or len(set(head_b)) != len(head_b):
+        return None
+    shared = [c for c in head_a if c in head_b]
+    if not shared:
+        return None
+    ia, ib = [head_a.index(c) for c in shared], [head_b.index(c) for c in shared]
+    if any(len(r) != len(head_a) for r in a) or any(len(r) != len(head_b) for r in b):
+        return None
+    added, removed = [c for c in head_b if c not in head_a], [c for c in head_a if c not in head_b]
+    note = "; ".join(part for part in (f"columns added now: {', '.join(added)}" if added else "",
+                                       f"columns removed: {', '.join(removed)}" if removed else "") if part)
+    return [[r[i] for i in ia] for r in a], [[r[i] for i in ib] for r in b], note or "columns reordered"
+
+
+def compare_tables(name: str, then: Path, now: Path) -> TableComparison:
+    """One CSV of the committed results (`then`) against the regenerated one (`now`). Tables whose columns changed
+    (added, removed, reordered) but whose rows line up are compared on their shared columns ("columns changed")."""
+    if not now.is_file():
+        return TableComparison(name, "missing now")
+    if not then.is_file():
+        return TableComparison(name, "new now")
+    a_bytes, b_bytes = then.read_bytes(), now.read_bytes()
+    a = list(csv.reader(io.StringIO(a_bytes.decode("utf-8"))))
+    b = list(csv.reader(io.StringIO(b_bytes.decode("utf-8"))))
+    cells = sum(len(r) for r in a)
+    if a_bytes == b_bytes:
+        return TableComparison(name, "identical", 0.0, cells)
+    shape_a, shape_b = (len(a), max(map(len, a), default=0)), (len(b), max(map(len, b), default=0))
+    if a and b and a[0] != b[0]:
+        shared = _shared_columns(a, b)
+        if shared is not None:
+            sa, sb, note = shared
+            differing, largest, first = _compare_cells(sa, sb, sa[0])
+            values = (f"the {len(sa[0])} shared columns: " + ("equal" if not differing else
+                      f"{differing} of {sum(len(r) for r in sa)} cells differ, largest absolute difference "
+                      f"{largest:.6g}, {first}"))
+            return TableComparison(name, "columns changed", largest, cells, differing, f"{note}; {values}")
+    if shape_a != shape_b:
+        return TableComparison(name, "differs", None, cells, cells,
+                               f"{shape_a[0]}x{shape_a[1]} cells then, {shape_b[0]}x{shape_b[1]} now")
+    differing, largest, first = _compare_cells(a, b, a[0] if a else [])
     if differing:
         return TableComparison(name, "differs", largest, cells, differing, first)
     return TableComparison(name, "within tolerance", largest, cells)
@@ -195,6 +231,8 @@ def _counts(results: Sequence[NotebookComparison]) -> dict[str, int]:
         "tables identical": sum(t.status == "identical" for t in tables),
         "tables within tolerance": sum(t.status == "within tolerance" for t in tables),
         "tables differing": sum(t.status not in ("identical", "within tolerance") for t in tables),
+        "tables differing only by columns": sum(t.status == "columns changed" and not t.cells_differing
+                                                for t in tables),
         "claims same verdict": sum(c["then"] == c["now"] for c in claims),
         "claims changed": sum(c["then"] != c["now"] for c in claims),
         "figures regenerated": sum(f.startswith("regenerated") for f in figures),
@@ -205,9 +243,11 @@ def _counts(results: Sequence[NotebookComparison]) -> dict[str, int]:
 
 def summary_line(results: Sequence[NotebookComparison]) -> str:
     c = _counts(results)
+    by_columns = (f" ({c['tables differing only by columns']} of them only by added or removed columns, their shared "
+                  f"columns equal)" if c["tables differing only by columns"] else "")
     return (f"{c['notebooks matching']} of {c['notebooks']} notebooks reproduce their committed results; tables: "
             f"{c['tables identical']} identical, {c['tables within tolerance']} within tolerance, "
-            f"{c['tables differing']} differ; claims: {c['claims same verdict']} same verdict, {c['claims changed']} "
+            f"{c['tables differing']} differ{by_columns}; claims: {c['claims same verdict']} same verdict, {c['claims changed']} "
             f"changed; figures: {c['figures regenerated']} regenerated ({c['figures identical']} byte-identical), "
             f"{c['figures not regenerated']} not regenerated")
 
