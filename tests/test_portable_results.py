@@ -49,3 +49,11 @@ def test_portable_text_rewrites_machine_paths_and_nothing_else(tmp_path, monkeyp
     assert "0.123456789" in out
     assert find_absolute_paths(out, (str(repo), str(data), site_packages, str(tmp_path))) == []  # `<tmp>/...`
     assert kv_manifest.portable_text(out, repo) == out  # idempotent
+
+
+def test_committed_results_never_name_the_verify_scratch_folder():
+    """`kvlib verify --update` publishes results regenerated in results/.verify/<profile>/: every mention of that
+    scratch folder (the injected results_dir included) must name the committed folder instead."""
+    bad = [p.relative_to(ROOT).as_posix() for p in committed_results()
+           if b"results/.verify" in p.read_bytes()]
+    assert not bad, f"committed results naming the verify scratch folder: {bad[:5]}"

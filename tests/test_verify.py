@@ -164,3 +164,21 @@ def test_verify_regenerates_compares_and_updates_only_when_asked(tmp_path, monke
     assert "../../../params/tiny/01_table.yaml" in (scratch / "index.html").read_text()  # links from the scratch
     assert verify_cli(root) == 0 and verify_cli(root, "--update") == 0
     assert json.loads((out_dir(root) / "manifest.json").read_text())["notebooks"]["01_table"]["attempts"] == 3
+
+
+def test_published_copies_name_the_committed_folder_not_the_scratch(tmp_path):
+    repo = tmp_path / "repo"
+    scratch, committed = repo / "results" / verify.SCRATCH / "tiny", repo / "results" / "tiny"
+    (scratch / "01_table").mkdir(parents=True)
+    committed.mkdir(parents=True)
+    text = ("results_dir: results/.verify/tiny\n| results/.verify/tiny |\nfile results/.verify/tiny/01_table/t.csv\n"
+            "other results/.verify/tinyx stays\n")
+    for suffix in (".ipynb", ".html"):
+        (scratch / f"01_table{suffix}").write_text(text)
+    (scratch / "01_table" / "facts.json").write_text(text)
+    verify._copy_for_publish(scratch, committed, "01_table", repo)
+    expected = ("results_dir: results/tiny\n| results/tiny |\nfile results/tiny/01_table/t.csv\n"
+                "other results/.verify/tinyx stays\n")
+    assert (committed / ".01_table.running.ipynb").read_text() == expected
+    assert (committed / ".01_table.running.html").read_text() == expected
+    assert (committed / ".staging" / "01_table" / "facts.json").read_text() == expected

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,7 +319,10 @@ def _copy_for_publish(scratch: Path, committed: Path, name: str, repo_root: Path
     """Stage notebook `name` of the scratch results in the committed folder the way `run_job` stages a result
     (its folder under .staging/, the notebook and HTML under their running names), with paths that named the
     scratch folder naming the committed one."""
-    old, new = repo_relative(scratch, repo_root) + "/", repo_relative(committed, repo_root) + "/"
+    # the scratch folder's name, wherever it stands as a whole path component ("results/.verify/quick/x.csv",
+    # or the bare folder in the params table), becomes the committed folder's
+    old = re.compile(re.escape(repo_relative(scratch, repo_root)) + r"(?![\w.-])")
+    new = repo_relative(committed, repo_root)
     staging = committed / STAGING / name
     shutil.rmtree(staging, ignore_errors=True)
     if (scratch / name).is_dir():
@@ -326,13 +330,13 @@ def _copy_for_publish(scratch: Path, committed: Path, name: str, repo_root: Path
     else:
         staging.mkdir(parents=True)
     for suffix in (".ipynb", ".html"):
-        text = (scratch / f"{name}{suffix}").read_bytes().decode("utf-8").replace(old, new)
+        text = old.sub(new, (scratch / f"{name}{suffix}").read_bytes().decode("utf-8"))
         atomic_write_text(committed / f".{name}.running{suffix}", text)
     for path in staging.rglob("*"):
         if path.is_file() and path.suffix in TEXT_SUFFIXES:
             text = path.read_bytes().decode("utf-8", "surrogateescape")
-            if old in text:
-                path.write_bytes(text.replace(old, new).encode("utf-8", "surrogateescape"))
+            if old.search(text):
+                path.write_bytes(old.sub(new, text).encode("utf-8", "surrogateescape"))
 
 
 def update_committed(profile: str, scratch: Path, committed: Path, names: Sequence[str], params_root: Path,
