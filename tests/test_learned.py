@@ -287,6 +287,20 @@ def test_heldout_table_says_which_finetunes_learned():
     assert learned(0.0)[("bad", "finetuned")] is True  # threshold 0: every finetune enters
 
 
+def test_learned_check_when_every_item_agrees_and_n_is_tiny():
+    """Wilson intervals, never a point: 3 of 3 or 0 of 3 still leave most of [0, 1] open; one item decides alone."""
+    rows = [{"value": v} for v in (True, True, True)]
+    check = runs.learned_check("r", rows, 0.5)
+    assert (check["value"], check["learned"], check["reason"]) == (1.0, True, None)
+    assert 0.3 < check["ci_low"] < 0.5 and check["ci_high"] == 1.0
+    check = runs.learned_check("r", [{"value": False}] * 3, 0.5)
+    assert check["value"] == 0.0 and check["ci_low"] == 0.0 and check["ci_high"] > 0.5
+    assert check["reason"] == "held-out value accuracy 0.0% of 3 < 50%"
+    assert runs.learned_check("r", [{"value": True}], 0.5)["learned"]
+    nothing = runs.learned_check("r", [], 0.5)
+    assert nothing["n"] == 0 and not nothing["learned"] and nothing["reason"] == "no held-out prompt scored"
+
+
 # ------------------------------------------------------------------ the gate of the evaluation notebooks
 
 MODELS = {"original": {"model": "smollm2-135m-instruct"}, "s0": {"run": "a"}, "s1": {"run": "b"}, "alone": {"run": "c"}}

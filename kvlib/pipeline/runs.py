@@ -162,10 +162,9 @@ def score_heldout(params: FinetuneNotebookParams, model_spec: str, samples: Sequ
 def not_learned_reason(value: float | None, n: int, threshold: float) -> str | None:
     """Why a finetune did not learn its own task, or None when it did: its value accuracy on notebook 02's held-out
     prompts (its dataset's eval split) reaches `threshold` (02's learned_threshold). The one rule of every gate."""
-    if value is not None and value >= threshold:
-        return None
-    measured = "not measured" if value is None else f"{value:.1%} of {n}"
-    return f"held-out value accuracy {measured} < {100 * threshold:g}%"
+    if value is None:
+        return "no held-out prompt scored"
+    return None if value >= threshold else f"held-out value accuracy {value:.1%} of {n} < {100 * threshold:g}%"
 
 
 def learned_check(run: str, rows: Sequence[Mapping[str, Any]], threshold: float) -> dict:
