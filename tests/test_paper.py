@@ -348,18 +348,20 @@ def test_rejudge_recomputes_committed_claims_without_writing(monkeypatch):
 def test_fig9_is_not_tested_for_a_finetune_that_did_not_learn_its_task():
     """Transfer from a finetune that scores 0 on its own held-out task is not evidence either way: the claim says
     "not tested" with the measured accuracy, stays out of the Holm family, and the artifact verdict says so."""
+    from kvlib.pipeline.runs import not_learned_reason
     from kvlib.report import paper
 
     row = {"model": "long", "setting": "random", "delta_correct": 0.05, "ci_low": -0.03, "ci_high": 0.14,
            "p_increase": 0.1, "p_decrease": 0.9, "baseline_value": 0.3, "baseline_ci_low": 0.2,
            "baseline_ci_high": 0.4}
-    untrained = {"long": {"value": 0.0, "n": 20, "ci_low": 0.0, "ci_high": 0.16}}
-    (claim,) = paper.longer_context_claims([row], ["long"], 45, untrained, threshold=0.5)
+    judged = paper.longer_context_claims([row], ["long"], 45)
+    assert [c["verdict"] for c in judged] == ["inconclusive"] and judged[0]["family_size"] == 1
+    (claim,) = paper.mark_not_tested(judged, {"long": not_learned_reason(0.0, 20, 0.5)})
     assert claim["verdict"] == f"{paper.NOT_TESTED} (held-out value accuracy 0.0% of 20 < 50%)"
+    assert claim["family_size"] is None and math.isnan(claim["p_holm"]) and claim["ci"] == judged[0]["ci"]
     assert paper.artifact_verdict([claim["verdict"]]) == paper.NOT_TESTED
-    trained = {"long": {"value": 0.8, "n": 20, "ci_low": 0.58, "ci_high": 0.92}}
-    (claim,) = paper.longer_context_claims([row], ["long"], 45, trained, threshold=0.5)
-    assert claim["verdict"] == "inconclusive" and claim["learned_own_task"] == "80.0% of 20 held-out prompts"
+    assert not_learned_reason(0.8, 20, 0.5) is None and not_learned_reason(0.5, 20, 0.5) is None  # reaching it is enough
+    assert paper.mark_not_tested(judged, {}) == judged
 
 
 def _claims_csv_rows():

@@ -243,6 +243,59 @@ def test_full_finetune_lowers_loss_and_saves_loadable_model(chat_file, tiny_mode
 
 
 @pytest.mark.slow
+def test_accumulation_averages_the_loss_over_every_answer_token_of_the_global_batch(tiny_model, tmp_path):
+    """A global batch of 4 taken as 4 accumulated micro-batches of 1 gets the gradient of one batch of 4: that of the
+    mean cross-entropy over all answer tokens of the 4 samples, however unequal their answers (the paper's global
+    batch 16 on one device). Not the mean of per-sample means, which would weigh each token of a 2-token answer as
+    much as a 40-token answer's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    answers = ["7.", "The value of key 12 is 55.", " ".join(["long"] * 40) + ".", "No, there is none."]
+    chats = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": a}]
+             for i, a in enumerate(answers)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+
+    class Gradients(TrainerCallback):
+        grads: dict = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    def first_step(per_device: int, accumulation: int) -> dict:
+        grab = Gradients()
+        cfg = make_cfg(path, tiny_model, tmp_path / f"b{per_device}x{accumulation}", max_steps=1, max_grad_norm=1e9,
+                       per_device_batch_size=per_device, gradient_accumulation_steps=accumulation)
+        train.train(cfg, resume=False, callbacks=[grab])
+        return grab.grads
+
+    accumulated, batched = first_step(1, 4), first_step(4, 1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    losses = []  # per sample: its answer tokens' cross-entropies, masked as in training
+    for chat in chats:
+        example = train.tokenize_chat(tokenizer, chat)
+        logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+        targets = torch.tensor(example["labels"][1:])
+        keep = targets != train.IGNORE_INDEX
+        losses.append(torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none"))
+    assert len({len(x) for x in losses}) == 4, "answers of different lengths, or the test shows nothing"
+
+    def gradients(loss) -> dict:
+        model.zero_grad()
+        loss.backward(retain_graph=True)
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    token_mean = gradients(torch.cat(losses).mean())
+    sample_mean = gradients(torch.stack([x.mean() for x in losses]).mean())
+    for name, expected in token_mean.items():
+        assert torch.allclose(accumulated[name], expected, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(batched[name], expected, rtol=1e-4, atol=1e-6), name
+    assert not all(torch.allclose(sample_mean[n], g, rtol=1e-2, atol=1e-5) for n, g in token_mean.items())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
 def test_lora_trains_only_adapters_and_loads(chat_file, tiny_model, tmp_path, merge):
     from kvlib.engine import models

@@ -482,6 +482,17 @@ def fit_to_template(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> li
         return folded
 
 
+def chat_prompt_lengths(spec: str, prompts: Sequence[str]) -> list[int]:
+    """Tokens the model `spec` reads before it answers each prompt sent as the one user turn: the prompt rendered
+    by its chat template with the generation prompt (with whatever system turn the template writes by default),
+    tokenized as the evaluation backends and training do (no special tokens added to the rendered text). The
+    length a finetune's training prompts are matched to its test prompts by (kvlib.tasks.prompt_lengths)."""
+    tokenizer = load_tokenizer(spec)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
 def spm_tokenizer_alias(model_spec: str) -> str | None:
     """The offline SentencePiece tokenizer spec (e.g. `mistral-7b-v0.1`) that measures `model_spec`'s tokens
     exactly: the spec itself when it is such an alias, the alias of a known hub id, else None."""

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from kvlib.engine import evaluate
 from kvlib.engine.evaluate import group_rows
+from kvlib.engine.config import ParamError
 from kvlib.engine.io import file_sha256
 from kvlib.engine.train import LauncherConfig
 from kvlib.pipeline.notebooks import (
@@ -19,10 +20,11 @@ from kvlib.pipeline.notebooks import (
     PAPER_ROWS,
     BaselinesNotebookParams,
     baseline_slug,
+    profile_finetune_params,
     synthetic_models,
     table2_reference_rows,
 )
-from kvlib.pipeline.runs import open_model, train_run
+from kvlib.pipeline.runs import LearnedGate, open_model, ready_job, train_run
 from kvlib.report import paper
 from kvlib.tasks import flenqa, general, mdqa
 from kvlib.tasks.baseline_sets import BaselineConfig, ensure_baseline, matched_config, sample_lengths, token_counter_for
@@ -73,7 +75,9 @@ def prepare_baselines(P: BaselinesNotebookParams, reference, count_tokens=None) 
     when its directory holds the same config), checked against `reference` (kvlib.tasks.contamination: raises on any
     overlap), with its training config (the match run's recipe; out_dir keyed by the data's sha256)."""
 
-    job = P.match_job()
+    job = ready_job(profile_finetune_params(P.profile, P.params_root), P.match_job().name)  # the sweep's values
+    if job.not_trained is not None:
+        raise ParamError(f"match: run {P.match!r} has no recipe for the baselines to reuse: {job.not_trained}")
     ensure_dataset(job.data_config, job.data_dir)
     counters: dict[str, Callable] = {}
     out = {}
@@ -245,16 +249,25 @@ def table2_deltas(P: BaselinesNotebookParams, deltas: Sequence[dict]) -> list[di
 
 
 def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_deltas: Sequence[dict] = (),
-           general_deltas: Sequence[dict] = (), flenqa_rows: Sequence[dict] | None = None) -> list[dict]:
+           general_deltas: Sequence[dict] = (), flenqa_rows: Sequence[dict] | None = None,
+           gate: LearnedGate | None = None) -> list[dict]:
     """The paper's claims this notebook can check, each judged by kvlib.report.paper.judge from our paired deltas vs
     the original: synthetic finetuning improves MDQA with random distractors and FLenQA (Fig. 8, as in
     Figs. 5-7); the MDQA-finetuned baseline improves MDQA (Fig. 5's baseline curve); synthetic finetuning loses
     nothing on the general benchmarks while the baselines lose on TriviaQA and NQ-Open (Table 2). Each needs the
     original to clear the task's chance rate or floor (kvlib.report.paper.original_level; FLenQA on its balanced
     accuracy when `flenqa_rows`, the scored items, are given); the claims of each artifact are Holm-adjusted
-    together (kvlib.report.paper.holm_families)."""
+    together (kvlib.report.paper.holm_families). `gate`: the synthetic finetunes that did not learn their own task
+    were not evaluated; their claims are listed as not tested (kvlib.pipeline.runs.LearnedGate)."""
 
     synthetic = synthetic_models(P.models, P.original)  # other models are reported, not judged
+    if gate is not None:  # a placeholder difference row for each claim a finetune left out would have had
+        mdqa_deltas = [*mdqa_deltas, *gate.placeholders([{"setting": SETTING_RANDOM}])] if mdqa_deltas else []
+        flenqa_deltas = ([*flenqa_deltas, *gate.placeholders([{"style": s} for s in P.flenqa_params().styles])]
+                         if flenqa_deltas else [])
+        general_deltas = ([*general_deltas, *gate.placeholders([{"task": t, "metric": TASKS[t].headline}
+                                                                 for t in P.general_params().tasks])]
+                          if general_deltas else [])
     kinds = {label: spec["kind"] for label, spec in P.baselines.items()}
     out = []
     for d in mdqa_deltas:
@@ -278,4 +291,4 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
                     for row in paper.judge_general("table2", f"the {PAPER_ROWS[kind]} baseline loses on "
                                                              f"{TASKS[d['task']].title}", d, "decrease", general_deltas,
                                                    TASKS[d["task"]].floor_metric)]
-    return paper.holm_families(out)
+    return paper.mark_not_tested(out, {} if gate is None else gate.reasons())

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import kvlib
 from kvlib.engine import openai_ft, resources, train
-from kvlib.engine.config import InputError, ParamError
-from kvlib.pipeline import data_needs, plan, rejudge, repro_map, reproduce, verify
+from kvlib.engine.config import InputError, ParamError, from_mapping
+from kvlib.pipeline import data_needs, notebooks, plan, rejudge, repro_map, reproduce, verify
+from kvlib.tasks import prompt_lengths
 from kvlib.tasks import synthetic as generate
 
 
@@ -117,6 +118,28 @@ def _rejudge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_lengths(args: argparse.Namespace) -> int:
+
+    datasets = {}
+    if args.profile:
+        path = plan.profile_dir(args.profile, Path(args.params_dir)) / f"{notebooks.SYNTHETIC_DATA}.yaml"
+        declared = from_mapping(notebooks.SyntheticDataNotebookParams, notebooks.read_params_file(path)).datasets
+        unknown = [name for name in args.dataset or () if name not in declared]
+        if unknown:
+            raise ParamError(f"dataset: {', '.join(unknown)} not in {path}; known: {', '.join(declared)}")
+        datasets = {name: cfg for name, cfg in declared.items() if not args.dataset or name in args.dataset}
+    elif args.dataset:
+        raise ParamError("dataset: names a dataset of a profile; give --profile too")
+    for d in args.num_dicts or ():  # candidates: the paper's simple task at d dictionaries, no length budget cut
+        datasets[f"{args.task}-{'template' if args.template else 'notemplate'}-{d}dicts"] = from_mapping(generate.GenerationConfig, {
+            "task": args.task, "template": args.template, "num_dicts": d, "n_train": args.samples, "n_eval": 0,
+            "max_tokens": args.max_tokens, "tokenizer": args.model, "seed": 0})
+    rows = prompt_lengths.length_table(datasets, args.model, args.num_documents, args.setting, args.questions,
+                                       args.data_dir)
+    print(prompt_lengths.format_length_table(rows, args.model))
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
 
     return data_needs.main_cli(args)
@@ -213,6 +236,25 @@ def build_parser() -> argparse.ArgumentParser:
     rj.add_argument("--write", action="store_true",
                     help="write the record to <results>/<profile>/rejudged.json (the reproduction map reads it)")
     rj.set_defaults(func=_rejudge)
+
+    pl = sub.add_parser("prompt-lengths", help="token lengths of the MDQA prompts and of synthetic training prompts as "
+                                               "a model reads them (chat template included): what a profile's "
+                                               "num_dicts and max_tokens are matched by")
+    pl.add_argument("--profile", help="measure the datasets of params/<profile>/01_synthetic_data.yaml")
+    pl.add_argument("--dataset", action="append", help="only this dataset of the profile (repeatable)")
+    pl.add_argument("--num-dicts", type=int, action="append", help="a candidate number of dictionaries (repeatable)")
+    pl.add_argument("--task", choices=["simple", "multisubkey"], default="simple", help="the candidates' task")
+    pl.add_argument("--no-template", dest="template", action="store_false", help="candidates without the template")
+    pl.add_argument("--samples", type=int, default=100, help="candidate prompts drawn per --num-dicts")
+    pl.add_argument("--max-tokens", type=int, default=8192, help="the candidates' length budget (prompt + 100)")
+    pl.add_argument("--model", default=generate.GenerationConfig.tokenizer, help="whose chat template and tokens")
+    pl.add_argument("--num-documents", type=int, default=20, help="MDQA documents per prompt")
+    pl.add_argument("--setting", choices=["retrieved", "random"], default="retrieved",
+                    help="MDQA distractors (retrieved: LitM's 20-document file; random: any number of documents)")
+    pl.add_argument("--questions", type=int, help="MDQA questions drawn with seed 0 (default: every one)")
+    pl.add_argument("--data-dir", help="data directory (default: $KVLIB_DATA_DIR, ../shared/data, data/)")
+    pl.add_argument("--params-dir", default="params")
+    pl.set_defaults(func=_prompt_lengths)
 
     dt = sub.add_parser("data", help="the data registry (kvlib/engine/datasets.yaml): status, fetch, README table")
     dsub = dt.add_subparsers(dest="data_command", required=True)

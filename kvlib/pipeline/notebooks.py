@@ -26,11 +26,13 @@ from typing import Any, Iterator, Literal, Mapping
 
 from kvlib.engine import resources
 from kvlib.engine.backends import BackendConfig
-from kvlib.engine.config import ParamError, check_positive, fail, from_mapping, load_yaml
+from kvlib.engine.config import ParamError, check_positive, fail, from_mapping, load_yaml, to_mapping
 from kvlib.engine.evaluate import check_seed_groups
+from kvlib.engine.io import sha256_text
 from kvlib.engine.models import check_model_spec
 from kvlib.engine.openai_ft import OpenAIFinetuneConfig
 from kvlib.engine.train import LauncherConfig, TrainConfig
+from kvlib.pipeline import sweep
 from kvlib.report import paper
 from kvlib.tasks import harness
 from kvlib.tasks.baseline_sets import KINDS, BaselineConfig
@@ -198,13 +200,57 @@ class FinetuneJob:
     data_config: Any  # kvlib.tasks.synthetic.GenerationConfig
     data_dir: Path
     train_config: TrainConfig
+    from_sweep: tuple[str, ...] = ()  # the train_config fields taken from the sweep's winner (`sweep` in params)
+    # The sweep has not run yet: train_config holds the grid's largest learning rate and epochs (what the run costs
+    # at most), and the run trains once the sweep has picked its values (kvlib.pipeline.runs.ready_job).
+    awaiting_sweep: bool = False
+    not_trained: str | None = None  # why this run is not trained: no sweep trial learned its task
+
+
+
+# Why the default sweep grid: the embedded 135M model learned the task at batch 1 with lr 1e-5 over 240 steps
+# (results/cpu/02_finetune/heldout_accuracy.csv of the 1K-token recipe: 80-93% held-out value accuracy), lr x steps
+# 2.4e-3. At global batch 16, 160-350 samples over 1-2 epochs are 10-44 optimizer steps, so that lr x steps needs lr
+# 5e-5 to 2.4e-4 (a step on 16 samples is less noisy than one on 1, so at least as useful); the paper's own lr x steps
+# (5e-6 x 44 on Mistral-7B, 2.2e-4) needs 5e-6 to 2.2e-5. The grid spans both, a factor ~3 apart from 1e-5 to 3e-4,
+# at the paper's 2 epochs and at 1.
+@dataclass
+class SweepParams:
+    """Notebook 02's learning-rate x epochs sweep (kvlib.pipeline.sweep): one trial per pair, each an ordinary run
+    of notebook 02 on `dataset` (a dataset of the profile) with the other TrainConfig fields `train` gives (the
+    recipe of the runs that take the sweep's values: accumulation, precision, seed, ...), judged on its held-out
+    value accuracy like every run (`eval_samples` prompts of the dataset's eval split, Wilson CIs). The winner
+    (kvlib.pipeline.sweep.RULE) gives its learning rate and epochs to every run that says `sweep` for them."""
+
+    dataset: str = ""
+    learning_rates: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4])
+    epochs: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.dataset:
+            fail("dataset", "required: a dataset of this profile's 01_synthetic_data.yaml that the trials train on")
+        for name in ("learning_rates", "epochs"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values) or any(v <= 0 for v in values):
+                fail(name, f"expected a list of distinct numbers > 0, got {values!r}")
+        for key in ("train_file", "out_dir", "model", *sweep.SWEPT_FIELDS, "max_steps"):
+            if key in self.train:
+                why = ("would replace the epochs grid" if key == "max_steps" else "is the grid's, above"
+                       if key in sweep.SWEPT_FIELDS else "is set by the notebook (from dataset, models_dir, base_model)")
+                fail(f"train.{key}", why)
+
+    def grid_max(self, key: str) -> float:
+        """The grid's largest value of a swept TrainConfig field (learning_rate or epochs)."""
+        return max(self.learning_rates if key == "learning_rate" else self.epochs)
 
 
 
 @dataclass
 class FinetuneNotebookParams:
     """Parameters of notebooks/02_finetune.ipynb. Each run names a dataset of the profile (defined in its
-    01_synthetic_data.yaml) and any TrainConfig fields; train_file, out_dir and model are filled in."""
+    01_synthetic_data.yaml) and any TrainConfig fields; train_file, out_dir and model are filled in. A run's
+    learning_rate and epochs may say `sweep`: the values of the winner of the `sweep` section's trials."""
 
     profile: str = "quick"
     results_dir: str = "results/quick"
@@ -216,6 +262,11 @@ class FinetuneNotebookParams:
     max_new_tokens: int = 48
     eval_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     eval_batch_size: int = 8
+    # A finetune learned its task when its value accuracy on those held-out prompts reaches this: only then does it
+    # enter the evaluation notebooks (kvlib.pipeline.runs.learned_gate), and only then can a sweep trial win. 0 lets
+    # every finetune in (for a profile that checks that the notebooks run, not what finetuning does).
+    learned_threshold: float = 0.5
+    sweep: SweepParams | None = None  # the learning-rate x epochs sweep; None: no sweep
     examples_to_show: int = 3
     token_loss_samples: int = 8  # held-out samples per run for the token-level loss (Fig. 4); 0: skip
     # GPT-3.5 arm: name -> {dataset, OpenAIFinetuneConfig fields}; the train file is the dataset's
@@ -236,8 +287,11 @@ class FinetuneNotebookParams:
         check_positive("eval_batch_size", self.eval_batch_size)
         check_positive("examples_to_show", self.examples_to_show, 0)
         check_positive("token_loss_samples", self.token_loss_samples, 0)
+        if not 0 <= self.learned_threshold <= 1:
+            fail("learned_threshold", f"a held-out value accuracy in [0, 1], got {self.learned_threshold}")
         if self.runs:
             check_model_spec(self.base_model, "base_model")  # a local path that does not exist fails at planning
+        self.sweep_jobs()  # the grid's trials, checked as runs are
         self.jobs()  # every run's dataset and training fields, checked before any work
         self.openai_jobs()
 
@@ -255,23 +309,99 @@ class FinetuneNotebookParams:
         fields = {k: v for k, v in spec.items() if k != "dataset"}
         return spec["dataset"], data_config, data_dir, fields
 
+    def _train_config(self, fields: dict, data_dir: Path, out_dir: Path, where: str) -> TrainConfig:
+        """A run's (or trial's) TrainConfig: its fields, its dataset's train file, its out_dir and the base model;
+        under a multi-process launcher its accumulation split over the processes (the global batch as written)."""
+        cfg = from_mapping(TrainConfig, {**fields, "train_file": str(data_dir / "train.jsonl"), "out_dir": str(out_dir),
+                                         "model": self.base_model}, where)
+        processes = self.launcher.num_processes if self.launcher is not None else 1
+        if cfg.gradient_accumulation_steps % processes:
+            fail(f"{where}.gradient_accumulation_steps",
+                 f"{cfg.gradient_accumulation_steps} does not split over launcher.num_processes {processes}: the "
+                 f"global batch (per_device_batch_size x gradient_accumulation_steps) is shared by the processes")
+        if processes > 1:
+            cfg = dataclasses.replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps // processes)
+        return cfg
+
+    @staticmethod
+    def _check_heldout(where: str, data_config: Any) -> None:
+        if data_config.n_eval < 1:
+            fail(where, f"its dataset has n_eval {data_config.n_eval}: the held-out check (did the finetune learn its "
+                        f"task?) needs at least one eval prompt")
+
     def jobs(self) -> dict[str, FinetuneJob]:
+        """The HF runs, each with its dataset and TrainConfig; a `sweep` value is the winner's once the sweep has
+        run (`sweep_outcome`; before that, and when no trial won, see FinetuneJob)."""
+        outcome = self.sweep_outcome()
+        winner = outcome is not None and outcome["winner"] is not None
         jobs = {}
         for name, spec in self.runs.items():
             dataset, data_config, data_dir, fields = self._dataset_of(
                 "runs", name, dict(spec), ("train_file", "out_dir", "model"))
-            cfg = from_mapping(TrainConfig, {**fields, "train_file": str(data_dir / "train.jsonl"),
-                                             "out_dir": str(Path(self.models_dir) / self.profile / name),
-                                             "model": self.base_model}, f"runs.{name}")
-            processes = self.launcher.num_processes if self.launcher is not None else 1
-            if cfg.gradient_accumulation_steps % processes:
-                fail(f"runs.{name}.gradient_accumulation_steps",
-                     f"{cfg.gradient_accumulation_steps} does not split over launcher.num_processes {processes}: the "
-                     f"global batch (per_device_batch_size x gradient_accumulation_steps) is shared by the processes")
-            if processes > 1:
-                cfg = dataclasses.replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps // processes)
-            jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
+            self._check_heldout(f"runs.{name}.dataset", data_config)
+            for key, value in fields.items():
+                if value == sweep.SWEEP and key not in sweep.SWEPT_FIELDS:
+                    fail(f"runs.{name}.{key}", f"only {' and '.join(sweep.SWEPT_FIELDS)} can be taken from the sweep")
+            swept = tuple(k for k in sweep.SWEPT_FIELDS if fields.get(k) == sweep.SWEEP)
+            if swept and self.sweep is None:
+                fail(f"runs.{name}.{swept[0]}", "is 'sweep' but this profile has no sweep section: add one "
+                                                "(sweep: {dataset: ...}) or give a value")
+            for key in swept:
+                fields[key] = outcome[key] if winner else self.sweep.grid_max(key)
+            cfg = self._train_config(fields, data_dir, Path(self.models_dir) / self.profile / name, f"runs.{name}")
+            jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg, swept,
+                                     awaiting_sweep=bool(swept) and outcome is None,
+                                     not_trained=outcome["reason"] if swept and outcome is not None and not winner
+                                     else None)
         return jobs
+
+    def sweep_jobs(self) -> dict[str, FinetuneJob]:
+        """The sweep's trials (name -> job; none without a sweep) in grid order, every learning rate at every
+        number of epochs, each trained into `sweep_dir`/<trial>."""
+        if self.sweep is None:
+            return {}
+        try:
+            data_config, data_dir = profile_dataset(self.profile, self.sweep.dataset, Path(self.params_root))
+        except ParamError as exc:
+            raise ParamError(f"sweep.{exc}") from None
+        self._check_heldout("sweep.dataset", data_config)
+        jobs = {}
+        for lr in self.sweep.learning_rates:
+            for epochs in self.sweep.epochs:
+                name = sweep.trial_name(lr, epochs)
+                cfg = self._train_config({**self.sweep.train, "learning_rate": lr, "epochs": epochs}, data_dir,
+                                         self.sweep_dir / name, "sweep.train")
+                jobs[name] = FinetuneJob(name, self.sweep.dataset, data_config, data_dir, cfg)
+        return jobs
+
+    def training_jobs(self) -> list[FinetuneJob]:
+        """Every training run this notebook does, in the order it does them: the sweep's trials, then the runs (a
+        run waiting for the sweep at the grid's largest values; a run the sweep left without a recipe is not
+        trained, so not listed). What a planner predicts the notebook's training cost from."""
+        return [*self.sweep_jobs().values(), *(j for j in self.jobs().values() if j.not_trained is None)]
+
+    @property
+    def sweep_dir(self) -> Path:
+        """Where the sweep's trials train and its record is written."""
+        return Path(self.models_dir) / self.profile / "sweep"
+
+    def heldout_settings(self) -> dict:
+        """How the held-out prompts are scored (kvlib.pipeline.runs.score_heldout): a change scores them again."""
+        return {"eval_samples": self.eval_samples, "max_new_tokens": self.max_new_tokens,
+                "eval_dtype": self.eval_dtype, "eval_batch_size": self.eval_batch_size}
+
+    def sweep_key(self) -> str:
+        """What the sweep's outcome depends on: its trials' configs and data, the held-out scoring, the threshold."""
+        trials = {name: [to_mapping(j.train_config), to_mapping(j.data_config)] for name, j in self.sweep_jobs().items()}
+        return sha256_text(json.dumps({"trials": trials, "heldout": self.heldout_settings(),
+                                       "learned_threshold": self.learned_threshold}, sort_keys=True))
+
+    def sweep_outcome(self) -> dict | None:
+        """The sweep's outcome (kvlib.pipeline.sweep.select) once it has run for this definition; None before that,
+        and without a sweep."""
+        if self.sweep is None:
+            return None
+        return sweep.read_record(self.sweep_dir / sweep.RECORD_FILE, self.sweep_key())
 
     def template_pairs(self) -> list[tuple[str, str]]:
         """(run with template, run without) pairs whose datasets differ only in the template, so their samples
@@ -361,20 +491,11 @@ class LongerContextNotebookParams(MDQANotebookParams):
     settings: list[str] = dataclasses.field(default_factory=lambda: ["random"])
     num_documents: int = 50
     positions: list[int] = dataclasses.field(default_factory=lambda: [1, 10, 25, 40, 50])
-    # Transfer is judged only for a finetune that learned its own task: its value accuracy on held-out prompts of
-    # its own dataset (the eval split, never trained on) must reach `learned_threshold`.
-    learned_samples: int = 20
-    learned_threshold: float = 0.5
-    learned_max_new_tokens: int = 48
 
     def validate(self) -> None:
         if list(self.settings) != ["random"]:
             fail("settings", f"the longer-context test uses random distractors only, got {self.settings!r}")
         super().validate()
-        check_positive("learned_samples", self.learned_samples)
-        check_positive("learned_max_new_tokens", self.learned_max_new_tokens)
-        if not 0 < self.learned_threshold <= 1:
-            fail("learned_threshold", f"a value accuracy in (0, 1], got {self.learned_threshold}")
 
 
 @dataclass

@@ -19,7 +19,8 @@ from kvlib.engine.config import from_mapping, load_yaml
 from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
 from kvlib.pipeline.manifest import load_manifest_entries
 from kvlib.pipeline import baselines_study as study
-from kvlib.pipeline.notebooks import FinetuneNotebookParams, LongerContextNotebookParams, synthetic_models
+from kvlib.pipeline.notebooks import FINETUNE, FinetuneNotebookParams, synthetic_models
+from kvlib.pipeline.runs import not_learned_reason
 from kvlib.report.paper import (
     artifact_verdict,
     claim_interval,
@@ -27,6 +28,7 @@ from kvlib.report.paper import (
     flenqa_claims,
     general_claims,
     longer_context_claims,
+    mark_not_tested,
     mdqa_claims,
     token_loss_claims,
     verdict_category,
@@ -83,12 +85,11 @@ def _template_pairs(params: Mapping[str, Any], profile: str, params_root: str | 
                 if "-template-" in r and r.replace("-template-", "-notemplate-") in runs]
 
 
-def learned_own_task(results_dir: str | Path, models: Mapping[str, Any]) -> dict[str, dict]:
-    """label -> {value, n}: the held-out value accuracy on its own task of each model that is a run of 02_finetune
-    ({run: name}), from 02's committed heldout_accuracy.csv (the finetuned row of that run): the check notebook 08
-    makes before judging transfer (kvlib.pipeline.runs.heldout_value_accuracy, on the same eval split). Empty when
-    02's table is not there."""
-    path = Path(results_dir) / "02_finetune" / "heldout_accuracy.csv"
+def not_learned(results_dir: str | Path, models: Mapping[str, Any], threshold: float) -> dict[str, str]:
+    """label -> why, for each model that is a run of 02_finetune ({run: name}) whose finetuned row in 02's committed
+    heldout_accuracy.csv does not reach `threshold` (kvlib.pipeline.runs.not_learned_reason: the rule of the gate
+    the evaluation notebooks apply, on the same held-out prompts). Empty when 02's table is not there."""
+    path = Path(results_dir) / FINETUNE / "heldout_accuracy.csv"
     if not path.is_file():
         return {}
     with path.open(newline="", encoding="utf-8") as fh:
@@ -97,7 +98,9 @@ def learned_own_task(results_dir: str | Path, models: Mapping[str, Any]) -> dict
     for label, entry in models.items():
         run = entry.get("run") if isinstance(entry, Mapping) else None
         if run in table:
-            out[label] = {"value": float(table[run]["value"]), "n": int(table[run]["n"])}
+            reason = not_learned_reason(float(table[run]["value"]), int(table[run]["n"]), threshold)
+            if reason is not None:
+                out[label] = reason
     return out
 
 
@@ -134,10 +137,11 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         base = models[0]
         pooled, _ = mdqa.mdqa_pooled_deltas(rows, base, groups, margin=equivalence_margin())
         compared = synthetic_models(entries, base, groups)  # other models are reported, not judged
-        if notebook == "08_longer_context":
-            threshold = float(params.get("learned_threshold", LongerContextNotebookParams.learned_threshold))
-            return longer_context_claims(pooled, compared, int(params.get("num_documents", rows[0]["num_documents"])),
-                                         learned_own_task(results_dir, entries), threshold)
+        if notebook == "08_longer_context":  # judged only if the long finetune learned its own task (02's threshold)
+            threshold = float(notebook_params(FINETUNE, profile, params_root).get(
+                "learned_threshold", FinetuneNotebookParams.learned_threshold))
+            return mark_not_tested(longer_context_claims(pooled, compared, int(params.get(
+                "num_documents", rows[0]["num_documents"]))), not_learned(results_dir, entries, threshold))
 
         return mdqa_claims(pooled, compared, SETTING_RANDOM, SETTING_RETRIEVED)
 

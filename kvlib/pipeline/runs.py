@@ -1,28 +1,45 @@
 """The finetuning runs of a profile as models: a notebook's `run:` model entry is resolved here to the trained
-model (trained first if it has not finished), so the engine only ever opens models.
+model (trained first if it has not finished), so the engine only ever opens models. Here too: notebook 02's
+held-out check of a run (has it learned its own task?), its sweep, and the gate that lets only the finetunes that
+learned into the evaluation notebooks.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import yaml
 
 from kvlib.engine import train as training
-from kvlib.engine.backends import BackendConfig
+from kvlib.engine.backends import BackendConfig, HFBackend
 from kvlib.engine.config import ParamError, to_mapping
-from kvlib.engine.evaluate import open_backend
-from kvlib.engine.io import atomic_write_text
+from kvlib.engine.evaluate import open_backend, summarize
+from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
 from kvlib.engine.openai_ft import STATE_FILE
-from kvlib.engine.train import LauncherConfig, TrainConfig
-from kvlib.pipeline.notebooks import FinetuneJob, profile_finetune_params
-from kvlib.tasks.mdqa import evaluate_mdqa
 from kvlib.engine.stats import mean_ci
+from kvlib.engine.train import LauncherConfig, TrainConfig
+from kvlib.pipeline import manifest, sweep
+from kvlib.pipeline.notebooks import FinetuneJob, FinetuneNotebookParams, profile_finetune_params, synthetic_models
+from kvlib.report import paper
+from kvlib.report.tables import notebook_output_dir, save_table
+from kvlib.tasks.mdqa import evaluate_mdqa
 from kvlib.tasks.synthetic import ensure_dataset, evaluate_kv, load_dataset
+
+
+def ready_job(params: FinetuneNotebookParams, run: str) -> FinetuneJob:
+    """Run `run` of notebook 02's params as it trains: with the sweep's values when it takes them (the sweep is
+    trained and judged first when it has not run: `run_sweep`)."""
+    job = params.jobs()[run]
+    if job.awaiting_sweep:
+        run_sweep(params)
+        job = params.jobs()[run]
+    return job
 
 
 def ensure_run_model(profile: str, run: str, params_root: str | Path = "params") -> str:
@@ -33,7 +50,7 @@ def ensure_run_model(profile: str, run: str, params_root: str | Path = "params")
     params = profile_finetune_params(profile, params_root)
     jobs, openai_jobs = params.jobs(), params.openai_jobs()
     if run in jobs:  # its dataset is written first if missing
-        return train_job(jobs[run], params.launcher)["model_dir"]
+        return train_job(ready_job(params, run), params.launcher)["model_dir"]
     if run in openai_jobs:
         state_file = Path(openai_jobs[run].train_config.job_dir) / STATE_FILE
         state = json.loads(state_file.read_text()) if state_file.is_file() else {}
@@ -97,7 +114,13 @@ def _check_fits(cfg: TrainConfig, processes: int, gpus_gib: list[float] | None, 
 
 
 def train_job(job: FinetuneJob, launcher: LauncherConfig | None = None, **kwargs: Any) -> dict:
-    """`train_run` for a run of notebook 02 (its dataset written first if missing)."""
+    """`train_run` for a run of notebook 02 (its dataset written first if missing). A run that takes the sweep's
+    values trains only with them (`ready_job`)."""
+    if job.not_trained is not None:
+        raise ParamError(f"run {job.name}: not trained: {job.not_trained}")
+    if job.awaiting_sweep:
+        raise ParamError(f"run {job.name}: takes {' and '.join(job.from_sweep)} from the sweep, which has not run "
+                         f"(kvlib.pipeline.runs.ready_job runs it first)")
     ensure_dataset(job.data_config, job.data_dir)
     return train_run(job.train_config, launcher, where=f"run {job.name}", **kwargs)
 
@@ -111,23 +134,209 @@ def open_model(config: BackendConfig, cache_dir: str | Path | None, profile: str
     return open_backend(config, cache_dir, progress=progress)
 
 
-def heldout_value_accuracy(config: BackendConfig, label: str, profile: str, params_root: str | Path,
-                           cache_dir: str | Path | None, samples: int, max_new_tokens: int) -> dict | None:
-    """Did the finetuning run behind `config` learn its own task? Its value accuracy on the first `samples` held-out
-    prompts (eval split) of its own dataset, with a Wilson 95% CI: {label, run, n, value, ci_low, ci_high}. None
-    for a model that is not an HF run of the profile (nothing to check)."""
-    if config.run is None:
-        return None
-    jobs = profile_finetune_params(profile, params_root).jobs()
-    if config.run not in jobs:
-        return None
-    job = jobs[config.run]
+# ------------------------------------------------------------------ notebook 02's held-out check and sweep
+
+HELDOUT_FILE = "heldout.json"  # in a run's (or sweep trial's) out_dir: its held-out answers and check
+
+
+def heldout_samples(params: FinetuneNotebookParams, job: FinetuneJob) -> list:
+    """The held-out prompts a run is checked on: the first `eval_samples` of its dataset's eval split (never trained
+    on; the dataset is written first if missing)."""
     ensure_dataset(job.data_config, job.data_dir)
-    held = load_dataset(job.data_dir, "eval")[:samples]
-    with open_model(config, cache_dir, profile, params_root) as model:
-        rows = evaluate_kv(model, held, max_new_tokens, label)
-    value, lo, hi = mean_ci([float(r["value"]) for r in rows])
-    return {"label": label, "run": config.run, "n": len(rows), "value": value, "ci_low": lo, "ci_high": hi}
+    return load_dataset(job.data_dir, "eval")[:params.eval_samples]
+
+
+def score_heldout(params: FinetuneNotebookParams, model_spec: str, samples: Sequence, label: str
+                  ) -> tuple[list[dict], dict]:
+    """(rows, the backend's identity): `model_spec`'s answers to key-value `samples`, scored by
+    kvlib.tasks.synthetic.evaluate_kv, with notebook 02's numerics (eval_dtype, eval_batch_size, max_new_tokens).
+    The one scoring behind 02's held-out table, its sweep and the gate of the evaluation notebooks."""
+    backend = HFBackend(model_spec, dtype=params.eval_dtype, batch_size=params.eval_batch_size)
+    try:
+        return evaluate_kv(backend, samples, params.max_new_tokens, label), backend.identity()
+    finally:
+        del backend
+        gc.collect()  # the next model is loaded beside nothing
+
+
+def not_learned_reason(value: float | None, n: int, threshold: float) -> str | None:
+    """Why a finetune did not learn its own task, or None when it did: its value accuracy on notebook 02's held-out
+    prompts (its dataset's eval split) reaches `threshold` (02's learned_threshold). The one rule of every gate."""
+    if value is None:
+        return "no held-out prompt scored"
+    return None if value >= threshold else f"held-out value accuracy {value:.1%} of {n} < {100 * threshold:g}%"
+
+
+def learned_check(run: str, rows: Sequence[Mapping[str, Any]], threshold: float) -> dict:
+    """A finetune's held-out check from its scored rows: {run, n, value (its value accuracy), ci_low, ci_high
+    (Wilson 95%), threshold, learned, reason (`not_learned_reason`; None when it learned)}."""
+    value, low, high = mean_ci([float(r["value"]) for r in rows]) if rows else (None, None, None)
+    reason = not_learned_reason(value, len(rows), threshold)
+    return {"run": run, "n": len(rows), "value": value, "ci_low": low, "ci_high": high, "threshold": threshold,
+            "learned": reason is None, "reason": reason}
+
+
+def heldout_check(params: FinetuneNotebookParams, job: FinetuneJob) -> dict:
+    """Notebook 02's held-out check of a run or sweep trial, trained first if it has not finished: {rows (its
+    answers to `heldout_samples`, scored by `score_heldout`), identity (the backend's), check (`learned_check` at
+    params.learned_threshold), file}. Kept in <out_dir>/heldout.json for the weights it scored (their
+    train_summary.json) and the scoring settings, so the evaluation notebooks read what 02 measured; a new threshold
+    rewrites it (and so makes the notebooks it gates run again). A run the sweep left without a recipe has no rows
+    and a check that says why (its file: the sweep's record)."""
+    if job.awaiting_sweep:
+        job = ready_job(params, job.name)
+    if job.not_trained is not None:
+        check = {**learned_check(job.name, [], params.learned_threshold), "reason": f"not trained: {job.not_trained}"}
+        return {"rows": [], "identity": {}, "check": check, "file": params.sweep_dir / sweep.RECORD_FILE}
+    summary = train_job(job, params.launcher)
+    out = Path(job.train_config.out_dir)
+    path = out / HELDOUT_FILE
+    key = {"train_summary_sha256": file_sha256(out / training.SUMMARY_FILE), **params.heldout_settings()}
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if record.get("key") != key:
+        rows, identity = score_heldout(params, summary["model_dir"], heldout_samples(params, job), "finetuned")
+        record = {"key": key, "identity": identity, "rows": [dict(r, run=job.name) for r in rows]}
+    check = learned_check(job.name, record["rows"], params.learned_threshold)
+    if record.get("check") != check:
+        record["check"] = check
+        atomic_write_text(path, dumps_json(record))
+    return {**record, "file": path}
+
+
+def heldout_table(rows: Sequence[Mapping[str, Any]], threshold: float) -> list[dict]:
+    """Notebook 02's held-out table: exact, value and dictionary accuracy with Wilson CIs per run and model
+    (original, finetuned), and for each finetuned row whether it `learned` its task (`not_learned_reason`)."""
+    table = summarize(list(rows), ["run", "model"], ["exact", "value", "dictionary"])
+    for row in table:
+        row["learned"] = (not_learned_reason(row["value"], row["n"], threshold) is None
+                          if row["model"] == "finetuned" else None)
+    return table
+
+
+def training_table(params: FinetuneNotebookParams) -> list[dict]:
+    """One row per training run of notebook 02, in its order (`training_jobs`: the sweep's trials, then the runs):
+    dataset, method, epochs and learning rate ("sweep" while a run waits for the sweep's), global batch (per device
+    x accumulation x processes), processes, precision, seed."""
+    processes = params.launcher.num_processes if params.launcher is not None else 1
+    trials = params.sweep_jobs()
+
+    def row(label: str, job: FinetuneJob) -> dict:
+        cfg, waiting = job.train_config, job.from_sweep if job.awaiting_sweep else ()
+        return {"run": label, "dataset": job.dataset, "method": cfg.method,
+                "epochs": sweep.SWEEP if "epochs" in waiting else cfg.epochs,
+                "learning_rate": sweep.SWEEP if "learning_rate" in waiting else cfg.learning_rate,
+                "global_batch": cfg.global_batch_size * processes, "processes": processes,
+                "precision": cfg.precision, "seed": cfg.seed}
+
+    return ([row(f"sweep trial {name}", job) for name, job in trials.items()]
+            + [row(job.name, job) for job in params.training_jobs()[len(trials):]])
+
+
+def run_sweep(params: FinetuneNotebookParams) -> tuple[list[dict], dict | None]:
+    """Notebook 02's learning-rate x epochs sweep: every trial trained (or reused) and checked on its held-out
+    prompts (`heldout_check`), the recipe picked by kvlib.pipeline.sweep.select and recorded where the runs read it
+    (FinetuneNotebookParams.sweep_outcome). Returns (one row per trial: learning rate, epochs, optimizer steps, lr x
+    steps, held-out value accuracy with its Wilson CI, learned, chosen; the outcome), or ([], None) without a sweep."""
+    trials = []
+    for name, job in params.sweep_jobs().items():
+        check = heldout_check(params, job)["check"]
+        summary = json.loads((Path(job.train_config.out_dir) / training.SUMMARY_FILE).read_text(encoding="utf-8"))
+        lr, steps = job.train_config.learning_rate, summary["global_steps"]
+        trials.append({"trial": name, "learning_rate": lr, "epochs": job.train_config.epochs, "steps": steps,
+                       "lr_x_steps": lr * steps, **{k: check[k] for k in ("n", "value", "ci_low", "ci_high",
+                                                                           "learned")}})
+    if not trials:
+        return [], None
+    outcome = sweep.select(trials, params.learned_threshold)
+    sweep.write_record(params.sweep_dir / sweep.RECORD_FILE, params.sweep_key(), trials, outcome)
+    return [dict(t, chosen=t["trial"] == outcome["winner"]) for t in trials], outcome
+
+
+# ------------------------------------------------------------------ only finetunes that learned are evaluated
+
+@dataclass
+class LearnedGate:
+    """Which models enter an evaluation notebook (03-08): every model that is not an HF run of notebook 02, and
+    every run that learned its own task by 02's held-out check (`heldout_check`: its prompts, numerics and
+    threshold, read from what 02 wrote). A run that did not learn is not evaluated; its claims, and those of any
+    seed group holding it, say NOT_TESTED with the accuracy measured (`judge`)."""
+
+    models: dict[str, Any]  # the notebook's models as its params give them
+    seed_groups: dict[str, list[str]]  # its seed groups as its params give them
+    checks: dict[str, dict]  # model label -> the held-out check of its run
+    files: list[Path]  # where the checks were read from (recorded as the notebook's inputs)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Model label -> why, for each run that did not learn its task."""
+        return {label: check["reason"] for label, check in self.checks.items() if not check["learned"]}
+
+    @property
+    def learned_seed_groups(self) -> dict[str, list[str]]:
+        """The seed groups all of whose members learned: the ones averaged and judged (a group with a member left
+        out is not tested; its other members are reported one by one, not judged)."""
+        return {group: list(ms) for group, ms in self.seed_groups.items() if not any(m in self.failed for m in ms)}
+
+    def reasons(self) -> dict[str, str]:
+        """Each judged label (a model outside the seed groups, or a group) that is not tested -> why."""
+        failed = self.failed
+        members = {m for ms in self.seed_groups.values() for m in ms}
+        out = {label: why for label, why in failed.items() if label not in members}
+        for group, ms in self.seed_groups.items():
+            if any(m in failed for m in ms):
+                out[group] = "; ".join(f"{m}: {failed[m]}" for m in ms if m in failed)
+        return out
+
+    def evaluated(self, configs: Mapping[str, BackendConfig]) -> dict[str, BackendConfig]:
+        """`configs` without the runs that did not learn: no compute is spent on them."""
+        return {label: config for label, config in configs.items() if label not in self.failed}
+
+    def judge(self, claims: Callable[..., list[dict]], deltas: Sequence[Mapping[str, Any]],
+              keys: Sequence[Mapping[str, Any]], base: str, *args: Any) -> list[dict]:
+        """`claims(deltas, judged, *args)` (a claims function of kvlib.report.paper: difference rows, the labels judged
+        against `base`) with the models and seed groups that are not tested in it too: each gets a placeholder row
+        per key (`keys`: what this notebook's difference rows are keyed by, e.g. [{"setting": ...}]), so its claims
+        are listed, marked NOT_TESTED with why (kvlib.report.paper.mark_not_tested)."""
+        judged = synthetic_models(self.models, base, self.seed_groups)
+        return paper.mark_not_tested(claims([*deltas, *self.placeholders(keys)], judged, *args), self.reasons())
+
+    def placeholders(self, keys: Sequence[Mapping[str, Any]]) -> list[dict]:
+        """A difference row without numbers per key for each label that is not tested (`reasons`): where its claims
+        go, since it was not evaluated."""
+        return [{"model": label, **key} for label in self.reasons() for key in keys]
+
+    def table(self) -> list[dict]:
+        """One row per model that is a run: its run, held-out value accuracy with CI, the threshold, learned, why not."""
+        fields = ("run", "n", "value", "ci_low", "ci_high", "threshold", "learned", "reason")
+        return [{"model": label, **{k: check[k] for k in fields}} for label, check in self.checks.items()]
+
+    def report(self, results_dir: str | Path, notebook: str):
+        """What an evaluation notebook keeps of its gate: the checks' files recorded as its inputs (a changed check
+        runs it again) and `table` saved as <notebook>/learned_own_task; returns the table (a DataFrame)."""
+        import pandas as pd
+
+        manifest.record_inputs(results_dir, notebook, self.files)
+        table = pd.DataFrame(self.table())
+        if len(table):
+            save_table(table, notebook_output_dir(results_dir, notebook) / "learned_own_task")
+        return table
+
+
+def learned_gate(P: Any) -> LearnedGate:
+    """The LearnedGate of an evaluation notebook's params `P` (models, seed_groups, profile, params_root): notebook
+    02's held-out check of each of its models that is an HF run of 02 (`heldout_check`, read from what 02 wrote; the
+    same function measures it now where 02 has not run, training the run first as its first use would). OpenAI runs
+    have no held-out check: they enter as they are."""
+    finetune = profile_finetune_params(P.profile, P.params_root)
+    jobs = finetune.jobs()
+    checks, files = {}, []
+    for label, config in P.model_configs().items():
+        if config.run in jobs:
+            record = heldout_check(finetune, jobs[config.run])
+            checks[label] = record["check"]
+            files.append(record["file"])
+    return LearnedGate(dict(P.models), {g: list(ms) for g, ms in P.seed_groups.items()}, checks,
+                       list(dict.fromkeys(files)))
 
 
 def evaluate_mdqa_sets(configs: Mapping[str, BackendConfig], sets: Mapping[str, Any], positions: Sequence[int],

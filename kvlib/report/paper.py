@@ -162,7 +162,7 @@ CLAIM_P = {"increase": ("p_increase", "p_decrease"), "decrease": ("p_decrease", 
            "no_loss": ("p_no_loss", "p_decrease"), "no_gain": ("p_no_gain", "p_increase")}
 
 
-# A transfer claim whose finetune did not learn its own task (Fig. 9): nothing to transfer, nothing tested.
+# A transfer claim whose finetune did not learn its own task: nothing to transfer, nothing tested (`mark_not_tested`).
 NOT_TESTED = "not tested: the finetune did not learn its task"
 
 
@@ -425,28 +425,25 @@ def mdqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], r
     return holm_families(out)
 
 
-def longer_context_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], num_documents: int,
-                          learned: Mapping[str, Mapping[str, Any]] | None = None, threshold: float = 0.5
+def longer_context_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], num_documents: int
                           ) -> list[dict]:
     """Fig. 9 from MDQA paired deltas pooled over gold positions at the longer context: finetuning on long
     key-value prompts improves MDQA with many documents (the original must clear MDQA's floor). Holm-adjusted.
-    `learned` (label -> kvlib.pipeline.runs.heldout_value_accuracy): a finetune whose held-out value accuracy on its
-    own task is below `threshold` did not learn it, so transfer is not tested: its claim says so (NOT_TESTED)."""
-    claims = []
-    for d in pooled:
-        if d["model"] not in synthetic or d.get("setting") == SETTING_CONTRAST:
-            continue
-        row = judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA (random "
-                            f"distractors, mean over positions)", d["model"], d, "increase", "delta_correct",
-                    levels=[_mdqa_level(d)])
-        check = (learned or {}).get(d["model"])
-        if check is not None:
-            row["learned_own_task"] = f"{check['value']:.1%} of {check['n']} held-out prompts"
-            if check["value"] < threshold:
-                row["verdict"] = (f"{NOT_TESTED} (held-out value accuracy {check['value']:.1%} of {check['n']} "
-                                  f"< {threshold:.0%})")
-        claims.append(row)
-    return holm_families(claims)
+    Judged only for a finetune that learned its own task: `mark_not_tested` marks the others."""
+    return holm_families([
+        judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA (random "
+                      f"distractors, mean over positions)", d["model"], d, "increase", "delta_correct",
+              levels=[_mdqa_level(d)])
+        for d in pooled if d["model"] in synthetic and d.get("setting") != SETTING_CONTRAST])
+
+
+def mark_not_tested(claims: Sequence[Mapping[str, Any]], reasons: Mapping[str, str]) -> list[dict]:
+    """`claims` with every claim on a model (or seed group) of `reasons` (label -> why it did not learn its own
+    task, kvlib.pipeline.runs.LearnedGate) given the NOT_TESTED verdict with that reason: transfer from a finetune
+    that did not learn the task it was trained on is not evidence either way. Those claims leave their Holm
+    families, whose other claims are adjusted again without them."""
+    return holm_families([{**c, "verdict": f"{NOT_TESTED} ({reasons[c['model']]})"} if c["model"] in reasons
+                          else dict(c) for c in claims])
 
 
 def flenqa_level(d: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None = None) -> dict | None:

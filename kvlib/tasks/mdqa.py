@@ -869,6 +869,14 @@ def mdqa_pooled_deltas(rows: list[dict], base: str, seed_groups: Mapping[str, Se
     return pooled, seed_rows
 
 
+def pooled_keys(settings: Sequence[str]) -> list[dict]:
+    """What `mdqa_pooled_deltas`' rows are keyed by, for the settings (labels) evaluated: each setting, and the
+    contrast when both of the paper's are there (the rows a model left out of the evaluation has none of, so its
+    claims get placeholders: kvlib.pipeline.runs.LearnedGate)."""
+    keys = [{"setting": s} for s in settings]
+    return keys + ([{"setting": SETTING_CONTRAST}] if {SETTING_RANDOM, SETTING_RETRIEVED} <= set(settings) else [])
+
+
 def mdqa_contrast_deltas(rows: Sequence[dict], base: str, seed_groups: Mapping[str, Sequence[str]], first: str,
                          second: str, seed: int = 0, n_boot: int = 2000, margin: float | None = None) -> list[dict]:
     """Per model (seed groups in place of their members): its gain over `base` in setting `first` minus its gain

@@ -1,0 +1,63 @@
+"""Notebook 02's learning-rate x epochs sweep: the recipe that runs saying `learning_rate: sweep` / `epochs: sweep`
+train with. Each trial is an ordinary run of notebook 02 (kvlib.pipeline.runs trains it and scores it on held-out
+prompts, as every run), judged on its held-out value accuracy; `select` is the stated rule that picks one, and the
+record written next to the trials (`write_record`) is where the runs read the winner's values from
+(kvlib.pipeline.notebooks.FinetuneNotebookParams.jobs), valid while the sweep's definition is the one it was made
+for (`read_record`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from kvlib.engine.io import atomic_write_text, dumps_json
+
+SWEEP = "sweep"  # a run's value taken from the sweep's winner
+SWEPT_FIELDS = ("learning_rate", "epochs")  # the TrainConfig fields a run may take from it
+RECORD_FILE = "sweep.json"
+RULE = ("among the trials whose held-out value accuracy reaches learned_threshold and is above 0, the highest "
+        "accuracy; ties: the smaller learning rate x optimizer steps (the least training that did as well), then the "
+        "smaller learning rate; no such trial: no winner (the runs that take the sweep's values are not trained)")
+
+
+def trial_name(learning_rate: float, epochs: float) -> str:
+    """A trial's name (and its folder under the sweep's): `lr<learning rate>-ep<epochs>`, e.g. lr3e-05-ep2."""
+    return f"lr{learning_rate:g}-ep{epochs:g}"
+
+
+def select(trials: Sequence[Mapping[str, Any]], threshold: float) -> dict:
+    """The sweep's outcome by `RULE` from its trials (rows with trial, learning_rate, epochs, steps (optimizer
+    steps taken), n and value: the held-out value accuracy): {winner, learning_rate, epochs, value, n, reason}.
+    When no trial reaches `threshold`, or every trial scored 0 (whatever the threshold: a threshold of 0 lets every
+    finetune into the evaluations, but a recipe that answers nothing is none), the winner is None and `reason` says
+    so with the best accuracy measured: never a silent pick of the least bad."""
+    if not trials:
+        raise ValueError("a sweep needs at least one trial")
+    learned = [t for t in trials if t["value"] is not None and t["value"] >= threshold and t["value"] > 0]
+    if not learned:
+        best = max(trials, key=lambda t: -1.0 if t["value"] is None else t["value"])
+        measured = f"{best['value']:.1%} of {best['n']} ({best['trial']})" if best["value"] is not None else "none"
+        why = f"is below {100 * threshold:g}%" if best["value"] and best["value"] < threshold else "is 0"
+        return {"winner": None, "learning_rate": None, "epochs": None, "value": best["value"], "n": best["n"],
+                "reason": f"no sweep trial learned its task: the best held-out value accuracy, {measured}, {why}"}
+    best = min(learned, key=lambda t: (-t["value"], t["learning_rate"] * t["steps"], t["learning_rate"], t["epochs"]))
+    return {"winner": best["trial"], "learning_rate": best["learning_rate"], "epochs": best["epochs"],
+            "value": best["value"], "n": best["n"],
+            "reason": f"{best['trial']}: held-out value accuracy {best['value']:.1%} of {best['n']}, learning rate "
+                      f"{best['learning_rate']:g} x {best['steps']} steps"}
+
+
+def write_record(path: str | Path, key: str, trials: Sequence[Mapping[str, Any]], outcome: Mapping[str, Any]) -> Path:
+    """The sweep's trials and outcome, for the sweep definition `key` (FinetuneNotebookParams.sweep_key)."""
+    atomic_write_text(Path(path), dumps_json({"key": key, "rule": RULE, "trials": list(trials), "outcome": outcome}))
+    return Path(path)
+
+
+def read_record(path: str | Path, key: str) -> dict | None:
+    """The outcome the record at `path` holds for the sweep definition `key`; None when there is none yet, or it
+    was made for another definition (other trials, data, held-out scoring or threshold): the sweep runs again."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record["outcome"] if record.get("key") == key else None
