@@ -111,3 +111,14 @@ def tiny_mistral_dir(tmp_path_factory) -> str:
     MistralForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _meter_points_nowhere():
+    """Each test starts and ends with the cost meter keeping no records (kvlib.notebooks.start points it at a
+    results folder, which a later test's work must not write into)."""
+    from kvlib.engine import meter
+
+    meter.point_at(None)
+    yield
+    meter.point_at(None)

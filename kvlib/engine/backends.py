@@ -17,6 +17,8 @@ Three backends: `HFBackend` (a local Hugging Face model in transformers), `VLLMB
 vLLM's offline engine, on a GPU) and `OpenAIChatBackend` (any OpenAI-compatible chat API: OpenAI itself, vLLM's
 or llama.cpp's server). Both take an optional `on_result(index, result)` callback, called as
 each answer arrives, which is how kvlib.engine.cache.CachedBackend stores every response the moment it exists.
+The local backends record what each call computed and how long it took (kvlib.engine.meter, tagged `meter_tags`):
+the cost records a planner predicts the next run's wall time from.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from urllib.parse import urlparse
 import torch
 from tqdm.auto import tqdm
 
+from kvlib.engine import meter
 from kvlib.engine.config import check_positive, fail, from_mapping
 from kvlib.engine.io import sha256_text
 from kvlib.engine.models import (  # noqa: F401 - end_of_turn_ids is part of this module's interface
@@ -48,6 +51,7 @@ from kvlib.engine.models import (  # noqa: F401 - end_of_turn_ids is part of thi
     load_model,
     load_tokenizer,
     model_identity,
+    parameter_count,
     resolve_model,
 )
 
@@ -296,6 +300,13 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int 
     return batches
 
 
+def meter_tags(backend: str, dtype: str, device: str, model: Any) -> dict:
+    """What a backend's cost records (kvlib.engine.meter) are tagged with: its numerics, device, kind of machine
+    and model size, so that measured rates are only ever applied to work of the same kind."""
+    return {"backend": backend, "numerics": dtype, "device": str(device).split(":")[0],
+            "machine": meter.machine(str(device)), "parameters": sum(p.numel() for p in model.parameters())}
+
+
 # ----------------------------------------------------------------------------------- devices and dtypes
 
 
@@ -422,6 +433,17 @@ def build_backend(config: BackendConfig | Mapping[str, Any], progress: bool = Tr
                      batch_size=config.batch_size, max_batch_tokens=config.max_batch_tokens,
                      attn_implementation=config.attn_implementation, prefix_cache=config.prefix_cache,
                      decoder=config.decoder, threads=config.threads, progress=progress)
+
+
+def planned_engine(config: BackendConfig) -> tuple[str, str, str] | None:
+    """(backend name, evaluation dtype, device type) that `build_backend` runs `config` with, known without loading
+    anything (what a cost plan matches measured rates on: kvlib.engine.meter); None for a chat API."""
+    if config.kind == "openai":
+        return None
+    if config.kind == "vllm" or (config.kind == "auto" and vllm_usable()):
+        return "vllm", "bfloat16" if config.dtype == "auto" else config.dtype, "cuda"
+    device, dtype = default_device_dtype(config.device, config.dtype)
+    return "hf", _DTYPE_NAMES[dtype], device.type
 
 
 def vllm_usable() -> bool:
@@ -551,6 +573,25 @@ class LocalChatModel:
         return context_ids, continuation_ids
 
 
+class Tokenization(LocalChatModel):
+    """A local model's tokenizer and chat template without its weights: the very token ids a local backend computes
+    for requests (`LocalChatModel`'s tokenization), counted before anything runs (kvlib.pipeline.planner)."""
+
+    def __init__(self, spec: str = DEFAULT_MODEL):
+        self.spec = spec
+        self.tokenizer = load_tokenizer(spec)
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+
+    def prompt_ids(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Token ids of generation requests, as generate() prefills them."""
+        return self._encode_prompts(requests)
+
+    def loglikelihood_inputs(self, requests: Sequence[LoglikelihoodRequest]) -> list[list[int]]:
+        """The model input of each (context, continuation) request: context + continuation minus its last token
+        (requests with the same input share one forward pass, as loglikelihood() computes them)."""
+        return [(c + k)[:-1] for c, k in (self._encode_pair(r, f"requests[{i}]") for i, r in enumerate(requests))]
+
+
 # ----------------------------------------------------------------------------------------- HF backend
 
 
@@ -624,6 +665,7 @@ class HFBackend(LocalChatModel):
                             pad_token_id=self.pad_id)
         why_not = kvlib_decoder_unsupported(self.model, self.device, self._logits_to_keep)
         self.decoder = config.decoder if why_not is None else "generate"
+        self.meter_tags = meter_tags(self.name, self.dtype, str(self.device), self.model)
         if config.decoder == "kvlib" and why_not is not None and self.device.type == "cpu":
             print(f"kvlib: {self.spec}: transformers' generate() decodes ({why_not})", file=sys.stderr)
 
@@ -695,10 +737,13 @@ class HFBackend(LocalChatModel):
         check_max_new_tokens(max_new_tokens)
         if stop is not None and not isinstance(stop, StopRule):
             raise TypeError(f"stop must be a StopRule or None, got {stop!r}")
+        work = meter.Work("generate", self.meter_tags)
         prompts = self._encode_prompts(requests)
         # a batch grows to prompt + max_new_tokens: that is what the context window and max_batch_tokens bound
         totals = [len(p) + max_new_tokens for p in prompts]
         self._check_fit(totals, f"prompt + max_new_tokens={max_new_tokens}")
+        work.prompts, work.prompt_tokens = len(prompts), sum(map(len, prompts))
+        work.budget_tokens = len(prompts) * max_new_tokens
         if self.decoder == "kvlib":
             results: list = [None] * len(prompts)
 
@@ -708,20 +753,26 @@ class HFBackend(LocalChatModel):
                     on_result(i, answer)
 
             if prompts:
-                self._decode(prompts, max_new_tokens, stop, keep)
+                self._decode(prompts, max_new_tokens, stop, keep, work)
+                work.done()
             return results
         if stop is not None:  # generate() decodes whole replies; cut each where the rule says
             store = on_result
             on_result = None if store is None else (lambda i, answer: store(i, stop.apply(answer)))
-            return [stop.apply(a) for a in self._generate_padded(prompts, totals, max_new_tokens, on_result)]
-        return self._generate_padded(prompts, totals, max_new_tokens, on_result)
+            results = [stop.apply(a) for a in self._generate_padded(prompts, totals, max_new_tokens, on_result, work)]
+        else:
+            results = self._generate_padded(prompts, totals, max_new_tokens, on_result, work)
+        if prompts:
+            work.done()
+        return results
 
     def _generate_padded(self, prompts: list[list[int]], totals: list[int], max_new_tokens: int,
-                         on_result: Callable[[int, str], None] | None) -> list[str]:
+                         on_result: Callable[[int, str], None] | None, work: meter.Work) -> list[str]:
         """decoder "generate": transformers' generate() on left-padded batches (and with prefix_cache, the
-        prompts sharing long prefixes one at a time with the cached prefix)."""
+        prompts sharing long prefixes one at a time with the cached prefix). Prefill and decode run inside
+        generate(), so `work` gets their counts and only the call's total seconds."""
         if not self.prefix_cache:
-            return self._run_batched(prompts, totals, lambda batch: self._generate_batch(batch, max_new_tokens),
+            return self._run_batched(prompts, totals, lambda batch: self._generate_batch(batch, max_new_tokens, work),
                                      "generate", on_result)
         sharing = prompts_sharing_prefixes(prompts, self.prefix_min_shared)
         alone = sorted(set(range(len(prompts))) - set(sharing))
@@ -735,20 +786,25 @@ class HFBackend(LocalChatModel):
             return store
 
         if sharing:
-            self._generate_sharing_prefixes([prompts[i] for i in sharing], max_new_tokens, into(sharing))
+            self._generate_sharing_prefixes([prompts[i] for i in sharing], max_new_tokens, into(sharing), work)
         if alone:
             self._run_batched([prompts[i] for i in alone], [totals[i] for i in alone],
-                              lambda batch: self._generate_batch(batch, max_new_tokens), "generate", into(alone))
+                              lambda batch: self._generate_batch(batch, max_new_tokens, work), "generate",
+                              into(alone))
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, work: meter.Work) -> list[str]:
         input_ids, attention_mask = self._left_pad(prompts)
         output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                      max_new_tokens=max_new_tokens, **self._greedy)
-        return [self._decode_answer(row) for row in output[:, input_ids.shape[1]:].tolist()]
+        rows, width = input_ids.shape  # every row of a padded batch is computed, padding included
+        steps = output.shape[1] - width
+        work.add("prefill", rows * width, rows * meter.attention_pairs(0, width))
+        work.add("decode", rows * steps, rows * meter.attention_pairs(width, width + steps))
+        return [self._decode_answer(row) for row in output[:, width:].tolist()]
 
     def _generate_sharing_prefixes(self, prompts: list[list[int]], max_new_tokens: int,
-                                   on_result: Callable[[int, str], None]) -> None:
+                                   on_result: Callable[[int, str], None], work: meter.Work) -> None:
         """generate() with prefix_cache: prompts in lexicographic token order (prompts with a common prefix are
         neighbours), one at a time, each answer passed to on_result(index, answer); the cache holds the
         previous prompt and is cut back to the shared prefix."""
@@ -766,6 +822,9 @@ class HFBackend(LocalChatModel):
                                              max_new_tokens=max_new_tokens, **self._greedy,
                                              **{self._cache_kwarg: cache})
                 _truncate_cache(cache, len(prompt))  # drop the generated tokens: the next prompt shares none
+                steps = output.shape[1] - len(prompt)
+                work.add("prefill", len(prompt) - keep, meter.attention_pairs(keep, len(prompt)))
+                work.add("decode", steps, meter.attention_pairs(len(prompt), len(prompt) + steps))
                 held = prompt
                 on_result(i, self._decode_answer(output[0, len(prompt):].tolist()))
                 bar.update(1)
@@ -777,9 +836,9 @@ class HFBackend(LocalChatModel):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def _decode(self, prompts: list[list[int]], max_new_tokens: int, stop: StopRule | None,
-                on_result: Callable[[int, str], None]) -> None:
+                on_result: Callable[[int, str], None], work: meter.Work) -> None:
         """decoder "kvlib" (see the class docstring): each answer passed to on_result(index, answer) as its row
-        finishes."""
+        finishes; `work` counts and times prefill and decode apart."""
         if self.prefix_cache:
             order = sorted(range(len(prompts)), key=prompts.__getitem__)  # neighbours share the longest prefixes
         else:
@@ -795,11 +854,11 @@ class HFBackend(LocalChatModel):
             for batch in batches:
                 indices = [order[j] for j in batch]
                 held = self._decode_batch(model, [prompts[i] for i in indices], indices, max_new_tokens, stop,
-                                          prompt_cache, held, on_result, bar)
+                                          prompt_cache, held, on_result, bar, work)
 
     def _decode_batch(self, model: Any, prompts: list[list[int]], indices: list[int], max_new_tokens: int,
                       stop: StopRule | None, prompt_cache: _KVCache, held: list[int],
-                      on_result: Callable[[int, str], None], bar: Any) -> list[int]:
+                      on_result: Callable[[int, str], None], bar: Any, work: meter.Work) -> list[int]:
         """Prefill `prompts` one at a time, then decode them as the rows of one batch. Row r of the batch
         cache holds its prompt right-aligned at columns [width - len, width), its generated tokens after that
         (every row writes the same column at each step); a finished row's slot takes the last live row, so the
@@ -807,44 +866,49 @@ class HFBackend(LocalChatModel):
         width = max(len(p) for p in prompts)
         cache = _KVCache(len(prompts), width + max_new_tokens)
         rows: list[_Row] = []
-        for index, prompt in zip(indices, prompts):
-            # keep at least one prompt token to feed: its logits give the first new token
-            past = min(shared_prefix_length(held, prompt), len(prompt) - 1) if self.prefix_cache else 0
-            prompt_cache.write, prompt_cache.first = past, 0
-            logits = self._step(model, [prompt[past:]], [list(range(past, len(prompt)))], prompt_cache,
-                                _Layout(past=past))
-            held = prompt
-            cache.copy_row(len(rows), prompt_cache, len(prompt), width - len(prompt))
-            rows.append(_Row(index, len(prompt), width - len(prompt), [int(logits[0].argmax())]))
-        live = rows
-        generated = 1
-        while True:
-            done = [slot for slot, row in enumerate(live) if self._row_done(row, max_new_tokens, stop)]
-            for slot in reversed(done):  # highest slot first, so each swap moves a live row
-                row = live[slot]
-                answer = self._decode_answer(row.tokens)
-                on_result(row.index, answer if stop is None else stop.apply(answer))
-                bar.update(1)
-                last = len(live) - 1
-                if slot != last:
-                    cache.move_row(last, slot, live[last].start, width + generated - 1)
-                    live[slot] = live[last]
-                live.pop()
-            if not live:
-                return held
-            # feed each row's last token: generated token g sits at column width + g - 1, position len + g - 1
-            cache.write, cache.first = width + generated - 1, min(row.start for row in live)
-            columns = cache.write + 1 - cache.first
-            mask = None
-            if any(row.start != cache.first for row in live):
-                starts = torch.tensor([row.start - cache.first for row in live], device=self.device)
-                mask = (torch.arange(columns, device=self.device)[None, :] >= starts[:, None])[:, None, None, :]
-            logits = self._step(model, [[row.tokens[-1]] for row in live],
-                                [[row.length + generated - 1] for row in live], cache,
-                                _Layout(decode=True, rows=len(live), mask=mask))
-            for row, token in zip(live, logits.argmax(-1).tolist()):
-                row.tokens.append(token)
-            generated += 1
+        with work.timed("prefill"):
+            for index, prompt in zip(indices, prompts):
+                # keep at least one prompt token to feed: its logits give the first new token
+                past = min(shared_prefix_length(held, prompt), len(prompt) - 1) if self.prefix_cache else 0
+                prompt_cache.write, prompt_cache.first = past, 0
+                logits = self._step(model, [prompt[past:]], [list(range(past, len(prompt)))], prompt_cache,
+                                    _Layout(past=past))
+                work.add("prefill", len(prompt) - past, meter.attention_pairs(past, len(prompt)))
+                held = prompt
+                cache.copy_row(len(rows), prompt_cache, len(prompt), width - len(prompt))
+                rows.append(_Row(index, len(prompt), width - len(prompt), [int(logits[0].argmax())]))
+        with work.timed("decode"):
+            live = rows
+            generated = 1
+            while True:
+                done = [slot for slot, row in enumerate(live) if self._row_done(row, max_new_tokens, stop)]
+                for slot in reversed(done):  # highest slot first, so each swap moves a live row
+                    row = live[slot]
+                    answer = self._decode_answer(row.tokens)
+                    on_result(row.index, answer if stop is None else stop.apply(answer))
+                    bar.update(1)
+                    last = len(live) - 1
+                    if slot != last:
+                        cache.move_row(last, slot, live[last].start, width + generated - 1)
+                        live[slot] = live[last]
+                    live.pop()
+                if not live:
+                    return held
+                # feed each row's last token: generated token g sits at column width + g - 1, position len + g - 1
+                cache.write, cache.first = width + generated - 1, min(row.start for row in live)
+                columns = cache.write + 1 - cache.first
+                mask = None
+                if any(row.start != cache.first for row in live):
+                    starts = torch.tensor([row.start - cache.first for row in live], device=self.device)
+                    mask = torch.arange(columns, device=self.device)[None, :] >= starts[:, None]
+                    mask = mask[:, None, None, :]
+                logits = self._step(model, [[row.tokens[-1]] for row in live],
+                                    [[row.length + generated - 1] for row in live], cache,
+                                    _Layout(decode=True, rows=len(live), mask=mask))
+                work.add("decode", len(live), len(live) * columns)  # each row's token attends to the columns held
+                for row, token in zip(live, logits.argmax(-1).tolist()):
+                    row.tokens.append(token)
+                generated += 1
 
     def _step(self, model: Any, ids: list[list[int]], positions: list[list[int]], cache: _KVCache,
               layout: _Layout) -> torch.Tensor:
@@ -874,9 +938,11 @@ class HFBackend(LocalChatModel):
         than the context window.
         """
         _check_list(requests, "requests")
+        work = meter.Work("loglikelihood", self.meter_tags)
         pairs = [self._encode_pair(request, f"requests[{i}]") for i, request in enumerate(requests)]
         totals = [len(context) + len(continuation) for context, continuation in pairs]
         self._check_fit(totals, "context + continuation")
+        work.prompts, work.prompt_tokens = len(pairs), sum(totals)
         # Requests whose model input (context + continuation minus its last token) is the same share one
         # forward pass, as in lm-evaluation-harness: every choice of a multiple-choice question whose answers
         # are single tokens (MMLU's " A".." D") is scored from the logits of one pass over the context.
@@ -893,10 +959,13 @@ class HFBackend(LocalChatModel):
                     on_result(i, score)
 
         self._run_batched([[pairs[i] for i in g] for g in shared], [max(totals[i] for i in g) for g in shared],
-                          self._score_batch, "loglikelihood", store)
+                          lambda batch: self._score_batch(batch, work), "loglikelihood", store)
+        if pairs:
+            work.done()
         return results
 
-    def _score_batch(self, groups: list[list[tuple[list[int], list[int]]]]) -> list[list[tuple[float, bool]]]:
+    def _score_batch(self, groups: list[list[tuple[list[int], list[int]]]], work: meter.Work
+                     ) -> list[list[tuple[float, bool]]]:
         # One row per group of (context, continuation) pairs with the same input: context + continuation minus
         # its last token; the logits at the last len(continuation) positions predict the continuation. Left
         # padding aligns every row's end, so one `logits_to_keep` (the longest continuation) covers all rows and
@@ -904,6 +973,8 @@ class HFBackend(LocalChatModel):
         # does not shift them (as in generate()).
         input_ids, attention_mask = self._left_pad([(c + k)[:-1] for c, k in (group[0] for group in groups)])
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        rows, width = input_ids.shape
+        work.add("prefill", rows * width, rows * meter.attention_pairs(0, width))
         keep = max(len(k) for group in groups for _, k in group)
         extra = {"logits_to_keep": keep} if self._logits_to_keep else {}
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -1169,6 +1240,8 @@ class VLLMBackend(LocalChatModel):
         self.engine = vllm.LLM(model=path, tokenizer=path, dtype=self.dtype, seed=0,
                                gpu_memory_utilization=config.gpu_memory_utilization,
                                max_model_len=self.context_length(), enable_prefix_caching=True)
+        self.meter_tags = {"backend": self.name, "numerics": self.dtype, "device": "cuda",
+                           "machine": meter.machine("cuda"), "parameters": parameter_count(self.spec)}
 
     def _text_config(self) -> Any:
         return self._config.get_text_config()
@@ -1200,13 +1273,19 @@ class VLLMBackend(LocalChatModel):
         """Greedy completions, as HFBackend.generate (same prompts, same stopping, same decoding; a stop rule
         cuts the whole replies vLLM returns, which on a GPU cost little more)."""
         check_max_new_tokens(max_new_tokens)
+        work = meter.Work("generate", self.meter_tags)
         prompts = self._encode_prompts(requests)
         self._check_fit([len(p) + max_new_tokens for p in prompts], f"prompt + max_new_tokens={max_new_tokens}")
         params = self._sampling_params(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=self.stop_ids,
                                        skip_special_tokens=False)
         results: list = [None] * len(prompts)
+        work.prompts, work.prompt_tokens = len(prompts), sum(map(len, prompts))
+        work.budget_tokens = len(prompts) * max_new_tokens
 
         def store(i: int, output: Any) -> None:
+            new = len(output.outputs[0].token_ids)  # vLLM reuses cached prefixes itself: counted in full here
+            work.add("prefill", len(prompts[i]), meter.attention_pairs(0, len(prompts[i])))
+            work.add("decode", new, meter.attention_pairs(len(prompts[i]), len(prompts[i]) + new))
             results[i] = self._decode_answer(list(output.outputs[0].token_ids))
             if stop is not None:
                 results[i] = stop.apply(results[i])
@@ -1214,15 +1293,23 @@ class VLLMBackend(LocalChatModel):
                 on_result(i, results[i])
 
         self._run(prompts, params, store, "generate")
+        if prompts:
+            work.done()
         return results
 
     def loglikelihood(self, requests: Sequence[LoglikelihoodRequest],
                       on_result: Callable[[int, tuple[float, bool]], None] | None = None) -> list[tuple[float, bool]]:
         """As HFBackend.loglikelihood (same context/continuation split), from vLLM's prompt log-probs."""
         _check_list(requests, "requests")
+        work = meter.Work("loglikelihood", self.meter_tags)
         pairs = [self._encode_pair(request, f"requests[{i}]") for i, request in enumerate(requests)]
         self._check_fit([len(c) + len(k) for c, k in pairs], "context + continuation")
         params = self._sampling_params(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        work.prompts = len(pairs)
+        for context, continuation in pairs:
+            length = len(context) + len(continuation)
+            work.prompt_tokens += length
+            work.add("prefill", length, meter.attention_pairs(0, length))
         results: list = [None] * len(pairs)
 
         def store(i: int, output: Any) -> None:
@@ -1237,6 +1324,8 @@ class VLLMBackend(LocalChatModel):
                 on_result(i, results[i])
 
         self._run([c + k for c, k in pairs], params, store, "loglikelihood")
+        if pairs:
+            work.done()
         return results
 
 

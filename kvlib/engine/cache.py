@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from kvlib.engine import meter
 from kvlib.engine.backends import (ContextLengthError, StopRule, check_max_new_tokens, generate_until, request_payload,
                                    to_messages)
 from kvlib.engine.config import InputError
@@ -222,7 +223,10 @@ class CachedBackend:
                     on_result(i, results[i])
             else:
                 todo_index.setdefault(key, []).append(i)
-        self.hits += len(payloads) - sum(len(v) for v in todo_index.values())
+        hits = len(payloads) - sum(len(v) for v in todo_index.values())
+        self.hits += hits
+        if getattr(self.backend, "meter_tags", None) is not None:  # counted, at no cost, where a backend is metered
+            meter.cached(kind, self.backend.meter_tags, hits)
         if not todo_index:
             return results
         todo_keys = list(todo_index)

@@ -570,6 +570,27 @@ def model_identity(spec: str) -> dict:
     return {"spec": spec, "path": path, "weights_sha256": sha}
 
 
+@functools.lru_cache(maxsize=16)
+def parameter_count(spec: str) -> int | None:
+    """The number of parameters of model `spec` from its config.json alone (the architecture instantiated on
+    PyTorch's meta device: no weights read), or None when this machine has no config of it (a hub model never
+    downloaded; offline, nothing is fetched). A LoRA adapter counts as its base model. What cost records are
+    tagged with (kvlib.engine.meter), so a planner applies rates measured on a model of this size only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = _check_spec(spec, "model")
+    adapter = _adapter_dir(spec)
+    if adapter is not None:
+        return parameter_count(_adapter_base(adapter))
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(spec), local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 # ------------------------------------------------------------------------------------- token counting
 
 

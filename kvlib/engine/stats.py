@@ -427,6 +427,84 @@ def p_from_interval(estimate: float, ci_low: float, ci_high: float, null: float,
     raise ValueError(f"side must be 'greater' or 'less', got {side!r}")
 
 
+# ---------------------------------------------------------------------------- planning: expected widths
+#
+# Before a run: how wide will a claim's 95% interval be at the planned number of units (questions, items), from
+# the spread of the units' paired differences an earlier run measured (or a stated prior)? Each method above is a
+# t (or bootstrap) interval over units that never goes below a Newcombe floor, so the expected width is the larger
+# of the two at the planned n: `expected_half_width`.
+
+
+def seed_item_spread(diffs) -> tuple[float, float]:
+    """(unit_sd, seed_sd) of a seeds x units array of paired differences (one row per seed; one row for a single
+    model), what a planned interval needs. `unit_sd`: the standard deviation over units of their seed-averaged
+    difference. `seed_sd`: the spread of the seeds' mean differences beyond what sampling the units explains (the
+    between-seed standard deviation of a one-way random-effects model: the variance of the seeds' means minus the
+    mean within-seed variance over the number of units, floored at 0); 0 for one seed."""
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 2 or d.shape[1] < 1:
+        raise ValueError(f"seed_item_spread needs a seeds x units array, got shape {d.shape}")
+    k, n = d.shape
+    unit_sd = float(d.mean(axis=0).std(ddof=1)) if n > 1 else 0.0
+    if k < 2:
+        return unit_sd, 0.0
+    within = float(d.var(axis=1, ddof=1).mean()) if n > 1 else 0.0
+    between = float(d.mean(axis=1).var(ddof=1)) - within / n
+    return unit_sd, math.sqrt(max(between, 0.0))
+
+
+def planned_table(n: int, base_rate: float, unit_sd: float, mean: float = 0.0) -> tuple[float, float, float, float]:
+    """The paired 2x2 table (soft counts, as `soft_table` builds it) that n units are expected to give when the
+    original scores `base_rate` on average and the units' differences have mean `mean` and standard deviation
+    `unit_sd`: discordant = n x max(unit_sd^2 + mean^2, |mean|), split by the mean, the rest concordant."""
+    if n < 1 or not 0 <= base_rate <= 1 or unit_sd < 0:
+        raise ValueError(f"planned_table needs n >= 1, base_rate in [0, 1] and unit_sd >= 0, got {n}, {base_rate}, "
+                         f"{unit_sd}")
+    discordant = min(n * max(unit_sd ** 2 + mean ** 2, abs(mean)), float(n))
+    only_a, only_b = (discordant + n * mean) / 2, (discordant - n * mean) / 2
+    both = max(0.0, n * base_rate - only_b)
+    return both, only_a, only_b, max(0.0, n - both - only_a - only_b)
+
+
+def expected_half_width(n: int, unit_sd: float, floor_tables: Sequence[tuple], seed_sd: float = 0.0,
+                        seeds: int = 1, level: float = 0.95) -> float:
+    """Half the width of the 95% interval a claim is expected to reach from n units: the larger of
+    - the spread part, t_{(1+level)/2, n-1} x sqrt(unit_sd^2 / n + seed_sd^2 / seeds): the paired t interval over
+      units (scipy.stats.t), and for a seed group the two-stage bootstrap's spread, whose seed part does not
+      shrink with n (`seed_item_spread`);
+    - the floor the judged method never goes below: Newcombe's interval on the one planned table of
+      `floor_tables` (`planned_table`), or the MOVER combination of two (a contrast of two settings).
+    Never 0 (the floor has the width n units leave when none differs); infinite below 2 units (no t interval)."""
+    from scipy.stats import t as student_t
+
+    if n < 2:
+        return math.inf
+    spread = float(student_t.ppf(0.5 + level / 2, n - 1)) * math.sqrt(unit_sd ** 2 / n + seed_sd ** 2 / seeds)
+    z = _z(level)
+    if len(floor_tables) == 1:
+        lo, hi = _newcombe_at_z(tuple(floor_tables[0]), z)
+    elif len(floor_tables) == 2:
+        lo, hi = _mover_at_z(tuple(floor_tables[0]), tuple(floor_tables[1]), z)
+    else:
+        raise ValueError(f"expected_half_width takes one table (a difference) or two (a contrast), got "
+                         f"{len(floor_tables)}")
+    return max(spread, (hi - lo) / 2)
+
+
+def detectable_difference(half_width: float, n: int, alpha: float = 0.025, power: float = 0.8,
+                          level: float = 0.95) -> float:
+    """The smallest true difference a one-sided test at `alpha` (Holm's first step in a family of m: 0.025 / m)
+    finds with probability `power`, for an interval of `half_width` from n units: (t_{1-alpha} + t_{power}) x SE
+    with SE = half_width / t_{(1+level)/2} (n - 1 degrees of freedom)."""
+    from scipy.stats import t as student_t
+
+    if n < 2 or not math.isfinite(half_width):
+        return math.inf
+    df = n - 1
+    se = half_width / float(student_t.ppf(0.5 + level / 2, df))
+    return (float(student_t.ppf(1 - alpha, df)) + float(student_t.ppf(power, df))) * se
+
+
 # ------------------------------------------------------------------------------------------------ means
 
 

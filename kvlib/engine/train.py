@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from kvlib.engine import models
+from kvlib.engine import meter, models
 from kvlib.engine.config import (
     InputError,
     ParamError,
@@ -331,11 +331,17 @@ def answer_token_losses(model_spec: str, samples, label: str, dtype: str = "floa
 
 
     model, tokenizer = models.load_model(model_spec, dtype=dtype)
+    work = meter.Work("loglikelihood", {"backend": "hf", "numerics": dtype, "device": model.device.type,
+                                        "machine": meter.machine(str(model.device)),
+                                        "parameters": sum(p.numel() for p in model.parameters())})
     rows = []
     with torch.inference_mode():
         for s in samples:
             ex = tokenize_chat(tokenizer, s.messages())
             ids = torch.tensor([ex["input_ids"]], device=model.device)
+            work.prompts += 1
+            work.prompt_tokens += ids.shape[1]
+            work.add("prefill", ids.shape[1], meter.attention_pairs(0, ids.shape[1]))
             logits = model(input_ids=ids).logits[0, :-1].float()
             targets = torch.tensor(ex["labels"][1:], device=model.device)
             keep = targets != IGNORE_INDEX
@@ -345,6 +351,7 @@ def answer_token_losses(model_spec: str, samples, label: str, dtype: str = "floa
             for i, (tok, loss, kind) in enumerate(zip(answer_ids, losses, kinds)):
                 rows.append({"model": label, "id": s.meta["id"], "template": s.meta["template"], "index": i,
                              "token": tokenizer.decode([tok]), "kind": kind, "loss": loss})
+    work.done()
     del model
     return rows
 
@@ -521,13 +528,19 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     trainer = Trainer(model=model, args=_training_arguments(cfg, cuda), train_dataset=dataset,
                       data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=callbacks)
+    device = "cuda" if cuda else "cpu"
+    work = meter.Work("train", {"numerics": resolve_precision(cfg.precision, cuda), "device": device,
+                                "machine": meter.machine(device), "method": cfg.method,
+                                "parameters": sum(p.numel() for p in model.parameters())})
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=ckpt if resume else None)
     wall = time.time() - t0
+    _count_training(work, dataset, trainer, int(Path(ckpt).name.rsplit("-", 1)[-1]) if ckpt and resume else 0)
 
     model_dir = save_final_model(cfg, trainer)
     if not trainer.is_world_process_zero():  # under accelerate/torchrun only rank 0 writes reports
         return {}
+    work.done()
     write_loss_csv(trainer.state.log_history, out / "loss.csv")
     n_answer = sum(sum(1 for x in ex["labels"] if x != IGNORE_INDEX) for ex in dataset.examples)
     summary = {
@@ -549,6 +562,20 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     if not cfg.keep_checkpoints:  # after the summary: a crash before this leaves a resumable run, not a lost one
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return summary
+
+
+def _count_training(work: meter.Work, dataset: ChatDataset, trainer, first_step: int) -> None:
+    """The sequences this session trained on (`work`): its optimizer steps (from `first_step`, a resumed
+    checkpoint's) x the global batch, each with the mean tokens and attention pairs of the training data (forward
+    and backward: what the training rate is fitted on)."""
+    args = trainer.args
+    sequences = ((trainer.state.global_step - first_step) * args.per_device_train_batch_size
+                 * args.gradient_accumulation_steps * args.world_size)
+    lengths = [len(ex["input_ids"]) for ex in dataset.examples]
+    work.prompts = sequences
+    work.prompt_tokens = round(sequences * sum(lengths) / len(lengths))
+    work.add("train", work.prompt_tokens,
+             round(sequences * sum(meter.attention_pairs(0, n) for n in lengths) / len(lengths)))
 
 
 def save_final_model(cfg: TrainConfig, trainer) -> Path:

@@ -85,7 +85,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     _project_dirs(args)
     with reproduce.sigterm_as_interrupt():  # a session ending: the running attempt is timed, as on Ctrl-C
         return reproduce.run_profile(args.profile, **_profile_run_args(args), dry_run=args.dry_run,
-                                     model=args.model, sets=args.set or ())
+                                     model=args.model, sets=args.set or (),
+                                     allow_underpowered=args.allow_underpowered)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -204,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "results go to <results>/<profile>/<model slug>/")
     rep.add_argument("--force", action="store_true", help="re-run notebooks that already finished")
     rep.add_argument("--dry-run", action="store_true",
-                     help="validate the profile offline and print what would run and what its models need")
+                     help="validate the profile offline and print what would run, what its models need, each "
+                          "notebook's predicted wall time on this machine and each pre-registered primary claim's "
+                          "expected interval half-width")
+    rep.add_argument("--allow-underpowered", action="store_true",
+                     help="run even when a pre-registered primary claim cannot reach its interval width at the "
+                          "planned n (by default the run stops before any compute, naming the params to change)")
     rep.add_argument("--concurrent", action="store_true",
                      help="run even while another kvlib reproduce writes the same results folder (by default it "
                           "waits for it: results/<profile>/.kvlib.lock)")

@@ -22,9 +22,9 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, ClassVar, Iterator, Literal, Mapping
 
-from kvlib.engine import resources
+from kvlib.engine import meter, resources
 from kvlib.engine.backends import BackendConfig
 from kvlib.engine.config import ParamError, check_positive, fail, from_mapping, load_yaml, to_mapping
 from kvlib.engine.evaluate import check_seed_groups
@@ -157,6 +157,26 @@ class EvalModelsParams:
     def synthetic_models(self, base: str | None) -> list[str]:
         """The models (and seed groups) judged on the paper's claims against `base`: see `synthetic_models`."""
         return synthetic_models(self.models, base, self.seed_groups)
+
+    def _check_primary(self, primary: list[paper.PrimaryClaim], artifacts: Mapping[str, tuple[str, ...]],
+                       base: str | None) -> None:
+        """Each pre-registered primary claim (a `primary:` entry) names an artifact this notebook judges
+        (`artifacts`: id -> its settings, or () for benchmarks) and a model or seed group it judges against `base`,
+        once each; the notebook checks the setting or benchmark."""
+        judged = self.synthetic_models(base)
+        seen: dict[str, int] = {}
+        for i, claim in enumerate(primary):
+            where = f"primary[{i}]"
+            if claim.artifact not in artifacts:
+                fail(f"{where}.artifact", f"{claim.artifact!r} is not judged by this notebook; it judges "
+                                          f"{', '.join(artifacts)}")
+            if claim.model not in judged:
+                fail(f"{where}.model", f"{claim.model!r} is not a model or seed group this notebook judges against "
+                                       f"{base!r}; judged: {', '.join(judged) or 'none'}")
+            key = claim.describe()
+            if key in seen:
+                fail(where, f"the same claim as primary[{seen[key]}] ({key}): pre-register each claim once")
+            seen[key] = i
 
     def validate(self) -> None:
         configs = self.model_configs()
@@ -460,6 +480,12 @@ class MDQANotebookParams(EvalModelsParams):
     data_dir: str | None = None  # None: $KVLIB_DATA_DIR or ../shared/data
     # LitM's nq-open-random-documents.jsonl.gz; None: <data>/mdqa/ has it or not (kvlib data fetch mdqa-random)
     random_documents_file: str | None = None
+    # pre-registered primary claims (kvlib.report.paper.PrimaryClaim: artifact, model, setting, max_half_width);
+    # empty: every claim is judged as before, in one Holm family per figure
+    primary: list[paper.PrimaryClaim] = dataclasses.field(default_factory=list)
+    # the claims this notebook judges: artifact -> the settings a primary claim of it may name
+    PRIMARY_SETTINGS: ClassVar[dict[str, tuple[str, ...]]] = {"fig5": ("random",),
+                                                               "fig10": ("retrieved", paper.CONTRAST)}
 
     def validate(self) -> None:
 
@@ -479,6 +505,18 @@ class MDQANotebookParams(EvalModelsParams):
         if self.num_questions is not None:
             check_positive("num_questions", self.num_questions)
         check_positive("max_new_tokens", self.max_new_tokens)
+        self._check_primary(self.primary, self.PRIMARY_SETTINGS, next(iter(self.models), None))
+        for i, claim in enumerate(self.primary):
+            allowed = self.PRIMARY_SETTINGS[claim.artifact]
+            if claim.benchmark is not None or claim.metric is not None:
+                fail(f"primary[{i}].benchmark", "MDQA claims name a setting, not a benchmark or metric")
+            if claim.setting not in allowed:
+                fail(f"primary[{i}].setting", f"{claim.artifact} is judged in setting {' or '.join(allowed)}, got "
+                                              f"{claim.setting!r}")
+            needed = ["random", "retrieved"] if claim.setting == paper.CONTRAST else [claim.setting]
+            if any(s not in self.settings for s in needed):
+                fail(f"primary[{i}].setting", f"{claim.setting} needs settings {needed}; this notebook runs "
+                                              f"{self.settings}")
 
 
 
@@ -491,6 +529,7 @@ class LongerContextNotebookParams(MDQANotebookParams):
     settings: list[str] = dataclasses.field(default_factory=lambda: ["random"])
     num_documents: int = 50
     positions: list[int] = dataclasses.field(default_factory=lambda: [1, 10, 25, 40, 50])
+    PRIMARY_SETTINGS: ClassVar[dict[str, tuple[str, ...]]] = {"fig9": ("random",)}
 
     def validate(self) -> None:
         if list(self.settings) != ["random"]:
@@ -555,6 +594,9 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
     # labels of local HF models to run again through lm-evaluation-harness on the same items (kvlib.tasks.harness)
     harness_crosscheck: list[str] = field(default_factory=list)
     harness_dir: str = "runs/harness"  # where the harness's task files and local data go
+    # pre-registered primary claims (kvlib.report.paper.PrimaryClaim: artifact table1, model, benchmark, metric
+    # (default its headline), max_half_width); empty: every claim is judged as before, in one Holm family
+    primary: list[paper.PrimaryClaim] = field(default_factory=list)
 
     def validate(self) -> None:
 
@@ -592,6 +634,16 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
                                                             f"auto or chat")
         check_positive("n_boot", self.n_boot, 100)
         check_positive("examples_to_show", self.examples_to_show, 0)
+        self._check_primary(self.primary, {"table1": ()}, self.baseline)
+        for i, claim in enumerate(self.primary):
+            if claim.setting is not None:
+                fail(f"primary[{i}].setting", "Table 1 claims name a benchmark, not an MDQA setting")
+            if claim.benchmark not in self.tasks:
+                fail(f"primary[{i}].benchmark", f"{claim.benchmark!r} is not one of this notebook's tasks "
+                                                f"{list(self.tasks)}")
+            metrics = {m for ms in TASKS[claim.benchmark].metrics.values() for m in ms} - {"parsed"}
+            if claim.metric is not None and claim.metric not in metrics:
+                fail(f"primary[{i}].metric", f"{claim.benchmark} is scored on {sorted(metrics)}, got {claim.metric!r}")
 
     def raw_text(self) -> bool | None:
         """Whether the models can be sent raw text (no chat template): True when all are local models, False when
@@ -839,6 +891,9 @@ class BaselinesNotebookParams(EvalModelsParams):
         for key in _COMMON:
             if key in data:
                 fail(f"{name}.{key}", "is set once, at the top level of this notebook's params")
+        if "primary" in data:
+            fail(f"{name}.primary", "notebook 06 judges Fig. 8 and Table 2; pre-register Figs. 5 and 10 and Table 1 "
+                                    "in the params of notebooks 03 and 05")
         common = {k: getattr(self, k) for k in _COMMON}
         return from_mapping(cls, {**common, **defaults, **data}, name)
 
@@ -980,13 +1035,18 @@ def start(name: str, injected: Mapping[str, Any] | None, namespace: Mapping[str,
                 "results_dir": (INTERACTIVE_RESULTS / INTERACTIVE_PROFILE).as_posix()}
         declared = {f.name for f in dataclasses.fields(cls)}
         try:
-            return from_mapping(cls, {k: v for k, v in data.items() if k in declared})
+            params = from_mapping(cls, {k: v for k, v in data.items() if k in declared})
         except ParamError as exc:
             raise ParamError(f"{path}: {exc}") from None
-    if not isinstance(injected, Mapping):
-        raise ParamError(f"{name}: {INJECTED} must be a mapping of params, got {type(injected).__name__}")
-    profile = _committed_results(Path(str(injected.get("results_dir", ""))), root)
-    if profile is not None:
-        raise ParamError(f"{name}: results_dir {injected['results_dir']!r} is a committed profile's results, which "
-                         f"only `kvlib reproduce --profile {profile} --only {name}` replaces (as a whole, on success)")
-    return from_mapping(cls, injected, check=False)
+    else:
+        if not isinstance(injected, Mapping):
+            raise ParamError(f"{name}: {INJECTED} must be a mapping of params, got {type(injected).__name__}")
+        profile = _committed_results(Path(str(injected.get("results_dir", ""))), root)
+        if profile is not None:
+            raise ParamError(f"{name}: results_dir {injected['results_dir']!r} is a committed profile's results, "
+                             f"which only `kvlib reproduce --profile {profile} --only {name}` replaces (as a whole, "
+                             f"on success)")
+        params = from_mapping(cls, injected, check=False)
+    # what this run's work costs, measured where it is done, goes with its results (the planner's rates)
+    meter.point_at(Path(params.results_dir) / name / meter.COST_FILE)
+    return params

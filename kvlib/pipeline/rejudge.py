@@ -22,6 +22,10 @@ from kvlib.pipeline import baselines_study as study
 from kvlib.pipeline.notebooks import FINETUNE, FinetuneNotebookParams, synthetic_models
 from kvlib.pipeline.runs import not_learned_reason
 from kvlib.report.paper import (
+    HALF_WIDTH,
+    MAX_HALF_WIDTH,
+    ROLE,
+    PrimaryClaim,
     artifact_verdict,
     claim_interval,
     equivalence_margin,
@@ -85,6 +89,11 @@ def _template_pairs(params: Mapping[str, Any], profile: str, params_root: str | 
                 if "-template-" in r and r.replace("-template-", "-notemplate-") in runs]
 
 
+def primary_claims(params: Mapping[str, Any]) -> list[PrimaryClaim]:
+    """The primary claims a notebook's params pre-register (`primary:`), as the notebook judges them."""
+    return [from_mapping(PrimaryClaim, entry, f"primary[{i}]") for i, entry in enumerate(params.get("primary") or [])]
+
+
 def not_learned(results_dir: str | Path, models: Mapping[str, Any], threshold: float) -> dict[str, str]:
     """label -> why, for each model that is a run of 02_finetune ({run: name}) whose finetuned row in 02's committed
     heldout_accuracy.csv does not reach `threshold` (kvlib.pipeline.runs.not_learned_reason: the rule of the gate
@@ -141,9 +150,10 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
             threshold = float(notebook_params(FINETUNE, profile, params_root).get(
                 "learned_threshold", FinetuneNotebookParams.learned_threshold))
             return mark_not_tested(longer_context_claims(pooled, compared, int(params.get(
-                "num_documents", rows[0]["num_documents"]))), not_learned(results_dir, entries, threshold))
+                "num_documents", rows[0]["num_documents"])), primary=primary_claims(params)),
+                not_learned(results_dir, entries, threshold))
 
-        return mdqa_claims(pooled, compared, SETTING_RANDOM, SETTING_RETRIEVED)
+        return mdqa_claims(pooled, compared, SETTING_RANDOM, SETTING_RETRIEVED, primary=primary_claims(params))
 
     if notebook == "04_flenqa":
         rows = items["flenqa_items.csv"]
@@ -165,7 +175,8 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
                 deltas, general.benchmark_seed_group_deltas(rows, baseline, groups, seed, margin=equivalence_margin()), groups)
         return general_claims(deltas, synthetic_models(entries, baseline, groups),
                               {name: spec.headline for name, spec in general.TASKS.items()},
-                              {name: spec.title for name, spec in general.TASKS.items()})
+                              {name: spec.title for name, spec in general.TASKS.items()},
+                              primary=primary_claims(params))
 
 
     original = params.get("original", "original")
@@ -368,7 +379,8 @@ def notebook_record(name: str, results_dir: Path, entry: Mapping[str, Any], file
             n = fresh[(row["artifact"], row["claim"], row["model"])]
             claim.update({"new_ci": row["new_ci"], "new_verdict": row["new_verdict"], "new_delta": _rounded(n.get("delta")),
                           "unit": n.get("unit"), "h0": n.get("h0"), "p_holm": _rounded(n.get("p_holm")),
-                          "family_size": n.get("family_size")})
+                          "family_size": n.get("family_size"),
+                          **{k: _rounded(n[k]) for k in (ROLE, HALF_WIDTH, MAX_HALF_WIDTH) if k in n}})
         record["claims"].append(claim)
     return record
 
@@ -441,7 +453,8 @@ def figure_claims(record: Mapping[str, Any], old: Sequence[Mapping[str, Any]]) -
                 "published_delta_points": published.get(key)}
         if "new_verdict" in c:
             rows.append({**base, "delta": c.get("new_delta"), "ci": c["new_ci"], "unit": c.get("unit"),
-                         "h0": c.get("h0"), "verdict": c["new_verdict"]})
+                         "h0": c.get("h0"), "verdict": c["new_verdict"],
+                         **{k: c[k] for k in (ROLE, HALF_WIDTH, MAX_HALF_WIDTH) if k in c}})
         else:
             old_row = next((o for o in old if (o.get("artifact"), o.get("claim"), o.get("model")) == key), {})
             rows.append({**old_row, **base, "verdict": STALE_RERUN})

@@ -68,7 +68,8 @@ def main_figure(name: str, entry: Mapping[str, Any]) -> str | None:
 
 CLAIMS_CAPTION = ("Every claim of the paper this profile checks, grouped by figure and table: our difference "
                   "(finetuned minus original) with its 95% interval, coloured by verdict (Holm-adjusted within each "
-                  "artifact); open markers: the paper's own published differences; grey band: the equivalence margin "
+                  "artifact; pre-registered primary claims, in bold with the half-width reached, in a family of their "
+                  "own); open markers: the paper's own published differences; grey band: the equivalence margin "
                   "({margin:.2f} points) that \u201closes nothing\u201d and \u201cdoes not improve\u201d claims must "
                   "rule out. Each notebook's claims table has the p-values and the original's level.")
 
@@ -180,6 +181,30 @@ def _model_of(entry: Mapping[str, Any]) -> str:
 
 
 
+def primary_note(claims: Sequence[Mapping[str, Any]]) -> str:
+    """The pre-registered primary claims among an artifact's claims (ROLE primary; facts or re-judged record
+    rows), for its verdict cell: their verdict and each one's interval half-width reached against the one
+    pre-registered, "primary: inconclusive at this n (finetuned (template), improves MDQA, random distractors:
+    inconclusive, +-6.1 of +-3 points)"; '' when none is primary."""
+    primary = [c for c in claims if c.get(paper.ROLE) == paper.PRIMARY]
+    if not primary:
+        return ""
+    verdicts = [str(c.get("new_verdict") or c.get("verdict") or "not measured") for c in primary]
+    parts = []
+    for c in primary:
+        half, limit = c.get(paper.HALF_WIDTH), c.get(paper.MAX_HALF_WIDTH)
+        reached = "no interval" if half is None else f"\u00b1{float(half):.1f}"
+        verdict_text = verdict_category(str(c.get("new_verdict") or c.get("verdict") or "not measured"))
+        parts.append(f"{c.get('model')}, {_claim_subject(str(c.get('claim', '')))}: {verdict_text}, {reached}"
+                     + ("" if limit is None else f" of \u00b1{float(limit):g} points"))
+    return f"primary: {artifact_verdict(verdicts)} ({'; '.join(parts)})"
+
+
+def _claim_subject(claim: str) -> str:
+    """What a claim is about, shortly: its text after "synthetic finetuning" up to its first parenthesis."""
+    return claim.removeprefix("synthetic finetuning ").split(" (")[0]
+
+
 def rejudged_verdict(summary: Mapping[str, Any], old_text: str) -> str:
     """An artifact's verdict cell from its record (kvlib.pipeline.rejudge.artifact_summary): the verdict its claims
     get re-judged from the committed items, next to the one the notebook wrote (`old_text`), and how many claims
@@ -244,6 +269,10 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
         record = rejudged.get(nb) if ok else None
         if record is not None and art["claims"]:
             verdict_text = rejudged_verdict(rejudge.artifact_summary(record, art["id"]), verdict_text)
+            claims = [c for c in record.get("claims", []) if c["artifact"] == art["id"] and "new_verdict" in c]
+        note = primary_note(claims) if ok and art["claims"] else ""
+        if note:
+            verdict_text += f"; {note}"
         reasons = ([f"{changed[nb]} since this run"] if ok and nb in (changed or {}) else []) + (
             [s["reason"] for s in record.get("stale", [])] if record is not None else [])
         if reasons:

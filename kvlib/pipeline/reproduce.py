@@ -56,6 +56,7 @@ from kvlib.pipeline.manifest import (
 )
 from kvlib.pipeline.notebooks import INJECTED, STAGING
 from kvlib.pipeline.plan import NotebookJob, Overrides, ProfileVariant, model_requirements, plan_run
+from kvlib.pipeline.planner import format_plan, plan_profile_cost, power_problems
 from kvlib.pipeline.repro_map import write_index, write_results_record
 
 KERNEL_NAME = "python3"
@@ -410,11 +411,14 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
 
 
 def print_plan(jobs: list[NotebookJob], entries: dict[str, dict], out_dir: Path, repo_root: Path, profile: str,
-               force: bool = False, variant: ProfileVariant | None = None) -> int:
+               force: bool = False, variant: ProfileVariant | None = None, results_root: Path | None = None,
+               params_root: Path | None = None) -> int:
     """What `run_profile` would do, printed without running or writing anything (`--dry-run`): with --model/--set
     every change to the profile's params (`variant`), then each notebook, whether it would run (and why), be skipped
     as up to date, or does not apply to the profile, what its models need (weights, API keys) and which of its data
-    inputs are missing (kvlib.pipeline.data_needs)."""
+    inputs are missing (kvlib.pipeline.data_needs); then, given `results_root` and `params_root`, the cost and power
+    plan (kvlib.pipeline.planner: each notebook's predicted wall time on this machine, each pre-registered primary
+    claim's expected interval half-width, flagged when it cannot reach its width)."""
     print(f"kvlib reproduce --profile {profile} --dry-run: {len(jobs)} notebooks, params valid")
     for line in variant.describe() if variant is not None else []:
         print(line)
@@ -428,6 +432,9 @@ def print_plan(jobs: list[NotebookJob], entries: dict[str, dict], out_dir: Path,
             print(f"    {line}")
         for need, st in missing_for(job.name, job.config):
             print(f"    data: {need.dataset} {st.state} ({need.why}) -> {st.fix}")
+    if results_root is not None and params_root is not None:
+        for line in format_plan(plan_profile_cost(profile, jobs, out_dir, results_root, params_root)):
+            print(line)
     return 0
 
 
@@ -546,6 +553,7 @@ def run_profile(
     lock: bool = False,
     model: str | None = None,
     sets: list[str] | tuple[str, ...] = (),
+    allow_underpowered: bool = False,
 ) -> int:
     """Run the notebooks of `profile` (or the `only` ones) in order; 0 when all succeed, 1 at the first failure.
     `dry_run`: validate and print the plan (`print_plan`) instead, offline, writing nothing. `lock`: wait for
@@ -553,7 +561,9 @@ def run_profile(
     --concurrent). `model` (a model spec: hub id, local checkpoint, embedded name, openai:<model>[@<base_url>])
     replaces the profile's base model, `sets` (NOTEBOOK.KEY=VALUE) set single params
     (kvlib.pipeline.plan.apply_overrides); with either, the run goes to results_root/<profile>/<model slug>/, never
-    into the profile's own results.
+    into the profile's own results. A run whose notebooks pre-register primary claims that cannot reach their
+    interval width at the planned n (kvlib.pipeline.planner.power_problems) stops before any compute, returning 2,
+    unless `allow_underpowered`.
 
     Raises ParamError before anything runs if the profile, a notebook name or any params file is invalid, and
     CorruptCacheError if a response cache the run would use is damaged; returns 2, printing one message, before
@@ -566,7 +576,8 @@ def run_profile(
     repo_root = notebooks_dir.resolve().parent
     if dry_run:
         with planned.planned_params():
-            return print_plan(jobs, load_manifest_entries(out_dir), out_dir, repo_root, profile, force, variant)
+            return print_plan(jobs, load_manifest_entries(out_dir), out_dir, repo_root, profile, force, variant,
+                              results_root, params_root)
 
     # The check before compute: every data input of the notebooks that will run (kvlib/engine/datasets.yaml) is in
     # place, else one message naming each missing one and the command that fetches them, before any training.
@@ -580,6 +591,12 @@ def run_profile(
     missing = check_inputs(will_run, profile=profile) or model_access_problems(will_run)
     if missing:
         print(missing, file=sys.stderr)
+        return 2
+    underpowered = [] if allow_underpowered else power_problems(profile, will_run, out_dir, results_root, params_root)
+    if underpowered:
+        print("kvlib reproduce: stopped before any compute: pre-registered primary claims cannot reach their interval "
+              "width at the planned n (`kvlib reproduce --dry-run` shows the plan):\n"
+              + "\n".join(f"- {line}" for line in underpowered), file=sys.stderr)
         return 2
     check_caches(will_run, repo_root)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -292,13 +292,13 @@ class LearnedGate:
         return {label: config for label, config in configs.items() if label not in self.failed}
 
     def judge(self, claims: Callable[..., list[dict]], deltas: Sequence[Mapping[str, Any]],
-              keys: Sequence[Mapping[str, Any]], base: str, *args: Any) -> list[dict]:
-        """`claims(deltas, judged, *args)` (a claims function of kvlib.report.paper: difference rows, the labels judged
+              keys: Sequence[Mapping[str, Any]], base: str, *args: Any, **kwargs: Any) -> list[dict]:
+        """`claims(deltas, judged, *args, **kwargs)` (a claims function of kvlib.report.paper: difference rows, the labels judged
         against `base`) with the models and seed groups that are not tested in it too: each gets a placeholder row
         per key (`keys`: what this notebook's difference rows are keyed by, e.g. [{"setting": ...}]), so its claims
         are listed, marked NOT_TESTED with why (kvlib.report.paper.mark_not_tested)."""
         judged = synthetic_models(self.models, base, self.seed_groups)
-        return paper.mark_not_tested(claims([*deltas, *self.placeholders(keys)], judged, *args), self.reasons())
+        return paper.mark_not_tested(claims([*deltas, *self.placeholders(keys)], judged, *args, **kwargs), self.reasons())
 
     def placeholders(self, keys: Sequence[Mapping[str, Any]]) -> list[dict]:
         """A difference row without numbers per key for each label that is not tested (`reasons`): where its claims

@@ -390,7 +390,9 @@ def verify_profile(profile: str, only: list[str] | None = None, results_root: Pa
     scratch_root = results_root / SCRATCH
     scratch = (scratch_root / profile).resolve()
     print(f"kvlib verify: running profile {profile} again into {scratch}", flush=True)
-    rc = run_profile(profile, only, scratch_root, params_root, notebooks_dir, force=force, lock=lock)
+    # verifying re-runs the committed configuration: the pre-registered power is checked when results are made
+    rc = run_profile(profile, only, scratch_root, params_root, notebooks_dir, force=force, lock=lock,
+                     allow_underpowered=True)
     if rc == 2:
         return 2
     names = only or None

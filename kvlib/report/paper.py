@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from kvlib.engine import resources
-from kvlib.engine.config import ParamError, load_yaml
+from kvlib.engine.config import ParamError, check_fraction, fail, load_yaml
 from kvlib.engine.stats import holm, p_from_interval, paired_difference_test
 from kvlib.tasks.flenqa import FLENQA_CHANCE, balanced_accuracy_table
 from kvlib.tasks.general import TASKS
@@ -329,6 +329,85 @@ def judge(artifact: str, claim: str, model: str, delta: Mapping[str, Any], expec
             "verdict": text}
 
 
+# ------------------------------------------------------------------------- pre-registered primary claims
+#
+# A profile may state before any run which contrast of each main claim is primary and the 95% interval half-width
+# it must reach (`primary:` in a notebook's params, `PrimaryClaim`). Its claims tables then say which claims are
+# primary (ROLE column) and how wide their intervals came out (HALF_WIDTH, MAX_HALF_WIDTH); the primary claims of
+# an artifact are their own Holm family and every other claim of it is exploratory, adjusted in a family of its
+# own (`holm_families`). Without a `primary:` section the tables and families are as they always were.
+
+PRIMARY, EXPLORATORY = "primary", "exploratory"
+ROLE, HALF_WIDTH, MAX_HALF_WIDTH = "role", "half_width", "max_half_width"
+# what a notebook records of its claims in the manifest (facts): the verdicts, and the roles where it has them
+CLAIM_FACTS = ("artifact", "claim", "model", "verdict", ROLE, HALF_WIDTH, MAX_HALF_WIDTH)
+CONTRAST = "contrast"  # a primary claim's MDQA setting for Fig. 10's contrast (random minus retrieved)
+
+
+@dataclass(frozen=True)
+class PrimaryClaim:
+    """A pre-registered primary contrast (an entry of a notebook's `primary:` params): `artifact`'s claim on
+    `model` (a label of the notebook's models or seed groups) minus the original, in MDQA `setting` (random,
+    retrieved, or contrast: the gain with random minus the gain with retrieved distractors, per question) or on
+    general `benchmark` (its headline metric, or `metric`), and `max_half_width`, the 95% interval half-width in
+    points it must reach. Before any item file measured the spread, the planner assumes `prior_sd` (points: the
+    standard deviation of a unit's paired difference) and `prior_level` (percent: the original's score; default
+    50, where Newcombe's floor is widest)."""
+
+    artifact: str
+    model: str
+    max_half_width: float
+    setting: str | None = None
+    benchmark: str | None = None
+    metric: str | None = None
+    prior_sd: float | None = None
+    prior_level: float | None = None
+
+    def validate(self) -> None:
+        known = [a["id"] for a in load().artifacts if a["claims"]]
+        if self.artifact not in known:
+            fail("artifact", f"unknown paper artifact {self.artifact!r}; artifacts with claims: {', '.join(known)}")
+        if not self.max_half_width > 0:
+            fail("max_half_width", f"must be > 0 (points), got {self.max_half_width}")
+        if self.prior_sd is not None and not self.prior_sd >= 0:
+            fail("prior_sd", f"must be >= 0 (points), got {self.prior_sd}")
+        if self.prior_level is not None:
+            check_fraction("prior_level", self.prior_level / 100)
+
+    def describe(self) -> str:
+        what = self.setting or (self.benchmark + (f" {self.metric}" if self.metric else "") if self.benchmark else "")
+        return f"{self.artifact} {self.model} {what}".strip()
+
+    def matches(self, artifact: str, model: str, setting: str | None = None, benchmark: str | None = None,
+                metric: str | None = None, headline: str | None = None) -> bool:
+        """Whether a claim (artifact, model, MDQA setting label or benchmark and metric) is this one."""
+        if (artifact, model) != (self.artifact, self.model):
+            return False
+        if self.setting is not None:
+            return setting == self.setting
+        return benchmark == self.benchmark and metric == (self.metric or headline)
+
+
+def claim_facts(claims: Any) -> list[dict]:
+    """What a notebook records of its claims table (a DataFrame) in the manifest: the CLAIM_FACTS columns it has,
+    one mapping per claim, a missing value (NaN) as None."""
+    records = claims[[c for c in CLAIM_FACTS if c in claims]].to_dict("records")
+    return [{c: None if isinstance(v, float) and math.isnan(v) else v for c, v in r.items()} for r in records]
+
+
+def with_role(row: dict, primary: Sequence[PrimaryClaim] | None, **claim: Any) -> dict:
+    """`row` (a judge() claim) with its ROLE, the HALF_WIDTH its interval reached (points, or the claim's unit)
+    and the MAX_HALF_WIDTH it was pre-registered with, when the notebook pre-registered primary claims
+    (`primary`, matched on `claim`: PrimaryClaim.matches' fields); unchanged without them."""
+    if not primary:
+        return row
+    declared = next((p for p in primary if p.matches(row["artifact"], row["model"], **claim)), None)
+    lo, hi = claim_interval(row)
+    return {**row, ROLE: PRIMARY if declared else EXPLORATORY,
+            HALF_WIDTH: None if lo is None else round((hi - lo) / 2, 6),
+            MAX_HALF_WIDTH: declared.max_half_width if declared else None}
+
+
 def _tested(row: Mapping[str, Any]) -> bool:
     p = row.get("p_value")
     return (row["verdict"] in ("holds", "does not hold", "inconclusive") and p is not None
@@ -341,14 +420,17 @@ def holm_families(rows: Sequence[Mapping[str, Any]], alpha: float = ALPHA) -> li
     `p_contrary_holm` set, `family_size` the number of claims adjusted together, and the verdict decided on the
     adjusted p-values (`decide`), so one nominally significant claim among many does not make an artifact
     "partly hold". Idempotent: it adjusts the raw p_value/p_contrary columns, so a notebook that judges an
-    artifact's claims in parts adjusts the whole list once more at the end."""
+    artifact's claims in parts adjusts the whole list once more at the end. Rows with a ROLE (a notebook that
+    pre-registered primary claims: `with_role`) are adjusted in two families per artifact, its primary claims and
+    its exploratory ones."""
 
     out = [dict(r) for r in rows]
     for r in out:
         if not _tested(r):  # not a test: nothing to adjust, in no family
             r.update(p_holm=math.nan, p_contrary_holm=math.nan, family_size=None)
-    for artifact in dict.fromkeys(r["artifact"] for r in out):
-        family = [r for r in out if r["artifact"] == artifact and _tested(r)]
+    # an artifact's family; with pre-registered claims (ROLE), its primary claims and its exploratory ones apart
+    for key in dict.fromkeys((r["artifact"], r.get(ROLE)) for r in out):
+        family = [r for r in out if (r["artifact"], r.get(ROLE)) == key and _tested(r)]
         contrary = [math.nan if r.get("p_contrary") is None else float(r["p_contrary"]) for r in family]
         known = [i for i, pc in enumerate(contrary) if not math.isnan(pc)]
         adjusted_contrary = dict(zip(known, holm([contrary[i] for i in known])))
@@ -394,19 +476,22 @@ def _mdqa_level(d: Mapping[str, Any]) -> dict | None:
 
 
 def mdqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], random_label: str,
-                retrieved_label: str, contrast_label: str | None = None) -> list[dict]:
+                retrieved_label: str, contrast_label: str | None = None,
+                primary: Sequence[PrimaryClaim] | None = None) -> list[dict]:
     """Figs. 5 and 10 from MDQA paired deltas pooled over gold positions (one row per model and setting;
     kvlib.engine.evaluate.mdqa_pooled_deltas): synthetic finetuning improves MDQA with random distractors (Fig. 5), does
     not with retrieved ones (Fig. 10, "no gain"), and, Fig. 10's point, gains more with random distractors than
     with retrieved ones (the contrast row, setting `contrast_label`, default kvlib.tasks.mdqa.SETTING_CONTRAST: the gain
     with random minus the gain with retrieved, paired by question). Each claim needs the original to clear
-    MDQA's floor in the settings it involves. Holm-adjusted per figure."""
+    MDQA's floor in the settings it involves. Holm-adjusted per figure; with `primary` (the notebook's
+    pre-registered claims) per figure and role (`with_role`)."""
 
     contrast_label = SETTING_CONTRAST if contrast_label is None else contrast_label
     by_setting = {(d["model"], d.get("setting")): d for d in pooled}
+    short = {random_label: "random", retrieved_label: "retrieved", contrast_label: CONTRAST}  # PrimaryClaim.setting
     out = []
     for d in pooled:
-        if d["model"] not in synthetic:
+        if d["model"] not in synthetic or d.get("setting") not in short:
             continue
         if d.get("setting") == random_label:
             out.append(judge("fig5", "synthetic finetuning improves MDQA, random distractors (mean over positions)",
@@ -422,18 +507,20 @@ def mdqa_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], r
                                       "retrieved ones (gain with random minus gain with retrieved, paired by "
                                       "question, mean over positions)", d["model"], d, "increase", "delta_correct",
                              levels=levels))
+        out[-1] = with_role(out[-1], primary, setting=short[d.get("setting")])
     return holm_families(out)
 
 
-def longer_context_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], num_documents: int
-                          ) -> list[dict]:
+def longer_context_claims(pooled: Sequence[Mapping[str, Any]], synthetic: Sequence[str], num_documents: int,
+                          primary: Sequence[PrimaryClaim] | None = None) -> list[dict]:
     """Fig. 9 from MDQA paired deltas pooled over gold positions at the longer context: finetuning on long
     key-value prompts improves MDQA with many documents (the original must clear MDQA's floor). Holm-adjusted.
-    Judged only for a finetune that learned its own task: `mark_not_tested` marks the others."""
+    Judged only for a finetune that learned its own task: `mark_not_tested` marks the others. `primary`: the
+    notebook's pre-registered claims (`with_role`; random distractors are its only setting)."""
     return holm_families([
-        judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA (random "
-                      f"distractors, mean over positions)", d["model"], d, "increase", "delta_correct",
-              levels=[_mdqa_level(d)])
+        with_role(judge("fig9", f"finetuning on long key-value prompts improves {num_documents}-document MDQA "
+                            f"(random distractors, mean over positions)", d["model"], d, "increase", "delta_correct",
+                        levels=[_mdqa_level(d)]), primary, setting="random")
         for d in pooled if d["model"] in synthetic and d.get("setting") != SETTING_CONTRAST])
 
 
@@ -538,11 +625,13 @@ def judge_general(artifact: str, claim: str, d: Mapping[str, Any], expect: Expec
 
 def general_claims(deltas: Sequence[Mapping[str, Any]], synthetic: Sequence[str], headline: Mapping[str, str],
                    titles: Mapping[str, str], artifact: str = "table1",
-                   floor_metrics: Mapping[str, str | None] | None = None) -> list[dict]:
+                   floor_metrics: Mapping[str, str | None] | None = None,
+                   primary: Sequence[PrimaryClaim] | None = None) -> list[dict]:
     """Table 1 (or 2): synthetic finetuning loses nothing on each general benchmark's headline metric, with the
     paper's own difference for its key-value (with template) models beside ours. `floor_metrics` (task -> metric,
     default: each kvlib.general task's floor_metric): what an untestable claim is also judged on (judge_general).
-    Holm-adjusted over the table's claims."""
+    Holm-adjusted over the table's claims; with `primary` (the notebook's pre-registered claims) per role
+    (`with_role`)."""
     if floor_metrics is None:
 
         floor_metrics = {name: spec.floor_metric for name, spec in TASKS.items()}
@@ -550,8 +639,10 @@ def general_claims(deltas: Sequence[Mapping[str, Any]], synthetic: Sequence[str]
     for d in deltas:
         if d["model"] not in synthetic or d["metric"] != headline[d["task"]]:
             continue
-        for row in judge_general(artifact, f"synthetic finetuning loses nothing on {titles[d['task']]}", d,
-                                 "no_loss", deltas, floor_metrics.get(d["task"])):
+        rows = judge_general(artifact, f"synthetic finetuning loses nothing on {titles[d['task']]}", d, "no_loss",
+                             deltas, floor_metrics.get(d["task"]))
+        for row, metric in zip(rows, (d["metric"], floor_metrics.get(d["task"]))):
+            row = with_role(row, primary, benchmark=d["task"], metric=metric, headline=headline[d["task"]])
             out.append({**row, "published_delta_points": published_deltas(d["task"])})
     return holm_families(out)
 
@@ -620,6 +711,12 @@ def _short_claim(claim: str, width: int = 88) -> str:
     return text if len(text) <= width else text[:width - 1].rstrip() + "…"
 
 
+def _primary_prefix(half: float | None, limit: float | None) -> str:
+    """How the claims figure labels a primary claim: "PRIMARY (+-6.1 of +-3 pre-registered) "."""
+    reached = "no interval" if half is None else f"\u00b1{half:.1f}"
+    return f"PRIMARY ({reached}" + ("" if limit is None else f" of \u00b1{limit:g} pre-registered") + ") "
+
+
 def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | None = None) -> list[dict]:
     """The claims figure's rows (kvlib.report.plots.claims_forest) from claims-table rows of any notebooks (each
     notebook's claims.csv, or the claims the manifest recorded): grouped by artifact in the paper's order, each
@@ -627,7 +724,9 @@ def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | 
     has none, e.g. a claim recorded without its numbers), `verdict` and its `category` (`verdict_category`),
     `expect`, `margin` (the equivalence margin in the claim's unit, for "loses nothing" / "does not improve"
     claims in points; else None) and `published` (the paper's own differences, {model: points}, from
-    `published_delta_points`). `notes`: artifact id -> a note for its group heading (e.g. "stale")."""
+    `published_delta_points`), and, for claims tables with roles (`with_role`), `role` with the `half_width`
+    reached and the `max_half_width` pre-registered (a primary claim's label says both). `notes`: artifact id -> a
+    note for its group heading (e.g. "stale")."""
     titles = {a["id"]: a["title"] for a in load().artifacts}
     order = {a["id"]: i for i, a in enumerate(load().artifacts)}
     rows = []
@@ -640,10 +739,15 @@ def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | 
         heading = titles.get(artifact, artifact)
         if notes and notes.get(artifact):
             heading += f" ({notes[artifact]})"
+        role = str(claim.get(ROLE) or "")
+        half = None if lo is None else (hi - lo) / 2
+        limit = _number(claim.get(MAX_HALF_WIDTH))
+        prefix = _primary_prefix(half, limit) if role == PRIMARY else ""
+        label = f"{prefix}{claim.get('model', '')}: {_short_claim(str(claim.get('claim', '')), 88 - len(prefix))}"
         rows.append({
             "artifact": artifact, "heading": heading, "claim": str(claim.get("claim", "")),
-            "model": str(claim.get("model", "")),
-            "label": f"{claim.get('model', '')}: {_short_claim(str(claim.get('claim', '')))}",
+            "model": str(claim.get("model", "")), "role": role, "half_width": half, "max_half_width": limit,
+            "label": label,
             "unit": unit, "delta": _number(claim.get("delta")), "ci_low": lo, "ci_high": hi,
             "verdict": verdict_text, "category": verdict_category(verdict_text), "expect": expect,
             "margin": 100 * equivalence_margin() if expect in ("no_loss", "no_gain") and unit == "points" else None,

@@ -252,7 +252,8 @@ def claims_forest(rows: Sequence[Mapping], title: str = ""):
     """The claims figure: one row per claim (kvlib.report.paper.forest_rows), grouped under its artifact's
     heading, with our difference and its 95% interval coloured by verdict, the paper's published differences as
     open markers, and the equivalence margin as a grey band behind "loses nothing" / "does not improve" claims.
-    One panel per unit (points; Fig. 4's token losses in nats), each on its own axis."""
+    Pre-registered primary claims are labelled in bold with the half-width they reached. One panel per unit
+    (points; Fig. 4's token losses in nats), each on its own axis."""
     units = list(dict.fromkeys(r["unit"] for r in rows))
     layout = {}  # unit -> [(kind, row or heading)]
     for unit in units:
@@ -294,10 +295,12 @@ def claims_forest(rows: Sequence[Mapping], title: str = ""):
                 ax.plot([value], [y], marker=markers[model], markersize=5.5, markerfacecolor="none",
                         markeredgecolor="black", markeredgewidth=1.0, linestyle="none", zorder=4)
         ax.set_yticks(range(n), list(reversed(labels)), fontsize=7.5)
-        for tick, (kind, _) in zip(ax.get_yticklabels(), reversed(lines)):
+        for tick, (kind, item) in zip(ax.get_yticklabels(), reversed(lines)):
             if kind == "heading":
                 tick.set_fontweight("bold")
                 tick.set_fontsize(8.5)
+            elif item.get("role") == "primary":  # a pre-registered claim: its label says the half-width reached
+                tick.set_fontweight("bold")
         ax.set_ylim(-0.7, n - 0.3)
         if unit == "points":  # a difference of percentages lies in [-100, 100], whatever an interval's method says
             low, high = ax.get_xlim()
