@@ -44,6 +44,9 @@ PLANNER_FILE = "planner.yaml"  # params/planner.yaml: the stated priors (Planner
 SAMPLE = 8  # items (questions, problems) whose prompts are tokenized to measure a task's prompt lengths
 POWER = 0.8  # the power at which the smallest detectable difference is stated
 MAX_UNITS = 10 ** 6  # the largest n searched for a claim's width (beyond it: "no n reaches it")
+# The fewest paired units an earlier item file must hold to plan with its spread: a standard deviation from a
+# handful of questions (a quick profile's) is noise, so such files are passed over for a larger one or the prior.
+MIN_SPREAD_UNITS = 30
 
 
 # ------------------------------------------------------------------------------------------------- priors
@@ -729,9 +732,31 @@ def _claim_n(planning: _Planning, name: str, P: Any, claim: PrimaryClaim) -> int
     return min(len(s.examples) for s in sets.values())  # the same questions in every setting
 
 
+def _file_labels(rows: Sequence[Mapping[str, Any]], P: Any, labels: Sequence[str]) -> list[str] | None:
+    """The labels of `labels` (models of P) as an earlier item file names them: the same label, or else the file's
+    label whose model_spec is the same finetuning run of notebook 02 (a run relabelled since, e.g. seed 0 of a
+    former seed group); None when a model is not in the file."""
+    runs = {label: config.run for label, config in P.model_configs().items()}
+    specs: dict[str, str] = {}
+    for r in rows:
+        specs.setdefault(str(r["model"]), str(r.get("model_spec") or ""))
+    out = []
+    for label in labels:
+        if label in specs:
+            out.append(label)
+            continue
+        run = runs.get(label)
+        same = [name for name, spec in specs.items() if run and run in Path(spec).parts]
+        if len(same) != 1:
+            return None
+        out.append(same[0])
+    return out
+
+
 def _spread_from_items(name: str, P: Any, claim: PrimaryClaim, folders: Sequence[Path]) -> tuple[Spread, str] | None:
     """The claim's spread from the first earlier item file (this profile's results, then other profiles') that
-    holds the original and every model the claim involves, with where it came from."""
+    holds the original and every model the claim involves on at least MIN_SPREAD_UNITS units, with where it came
+    from."""
     file, unit, _ = CLAIM_ITEMS[name]
     base = P.baseline if name == "05_general_benchmarks" else next(iter(P.models))
     members = list(P.seed_groups.get(claim.model, [claim.model]))
@@ -740,14 +765,19 @@ def _spread_from_items(name: str, P: Any, claim: PrimaryClaim, folders: Sequence
         if not path.is_file():
             continue
         rows = read_items(path)
+        labels = _file_labels(rows, P, [base, *members])
+        if labels is None:
+            continue
         if name == "05_general_benchmarks":
             metric = claim.metric or general.TASKS[claim.benchmark].headline
-            spread = _general_spread(rows, base, members, claim.benchmark, metric)
+            spread = _general_spread(rows, labels[0], labels[1:], claim.benchmark, metric)
         else:
-            spread = _mdqa_spread(rows, base, members, claim.setting)
-        if spread is not None:
+            spread = _mdqa_spread(rows, labels[0], labels[1:], claim.setting)
+        if spread is not None and spread.units >= MIN_SPREAD_UNITS:
+            renamed = [f"{a} as {b}" for a, b in zip([base, *members], labels) if a != b]
             return spread, (f"{_shown(path)}: {spread.units} {unit}"
-                            + (f", {spread.seeds} seeds" if spread.seeds > 1 else ""))
+                            + (f", {spread.seeds} seeds" if spread.seeds > 1 else "")
+                            + (f" ({', '.join(renamed)})" if renamed else ""))
     return None
 
 
