@@ -7,7 +7,7 @@ forward + backward + AdamW loop, all measured in the same run on the same batche
 Batch 1, synthetic simple-task prompts of about --tokens tokens; the first --warmup steps of each are not
 timed; medians.
 
-    python benchmarks/bench_train.py [--tokens 1024] [--steps 6] [--warmup 2]
+    python benchmarks/bench_train.py [--tokens 1024] [--steps 6] [--warmup 2] [--bf16 auto|yes|no]
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from kvlib.tasks import synthetic as gen
 from kvlib.engine import models
 from kvlib.engine import train
+from kvlib.engine.backends import cpu_supports_bf16
 from kvlib.engine.config import from_mapping
 from readme_section import add_update_option, check, text_block, write
 
@@ -86,16 +87,21 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                        help="time bf16 autocast too (auto: where the CPU computes bf16 natively, or on CUDA; "
+                             "emulated bf16 takes minutes per step)")
     add_update_option(parser)
     args = parser.parse_args()
     check(parser, args.update, "bench_train")
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     torch.manual_seed(0)
+    native = torch.cuda.is_available() or cpu_supports_bf16()
+    timed = ("fp32", "bf16") if args.bf16 == "yes" or (args.bf16 == "auto" and native) else ("fp32",)
     medians = {}
     with tempfile.TemporaryDirectory() as tmp:
         train_file = make_data(Path(tmp), args.tokens, args.steps)
-        for precision in ("fp32", "bf16"):
+        for precision in timed:
             medians[f"bare loop, {precision}"] = statistics.median(
                 time_bare(train_file, args.steps, precision)[args.warmup:])
             medians[f"kvlib train, {precision}"] = statistics.median(
@@ -106,11 +112,15 @@ def main() -> None:
              f"steps, {torch.get_num_threads()} threads, torch {torch.__version__}",
              f"{'':26s} {'s/step':>7s} {'vs bare fp32':>13s}"]
     lines += [f"{label:26s} {seconds:7.2f} {baseline / seconds:12.2f}x" for label, seconds in medians.items()]
-    for precision in ("fp32", "bf16"):
+    if "bf16" not in timed:
+        lines.append(f"bf16 not timed ({'--bf16 no' if args.bf16 == 'no' else 'this CPU has no native bf16: it is emulated, minutes per step'}; "
+                     "--bf16 yes times it anyway)")
+    for precision in timed:
         overhead = medians[f"kvlib train, {precision}"] / medians[f"bare loop, {precision}"] - 1
         lines.append(f"kvlib overhead over the bare loop, {precision}: {100 * overhead:+.1f}% (target <= +15%)")
-    lines.append(f"precision auto picks {auto} here: kvlib train {baseline / medians[f'kvlib train, {auto}']:.2f}x "
-                 f"the bare fp32 loop")
+    if f"kvlib train, {auto}" in medians:
+        lines.append(f"precision auto picks {auto} here: kvlib train {baseline / medians[f'kvlib train, {auto}']:.2f}x "
+                     f"the bare fp32 loop")
     print("\n".join(lines))
     write(args.update, "bench_train", text_block(lines))
 
