@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from scipy import stats as scipy_stats
@@ -267,8 +270,12 @@ def test_general_primary_claims_name_a_benchmark_the_notebook_runs():
 
 def test_the_cpu_profile_pre_registers_its_main_claims():
     mdqa_params = yaml.safe_load((ROOT / "params/cpu/03_mdqa.yaml").read_text())["primary"]
-    assert {(c["artifact"], c["setting"], c["max_half_width"]) for c in mdqa_params} == {
-        ("fig5", "random", 3.0), ("fig10", "retrieved", 3.0), ("fig10", "contrast", 3.0)}
+    widths = {(c["artifact"], c["setting"]): c["max_half_width"] for c in mdqa_params}
+    assert set(widths) == {("fig5", "random"), ("fig10", "retrieved"), ("fig10", "contrast")}
+    # the finetune's gain with each kind of distractor to +-3 points; the random-minus-retrieved contrast, a
+    # difference of two gains on the 441 questions available offline, at the width those questions allow
+    assert widths[("fig5", "random")] <= 3 and widths[("fig10", "retrieved")] <= 3
+    assert widths[("fig10", "contrast")] <= 4
     general_params = yaml.safe_load((ROOT / "params/cpu/05_general_benchmarks.yaml").read_text())["primary"]
     assert {c["benchmark"] for c in general_params} == set(paper.BENCHMARKS)
     for name in ("quick", "smoke"):  # no pre-registration: their claims and families stay as they were
@@ -342,7 +349,7 @@ def _items(n_questions: int) -> list[dict]:
 @pytest.fixture
 def fixture_repo(tmp_path):
     """A profile with notebook 03 only (its real notebook and params class): a finetune pre-registered on Fig. 5
-    with a width 20 earlier questions cannot reach, earlier items and cost records in its results folder."""
+    with a width 40 earlier questions cannot reach, earlier items and cost records in its results folder."""
     (tmp_path / "notebooks").mkdir()
     shutil.copy(ROOT / "notebooks" / "03_mdqa.ipynb", tmp_path / "notebooks")
     params = tmp_path / "params" / PROFILE
@@ -359,7 +366,7 @@ def fixture_repo(tmp_path):
     results.mkdir(parents=True)
     import pandas as pd
 
-    pd.DataFrame(_items(20)).to_csv(results / "mdqa_items.csv", index=False)
+    pd.DataFrame(_items(40)).to_csv(results / "mdqa_items.csv", index=False)
     tags = {"backend": "hf", "numerics": "float32", "device": "cpu", "machine": meter.machine("cpu"),
             "parameters": models.parameter_count("smollm2-135m-instruct")}
     records = [_record("generate", {"prefill": {"tokens": t, "attention": t * t // 2, "seconds": 1e-3 * t},
@@ -386,7 +393,7 @@ def test_dry_run_prints_the_cost_and_power_table(fixture_repo, capsys):
     assert " 20 " in fig5 and "(n ~ " in fig5
     contrast = next(line for line in out.splitlines() if "fig10 kv contrast" in line and "+-40" in line)
     assert contrast.rstrip().endswith("OK")
-    assert "results/fixture/03_mdqa/mdqa_items.csv: 20 questions, 2 seeds" in out
+    assert "results/fixture/03_mdqa/mdqa_items.csv: 40 questions, 2 seeds" in out
     assert "refuses to start this profile unless --allow-underpowered" in out
 
 
@@ -452,3 +459,32 @@ def test_planner_priors_are_validated(tmp_path):
         planner.load_planner_params(tmp_path)
     params, source = planner.load_planner_params(ROOT / "params")
     assert source.endswith("params/planner.yaml") and params.priors["cpu"].parameters > 0
+
+
+def test_spread_comes_from_a_relabelled_run_and_never_from_a_handful_of_questions():
+    class P:  # an MDQA notebook whose finetune, run kv-run, was "kv s0" in the earlier items
+        models = {"original": {}, "kv": {}}
+        seed_groups: dict = {}
+
+        @staticmethod
+        def model_configs():
+            return {"original": SimpleNamespace(run=None), "kv": SimpleNamespace(run="kv-run")}
+
+    def rows(n):
+        out = _items(n)
+        for r in out:
+            r["model_spec"] = {"original": "smollm2-135m-instruct", "kv s0": "runs/models/p/kv-run/model",
+                               "kv s1": "runs/models/p/other-run/model"}[r["model"]]
+        return out
+
+    assert planner._file_labels(rows(2), P, ["original", "kv"]) == ["original", "kv s0"]
+    assert planner._file_labels([r for r in rows(2) if r["model"] != "kv s0"], P, ["original", "kv"]) is None
+    claim = paper.PrimaryClaim(artifact="fig5", model="kv", setting="random", max_half_width=3)
+    for n, found in ((planner.MIN_SPREAD_UNITS - 1, False), (planner.MIN_SPREAD_UNITS, True)):
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "03_mdqa").mkdir()
+            pd.DataFrame(rows(n)).to_csv(Path(tmp) / "03_mdqa" / "mdqa_items.csv", index=False)
+            got = planner._spread_from_items("03_mdqa", P, claim, [Path(tmp)])
+        assert (got is not None) == found, n
+        if found:
+            assert got[0].units == n and "kv as kv s0" in got[1]
