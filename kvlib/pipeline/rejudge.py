@@ -77,6 +77,26 @@ def notebook_params(notebook: str, profile: str, params_root: str | Path = "para
     return dict(data or {})
 
 
+def committed_params(notebook: str, results_dir: str | Path, params_root: str | Path = "params") -> dict:
+    """The params a notebook's committed results were run with: its manifest entry's (the profile's params may have
+    changed since, e.g. a new design waiting for its re-run, and the committed items answer only the old one), else
+    the current params file. The manifest keeps mappings with sorted keys, so `models` is in alphabetical order
+    there: rejudge_claims takes the models' order from the item files."""
+    results_dir = Path(results_dir)
+    entry = load_manifest_entries(results_dir).get(notebook) or {}
+    if isinstance(entry.get("params"), Mapping):
+        return dict(entry["params"])
+    return notebook_params(notebook, results_dir.name, params_root)
+
+
+def _in_item_order(entries: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`entries` (label -> model) in the order their labels first appear in item rows (the notebook wrote them in
+    its models' order, the baseline first); labels the items do not hold keep their place after those."""
+    seen = list(dict.fromkeys(str(r["model"]) for r in rows if "model" in r))
+    order = [label for label in seen if label in entries] + [label for label in entries if label not in seen]
+    return {label: entries[label] for label in order}
+
+
 def _template_pairs(params: Mapping[str, Any], profile: str, params_root: str | Path, runs: Sequence[str]
                     ) -> list[tuple[str, str]]:
     """Notebook 02's (run with template, run without) pairs: from its params (kvlib.train), else by run name."""
@@ -117,8 +137,8 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
                    params_root: str | Path = "params") -> list[dict]:
     """A notebook's claims table recomputed from the item-level files it committed (`ITEM_FILES`, under
     results_dir/<notebook>/) with the current intervals, chance checks and Holm adjustment, without running any
-    model: the same calls the notebook makes after scoring. `params`: the notebook's params (default: read from
-    params_root/<profile>/<notebook>.yaml, the profile being results_dir's folder name), for the models' order
+    model: the same calls the notebook makes after scoring. `params`: the notebook's params (default: those its
+    committed results were run with, `committed_params`), for the models' order
     (the first is the baseline, as in the notebooks), seed groups and baselines. Nothing is written."""
 
 
@@ -126,13 +146,14 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         raise ValueError(f"no claims to re-judge for {notebook!r}; notebooks with claims: {', '.join(ITEM_FILES)}")
     results_dir = Path(results_dir)
     profile = results_dir.name
-    params = dict(notebook_params(notebook, profile, params_root) if params is None else params)
+    params = dict(committed_params(notebook, results_dir, params_root) if params is None else params)
     folder = results_dir / notebook
     missing = [f for f in ITEM_FILES[notebook] if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: missing {', '.join(missing)} (has {notebook} run in this profile?)")
     items = {f: read_items(folder / f) for f in ITEM_FILES[notebook]}
-    entries = dict(params.get("models") or {"original": {}})
+    entries = _in_item_order(dict(params.get("models") or {"original": {}}),
+                             next(iter(items.values())) if len(items) == 1 else [])
     models = list(entries)
     groups = dict(params.get("seed_groups") or {})
 
@@ -147,7 +168,7 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         pooled, _ = mdqa.mdqa_pooled_deltas(rows, base, groups, margin=equivalence_margin())
         compared = synthetic_models(entries, base, groups)  # other models are reported, not judged
         if notebook == "08_longer_context":  # judged only if the long finetune learned its own task (02's threshold)
-            threshold = float(notebook_params(FINETUNE, profile, params_root).get(
+            threshold = float(committed_params(FINETUNE, results_dir, params_root).get(
                 "learned_threshold", FinetuneNotebookParams.learned_threshold))
             return mark_not_tested(longer_context_claims(pooled, compared, int(params.get(
                 "num_documents", rows[0]["num_documents"])), primary=primary_claims(params)),
@@ -362,7 +383,7 @@ def notebook_record(name: str, results_dir: Path, entry: Mapping[str, Any], file
     }
     if name not in ITEM_FILES:
         return record
-    groups = dict((notebook_params(name, results_dir.name, params_root).get("seed_groups") or {}))
+    groups = dict((committed_params(name, results_dir, params_root).get("seed_groups") or {}))
     new = rejudge_claims(name, results_dir, params_root=params_root)
     old = _old_claims(folder, entry)
     fresh = {(r["artifact"], r["claim"], r["model"]): r for r in new}
