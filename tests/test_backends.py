@@ -54,9 +54,9 @@ def test_generation_batches_respect_max_batch_tokens(hf_backend, monkeypatch):
     sizes = []
     run_batch = hf_backend._generate_batch
 
-    def recording_run_batch(prompts, max_new_tokens):
+    def recording_run_batch(prompts, *args):
         sizes.append(len(prompts))
-        return run_batch(prompts, max_new_tokens)
+        return run_batch(prompts, *args)
 
     monkeypatch.setattr(hf_backend, "_generate_batch", recording_run_batch)
     lengths = hf_backend.prompt_lengths(PROMPTS[:3])
@@ -225,9 +225,9 @@ def test_loglikelihood_choices_of_one_context_share_a_forward_pass(hf_backend, m
     rows = []
     score = hf_backend._score_batch
 
-    def recording_score(groups):
+    def recording_score(groups, *args):
         rows.append(len(groups))
-        return score(groups)
+        return score(groups, *args)
 
     monkeypatch.setattr(hf_backend, "_score_batch", recording_score)
     seen = []

@@ -86,6 +86,8 @@ def machine(device: str = "cpu") -> str:
     if str(device).startswith("cuda"):
         import torch
 
+        if not torch.cuda.is_available():  # an engine that manages its own GPU (vLLM) where torch sees none
+            return "cuda: unknown device"
         index = torch.device(device).index or 0
         return f"cuda: {torch.cuda.get_device_name(index)}"
     model = ""
