@@ -80,9 +80,9 @@ def test_prefix_cache_reuses_shared_prefixes_and_answers_like_batches(hf_backend
             reused.append(kwargs[hf_backend._cache_kwarg].get_seq_length())
         return generate(**kwargs)
 
-    def recording_batch(batch, max_new_tokens):
+    def recording_batch(batch, *args):
         batch_sizes.append(len(batch))
-        return generate_batch(batch, max_new_tokens)
+        return generate_batch(batch, *args)
 
     monkeypatch.setattr(hf_backend.model, "generate", recording_generate)
     monkeypatch.setattr(hf_backend, "_generate_batch", recording_batch)
