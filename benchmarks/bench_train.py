@@ -113,8 +113,8 @@ def main() -> None:
              f"{'':26s} {'s/step':>7s} {'vs bare fp32':>13s}"]
     lines += [f"{label:26s} {seconds:7.2f} {baseline / seconds:12.2f}x" for label, seconds in medians.items()]
     if "bf16" not in timed:
-        lines.append(f"bf16 not timed ({'--bf16 no' if args.bf16 == 'no' else 'this CPU has no native bf16: it is emulated, minutes per step'}; "
-                     "--bf16 yes times it anyway)")
+        why = "--bf16 no" if args.bf16 == "no" else "this CPU has no native bf16: it is emulated, minutes per step"
+        lines.append(f"bf16 not timed ({why}; --bf16 yes times it anyway)")
     for precision in timed:
         overhead = medians[f"kvlib train, {precision}"] / medians[f"bare loop, {precision}"] - 1
         lines.append(f"kvlib overhead over the bare loop, {precision}: {100 * overhead:+.1f}% (target <= +15%)")

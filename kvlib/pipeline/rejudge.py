@@ -153,7 +153,7 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         raise FileNotFoundError(f"{folder}: missing {', '.join(missing)} (has {notebook} run in this profile?)")
     items = {f: read_items(folder / f) for f in ITEM_FILES[notebook]}
     entries = _in_item_order(dict(params.get("models") or {"original": {}}),
-                             next(iter(items.values())) if len(items) == 1 else [])
+                             [r for rows in items.values() for r in rows])
     models = list(entries)
     groups = dict(params.get("seed_groups") or {})
 
@@ -383,8 +383,9 @@ def notebook_record(name: str, results_dir: Path, entry: Mapping[str, Any], file
     }
     if name not in ITEM_FILES:
         return record
-    groups = dict((committed_params(name, results_dir, params_root).get("seed_groups") or {}))
-    new = rejudge_claims(name, results_dir, params_root=params_root)
+    params = committed_params(name, results_dir, params_root)
+    groups = dict(params.get("seed_groups") or {})
+    new = rejudge_claims(name, results_dir, params, params_root)
     old = _old_claims(folder, entry)
     fresh = {(r["artifact"], r["claim"], r["model"]): r for r in new}
     for row in compare_claims(old, new):
