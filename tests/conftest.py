@@ -122,3 +122,26 @@ def _meter_points_nowhere():
     meter.point_at(None)
     yield
     meter.point_at(None)
+
+
+LEGACY_FIXTURE = __import__("pathlib").Path(__file__).resolve().parent / "fixtures" / "legacy_cpu"
+
+
+@pytest.fixture(scope="session")
+def legacy_results(tmp_path_factory):
+    """A results root holding `cpu/`: the cpu profile's results from before float32 evaluation, raw-text generative
+    benchmarks and the learned gate (tests/fixtures/legacy_cpu, see its README), item files unpacked, its
+    rejudged.json written as `kvlib rejudge --write` writes it. What the stale-results path (kvlib.pipeline.rejudge,
+    the map's stale notes) is tested on, now that the committed results are current."""
+    import gzip
+    import shutil
+
+    from kvlib.pipeline import rejudge
+
+    root = tmp_path_factory.mktemp("legacy") / "results"
+    shutil.copytree(LEGACY_FIXTURE / "cpu", root / "cpu")
+    for packed in sorted((root / "cpu").rglob("*.csv.gz")):
+        packed.with_suffix("").write_bytes(gzip.decompress(packed.read_bytes()))
+        packed.unlink()
+    rejudge.write_record("cpu", root, LEGACY_FIXTURE.parents[2] / "params")
+    return root

@@ -312,27 +312,33 @@ def test_judge_reads_p_values_off_the_ci_when_a_row_has_none():
     assert row["p_value"] == pytest.approx(0.025) and "normal approximation" in row["ci_method"]
 
 
-def test_rejudge_recomputes_committed_claims_without_writing(monkeypatch):
-    """The committed cpu results re-judged from their item files: the GSM8K hold on a collapsed [+0.0, +0.0] CI is
-    gone, MMLU below chance and FLenQA at chance are untestable, and Fig. 10 gains its contrast claims."""
+def test_rejudge_recomputes_committed_claims_without_writing(monkeypatch, legacy_results):
+    """The legacy cpu results (tests/fixtures/legacy_cpu) re-judged from their item files: the GSM8K hold on a
+    collapsed [+0.0, +0.0] CI is gone, MMLU below chance and FLenQA at chance are untestable, and Fig. 10 gains its
+    contrast claims."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
-    results = root / "results" / "cpu"
+    results = legacy_results / "cpu"
     before = {p: p.stat().st_mtime for p in results.rglob("*") if p.is_file()}
     general = rejudge.rejudge_claims("05_general_benchmarks", results)
+    # the multi-subkey finetune did not learn its own task (02's held-out check, 32.5% of 40 < 50%): not tested
+    unlearned = [r for r in general if r["model"] == "finetuned (multi-subkey)"]
+    assert unlearned and all(r["verdict"] == f"{paper.NOT_TESTED} (held-out value accuracy 32.5% of 40 < 50%)"
+                             for r in unlearned)
+    general = [r for r in general if r["model"] != "finetuned (multi-subkey)"]
     gsm8k = [r for r in general if r["claim"] == "synthetic finetuning loses nothing on GSM8K"]
     assert gsm8k and all(r["verdict"].startswith(paper.UNTESTABLE) and "floor 0%" in r["verdict"] for r in gsm8k)
     assert all("+0.0, +0.0" not in r["ci"] for r in general)
     mmlu = [r for r in general if r["claim"] == "synthetic finetuning loses nothing on MMLU"]
-    assert all("does not clear chance 25%" in r["verdict"] for r in mmlu)
+    assert mmlu and all("does not clear chance 25%" in r["verdict"] for r in mmlu)
     tested = [r for r in general if not paper.is_untestable(r["verdict"])]
     # judged with the params the committed run used (it pre-registered nothing): one Holm family per artifact
     assert tested and not any(r.get(paper.ROLE) for r in general)
     assert {r["family_size"] for r in tested} == {len(tested)}
     assert all(r["p_holm"] >= r["p_value"] for r in tested)
-    flenqa = rejudge.rejudge_claims("04_flenqa", results)
+    flenqa = [r for r in rejudge.rejudge_claims("04_flenqa", results) if r["model"] != "finetuned (multi-subkey)"]
     assert flenqa and all("balanced accuracy" in r["verdict"] and "chance 50%" in r["verdict"] for r in flenqa)
     mdqa = rejudge.rejudge_claims("03_mdqa", results)
     contrast = [r for r in mdqa if r["claim"].startswith("synthetic finetuning gains more")]

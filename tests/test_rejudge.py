@@ -36,8 +36,8 @@ def test_committed_record_is_regenerated_from_the_committed_items(at_root, profi
     assert set(rejudge.load_record(ROOT / "results" / profile)) == set(committed["notebooks"])
 
 
-def test_cpu_record_derives_the_reasons_from_the_item_rows(at_root):
-    record = json.loads((ROOT / "results" / "cpu" / rejudge.RECORD_FILE).read_text(encoding="utf-8"))["notebooks"]
+def test_cpu_record_derives_the_reasons_from_the_item_rows(at_root, legacy_results):
+    record = json.loads((legacy_results / "cpu" / rejudge.RECORD_FILE).read_text(encoding="utf-8"))["notebooks"]
     changes = {name: {s["change"] for s in rec["stale"]} for name, rec in record.items()}
     assert changes["03_mdqa"] == changes["04_flenqa"] == changes["08_longer_context"] == {"numerics"}
     assert changes["05_general_benchmarks"] == {"numerics", "chat_template"}
@@ -54,10 +54,12 @@ def test_cpu_record_derives_the_reasons_from_the_item_rows(at_root):
     assert gsm8k and all("rerun" in c and "chat template" in c["rerun"] for c in gsm8k)
 
 
-def test_map_shows_reasons_and_rejudged_verdicts(at_root):
-    rows = {r["artifact"].split(":")[0]: r["verdict"] for r in repro_map.reproduction_map("cpu")}
+def test_map_shows_reasons_and_rejudged_verdicts(at_root, legacy_results):
+    rows = {r["artifact"].split(":")[0]: r["verdict"] for r in repro_map.reproduction_map("cpu", legacy_results)}
     assert "evaluated in bfloat16" in rows["Fig. 5"] and "now float32" in rows["Fig. 5"]
-    assert "re-judged from the committed items: untestable at this model's level" in rows["Figs. 6-7"]
+    # the multi-subkey finetune scored 32.5% on its own held-out task: not tested; the others stand at chance
+    assert "re-judged from the committed items: not tested: the finetune did not learn its task (2 not tested" in rows["Figs. 6-7"]
+    assert "4 untestable at this model's level" in rows["Figs. 6-7"]
     assert "(was: inconclusive at this n" in rows["Figs. 6-7"]
     assert "71e4e198fb" in rows["Table 2"] and "19 of 19 claims to be re-run" in rows["Table 2"]
     assert "chat template" in rows["Table 1"]
@@ -68,10 +70,10 @@ def test_map_shows_reasons_and_rejudged_verdicts(at_root):
     assert "not tested: the finetune did not learn its task" in rows["Fig. 9"]
 
 
-def test_a_changed_item_file_drops_its_notebook_from_the_record(tmp_path):
+def test_a_changed_item_file_drops_its_notebook_from_the_record(tmp_path, legacy_results):
     results = tmp_path / "results" / "cpu"
-    shutil.copytree(ROOT / "results" / "cpu" / "08_longer_context", results / "08_longer_context")
-    shutil.copy(ROOT / "results" / "cpu" / rejudge.RECORD_FILE, results / rejudge.RECORD_FILE)
+    shutil.copytree(legacy_results / "cpu" / "08_longer_context", results / "08_longer_context")
+    shutil.copy(legacy_results / "cpu" / rejudge.RECORD_FILE, results / rejudge.RECORD_FILE)
     assert "08_longer_context" in rejudge.load_record(results)
     items = results / "08_longer_context" / "mdqa_items.csv"
     items.write_text(items.read_text(encoding="utf-8") + "\n", encoding="utf-8")
@@ -79,14 +81,52 @@ def test_a_changed_item_file_drops_its_notebook_from_the_record(tmp_path):
     assert rejudge.load_record(tmp_path) == {}  # no record: nothing to show
 
 
-def test_claims_figure_draws_rejudged_claims_and_marks_the_rest(at_root):
-    entries = load_manifest_entries(ROOT / "results" / "cpu")
-    record = rejudge.load_record(ROOT / "results" / "cpu")
-    claims = repro_map.profile_claims(ROOT / "results" / "cpu", entries, record)
+def test_claims_figure_draws_rejudged_claims_and_marks_the_rest(at_root, legacy_results):
+    entries = load_manifest_entries(legacy_results / "cpu")
+    record = rejudge.load_record(legacy_results / "cpu")
+    claims = repro_map.profile_claims(legacy_results / "cpu", entries, record)
     gsm8k = [c for c in claims if c["artifact"] == "table1" and c["claim"].endswith("on GSM8K")]
     assert gsm8k and all(c["verdict"] == rejudge.STALE_RERUN for c in gsm8k)
     flenqa = [c for c in claims if c["artifact"] == "fig6_7"]
-    assert flenqa and all(c["verdict"].startswith("untestable at this model's level") for c in flenqa)
+    assert flenqa and all(c["verdict"].startswith("not tested: the finetune did not learn its task (held-out value "
+                                                  "accuracy 32.5% of 40") if c["model"] == "finetuned (multi-subkey)"
+                          else c["verdict"].startswith("untestable at this model's level") for c in flenqa)
     notes = repro_map.figure_notes({}, record)
     assert notes["table1"].startswith("stale: re-judged from the committed items") and "to be re-run" in notes["table1"]
     assert notes["table2"] == "stale: 19 claims to be re-run"
+
+
+@pytest.mark.parametrize("notebook", sorted(rejudge.ITEM_FILES))
+def test_rejudging_current_results_gives_the_notebooks_own_claims(at_root, notebook):
+    """The quick profile's results are rendered by the current code, its learned gate left its finetunes out (they
+    did not learn their task): re-judged from the committed items, every claim comes back as the notebook judged it,
+    the not-tested ones included (kvlib.pipeline.runs.committed_gate)."""
+    results = ROOT / "results" / "quick"
+    old = rejudge._old_claims(results / notebook, load_manifest_entries(results)[notebook])
+    new = rejudge.rejudge_claims(notebook, results)
+    assert old and len(new) == len(old)
+    for row in rejudge.compare_claims(old, new):
+        assert (row["new_verdict"], row["new_ci"]) == (row["old_verdict"], row["old_ci"]), row
+    if notebook != "02_finetune":
+        assert any(r["verdict"].startswith("not tested") for r in new)
+
+
+def test_committed_gate_reads_the_table_a_notebook_wrote(tmp_path):
+    from kvlib.pipeline.runs import LEARNED_TABLE, committed_gate
+
+    models = {"original": {}, "ft0": {"run": "a"}, "ft1": {"run": "b"}, "ft2": {"run": "c"}}
+    assert committed_gate(tmp_path, models, {}).checks == {}  # no table: every model was evaluated
+    table = tmp_path / f"{LEARNED_TABLE}.csv"
+    table.write_text("model,run,n,value,ci_low,ci_high,threshold,learned,reason\n"
+                     "ft0,a,8,0.75,0.4,0.9,0.5,True,\n"
+                     "ft1,b,8,0.25,0.07,0.59,0.5,False,held-out value accuracy 25.0% of 8 < 50%\n"
+                     "ft2,c,0,,,,0.5,False,not trained: no sweep trial learned its task\n", encoding="utf-8")
+    gate = committed_gate(tmp_path, models, {"ft": ["ft0", "ft1"]})
+    assert gate.failed == {"ft1": "held-out value accuracy 25.0% of 8 < 50%",
+                           "ft2": "not trained: no sweep trial learned its task"}
+    assert gate.checks["ft2"]["value"] is None and gate.checks["ft0"]["learned"] is True
+    assert gate.learned_seed_groups == {} and set(gate.reasons()) == {"ft", "ft2"}
+    assert gate.files == [table]
+    table.write_text(table.read_text(encoding="utf-8").replace("True", "yes"), encoding="utf-8")
+    with pytest.raises(ValueError, match="learned must be True or False, not 'yes'"):
+        committed_gate(tmp_path, models, {})

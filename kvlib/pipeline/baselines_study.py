@@ -261,13 +261,13 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
     were not evaluated; their claims are listed as not tested (kvlib.pipeline.runs.LearnedGate)."""
 
     synthetic = synthetic_models(P.models, P.original)  # other models are reported, not judged
-    if gate is not None:  # a placeholder difference row for each claim a finetune left out would have had
+    if gate is not None:  # a placeholder difference row for each claim a finetune left out would have had, keyed
+        # like the rows of the models evaluated (so the same from the notebook and from its item files: rejudge)
         mdqa_deltas = [*mdqa_deltas, *gate.placeholders([{"setting": SETTING_RANDOM}])] if mdqa_deltas else []
-        flenqa_deltas = ([*flenqa_deltas, *gate.placeholders([{"style": s} for s in P.flenqa_params().styles])]
-                         if flenqa_deltas else [])
-        general_deltas = ([*general_deltas, *gate.placeholders([{"task": t, "metric": TASKS[t].headline}
-                                                                 for t in P.general_params().tasks])]
-                          if general_deltas else [])
+        flenqa_deltas = [*flenqa_deltas, *gate.placeholders([{"style": s} for s in
+                                                             dict.fromkeys(d["style"] for d in flenqa_deltas)])]
+        general_deltas = [*general_deltas, *gate.placeholders([{"task": t, "metric": TASKS[t].headline} for t in
+                                                               dict.fromkeys(d["task"] for d in general_deltas)])]
     kinds = {label: spec["kind"] for label, spec in P.baselines.items()}
     out = []
     for d in mdqa_deltas:

@@ -20,7 +20,7 @@ from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
 from kvlib.pipeline.manifest import load_manifest_entries
 from kvlib.pipeline import baselines_study as study
 from kvlib.pipeline.notebooks import FINETUNE, FinetuneNotebookParams, synthetic_models
-from kvlib.pipeline.runs import not_learned_reason
+from kvlib.pipeline.runs import LearnedGate, committed_gate, not_learned_reason
 from kvlib.report.paper import (
     HALF_WIDTH,
     MAX_HALF_WIDTH,
@@ -140,8 +140,6 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
     model: the same calls the notebook makes after scoring. `params`: the notebook's params (default: those its
     committed results were run with, `committed_params`), for the models' order
     (the first is the baseline, as in the notebooks), seed groups and baselines. Nothing is written."""
-
-
     if notebook not in ITEM_FILES:
         raise ValueError(f"no claims to re-judge for {notebook!r}; notebooks with claims: {', '.join(ITEM_FILES)}")
     results_dir = Path(results_dir)
@@ -154,8 +152,24 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
     items = {f: read_items(folder / f) for f in ITEM_FILES[notebook]}
     entries = _in_item_order(dict(params.get("models") or {"original": {}}),
                              [r for rows in items.values() for r in rows])
+    # the finetunes the notebook left out (they did not learn their own task): their claims say not tested, and a
+    # seed group holding one is not averaged, as in the notebook (kvlib.pipeline.runs.LearnedGate)
+    gate = committed_gate(folder, entries, dict(params.get("seed_groups") or {}))
+    if notebook == "02_finetune" or gate.files:
+        return _judge(notebook, items, params, profile, params_root, entries, gate)
+    # results from before the gate: every finetune was evaluated; those that 02's held-out check says did not learn
+    # their own task are marked not tested (the same rule and threshold: kvlib.pipeline.runs.not_learned_reason)
+    threshold = float(committed_params(FINETUNE, results_dir, params_root).get(
+        "learned_threshold", FinetuneNotebookParams.learned_threshold))
+    return mark_not_tested(_judge(notebook, items, params, profile, params_root, entries, gate),
+                           not_learned(results_dir, entries, threshold))
+
+
+def _judge(notebook: str, items: Mapping[str, list], params: Mapping[str, Any], profile: str,
+           params_root: str | Path, entries: Mapping[str, Any], gate: LearnedGate) -> list[dict]:
+    """`rejudge_claims`' calls per notebook: those the notebook makes after scoring, on its item files."""
     models = list(entries)
-    groups = dict(params.get("seed_groups") or {})
+    groups = gate.learned_seed_groups
 
     if notebook == "02_finetune":
         rows = items["token_loss.csv"]
@@ -166,15 +180,12 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         rows = items["mdqa_items.csv"]
         base = models[0]
         pooled, _ = mdqa.mdqa_pooled_deltas(rows, base, groups, margin=equivalence_margin())
-        compared = synthetic_models(entries, base, groups)  # other models are reported, not judged
-        if notebook == "08_longer_context":  # judged only if the long finetune learned its own task (02's threshold)
-            threshold = float(committed_params(FINETUNE, results_dir, params_root).get(
-                "learned_threshold", FinetuneNotebookParams.learned_threshold))
-            return mark_not_tested(longer_context_claims(pooled, compared, int(params.get(
-                "num_documents", rows[0]["num_documents"])), primary=primary_claims(params)),
-                not_learned(results_dir, entries, threshold))
-
-        return mdqa_claims(pooled, compared, SETTING_RANDOM, SETTING_RETRIEVED, primary=primary_claims(params))
+        settings = list(dict.fromkeys(r["setting"] for r in rows))
+        if notebook == "08_longer_context":
+            return gate.judge(longer_context_claims, pooled, [{"setting": s} for s in settings], base,
+                              int(params.get("num_documents", rows[0]["num_documents"])), primary=primary_claims(params))
+        return gate.judge(mdqa_claims, pooled, mdqa.pooled_keys(settings), base, SETTING_RANDOM, SETTING_RETRIEVED,
+                          primary=primary_claims(params))
 
     if notebook == "04_flenqa":
         rows = items["flenqa_items.csv"]
@@ -183,8 +194,8 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         if groups:
             pooled = evaluate.with_seed_groups(
                 pooled, evaluate.seed_group_deltas(rows, base, groups, ["style"], "correct", "id", margin=equivalence_margin()), groups)
-        return flenqa_claims(pooled, synthetic_models(entries, base, groups), rows)
-
+        return gate.judge(flenqa_claims, pooled, [{"style": s} for s in dict.fromkeys(r["style"] for r in rows)],
+                          base, rows)
 
     if notebook == "05_general_benchmarks":
         rows = items["items.csv"]
@@ -194,11 +205,10 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
         if groups:
             deltas = evaluate.with_seed_groups(
                 deltas, general.benchmark_seed_group_deltas(rows, baseline, groups, seed, margin=equivalence_margin()), groups)
-        return general_claims(deltas, synthetic_models(entries, baseline, groups),
-                              {name: spec.headline for name, spec in general.TASKS.items()},
-                              {name: spec.title for name, spec in general.TASKS.items()},
-                              primary=primary_claims(params))
-
+        return gate.judge(general_claims, deltas,
+                          [{"task": t, "metric": general.TASKS[t].headline} for t in dict.fromkeys(r["task"] for r in rows)],
+                          baseline, {name: spec.headline for name, spec in general.TASKS.items()},
+                          {name: spec.title for name, spec in general.TASKS.items()}, primary=primary_claims(params))
 
     original = params.get("original", "original")
     P = SimpleNamespace(models=params.get("models") or {original: {}}, original=original,
@@ -208,7 +218,7 @@ def rejudge_claims(notebook: str, results_dir: str | Path, params: Mapping[str, 
                                          "qid", margin=equivalence_margin())
     flenqa_deltas = evaluate.paired_deltas(flenqa_rows, original, ["style"], "correct", "id", margin=equivalence_margin())
     general_deltas = general.benchmark_deltas(items["general_items.csv"], original, margin=equivalence_margin())
-    return study.claims(P, mdqa_deltas, flenqa_deltas, general_deltas, flenqa_rows=flenqa_rows)
+    return study.claims(P, mdqa_deltas, flenqa_deltas, general_deltas, flenqa_rows=flenqa_rows, gate=gate)
 
 
 def compare_claims(old: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]]) -> list[dict]:

@@ -5,6 +5,7 @@ learned into the evaluation notebooks.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gc
 import json
@@ -254,6 +255,9 @@ def run_sweep(params: FinetuneNotebookParams) -> tuple[list[dict], dict | None]:
 
 # ------------------------------------------------------------------ only finetunes that learned are evaluated
 
+LEARNED_TABLE = "learned_own_task"  # <notebook>/learned_own_task.csv: the gate an evaluation notebook applied
+
+
 @dataclass
 class LearnedGate:
     """Which models enter an evaluation notebook (03-08): every model that is not an HF run of notebook 02, and
@@ -318,7 +322,7 @@ class LearnedGate:
         manifest.record_inputs(results_dir, notebook, self.files)
         table = pd.DataFrame(self.table())
         if len(table):
-            save_table(table, notebook_output_dir(results_dir, notebook) / "learned_own_task")
+            save_table(table, notebook_output_dir(results_dir, notebook) / LEARNED_TABLE)
         return table
 
 
@@ -337,6 +341,28 @@ def learned_gate(P: Any) -> LearnedGate:
             files.append(record["file"])
     return LearnedGate(dict(P.models), {g: list(ms) for g, ms in P.seed_groups.items()}, checks,
                        list(dict.fromkeys(files)))
+
+
+def committed_gate(notebook_dir: str | Path, models: Mapping[str, Any], seed_groups: Mapping[str, Sequence[str]]
+                   ) -> LearnedGate:
+    """The LearnedGate an evaluation notebook applied, read back from the table it committed (`LearnedGate.report`
+    in `notebook_dir`), so that its claims can be judged again from its item files as it judged them
+    (kvlib.pipeline.rejudge). No table: the notebook evaluated every model (none of them was a run of 02)."""
+    path = Path(notebook_dir) / f"{LEARNED_TABLE}.csv"
+    checks: dict[str, dict] = {}
+    if path.is_file():
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                learned = row["learned"].strip().lower()
+                if learned not in ("true", "false"):
+                    raise ValueError(f"{path}: learned must be True or False, not {row['learned']!r} "
+                                     f"(model {row['model']!r})")
+                checks[row["model"]] = {
+                    "run": row["run"], "n": int(row["n"]), "threshold": float(row["threshold"]),
+                    **{k: float(row[k]) if row[k] != "" else None for k in ("value", "ci_low", "ci_high")},
+                    "learned": learned == "true", "reason": row["reason"] or None}
+    return LearnedGate(dict(models), {g: list(ms) for g, ms in seed_groups.items()}, checks,
+                       [path] if path.is_file() else [])
 
 
 def evaluate_mdqa_sets(configs: Mapping[str, BackendConfig], sets: Mapping[str, Any], positions: Sequence[int],
