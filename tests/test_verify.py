@@ -150,7 +150,9 @@ def test_verify_regenerates_compares_and_updates_only_when_asked(tmp_path, monke
     assert "claims changed verdict (e.g. fig5 m: holds -> inconclusive)" in out
     assert snapshot(out_dir(root)) == committed  # committed results change only with --update
 
-    assert verify_cli(root, "--update") == 1  # the regenerated results (up to date: not run again) replace them
+    # the regenerated results (up to date: not run again) replace them; done as asked, so 0 (the report still says
+    # what differed)
+    assert verify_cli(root, "--update") == 0
     assert "committed results updated" in capsys.readouterr().out
     assert (out_dir(root) / "01_table" / "table.csv").read_text() == "seed,value\n1,0.75\n"
     executed = (out_dir(root) / "01_table.ipynb").read_text()
@@ -164,6 +166,23 @@ def test_verify_regenerates_compares_and_updates_only_when_asked(tmp_path, monke
     assert "../../../params/tiny/01_table.yaml" in (scratch / "index.html").read_text()  # links from the scratch
     assert verify_cli(root) == 0 and verify_cli(root, "--update") == 0
     assert json.loads((out_dir(root) / "manifest.json").read_text())["notebooks"]["01_table"]["attempts"] == 3
+
+
+def test_update_replaces_nothing_when_the_run_again_fails(tmp_path, monkeypatch, capsys):
+    root = build_repo(tmp_path / "repo")
+    stand_in_notebooks(monkeypatch, 0.5)
+    assert cli.main(["reproduce", "--profile", PROFILE, "--results", str(root / "results"), "--params-dir",
+                     str(root / "params"), "--notebooks", str(root / "notebooks")]) == 0
+    committed = snapshot(out_dir(root))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the kernel died")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fail)
+    capsys.readouterr()
+    assert verify_cli(root, "--force", "--update") == 1
+    assert "committed results not updated: the run again did not finish" in capsys.readouterr().out
+    assert snapshot(out_dir(root)) == committed
 
 
 def test_published_copies_name_the_committed_folder_not_the_scratch(tmp_path):

@@ -381,7 +381,8 @@ def verify_profile(profile: str, only: list[str] | None = None, results_root: Pa
     committed results (tables within tolerance, same verdicts, figures regenerated), 1 when something differs or
     a notebook failed, 2 when the run could not start (missing data). `force`: regenerate even what an earlier
     verify already regenerated with the same params, code and inputs. `update`: then replace the committed
-    results of the notebooks that ran with the regenerated ones."""
+    results of the notebooks that ran with the regenerated ones; 0 once they are replaced (the report still says
+    what differed), since what was asked is done, 1 when the run did not finish and nothing was replaced."""
     results_root, params_root, notebooks_dir = Path(results_root), Path(params_root), Path(notebooks_dir)
     committed = (results_root / profile).resolve()
     if not (committed / MANIFEST_FILE).is_file():
@@ -418,4 +419,5 @@ def verify_profile(profile: str, only: list[str] | None = None, results_root: Pa
             done = update_committed(profile, scratch, committed, [r.name for r in results], params_root,
                                     notebooks_dir)
             print(f"kvlib verify: committed results updated ({committed}): {', '.join(done) or 'none'}", flush=True)
+            return 0
     return 0 if rc == 0 and all(r.matches for r in results) else 1
