@@ -24,7 +24,8 @@ With --update README.md the same results, as Markdown, replace the README's benc
 `bench_eval` markers): `make bench` does that.
 
     python benchmarks/bench_eval.py [--quick] [--questions 4] [--positions 1,5,10,15,20] [--documents 20]
-                                    [--new-tokens 32] [--batch-size 8] [--threads N] [--llama] [--update README.md]
+                                    [--new-tokens 32] [--batch-size 8] [--threads N] [--llama] [--bf16 auto|yes|no]
+                                    [--update README.md]
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from kvlib.engine import models
 from kvlib.engine.backends import HFBackend, OpenAIChatBackend, _KVCache, _kvlib_attention, _Layout, cpu_supports_bf16
 from kvlib.tasks import mdqa
 from kvlib.tasks.mdqa import MDQA_ANSWER_END
+from bf16_option import add_bf16_option, bf16_timed
 from readme_section import add_update_option, check, write
 
 
@@ -235,17 +237,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--llama", action="store_true", help="also time the llama.cpp server (Q4_1 GGUF)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip bfloat16 (emulated, slow, on CPUs without it)")
+    add_bf16_option(parser)
     add_update_option(parser)
     args = parser.parse_args()
     if args.quick:
-        args.questions, args.documents, args.positions, args.no_bf16 = 1, 10, "1,5,10", True
+        args.questions, args.documents, args.positions, args.bf16 = 1, 10, "1,5,10", "no"
     check(parser, args.update, "bench_eval")
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.get_num_threads() > 1:  # the params' threads lever, when the run has more than one
         CONFIGS.append(ONE_THREAD)
-    if args.no_bf16:
+    with_bf16, not_timed = bf16_timed(args.bf16)
+    if not with_bf16:
         CONFIGS.remove(next(c for c in CONFIGS if c[1] == "bfloat16"))
     questions = mdqa_prompts(args.questions, args.documents, [int(p) for p in args.positions.split(",")])
     prompts = [p for ps in questions for p in ps]
@@ -260,6 +263,8 @@ def main() -> None:
 
     results = run_configs(questions, args.new_tokens, args.batch_size)
     rows, goals = summarize(results, len(prompts))
+    if not_timed:
+        goals.append(not_timed)
     print(f"\n{'configuration':44s} {'wall s':>7s} {'s/prompt':>8s} {'vs base':>8s} {'CPU s':>7s} {'vs base':>8s} "
           f"{'same as base':>12s} {'decode ms/tok':>13s}")
     for r, (label, dtype, *_) in zip(rows, CONFIGS):

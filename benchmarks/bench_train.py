@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from kvlib.tasks import synthetic as gen
 from kvlib.engine import models
 from kvlib.engine import train
-from kvlib.engine.backends import cpu_supports_bf16
 from kvlib.engine.config import from_mapping
+from bf16_option import add_bf16_option, bf16_timed
 from readme_section import add_update_option, check, text_block, write
 
 
@@ -87,17 +87,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
-                        help="time bf16 autocast too (auto: where the CPU computes bf16 natively, or on CUDA; "
-                             "emulated bf16 takes minutes per step)")
+    add_bf16_option(parser)
     add_update_option(parser)
     args = parser.parse_args()
     check(parser, args.update, "bench_train")
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     torch.manual_seed(0)
-    native = torch.cuda.is_available() or cpu_supports_bf16()
-    timed = ("fp32", "bf16") if args.bf16 == "yes" or (args.bf16 == "auto" and native) else ("fp32",)
+    with_bf16, not_timed = bf16_timed(args.bf16)
+    timed = ("fp32", "bf16") if with_bf16 else ("fp32",)
     medians = {}
     with tempfile.TemporaryDirectory() as tmp:
         train_file = make_data(Path(tmp), args.tokens, args.steps)
@@ -112,9 +110,8 @@ def main() -> None:
              f"steps, {torch.get_num_threads()} threads, torch {torch.__version__}",
              f"{'':26s} {'s/step':>7s} {'vs bare fp32':>13s}"]
     lines += [f"{label:26s} {seconds:7.2f} {baseline / seconds:12.2f}x" for label, seconds in medians.items()]
-    if "bf16" not in timed:
-        why = "--bf16 no" if args.bf16 == "no" else "this CPU has no native bf16: it is emulated, minutes per step"
-        lines.append(f"bf16 not timed ({why}; --bf16 yes times it anyway)")
+    if not_timed:
+        lines.append(not_timed)
     for precision in timed:
         overhead = medians[f"kvlib train, {precision}"] / medians[f"bare loop, {precision}"] - 1
         lines.append(f"kvlib overhead over the bare loop, {precision}: {100 * overhead:+.1f}% (target <= +15%)")

@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_eval  # noqa: E402
+import bench_train  # noqa: E402
+import bf16_option  # noqa: E402
 import readme_section  # noqa: E402
 
 
@@ -66,3 +68,19 @@ def test_bench_eval_summary_ratios_and_agreement():
     assert any("75% of answers equal to float32's" in g for g in goals)
     table = bench_eval.markdown("setup line", rows, len(answers), goals)
     assert table.startswith("setup line\n\n| configuration |") and "| 4.00x |" in table and "| 3/4 |" in table
+
+
+def test_one_bf16_switch_decides_what_each_benchmark_times(monkeypatch):
+    monkeypatch.setattr(bf16_option.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bf16_option, "cpu_supports_bf16", lambda: False)
+    assert bf16_option.bf16_timed("yes") == (True, None)
+    timed, why = bf16_option.bf16_timed("auto")
+    assert not timed and "no native bf16" in why and "--bf16 yes times it anyway" in why
+    assert bf16_option.bf16_timed("no") == (False, "bf16 not timed (--bf16 no; --bf16 yes times it anyway)")
+    monkeypatch.setattr(bf16_option, "cpu_supports_bf16", lambda: True)
+    assert bf16_option.bf16_timed("auto") == (True, None)
+    assert bf16_option.bf16_timed("no")[0] is False
+    parser = argparse.ArgumentParser()
+    bf16_option.add_bf16_option(parser)
+    assert parser.parse_args([]).bf16 == "auto"
+    assert all(bench.bf16_timed is bf16_option.bf16_timed for bench in (bench_eval, bench_train))
