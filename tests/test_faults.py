@@ -585,3 +585,34 @@ def test_a_training_killed_midway_resumes_to_the_same_weights(tmp_path, embedded
 
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kill_no_handler_sees_is_timed_from_the_attempts_heartbeat(tmp_path):
+    """SIGKILL (a session's machine taken away) leaves the attempt open; papermill does not save a notebook while
+    one long cell runs (hours of training), so the next run times it from the heartbeat the attempt kept."""
+    from datetime import datetime, timedelta
+
+    from kvlib.pipeline.manifest import attempt_heartbeat, attempts_path, begin_attempt
+
+    running = tmp_path / ".02_finetune.running.ipynb"
+    attempts = begin_attempt(tmp_path, "02_finetune", "2026-12-04T11:00:00+00:00", running)
+    with attempt_heartbeat(tmp_path, "02_finetune", attempts, every=0.05):
+        deadline = time.time() + 30
+        while time.time() < deadline and "alive" not in json.loads(attempts_path(tmp_path, "02_finetune").read_text())[-1]:
+            time.sleep(0.05)
+    saved = json.loads(attempts_path(tmp_path, "02_finetune").read_text())
+    assert saved[-1]["seconds"] is None and "alive" in saved[-1]  # open, with a sign of life
+    # as if killed 2.5 hours in, the notebook last saved when its long cell began, 1 minute in
+    began = datetime.fromisoformat("2026-12-04T11:00:00+00:00")
+    saved[-1]["alive"] = (began + timedelta(hours=2.5)).isoformat(timespec="seconds")
+    attempts_path(tmp_path, "02_finetune").write_text(json.dumps(saved))
+    running.write_text("{}")
+    os.utime(running, (began.timestamp() + 60, began.timestamp() + 60))
+    killed, new = begin_attempt(tmp_path, "02_finetune", "2026-12-04T14:00:00+00:00", running)
+    assert killed["ended"] == "killed" and killed["seconds"] == 2.5 * 3600
+    assert new == {"started": "2026-12-04T14:00:00+00:00", "seconds": None}
+    # no heartbeat (killed within its first minute): the notebook's last save times it
+    new["seconds"] = None
+    attempts_path(tmp_path, "02_finetune").write_text(json.dumps([killed, new]))
+    os.utime(running, (datetime.fromisoformat(new["started"]).timestamp() + 30,) * 2)
+    assert begin_attempt(tmp_path, "02_finetune", "2026-12-04T15:00:00+00:00", running)[1]["seconds"] == 30

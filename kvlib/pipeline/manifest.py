@@ -15,9 +15,11 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import kvlib
 from kvlib.engine.config import ParamError
@@ -529,20 +531,50 @@ def attempts_path(out_dir: Path, name: str) -> Path:
 
 def begin_attempt(out_dir: Path, name: str, started: str, running: Path) -> list[dict]:
     """The attempts at notebook `name` since its last success, this one appended (and saved at once, so a
-    kill leaves it on disk). An earlier attempt that never ended was killed: it ran until papermill's last
-    save of its `running` notebook (papermill saves it at least every 30 s while a cell runs)."""
+    kill leaves it on disk). An earlier attempt that never ended was killed: it ran until its last sign of life,
+    the later of its heartbeat (`attempt_heartbeat`, every HEARTBEAT_SECONDS) and papermill's last save of its
+    `running` notebook (papermill saves it when a cell starts or ends, not while a long cell runs)."""
     path = attempts_path(out_dir, name)
     try:
         attempts = list(json.loads(path.read_text(encoding="utf-8")))
     except (FileNotFoundError, ValueError, TypeError):
         attempts = []
     if attempts and attempts[-1].get("seconds") is None:
-        last_save = running.stat().st_mtime if running.exists() else None
+        signs = [running.stat().st_mtime] if running.exists() else []
+        if attempts[-1].get("alive"):
+            signs.append(datetime.fromisoformat(attempts[-1]["alive"]).timestamp())
         began = datetime.fromisoformat(attempts[-1]["started"]).timestamp()
-        attempts[-1].update(seconds=round(max(0.0, last_save - began), 3) if last_save else 0.0, ended="killed")
+        attempts[-1].update(seconds=round(max(0.0, max(signs) - began), 3) if signs else 0.0, ended="killed")
     attempts.append({"started": started, "seconds": None})
     atomic_write_text(path, dumps_json(attempts))
     return attempts
+
+
+HEARTBEAT_SECONDS = 60.0  # how stale a killed attempt's time may be: the most a kill leaves uncounted
+
+
+@contextmanager
+def attempt_heartbeat(out_dir: Path, name: str, attempts: list[dict], every: float = HEARTBEAT_SECONDS
+                      ) -> Iterator[None]:
+    """While notebook `name` runs: its attempt (the last of `attempts`, as `begin_attempt` saved them) gets an
+    `alive` time in the attempts file every `every` seconds, so that a kill no handler sees (SIGKILL, the machine
+    of a session taken away) is timed by the next run to within that, not from the notebook's last save hours
+    before. `attempts` is not touched by the caller meanwhile; the heartbeat has stopped when this returns."""
+    stop = threading.Event()
+    path = attempts_path(out_dir, name)
+
+    def beat() -> None:
+        while not stop.wait(every):
+            attempts[-1]["alive"] = utc_now()
+            atomic_write_text(path, dumps_json(attempts))
+
+    thread = threading.Thread(target=beat, name=f"kvlib-heartbeat-{name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 

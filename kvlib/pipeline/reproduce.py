@@ -36,6 +36,7 @@ from kvlib.engine.models import ModelAccessError, check_hub_access
 from kvlib.pipeline.data_needs import check_inputs, missing_for
 from kvlib.pipeline.manifest import (
     BOOKKEEPING_FILES,
+    attempt_heartbeat,
     attempts_path,
     begin_attempt,
     carry_over_cost,
@@ -358,16 +359,18 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
 
     error: BaseException | None = None
     try:
-        nb = papermill.execute_notebook(
-            _papermill_path(job.notebook),
-            _papermill_path(tmp_nb),
-            # the staging folder relative to the repository root (the kernel's working directory): no machine
-            # path is recorded in the executed notebook
-            parameters={INJECTED: {**job.injected[INJECTED], "results_dir": repo_relative(staging, repo_root)}},
-            kernel_name=KERNEL_NAME,
-            progress_bar=True,
-            cwd=str(repo_root),
-        )
+        # a heartbeat in the attempts file: a kill that nothing here sees is still timed by the next run
+        with attempt_heartbeat(out_dir, job.name, attempts):
+            nb = papermill.execute_notebook(
+                _papermill_path(job.notebook),
+                _papermill_path(tmp_nb),
+                # the staging folder relative to the repository root (the kernel's working directory): no machine
+                # path is recorded in the executed notebook
+                parameters={INJECTED: {**job.injected[INJECTED], "results_dir": repo_relative(staging, repo_root)}},
+                kernel_name=KERNEL_NAME,
+                progress_bar=True,
+                cwd=str(repo_root),
+            )
         inputs, facts = read_inputs(staging, job.name), read_facts(staging, job.name)
         _render(nb, job, out_dir, repo_root)
         outputs = [f"{job.name}.ipynb", f"{job.name}.html", *_notebook_artifacts(staging, job.name)]
