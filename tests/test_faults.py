@@ -404,6 +404,9 @@ answers = CachedBackend(Slow(), ResponseCache(P.cache_dir)).generate([f"q{i}" fo
 out = reporting.notebook_output_dir(P.results_dir, "01_eval")
 (out / "answers.csv").write_text("q,a\\n" + "".join(f"q{i},{a}\\n" for i, a in enumerate(answers)))
 manifest.record_facts(P.results_dir, "01_eval", {"asked": len(Slow.asked)})
+print(f"01_eval asked {len(Slow.asked)}")
+import sys
+print("01_eval progress: done", file=sys.stderr)
 '''
 
 DRIVER = '''
@@ -510,6 +513,24 @@ def test_sigterm_times_the_attempt_like_ctrl_c(tmp_path, monkeypatch):
     time.sleep(2)
     assert _stored(cache) == stored < 200  # the kernel is gone: nothing answers any more
     assert not (out_dir(repo) / "manifest.json").exists()  # nothing published
+
+
+@pytest.mark.slow
+def test_what_the_kernel_prints_reaches_the_terminal_as_it_comes(tmp_path):
+    """A notebook cell may run for hours (training): its progress bars and prints stream to the terminal of
+    `kvlib reproduce`, stdout to stdout and stderr to stderr, not only into the rendered notebook."""
+    repo = _eval_repo(tmp_path)
+    (repo / "params" / PROFILE / "01_eval.yaml").write_text("n: 3\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(kvlib=KVLIB_ROOT, repo=str(repo)))
+    done = subprocess.run(
+        [sys.executable, str(driver), "reproduce", "--profile", PROFILE, "--params-dir", str(repo / "params"),
+         "--notebooks", str(repo / "notebooks"), "--results", str(repo / "results")],
+        cwd=repo, env={**os.environ, "PYTHONPATH": KVLIB_ROOT}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "01_eval asked 3" in done.stdout and "01_eval asked 3" not in done.stderr
+    assert "01_eval progress: done" in done.stderr
+    assert "Executing:" not in done.stderr  # no bar of cells drawn over the kernel's own lines
 
 
 TRAIN_DRIVER = '''

@@ -409,6 +409,9 @@ def _training_arguments(cfg: TrainConfig, cuda: bool):
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
+        # a progress bar of optimizer steps with each step's loss, whatever transformers' log level (its default
+        # hides the bar); `kvlib reproduce` streams it to the terminal, the rendered notebook drops it
+        disable_tqdm=False,
         report_to="none",
         remove_unused_columns=False,  # our dataset yields exactly the model inputs
         dataloader_num_workers=0,

@@ -368,7 +368,11 @@ def run_job(job: NotebookJob, out_dir: Path, repo_root: Path) -> tuple[dict, Bas
                 # path is recorded in the executed notebook
                 parameters={INJECTED: {**job.injected[INJECTED], "results_dir": repo_relative(staging, repo_root)}},
                 kernel_name=KERNEL_NAME,
-                progress_bar=True,
+                # what the kernel prints (training and evaluation progress bars, warnings) reaches this terminal as
+                # it comes, since one cell may run for hours; papermill's bar of cells would garble those lines
+                progress_bar=False,
+                stdout_file=sys.stdout,
+                stderr_file=sys.stderr,
                 cwd=str(repo_root),
             )
         inputs, facts = read_inputs(staging, job.name), read_facts(staging, job.name)
