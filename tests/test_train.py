@@ -378,3 +378,29 @@ def test_openai_runs_use_the_openai_file():
         "openai_runs": {"g": {"dataset": "multisubkey-template", "n_epochs": 2}}})
     cfg = p.openai_jobs()["g"].train_config
     assert str(cfg.train_file).endswith("multisubkey-template/train.openai.jsonl") and cfg.n_epochs == 2
+
+
+def test_training_draws_a_text_bar_inside_a_notebook_kernel_too(tmp_path):
+    """In a notebook kernel transformers swaps its text bar for an HTML table that no terminal shows: kvlib puts the
+    text bar back (stderr, streamed by `kvlib reproduce`); elsewhere the callbacks are left as they are."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    from kvlib.engine.train import _text_progress_bar
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", disable_tqdm=False)
+    trainer = Trainer(model=Tiny(), args=args)
+    names = lambda: [type(cb).__name__ for cb in trainer.callback_handler.callbacks]  # noqa: E731
+    _text_progress_bar(trainer)
+    assert names().count("ProgressCallback") == 1 and "NotebookProgressCallback" not in names()
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(NotebookProgressCallback)  # as transformers does in a kernel
+    _text_progress_bar(trainer)
+    assert names().count("ProgressCallback") == 1 and "NotebookProgressCallback" not in names()

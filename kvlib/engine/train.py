@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from kvlib.engine import meter, models
 from kvlib.engine.config import (
@@ -485,6 +485,20 @@ def last_checkpoint(cfg: TrainConfig) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+def _text_progress_bar(trainer: Any) -> None:
+    """The text bar of optimizer steps (stderr), in a notebook kernel too: there transformers draws an HTML table
+    instead, which reaches no terminal (`kvlib reproduce` streams the kernel's stderr) and stays in the report."""
+    from transformers.trainer_callback import ProgressCallback
+
+    try:
+        from transformers.utils.notebook import NotebookProgressCallback
+    except ImportError:  # no IPython: transformers never chose it
+        return
+    if any(isinstance(cb, NotebookProgressCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(NotebookProgressCallback)
+        trainer.add_callback(ProgressCallback)
+
+
 def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: list | None = None) -> dict:
     """Run (or resume, or reuse) one finetuning run; returns the summary.
 
@@ -531,6 +545,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     trainer = Trainer(model=model, args=_training_arguments(cfg, cuda), train_dataset=dataset,
                       data_collator=collate(tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=callbacks)
+    _text_progress_bar(trainer)
     device = "cuda" if cuda else "cpu"
     work = meter.Work("train", {"numerics": resolve_precision(cfg.precision, cuda), "device": device,
                                 "machine": meter.machine(device), "method": cfg.method,
