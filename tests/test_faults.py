@@ -609,7 +609,7 @@ def test_a_training_killed_midway_resumes_to_the_same_weights(tmp_path, embedded
 
 
 def test_a_kill_no_handler_sees_is_timed_from_the_attempts_heartbeat(tmp_path):
-    """SIGKILL (a session's machine taken away) leaves the attempt open; papermill does not save a notebook while
+    """SIGKILL (the machine stopped under it) leaves the attempt open; papermill does not save a notebook while
     one long cell runs (hours of training), so the next run times it from the heartbeat the attempt kept."""
     from datetime import datetime, timedelta
 

@@ -558,7 +558,7 @@ def attempt_heartbeat(out_dir: Path, name: str, attempts: list[dict], every: flo
                       ) -> Iterator[None]:
     """While notebook `name` runs: its attempt (the last of `attempts`, as `begin_attempt` saved them) gets an
     `alive` time in the attempts file every `every` seconds, so that a kill no handler sees (SIGKILL, the machine
-    of a session taken away) is timed by the next run to within that, not from the notebook's last save hours
+    stopped under it) is timed by the next run to within that, not from the notebook's last save hours
     before. `attempts` is not touched by the caller meanwhile; the heartbeat has stopped when this returns."""
     stop = threading.Event()
     path = attempts_path(out_dir, name)

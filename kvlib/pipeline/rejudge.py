@@ -19,7 +19,7 @@ from kvlib.engine.config import from_mapping, load_yaml
 from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
 from kvlib.pipeline.manifest import load_manifest_entries
 from kvlib.pipeline import baselines_study as study
-from kvlib.pipeline.notebooks import FINETUNE, FinetuneNotebookParams, synthetic_models
+from kvlib.pipeline.notebooks import FINETUNE, FinetuneNotebookParams
 from kvlib.pipeline.runs import LearnedGate, committed_gate, not_learned_reason
 from kvlib.report.paper import (
     HALF_WIDTH,
