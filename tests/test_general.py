@@ -394,6 +394,16 @@ def test_params_fail_early_naming_the_field(overrides, message):
         _params(**overrides)
 
 
+def test_headline_keys_name_each_benchmark_once_in_first_seen_order():
+    keys = g.headline_keys(["nq_open", "mmlu", "nq_open", "gsm8k", "mmlu"])
+    assert keys == [{"task": "nq_open", "metric": "em"}, {"task": "mmlu", "metric": "acc"},
+                    {"task": "gsm8k", "metric": "exact_strict"}]
+    assert g.headline_keys([]) == []
+    assert all(g.HEADLINES[k["task"]] == k["metric"] for k in keys)
+    with pytest.raises(KeyError):
+        g.headline_keys(["not_a_benchmark"])
+
+
 def test_params_list_tasks_in_declaration_order():
     p = _params(tasks={"nq_open": {}, "mmlu": {"fraction": 0.2}})
     assert [spec.name for spec, _ in p.task_list()] == ["mmlu", "nq_open"]

@@ -30,7 +30,7 @@ from kvlib.tasks import flenqa, general, mdqa
 from kvlib.tasks.baseline_sets import BaselineConfig, ensure_baseline, matched_config, sample_lengths, token_counter_for
 from kvlib.tasks.contamination import check_contamination, load_eval_reference
 from kvlib.tasks.flenqa import FLenQAConfig
-from kvlib.tasks.general import TASKS
+from kvlib.tasks.general import HEADLINES, TASKS, TITLES, headline_keys
 from kvlib.tasks.mdqa import MDQA_CHANCE, SETTING_RANDOM
 from kvlib.tasks.synthetic import ensure_dataset, load_dataset, load_template
 
@@ -236,7 +236,7 @@ def table2_deltas(P: BaselinesNotebookParams, deltas: Sequence[dict]) -> list[di
     original = ref[f"{PAPER_MODEL}: original"]
     out = []
     for d in deltas:
-        if d["metric"] != TASKS[d["task"]].headline:
+        if d["metric"] != HEADLINES[d["task"]]:
             continue
         row = P.paper_row(d["model"])
         paper = ref.get(f"{PAPER_MODEL}: {row}", {}).get(d["task"]) if row else None
@@ -266,8 +266,7 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
         mdqa_deltas = [*mdqa_deltas, *gate.placeholders([{"setting": SETTING_RANDOM}])] if mdqa_deltas else []
         flenqa_deltas = [*flenqa_deltas, *gate.placeholders([{"style": s} for s in
                                                              dict.fromkeys(d["style"] for d in flenqa_deltas)])]
-        general_deltas = [*general_deltas, *gate.placeholders([{"task": t, "metric": TASKS[t].headline} for t in
-                                                               dict.fromkeys(d["task"] for d in general_deltas)])]
+        general_deltas = [*general_deltas, *gate.placeholders(headline_keys(d["task"] for d in general_deltas))]
     kinds = {label: spec["kind"] for label, spec in P.baselines.items()}
     out = []
     for d in mdqa_deltas:
@@ -282,11 +281,10 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
                                            "positions)", d["model"], d, "increase", "delta_correct", levels=level))
     out += paper.flenqa_claims([d for d in flenqa_deltas if d["model"] in synthetic], synthetic, flenqa_rows,
                                artifact="fig8")
-    out += paper.general_claims(general_deltas, synthetic, {t: s.headline for t, s in TASKS.items()},
-                                {t: s.title for t, s in TASKS.items()}, artifact="table2")
+    out += paper.general_claims(general_deltas, synthetic, HEADLINES, TITLES, artifact="table2")
     for d in general_deltas:
         kind = kinds.get(d["model"])
-        if d["metric"] == TASKS[d["task"]].headline and d["task"] in ("triviaqa", "nq_open") and kind in PAPER_ROWS:
+        if d["metric"] == HEADLINES[d["task"]] and d["task"] in ("triviaqa", "nq_open") and kind in PAPER_ROWS:
             out += [{**row, "published_delta_points": paper.published_deltas(d["task"], PAPER_ROWS[kind])}
                     for row in paper.judge_general("table2", f"the {PAPER_ROWS[kind]} baseline loses on "
                                                              f"{TASKS[d['task']].title}", d, "decrease", general_deltas,

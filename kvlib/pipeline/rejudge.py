@@ -206,9 +206,8 @@ def _judge(notebook: str, items: Mapping[str, list], params: Mapping[str, Any], 
             deltas = evaluate.with_seed_groups(
                 deltas, general.benchmark_seed_group_deltas(rows, baseline, groups, seed, margin=equivalence_margin()), groups)
         return gate.judge(general_claims, deltas,
-                          [{"task": t, "metric": general.TASKS[t].headline} for t in dict.fromkeys(r["task"] for r in rows)],
-                          baseline, {name: spec.headline for name, spec in general.TASKS.items()},
-                          {name: spec.title for name, spec in general.TASKS.items()}, primary=primary_claims(params))
+                          general.headline_keys(r["task"] for r in rows), baseline, general.HEADLINES,
+                          general.TITLES, primary=primary_claims(params))
 
     original = params.get("original", "original")
     P = SimpleNamespace(models=params.get("models") or {original: {}}, original=original,

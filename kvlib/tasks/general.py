@@ -566,6 +566,18 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+# what the general-benchmark claims (kvlib.report.paper.general_claims) are judged on and called, per benchmark
+HEADLINES: dict[str, str] = {name: spec.headline for name, spec in TASKS.items()}
+TITLES: dict[str, str] = {name: spec.title for name, spec in TASKS.items()}
+
+
+def headline_keys(tasks: Iterable[str]) -> list[dict]:
+    """One claim key per benchmark in `tasks` (first occurrence order, once each): {"task", "metric": its headline
+    metric}, what the general-benchmark claims are keyed by, from notebook 05, from its item files (rejudge) and in
+    the baselines study alike."""
+    return [{"task": t, "metric": TASKS[t].headline} for t in dict.fromkeys(tasks)]
+
+
 def task_spec(name: str, where: str = "tasks") -> TaskSpec:
     if name not in TASKS:
         close = difflib.get_close_matches(name, list(TASKS), n=1)
