@@ -131,9 +131,10 @@ def test_clean_outputs_strips_progress_bars_and_keeps_other_stderr():
         nbformat.v4.new_output("stream", name="stderr", text="\rLoading weights:  30%|██▉       | 81/272 [00:00<00:00, 770.52it/s]"),
         nbformat.v4.new_output("stream", name="stderr", text="\rLoading weights: 100%|██████████| 272/272 [00:00<00:00, 754.39it/s]"),
         nbformat.v4.new_output("stream", name="stderr", text="\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="\x1b[A"),  # tqdm's cursor-up after a nested bar
         nbformat.v4.new_output("stream", name="stdout", text="original [hits 114]\n"),
         nbformat.v4.new_output("stream", name="stderr", text="Map: 100%|##########| 3/3 [00:00<00:00, 9.1 examples/s]\n"
-                                                             "UserWarning: something a reader should see\n"),
+                                                             "\x1b[AUserWarning: something a reader should see\n"),
         nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "x"},
                                                      "text/plain": "HBox()"}),
     ]

@@ -104,16 +104,19 @@ def _portable(text: str, out_dir: Path, repo_root: Path) -> str:
 # without a total "12it [00:01, 9.5it/s]"), and tqdm's notice that it could not draw a notebook widget.
 _PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*\d|\|\s*\d+/\d+\s*\[|\d+(?:it|B)?\s*\[\d+:\d+.*(?:it/s|s/it|B/s)\]")
 _TQDM_NOTICE = re.compile(r"TqdmWarning: IProgress not found|from \.autonotebook import tqdm")
+# the cursor moves and line erases tqdm draws nested bars with ("\x1b[A" after a bar closes): nothing a saved
+# notebook can show, so they would stand as empty stderr boxes
+_CURSOR_CONTROL = re.compile(r"\x1b\[\d*[A-DGK]")
 _WIDGET = "application/vnd.jupyter.widget-view+json"
 REPORT_TEMPLATE = Path(__file__).resolve().parent / "templates"  # kvlib_report: code cells folded in the HTML
 HIDDEN_IN_REPORT = ("parameters", "injected-parameters")  # cell tags: the params table after `start` shows them
 
 
 def _strip_progress(text: str) -> str:
-    """`text` (a cell's stderr) without progress-bar lines and tqdm's IProgress notice; a line redrawn with
-    carriage returns counts as what a terminal would show last."""
+    """`text` (a cell's stderr) without progress-bar lines, tqdm's IProgress notice and cursor controls; a line
+    redrawn with carriage returns counts as what a terminal would show last."""
     kept = []
-    for line in text.split("\n"):
+    for line in _CURSOR_CONTROL.sub("", text).split("\n"):
         shown = next((part for part in reversed(line.split("\r")) if part.strip()), "")
         if _TQDM_NOTICE.search(line) or _PROGRESS_LINE.search(shown):
             continue
