@@ -240,7 +240,7 @@ def table2_deltas(P: BaselinesNotebookParams, deltas: Sequence[dict]) -> list[di
             continue
         row = P.paper_row(d["model"])
         paper = ref.get(f"{PAPER_MODEL}: {row}", {}).get(d["task"]) if row else None
-        out.append({"model": d["model"], "paper_row": row or "", "benchmark": TASKS[d["task"]].title,
+        out.append({"model": d["model"], "paper_row": row or "", "benchmark": TITLES[d["task"]],
                     "metric": d["metric"], "n": d["n"], "delta_points": 100 * d["delta"],
                     "ci_low_points": 100 * d["ci_low"], "ci_high_points": 100 * d["ci_high"],
                     "paper_delta_points": None if paper is None else round(paper - original[d["task"]], 2)})
@@ -287,6 +287,6 @@ def claims(P: BaselinesNotebookParams, mdqa_deltas: Sequence[dict] = (), flenqa_
         if d["metric"] == HEADLINES[d["task"]] and d["task"] in ("triviaqa", "nq_open") and kind in PAPER_ROWS:
             out += [{**row, "published_delta_points": paper.published_deltas(d["task"], PAPER_ROWS[kind])}
                     for row in paper.judge_general("table2", f"the {PAPER_ROWS[kind]} baseline loses on "
-                                                             f"{TASKS[d['task']].title}", d, "decrease", general_deltas,
+                                                             f"{TITLES[d['task']]}", d, "decrease", general_deltas,
                                                    TASKS[d["task"]].floor_metric)]
     return paper.mark_not_tested(out, {} if gate is None else gate.reasons())

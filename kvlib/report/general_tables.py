@@ -7,7 +7,7 @@ import math
 from typing import Sequence
 
 from kvlib.report import paper
-from kvlib.tasks.general import TASKS, Item, PreparedTask, resolve_prompt_format
+from kvlib.tasks.general import TASKS, TITLES, Item, PreparedTask, resolve_prompt_format
 
 
 def _pct(value: float, lo: float | None = None, hi: float | None = None, signed: bool = False) -> str:
@@ -134,7 +134,7 @@ def conventions_table(tasks: Sequence[PreparedTask], fewshot_format: str = "mult
 def paper_reference_table():
     """The paper's published scores (kvlib.report.paper, params/paper_reference.yaml) under these tasks' titles."""
 
-    return paper.general_table({name: spec.title for name, spec in TASKS.items()})
+    return paper.general_table(TITLES)
 
 
 

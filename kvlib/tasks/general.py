@@ -575,7 +575,7 @@ def headline_keys(tasks: Iterable[str]) -> list[dict]:
     """One claim key per benchmark in `tasks` (first occurrence order, once each): {"task", "metric": its headline
     metric}, what the general-benchmark claims are keyed by, from notebook 05, from its item files (rejudge) and in
     the baselines study alike."""
-    return [{"task": t, "metric": TASKS[t].headline} for t in dict.fromkeys(tasks)]
+    return [{"task": t, "metric": HEADLINES[t]} for t in dict.fromkeys(tasks)]
 
 
 def task_spec(name: str, where: str = "tasks") -> TaskSpec:
