@@ -1,5 +1,5 @@
-"""Training that matches the test: prompt lengths matched to MDQA's (kvlib.tasks.prompt_lengths), notebook 02's
-learning-rate x epochs sweep (kvlib.pipeline.sweep, FinetuneNotebookParams.sweep), and the gate that lets only
+"""Training that matches the test: prompt lengths measured against MDQA's (kvlib.tasks.prompt_lengths), notebook 02's
+training-length x learning-rate x epochs sweep (kvlib.pipeline.sweep, FinetuneNotebookParams.sweep), and the gate that lets only
 finetunes that learned their own task into the evaluation notebooks (kvlib.pipeline.runs.LearnedGate)."""
 from __future__ import annotations
 
@@ -97,40 +97,47 @@ def test_length_stats_edges():
     assert prompt_lengths.length_stats([4, 1, 3, 2])["median"] == 2.5
 
 
-def test_cpu_training_prompts_match_the_mdqa_prompts_they_should_help():
-    """The cpu profile's simple-task datasets are generated at one length, as its comment states; the numbers there
-    come from `kvlib prompt-lengths --profile cpu` (run by hand: it tokenizes thousands of prompts)."""
+def test_cpu_training_length_is_swept_below_the_mdqa_length_as_stated():
+    """The cpu profile's main finetune takes its training length from notebook 02's sweep; each candidate pairs the
+    trials' dataset with the run's at one length, below the MDQA length (69 dictionaries), as its comment states; the
+    numbers there come from `kvlib prompt-lengths --profile cpu` (run by hand: it tokenizes thousands of prompts)."""
     params = yaml.safe_load((ROOT / "params" / "cpu" / "01_synthetic_data.yaml").read_text())["datasets"]
-    simple = {name: d for name, d in params.items() if name.startswith(("simple-", "sweep-"))}
-    assert simple and {d["num_dicts"] for d in simple.values()} == {69}  # the sweep's too: its recipe is for them
     finetune = yaml.safe_load((ROOT / "params" / "cpu" / "02_finetune.yaml").read_text())
-    assert params[finetune["sweep"]["dataset"]]["num_dicts"] == 69
-    assert params["simple-template-s0"]["n_train"] == 350  # the paper's count, behind every primary claim
+    assert finetune["runs"]["simple-template-s0"]["dataset"] == "sweep"
+    candidates = finetune["sweep"]["datasets"]
+    lengths = [params[trial]["num_dicts"] for trial in candidates]
+    assert len(set(lengths)) == len(lengths) >= 2 and max(lengths) < 69
+    for trial, run in candidates.items():
+        assert params[trial]["num_dicts"] == params[run]["num_dicts"] and params[trial]["seed"] != params[run]["seed"]
+        assert params[run]["n_train"] == 350  # the paper's count, behind every primary claim
+    P = notebooks.profile_finetune_params("cpu", ROOT / "params")
+    assert [j.dataset for j in P.sweep_jobs().values()] == [t for t in candidates for _ in finetune["sweep"]["learning_rates"]]
     comment = (ROOT / "params" / "cpu" / "01_synthetic_data.yaml").read_text()
     assert "`kvlib prompt-lengths --profile cpu`" in comment and "median 3167 tokens" in comment
+    assert "median 1660 tokens" in comment and "median 992" in comment
 
 
 # ------------------------------------------------------------------ the sweep's rule
 
 
-def _trial(lr, epochs, value, steps=10, n=40):
-    return {"trial": sweep.trial_name(lr, epochs), "learning_rate": lr, "epochs": epochs, "steps": steps * epochs,
-            "n": n, "value": value}
+def _trial(lr, epochs, value, steps=10, n=40, dataset="d", num_dicts=20):
+    return {"trial": sweep.trial_name(dataset, lr, epochs), "dataset": dataset, "num_dicts": num_dicts,
+            "learning_rate": lr, "epochs": epochs, "steps": steps * epochs, "n": n, "value": value}
 
 
 def test_sweep_picks_the_most_accurate_trial_that_learned():
     trials = [_trial(1e-5, 1, 0.2), _trial(1e-4, 1, 0.7), _trial(3e-4, 2, 0.9), _trial(3e-4, 1, 0.55)]
     outcome = sweep.select(trials, 0.5)
-    assert (outcome["winner"], outcome["learning_rate"], outcome["epochs"]) == ("lr0.0003-ep2", 3e-4, 2)
+    assert (outcome["winner"], outcome["learning_rate"], outcome["epochs"]) == ("d-lr0.0003-ep2", 3e-4, 2)
     assert "90.0% of 40" in outcome["reason"]
 
 
 def test_sweep_ties_go_to_the_least_training():
     # equal accuracy: the smaller learning rate x steps (1e-4 x 20 < 3e-4 x 10), then the smaller learning rate
     tied = [_trial(3e-4, 1, 0.8), _trial(1e-4, 2, 0.8), _trial(3e-4, 2, 0.8)]
-    assert sweep.select(tied, 0.5)["winner"] == "lr0.0001-ep2"
+    assert sweep.select(tied, 0.5)["winner"] == "d-lr0.0001-ep2"
     same_product = [_trial(2e-4, 1, 0.8), _trial(1e-4, 2, 0.8)]
-    assert sweep.select(same_product, 0.5)["winner"] == "lr0.0001-ep2"
+    assert sweep.select(same_product, 0.5)["winner"] == "d-lr0.0001-ep2"
     assert sweep.select(list(reversed(tied)), 0.5) == sweep.select(tied, 0.5)  # order-free
 
 
@@ -139,15 +146,29 @@ def test_sweep_without_a_trial_that_learned_has_no_winner():
     outcome = sweep.select(zero, 0.5)
     assert outcome["winner"] is None and outcome["learning_rate"] is None and outcome["epochs"] is None
     assert outcome["reason"] == "no sweep trial learned its task: the best held-out value accuracy, 0.0% of 40 " \
-                                "(lr1e-05-ep1), is 0"
+                                "(d-lr1e-05-ep1), is 0"
     assert sweep.select(zero, 0.0)["winner"] is None  # even where every finetune may enter the evaluations
     below = sweep.select([_trial(1e-5, 1, 0.1), _trial(1e-4, 2, 0.45)], 0.5)
-    assert below["winner"] is None and "45.0% of 40 (lr0.0001-ep2), is below 50%" in below["reason"]
+    assert below["winner"] is None and "45.0% of 40 (d-lr0.0001-ep2), is below 50%" in below["reason"]
     # reaching the threshold is learning it; one trial of one item is a sweep too
-    assert sweep.select([_trial(1e-4, 1, 0.5)], 0.5)["winner"] == "lr0.0001-ep1"
-    assert sweep.select([_trial(1e-4, 1, 1.0, n=1)], 0.5)["winner"] == "lr0.0001-ep1"
+    assert sweep.select([_trial(1e-4, 1, 0.5)], 0.5)["winner"] == "d-lr0.0001-ep1"
+    assert sweep.select([_trial(1e-4, 1, 1.0, n=1)], 0.5)["winner"] == "d-lr0.0001-ep1"
     with pytest.raises(ValueError, match="at least one trial"):
         sweep.select([], 0.5)
+
+
+def test_sweep_takes_the_longest_training_length_that_learned():
+    """Length comes first: a shorter length wins only where no trial at a longer one learned, however much more
+    accurate it is; within the length, the rule as before."""
+    long, short = dict(dataset="long", num_dicts=35), dict(dataset="short", num_dicts=20)
+    trials = [_trial(1e-4, 1, 0.55, **long), _trial(3e-4, 1, 0.6, **long), _trial(1e-4, 1, 0.95, **short)]
+    outcome = sweep.select(trials, 0.5)
+    assert (outcome["winner"], outcome["dataset"], outcome["num_dicts"]) == ("long-lr0.0003-ep1", "long", 35)
+    assert "60.0% of 40 at 35 dictionaries" in outcome["reason"]
+    failed_long = [_trial(1e-4, 1, 0.45, **long), _trial(3e-4, 1, 0.0, **long), _trial(1e-4, 1, 0.5, **short)]
+    assert sweep.select(failed_long, 0.5)["dataset"] == "short"
+    nobody = sweep.select([_trial(1e-4, 1, 0.45, **long), _trial(1e-4, 1, 0.3, **short)], 0.5)
+    assert nobody["winner"] is None and nobody["dataset"] is None and "45.0% of 40 (long-lr0.0001-ep1)" in nobody["reason"]
 
 
 # ------------------------------------------------------------------ params: sweep section, `sweep` values
@@ -160,7 +181,8 @@ def _profile(tmp_path: Path, runs_spec: dict, sweep_spec: dict | None = None, th
     shape = {"num_dicts": 3, "n_train": 4, "n_eval": 3, "max_tokens": 400}
     data = {"data_dir": str(tmp_path / "data"),
             "datasets": {"a": {**shape, "seed": 0}, "b": {**shape, "seed": 1}, "c": {**shape, "seed": 2},
-                         "tune": {**shape, "seed": 3}, "none": {**shape, "n_eval": 0}}}
+                         "tune": {**shape, "seed": 3}, "none": {**shape, "n_eval": 0},
+                         "a5": {**shape, "num_dicts": 5, "seed": 0}, "tune5": {**shape, "num_dicts": 5, "seed": 3}}}
     finetune = {"models_dir": str(tmp_path / "models"), "runs": runs_spec, "eval_samples": 3,
                 "learned_threshold": threshold}
     if sweep_spec is not None:
@@ -175,13 +197,14 @@ def _finetune(root: Path) -> notebooks.FinetuneNotebookParams:
 
 
 SWEPT = {"learning_rate": "sweep", "epochs": "sweep", "gradient_accumulation_steps": 4}
-GRID = {"dataset": "tune", "learning_rates": [1e-4, 3e-4], "epochs": [1, 2], "train": {"gradient_accumulation_steps": 4}}
+GRID = {"datasets": {"tune": "a"}, "learning_rates": [1e-4, 3e-4], "epochs": [1, 2], "train": {"gradient_accumulation_steps": 4}}
 
 
 @pytest.mark.parametrize("runs_spec, sweep_spec, message", [
     ({"r": {"dataset": "a", "learning_rate": "sweep"}}, None,
      r"runs\.r\.learning_rate: is 'sweep' but this profile has no sweep section"),
-    ({"r": {"dataset": "a", "seed": "sweep"}}, GRID, r"runs\.r\.seed: only learning_rate and epochs"),
+    ({"r": {"dataset": "a", "seed": "sweep"}}, GRID, r"runs\.r\.seed: only dataset and learning_rate and epochs"),
+    ({"r": {"dataset": "sweep"}}, None, r"runs\.r\.dataset: is 'sweep' but this profile has no sweep section"),
     ({"r": {"dataset": "a"}}, {**GRID, "learning_rates": []}, r"sweep\.learning_rates: expected a list of distinct"),
     ({"r": {"dataset": "a"}}, {**GRID, "learning_rates": [1e-4, 1e-4]}, r"sweep\.learning_rates: expected"),
     ({"r": {"dataset": "a"}}, {**GRID, "learning_rates": [-1e-4]}, r"sweep\.learning_rates: expected"),
@@ -190,8 +213,13 @@ GRID = {"dataset": "tune", "learning_rates": [1e-4, 3e-4], "epochs": [1, 2], "tr
     ({"r": {"dataset": "a"}}, {**GRID, "train": {"max_steps": 3}}, r"sweep\.train\.max_steps: would replace"),
     ({"r": {"dataset": "a"}}, {**GRID, "train": {"learning_rate": 1e-3}}, r"sweep\.train\.learning_rate: is the"),
     ({"r": {"dataset": "a"}}, {**GRID, "train": {"epoks": 1}}, r"sweep\.train\.epoks: unknown parameter"),
-    ({"r": {"dataset": "a"}}, {**GRID, "dataset": "nope"}, r"sweep\.dataset: 'nope' is not defined"),
-    ({"r": {"dataset": "a"}}, {**GRID, "dataset": ""}, r"sweep\.dataset: required"),
+    ({"r": {"dataset": "a"}}, {**GRID, "datasets": {"nope": "a"}}, r"sweep\.datasets\.dataset: 'nope' is not defined"),
+    ({"r": {"dataset": "a"}}, {**GRID, "datasets": {"tune": "nope"}}, r"sweep\.datasets\.dataset: 'nope' is not"),
+    ({"r": {"dataset": "a"}}, {**GRID, "datasets": {}}, r"sweep\.datasets: required"),
+    ({"r": {"dataset": "a"}}, {**GRID, "datasets": {"tune": "a5"}}, r"sweep\.datasets\.tune: a5 is not of its length"),
+    ({"r": {"dataset": "a"}}, {**GRID, "datasets": {"tune": "a", "c": "b"}},
+     r"sweep\.datasets\.c: another trial dataset has 3 dictionaries too"),
+    ({"r": {"dataset": "a"}}, {**GRID, "datasets": {"tune": "none"}}, r"sweep\.datasets\.none: its dataset has n_eval 0"),
     ({"r": {"dataset": "none"}}, None, r"runs\.r\.dataset: its dataset has n_eval 0"),
 ])
 def test_bad_sweep_params_fail_before_any_work(tmp_path, runs_spec, sweep_spec, message):
@@ -207,7 +235,7 @@ def test_bad_threshold(tmp_path):
 def test_runs_take_the_sweep_winner_once_it_is_recorded(tmp_path):
     params = _finetune(_profile(tmp_path, {"r": {"dataset": "a", **SWEPT}, "fixed": {"dataset": "b"}}, GRID))
     trials = params.sweep_jobs()
-    assert list(trials) == ["lr0.0001-ep1", "lr0.0001-ep2", "lr0.0003-ep1", "lr0.0003-ep2"]
+    assert list(trials) == ["tune-lr0.0001-ep1", "tune-lr0.0001-ep2", "tune-lr0.0003-ep1", "tune-lr0.0003-ep2"]
     assert {t.train_config.out_dir for t in trials.values()} == {str(params.sweep_dir / n) for n in trials}
     assert {t.train_config.gradient_accumulation_steps for t in trials.values()} == {4}
     job = params.jobs()["r"]  # before the sweep: the grid's largest values, waiting
@@ -240,6 +268,36 @@ def test_runs_take_the_sweep_winner_once_it_is_recorded(tmp_path):
         runs.train_job(job)
 
 
+def test_a_run_takes_its_dataset_at_the_length_the_sweep_picked(tmp_path):
+    lengths = {**GRID, "datasets": {"tune": "a", "tune5": "a5"}, "epochs": [1]}
+    params = _finetune(_profile(tmp_path, {"r": {"dataset": "sweep", **SWEPT}, "fixed": {"dataset": "b", **SWEPT}},
+                                lengths))
+    assert list(params.sweep_jobs()) == ["tune5-lr0.0001-ep1", "tune5-lr0.0003-ep1", "tune-lr0.0001-ep1",
+                                         "tune-lr0.0003-ep1"]  # longest first
+    job = params.jobs()["r"]  # before the sweep: the longest candidate's dataset, what the run costs at most
+    assert (job.dataset, job.awaiting_sweep, job.from_sweep) == ("a5", True, ("dataset", "learning_rate", "epochs"))
+    assert runs.training_table(params)[-2]["dataset"] == "sweep"
+    short = sweep.select([_trial(1e-4, 1, 0.2, dataset="tune5", num_dicts=5), _trial(3e-4, 1, 0.7, dataset="tune",
+                                                                                      num_dicts=3)], 0.5)
+    sweep.write_record(params.sweep_dir / sweep.RECORD_FILE, params.sweep_key(), [], short)
+    jobs = params.jobs()
+    assert (jobs["r"].dataset, jobs["r"].data_config.num_dicts, jobs["r"].train_config.learning_rate) == ("a", 3, 3e-4)
+    assert jobs["r"].train_config.train_file == str(tmp_path / "data" / "t" / "a" / "train.jsonl")
+    assert jobs["fixed"].dataset == "b" and jobs["fixed"].train_config.learning_rate == 3e-4  # its own length
+    # notebook 07 draws its in-distribution prompts (and its grid's base) from the dataset the run trained on
+    kv = from_mapping(notebooks.KVRetrievalNotebookParams, {
+        "profile": "t", "params_root": str(tmp_path / "params"), "models": {"ft": {"run": "r"}},
+        "in_distribution": {"run": "r"}, "litm": None, "grid": {"run": "r", "num_dicts": [4]}})
+    assert kv.section_dataset("in_distribution") == "a" and kv.grid_config().num_dicts == 3
+    for section, message in [({"run": "fixed"}, r"in_distribution\.run: 'fixed' is not a run among the models"),
+                             ({"run": "r", "dataset": "a"}, r"in_distribution: give its dataset or the run"),
+                             ({}, r"in_distribution: give its dataset or the run")]:
+        with pytest.raises(ParamError, match=message):
+            from_mapping(notebooks.KVRetrievalNotebookParams, {
+                "profile": "t", "params_root": str(tmp_path / "params"), "models": {"ft": {"run": "r"}},
+                "in_distribution": section, "litm": None, "grid": None})
+
+
 # ------------------------------------------------------------------ held-out checks read from what 02 wrote
 
 
@@ -260,13 +318,14 @@ def _as_trained(params: notebooks.FinetuneNotebookParams, job, values: list[int]
 
 def test_run_sweep_judges_trials_on_what_they_scored_and_records_the_pick(tmp_path):
     params = _finetune(_profile(tmp_path, {"r": {"dataset": "a", **SWEPT}}, GRID))
-    scores = {"lr0.0001-ep1": [0, 0, 1], "lr0.0001-ep2": [1, 1, 0], "lr0.0003-ep1": [1, 1, 0], "lr0.0003-ep2": [0, 0, 0]}
+    scores = {"tune-lr0.0001-ep1": [0, 0, 1], "tune-lr0.0001-ep2": [1, 1, 0], "tune-lr0.0003-ep1": [1, 1, 0],
+              "tune-lr0.0003-ep2": [0, 0, 0]}
     for name, job in params.sweep_jobs().items():
         _as_trained(params, job, scores[name], steps=int(10 * job.train_config.epochs))
     trials, outcome = runs.run_sweep(params)
     # two trials at 2 of 3: the one with less learning rate x steps (1e-4 x 20 = 2e-3 < 3e-4 x 10 = 3e-3) wins
-    assert outcome["winner"] == "lr0.0001-ep2" and [t["trial"] for t in trials if t["chosen"]] == ["lr0.0001-ep2"]
-    row = next(t for t in trials if t["trial"] == "lr0.0003-ep1")
+    assert outcome["winner"] == "tune-lr0.0001-ep2" and [t["trial"] for t in trials if t["chosen"]] == ["tune-lr0.0001-ep2"]
+    row = next(t for t in trials if t["trial"] == "tune-lr0.0003-ep1")
     assert (row["steps"], row["n"], row["learned"]) == (10, 3, True) and math.isclose(row["lr_x_steps"], 3e-3)
     assert math.isclose(row["value"], 2 / 3) and row["ci_low"] < 2 / 3 < row["ci_high"]  # Wilson, not a point
     job = params.jobs()["r"]

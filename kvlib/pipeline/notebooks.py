@@ -220,9 +220,9 @@ class FinetuneJob:
     data_config: Any  # kvlib.tasks.synthetic.GenerationConfig
     data_dir: Path
     train_config: TrainConfig
-    from_sweep: tuple[str, ...] = ()  # the train_config fields taken from the sweep's winner (`sweep` in params)
-    # The sweep has not run yet: train_config holds the grid's largest learning rate and epochs (what the run costs
-    # at most), and the run trains once the sweep has picked its values (kvlib.pipeline.runs.ready_job).
+    from_sweep: tuple[str, ...] = ()  # the fields taken from the sweep's winner (`sweep` in params): dataset, ...
+    # The sweep has not run yet: the job holds the longest candidate dataset and the grid's largest learning rate and
+    # epochs (what the run costs at most), and it trains once the sweep has picked (kvlib.pipeline.runs.ready_job).
     awaiting_sweep: bool = False
     not_trained: str | None = None  # why this run is not trained: no sweep trial learned its task
 
@@ -236,20 +236,24 @@ class FinetuneJob:
 # at the paper's 2 epochs and at 1.
 @dataclass
 class SweepParams:
-    """Notebook 02's learning-rate x epochs sweep (kvlib.pipeline.sweep): one trial per pair, each an ordinary run
-    of notebook 02 on `dataset` (a dataset of the profile) with the other TrainConfig fields `train` gives (the
-    recipe of the runs that take the sweep's values: accumulation, precision, seed, ...), judged on its held-out
+    """Notebook 02's sweep over training length x learning rate x epochs (kvlib.pipeline.sweep): one trial per
+    triple, each an ordinary run of notebook 02 on one of `datasets` with the other TrainConfig fields `train` gives
+    (the recipe of the runs that take the sweep's values: accumulation, precision, seed, ...), judged on its held-out
     value accuracy like every run (`eval_samples` prompts of the dataset's eval split, Wilson CIs). The winner
-    (kvlib.pipeline.sweep.RULE) gives its learning rate and epochs to every run that says `sweep` for them."""
+    (kvlib.pipeline.sweep.RULE) gives its learning rate and epochs to every run that says `sweep` for them, and to a
+    run that says `dataset: sweep` the dataset paired with the winner's."""
 
-    dataset: str = ""
+    # trial dataset -> the dataset of the same prompts' length that runs saying `dataset: sweep` train on; both
+    # defined in the profile's 01_synthetic_data.yaml. One entry: a learning-rate x epochs sweep at one length.
+    datasets: dict[str, str] = field(default_factory=dict)
     learning_rates: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4, 3e-4])
     epochs: list[float] = field(default_factory=lambda: [1.0, 2.0])
     train: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if not self.dataset:
-            fail("dataset", "required: a dataset of this profile's 01_synthetic_data.yaml that the trials train on")
+        if not self.datasets:
+            fail("datasets", "required: {trial dataset: run dataset}, datasets of this profile's "
+                             "01_synthetic_data.yaml of one length each (the trials train on the first)")
         for name in ("learning_rates", "epochs"):
             values = getattr(self, name)
             if not values or len(set(values)) != len(values) or any(v <= 0 for v in values):
@@ -356,18 +360,28 @@ class FinetuneNotebookParams:
         winner = outcome is not None and outcome["winner"] is not None
         jobs = {}
         for name, spec in self.runs.items():
+            spec = dict(spec)
+            takes_length = spec.get("dataset") == sweep.SWEEP
+            if takes_length:
+                if self.sweep is None:
+                    fail(f"runs.{name}.dataset", "is 'sweep' but this profile has no sweep section: add one "
+                                                 "(sweep: {datasets: ...}) or name a dataset")
+                # before the sweep, and when it found no recipe: the longest candidate's (what the run costs at most)
+                spec["dataset"] = self.sweep.datasets[outcome["dataset"] if winner else self._longest_candidate()]
             dataset, data_config, data_dir, fields = self._dataset_of(
-                "runs", name, dict(spec), ("train_file", "out_dir", "model"))
+                "runs", name, spec, ("train_file", "out_dir", "model"))
             self._check_heldout(f"runs.{name}.dataset", data_config)
             for key, value in fields.items():
                 if value == sweep.SWEEP and key not in sweep.SWEPT_FIELDS:
-                    fail(f"runs.{name}.{key}", f"only {' and '.join(sweep.SWEPT_FIELDS)} can be taken from the sweep")
+                    fail(f"runs.{name}.{key}", f"only {' and '.join((sweep.DATASET, *sweep.SWEPT_FIELDS))} can be "
+                                               f"taken from the sweep")
             swept = tuple(k for k in sweep.SWEPT_FIELDS if fields.get(k) == sweep.SWEEP)
             if swept and self.sweep is None:
                 fail(f"runs.{name}.{swept[0]}", "is 'sweep' but this profile has no sweep section: add one "
-                                                "(sweep: {dataset: ...}) or give a value")
+                                                "(sweep: {datasets: ...}) or give a value")
             for key in swept:
                 fields[key] = outcome[key] if winner else self.sweep.grid_max(key)
+            swept = (sweep.DATASET,) * takes_length + swept
             cfg = self._train_config(fields, data_dir, Path(self.models_dir) / self.profile / name, f"runs.{name}")
             jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg, swept,
                                      awaiting_sweep=bool(swept) and outcome is None,
@@ -375,23 +389,45 @@ class FinetuneNotebookParams:
                                      else None)
         return jobs
 
+    def sweep_candidates(self) -> dict[str, tuple[Any, Any]]:
+        """trial dataset -> (its GenerationConfig, the paired run dataset's), checked: both defined, of one length
+        (task, template, num_dicts and max_tokens equal), the trial datasets of distinct lengths."""
+        candidates = {}
+        for trial_set, run_set in (self.sweep.datasets.items() if self.sweep is not None else ()):
+            configs = []
+            for name in (trial_set, run_set):
+                try:
+                    configs.append(profile_dataset(self.profile, name, Path(self.params_root))[0])
+                except ParamError as exc:
+                    raise ParamError(f"sweep.datasets.{exc}") from None
+                self._check_heldout(f"sweep.datasets.{name}", configs[-1])
+            shape = [(c.task, c.template, c.num_dicts, c.max_tokens) for c in configs]
+            if shape[0] != shape[1]:
+                fail(f"sweep.datasets.{trial_set}", f"{run_set} is not of its length: (task, template, num_dicts, "
+                                                    f"max_tokens) {shape[1]} vs {shape[0]}")
+            if any(c.num_dicts == configs[0].num_dicts for c, _ in candidates.values()):
+                fail(f"sweep.datasets.{trial_set}", f"another trial dataset has {configs[0].num_dicts} dictionaries "
+                                                    f"too: one per training length")
+            candidates[trial_set] = tuple(configs)
+        return candidates
+
+    def _longest_candidate(self) -> str:
+        candidates = self.sweep_candidates()
+        return max(candidates, key=lambda name: candidates[name][0].num_dicts)
+
     def sweep_jobs(self) -> dict[str, FinetuneJob]:
         """The sweep's trials (name -> job; none without a sweep) in grid order, every learning rate at every
-        number of epochs, each trained into `sweep_dir`/<trial>."""
-        if self.sweep is None:
-            return {}
-        try:
-            data_config, data_dir = profile_dataset(self.profile, self.sweep.dataset, Path(self.params_root))
-        except ParamError as exc:
-            raise ParamError(f"sweep.{exc}") from None
-        self._check_heldout("sweep.dataset", data_config)
+        number of epochs at every length (longest first), each trained into `sweep_dir`/<trial>."""
+        candidates = self.sweep_candidates()
         jobs = {}
-        for lr in self.sweep.learning_rates:
-            for epochs in self.sweep.epochs:
-                name = sweep.trial_name(lr, epochs)
-                cfg = self._train_config({**self.sweep.train, "learning_rate": lr, "epochs": epochs}, data_dir,
-                                         self.sweep_dir / name, "sweep.train")
-                jobs[name] = FinetuneJob(name, self.sweep.dataset, data_config, data_dir, cfg)
+        for dataset in sorted(candidates, key=lambda name: -candidates[name][0].num_dicts):
+            data_config, data_dir = profile_dataset(self.profile, dataset, Path(self.params_root))
+            for lr in self.sweep.learning_rates:
+                for epochs in self.sweep.epochs:
+                    name = sweep.trial_name(dataset, lr, epochs)
+                    cfg = self._train_config({**self.sweep.train, "learning_rate": lr, "epochs": epochs}, data_dir,
+                                             self.sweep_dir / name, "sweep.train")
+                    jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg)
         return jobs
 
     def training_jobs(self) -> list[FinetuneJob]:
@@ -665,7 +701,8 @@ class GeneralBenchmarksNotebookParams(EvalModelsParams):
 class InDistributionParams:
     """Accuracy on a synthetic dataset's eval split by gold-dictionary position."""
 
-    dataset: str = "simple-template"  # a dataset of the profile's 01_synthetic_data params
+    dataset: str = ""  # a dataset of the profile's 01_synthetic_data params, or
+    run: str = ""  # a run of notebook 02 among the models: the dataset it trains on (`dataset: sweep`: the sweep's)
     eval_samples: int = 60
     position_bins: int = 5  # gold positions grouped into this many equal-width bins
 
@@ -688,7 +725,8 @@ class LitMKVParams:
 class KVGridParams:
     """Beyond the paper: synthetic task accuracy on a grid of context length x gold position."""
 
-    dataset: str = "simple-template"  # whose task/template/value ranges (and seed) the grid reuses
+    dataset: str = ""  # whose task/template/value ranges (and seed) the grid reuses, or
+    run: str = ""  # a run of notebook 02 among the models: the dataset it trains on, whose prompts the grid avoids
     num_dicts: list[int] = field(default_factory=lambda: [10, 40, 80])
     relative_positions: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     samples_per_cell: int = 8
@@ -712,7 +750,7 @@ class KVRetrievalNotebookParams(EvalModelsParams):
         check_positive("max_new_tokens", self.max_new_tokens)
         if self.in_distribution is not None:
             s = self.in_distribution
-            _dataset_of(self.profile, self.params_root, "in_distribution.dataset", s.dataset, profile_dataset)
+            self._check_source("in_distribution", s)
             check_positive("in_distribution.eval_samples", s.eval_samples)
             check_positive("in_distribution.position_bins", s.position_bins)
         if self.litm is not None:
@@ -729,7 +767,7 @@ class KVRetrievalNotebookParams(EvalModelsParams):
             check_positive("litm.max_new_tokens", s.max_new_tokens)
         if self.grid is not None:
             s = self.grid
-            _dataset_of(self.profile, self.params_root, "grid.dataset", s.dataset, profile_dataset)
+            self._check_source("grid", s)
             if not s.num_dicts or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 for d in s.num_dicts):
                 fail("grid.num_dicts", f"integers >= 2 required, got {s.num_dicts}")
             if not s.relative_positions or any(not 0 <= r <= 1 for r in s.relative_positions):
@@ -737,10 +775,30 @@ class KVRetrievalNotebookParams(EvalModelsParams):
             check_positive("grid.samples_per_cell", s.samples_per_cell)
             check_positive("grid.max_tokens", s.max_tokens)
 
+    def _check_source(self, section: str, s: Any) -> None:
+        if bool(s.run) == bool(s.dataset):
+            fail(section, f"give its dataset or the run whose dataset it takes, one of them (dataset {s.dataset!r}, "
+                          f"run {s.run!r})")
+        if s.run:
+            runs = [c.run for c in self.model_configs().values() if c.run]
+            if s.run not in runs:
+                fail(f"{section}.run", f"{s.run!r} is not a run among the models ({', '.join(runs) or 'none'}): the "
+                                       f"dataset a run trains on is known once notebook 02 (its sweep) has trained it")
+            profile_finetune_params(self.profile, self.params_root).jobs()[s.run]
+        else:
+            _dataset_of(self.profile, self.params_root, f"{section}.dataset", s.dataset, profile_dataset)
+
+    def section_dataset(self, section: str) -> str:
+        """The dataset section `in_distribution` or `grid` draws on: its `dataset`, or the one its `run` trains on.
+        For a run that takes its dataset from notebook 02's sweep, that is the sweep's pick once the sweep has run
+        (the notebook's learned gate runs it first) and, before, the longest candidate (what a planner costs)."""
+        s = getattr(self, section)
+        return profile_finetune_params(self.profile, self.params_root).jobs()[s.run].dataset if s.run else s.dataset
+
     def grid_config(self):
         """The generation config of the grid: the dataset's, with the grid's prompt budget."""
 
-        cfg, _ = profile_dataset(self.profile, self.grid.dataset, Path(self.params_root))
+        cfg, _ = profile_dataset(self.profile, self.section_dataset("grid"), Path(self.params_root))
         return dataclasses.replace(cfg, max_tokens=self.grid.max_tokens)
 
 

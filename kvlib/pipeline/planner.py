@@ -470,8 +470,9 @@ def _work_06(planning: _Planning, P: Any) -> list[PlannedWork]:
 def _work_07(planning: _Planning, P: Any) -> list[PlannedWork]:
     groups, work = planning.model_groups(P.model_configs()), []
     if P.in_distribution is not None:
-        cfg, _ = profile_dataset(P.profile, P.in_distribution.dataset, Path(P.params_root))
-        held = planning.dataset_sample(P.in_distribution.dataset, "eval")
+        dataset = P.section_dataset("in_distribution")
+        cfg, _ = profile_dataset(P.profile, dataset, Path(P.params_root))
+        held = planning.dataset_sample(dataset, "eval")
         work += planning.generation(groups, "key-value, in distribution", _kv_requests(held),
                                     min(P.in_distribution.eval_samples, cfg.n_eval), P.max_new_tokens)
     if P.litm is not None:

@@ -223,7 +223,9 @@ def training_table(params: FinetuneNotebookParams) -> list[dict]:
 
     def row(label: str, job: FinetuneJob) -> dict:
         cfg, waiting = job.train_config, job.from_sweep if job.awaiting_sweep else ()
-        return {"run": label, "dataset": job.dataset, "method": cfg.method,
+        return {"run": label, "dataset": sweep.SWEEP if sweep.DATASET in waiting else job.dataset,
+                "num_dicts": sweep.SWEEP if sweep.DATASET in waiting else job.data_config.num_dicts,
+                "n_train": sweep.SWEEP if sweep.DATASET in waiting else job.data_config.n_train, "method": cfg.method,
                 "epochs": sweep.SWEEP if "epochs" in waiting else cfg.epochs,
                 "learning_rate": sweep.SWEEP if "learning_rate" in waiting else cfg.learning_rate,
                 "global_batch": cfg.global_batch_size * processes, "processes": processes,
@@ -234,16 +236,18 @@ def training_table(params: FinetuneNotebookParams) -> list[dict]:
 
 
 def run_sweep(params: FinetuneNotebookParams) -> tuple[list[dict], dict | None]:
-    """Notebook 02's learning-rate x epochs sweep: every trial trained (or reused) and checked on its held-out
-    prompts (`heldout_check`), the recipe picked by kvlib.pipeline.sweep.select and recorded where the runs read it
-    (FinetuneNotebookParams.sweep_outcome). Returns (one row per trial: learning rate, epochs, optimizer steps, lr x
-    steps, held-out value accuracy with its Wilson CI, learned, chosen; the outcome), or ([], None) without a sweep."""
+    """Notebook 02's sweep over training length x learning rate x epochs: every trial trained (or reused) and checked
+    on its held-out prompts (`heldout_check`), the recipe picked by kvlib.pipeline.sweep.select and recorded where the
+    runs read it (FinetuneNotebookParams.sweep_outcome). Returns (one row per trial: dataset, dictionaries, learning
+    rate, epochs, optimizer steps, lr x steps, held-out value accuracy with its Wilson CI, learned, chosen; the
+    outcome), or ([], None) without a sweep."""
     trials = []
     for name, job in params.sweep_jobs().items():
         check = heldout_check(params, job)["check"]
         summary = json.loads((Path(job.train_config.out_dir) / training.SUMMARY_FILE).read_text(encoding="utf-8"))
         lr, steps = job.train_config.learning_rate, summary["global_steps"]
-        trials.append({"trial": name, "learning_rate": lr, "epochs": job.train_config.epochs, "steps": steps,
+        trials.append({"trial": name, "dataset": job.dataset, "num_dicts": job.data_config.num_dicts,
+                       "learning_rate": lr, "epochs": job.train_config.epochs, "steps": steps,
                        "lr_x_steps": lr * steps, **{k: check[k] for k in ("n", "value", "ci_low", "ci_high",
                                                                            "learned")}})
     if not trials:

@@ -1,5 +1,5 @@
-"""Notebook 02's learning-rate x epochs sweep: the recipe that runs saying `learning_rate: sweep` / `epochs: sweep`
-train with. Each trial is an ordinary run of notebook 02 (kvlib.pipeline.runs trains it and scores it on held-out
+"""Notebook 02's sweep over training length x learning rate x epochs: the recipe that runs saying `dataset: sweep`,
+`learning_rate: sweep` or `epochs: sweep` train with. Each trial is an ordinary run of notebook 02 (kvlib.pipeline.runs trains it and scores it on held-out
 prompts, as every run), judged on its held-out value accuracy; `select` is the stated rule that picks one, and the
 record written next to the trials (`write_record`) is where the runs read the winner's values from
 (kvlib.pipeline.notebooks.FinetuneNotebookParams.jobs), valid while the sweep's definition is the one it was made
@@ -14,20 +14,26 @@ from kvlib.engine.io import atomic_write_text, dumps_json
 
 SWEEP = "sweep"  # a run's value taken from the sweep's winner
 SWEPT_FIELDS = ("learning_rate", "epochs")  # the TrainConfig fields a run may take from it
+DATASET = "dataset"  # and its dataset: the one at the winner's training length (SweepParams.datasets)
 RECORD_FILE = "sweep.json"
-RULE = ("among the trials whose held-out value accuracy reaches learned_threshold and is above 0, the highest "
-        "accuracy; ties: the smaller learning rate x optimizer steps (the least training that did as well), then the "
-        "smaller learning rate; no such trial: no winner (the runs that take the sweep's values are not trained)")
+# Longest first, because the paper trains at the length of the prompts it tests on: a shorter length wins only
+# where no longer one learned.
+RULE = ("the trials whose held-out value accuracy reaches learned_threshold and is above 0 have learned; among them, "
+        "those at the longest training prompts (most dictionaries), then the highest accuracy; ties: the smaller "
+        "learning rate x optimizer steps (the least training that did as well), then the smaller learning rate; no "
+        "trial learned: no winner (the runs that take the sweep's values are not trained)")
 
 
-def trial_name(learning_rate: float, epochs: float) -> str:
-    """A trial's name (and its folder under the sweep's): `lr<learning rate>-ep<epochs>`, e.g. lr3e-05-ep2."""
-    return f"lr{learning_rate:g}-ep{epochs:g}"
+def trial_name(dataset: str, learning_rate: float, epochs: float) -> str:
+    """A trial's name (and its folder under the sweep's): `<dataset>-lr<learning rate>-ep<epochs>`, e.g.
+    sweep-d20-lr3e-05-ep2."""
+    return f"{dataset}-lr{learning_rate:g}-ep{epochs:g}"
 
 
 def select(trials: Sequence[Mapping[str, Any]], threshold: float) -> dict:
-    """The sweep's outcome by `RULE` from its trials (rows with trial, learning_rate, epochs, steps (optimizer
-    steps taken), n and value: the held-out value accuracy): {winner, learning_rate, epochs, value, n, reason}.
+    """The sweep's outcome by `RULE` from its trials (rows with trial, dataset, num_dicts (its training length),
+    learning_rate, epochs, steps (optimizer steps taken), n and value: the held-out value accuracy): {winner, dataset,
+    num_dicts, learning_rate, epochs, value, n, reason}.
     When no trial reaches `threshold`, or every trial scored 0 (whatever the threshold: a threshold of 0 lets every
     finetune into the evaluations, but a recipe that answers nothing is none), the winner is None and `reason` says
     so with the best accuracy measured: never a silent pick of the least bad."""
@@ -38,13 +44,16 @@ def select(trials: Sequence[Mapping[str, Any]], threshold: float) -> dict:
         best = max(trials, key=lambda t: -1.0 if t["value"] is None else t["value"])
         measured = f"{best['value']:.1%} of {best['n']} ({best['trial']})" if best["value"] is not None else "none"
         why = f"is below {100 * threshold:g}%" if best["value"] and best["value"] < threshold else "is 0"
-        return {"winner": None, "learning_rate": None, "epochs": None, "value": best["value"], "n": best["n"],
+        return {"winner": None, "dataset": None, "num_dicts": None, "learning_rate": None, "epochs": None,
+                "value": best["value"], "n": best["n"],
                 "reason": f"no sweep trial learned its task: the best held-out value accuracy, {measured}, {why}"}
-    best = min(learned, key=lambda t: (-t["value"], t["learning_rate"] * t["steps"], t["learning_rate"], t["epochs"]))
-    return {"winner": best["trial"], "learning_rate": best["learning_rate"], "epochs": best["epochs"],
-            "value": best["value"], "n": best["n"],
-            "reason": f"{best['trial']}: held-out value accuracy {best['value']:.1%} of {best['n']}, learning rate "
-                      f"{best['learning_rate']:g} x {best['steps']} steps"}
+    best = min(learned, key=lambda t: (-t["num_dicts"], -t["value"], t["learning_rate"] * t["steps"],
+                                       t["learning_rate"], t["epochs"]))
+    return {"winner": best["trial"], "dataset": best["dataset"], "num_dicts": best["num_dicts"],
+            "learning_rate": best["learning_rate"], "epochs": best["epochs"], "value": best["value"], "n": best["n"],
+            "reason": f"{best['trial']}: held-out value accuracy {best['value']:.1%} of {best['n']} at "
+                      f"{best['num_dicts']} dictionaries, learning rate {best['learning_rate']:g} x {best['steps']} "
+                      f"steps"}
 
 
 def write_record(path: str | Path, key: str, trials: Sequence[Mapping[str, Any]], outcome: Mapping[str, Any]) -> Path:
