@@ -335,6 +335,27 @@ def test_run_sweep_judges_trials_on_what_they_scored_and_records_the_pick(tmp_pa
     assert runs.run_sweep(_finetune(_profile(tmp_path / "none", {"r": {"dataset": "a"}}))) == ([], None)
 
 
+def test_run_sweep_trains_a_shorter_length_only_where_no_longer_one_learned(tmp_path, monkeypatch):
+    lengths = {**GRID, "datasets": {"tune": "a", "tune5": "a5"}, "epochs": [1]}
+    called, real = [], runs.heldout_check
+    monkeypatch.setattr(runs, "heldout_check", lambda p, job: called.append(job.name) or real(p, job))
+    for root, long_scores, expected in [(tmp_path / "learned", [1, 1, 0], ["tune5-lr0.0001-ep1", "tune5-lr0.0003-ep1"]),
+                                        (tmp_path / "failed", [0, 0, 1], None)]:
+        params = _finetune(_profile(root, {"r": {"dataset": "sweep", **SWEPT}}, lengths))
+        for name, job in params.sweep_jobs().items():
+            _as_trained(params, job, long_scores if name.startswith("tune5") else [1, 1, 1])
+        called.clear()
+        trials, outcome = runs.run_sweep(params)
+        if expected is not None:  # the longer length learned: the shorter one, which cannot win, costs nothing
+            assert called == expected and outcome["dataset"] == "tune5" and params.jobs()["r"].dataset == "a5"
+            skipped = [t for t in trials if t.get("not_trained")]
+            assert [t["trial"] for t in skipped] == ["tune-lr0.0001-ep1", "tune-lr0.0003-ep1"]
+            assert skipped[0]["not_trained"] == "a trial at 5 dictionaries learned" and not skipped[0]["chosen"]
+        else:  # it did not: every trial is trained, and the shorter length wins
+            assert called == list(params.sweep_jobs()) and outcome["dataset"] == "tune"
+            assert params.jobs()["r"].dataset == "a" and not any(t.get("not_trained") for t in trials)
+
+
 def test_heldout_table_says_which_finetunes_learned():
     rows = [{"run": "good", "model": "original", "exact": False, "value": False, "dictionary": False},
             *({"run": "good", "model": "finetuned", "exact": v, "value": v, "dictionary": v} for v in (True, True, False)),

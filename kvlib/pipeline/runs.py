@@ -239,22 +239,32 @@ def run_sweep(params: FinetuneNotebookParams) -> tuple[list[dict], dict | None]:
     """Notebook 02's sweep over training length x learning rate x epochs: every trial trained (or reused) and checked
     on its held-out prompts (`heldout_check`), the recipe picked by kvlib.pipeline.sweep.select and recorded where the
     runs read it (FinetuneNotebookParams.sweep_outcome). Returns (one row per trial: dataset, dictionaries, learning
-    rate, epochs, optimizer steps, lr x steps, held-out value accuracy with its Wilson CI, learned, chosen; the
-    outcome), or ([], None) without a sweep."""
-    trials = []
-    for name, job in params.sweep_jobs().items():
+    rate, epochs, optimizer steps, lr x steps, held-out value accuracy with its Wilson CI, learned, chosen; a trial
+    at a length shorter than one that learned is not trained, and its row says so in not_trained; the outcome), or
+    ([], None) without a sweep."""
+    trials, skipped, learned_at = [], [], 0
+    for name, job in params.sweep_jobs().items():  # longest first
+        cfg = job.train_config
+        if job.data_config.num_dicts < learned_at:  # cannot win: a longer length learned (sweep.RULE)
+            skipped.append({"trial": name, "dataset": job.dataset, "num_dicts": job.data_config.num_dicts,
+                            "learning_rate": cfg.learning_rate, "epochs": cfg.epochs,
+                            "not_trained": f"a trial at {learned_at} dictionaries learned"})
+            continue
         check = heldout_check(params, job)["check"]
-        summary = json.loads((Path(job.train_config.out_dir) / training.SUMMARY_FILE).read_text(encoding="utf-8"))
-        lr, steps = job.train_config.learning_rate, summary["global_steps"]
+        summary = json.loads((Path(cfg.out_dir) / training.SUMMARY_FILE).read_text(encoding="utf-8"))
+        steps = summary["global_steps"]
         trials.append({"trial": name, "dataset": job.dataset, "num_dicts": job.data_config.num_dicts,
-                       "learning_rate": lr, "epochs": job.train_config.epochs, "steps": steps,
-                       "lr_x_steps": lr * steps, **{k: check[k] for k in ("n", "value", "ci_low", "ci_high",
-                                                                           "learned")}})
+                       "learning_rate": cfg.learning_rate, "epochs": cfg.epochs, "steps": steps,
+                       "lr_x_steps": cfg.learning_rate * steps, **{k: check[k] for k in ("n", "value", "ci_low",
+                                                                                           "ci_high", "learned")}})
+        if sweep.has_learned(check["value"], params.learned_threshold):
+            learned_at = max(learned_at, job.data_config.num_dicts)
     if not trials:
         return [], None
     outcome = sweep.select(trials, params.learned_threshold)
-    sweep.write_record(params.sweep_dir / sweep.RECORD_FILE, params.sweep_key(), trials, outcome)
-    return [dict(t, chosen=t["trial"] == outcome["winner"]) for t in trials], outcome
+    sweep.write_record(params.sweep_dir / sweep.RECORD_FILE, params.sweep_key(), [*trials, *skipped], outcome)
+    return [*(dict(t, chosen=t["trial"] == outcome["winner"]) for t in trials),
+            *(dict(t, chosen=False) for t in skipped)], outcome
 
 
 # ------------------------------------------------------------------ only finetunes that learned are evaluated

@@ -21,7 +21,14 @@ RECORD_FILE = "sweep.json"
 RULE = ("the trials whose held-out value accuracy reaches learned_threshold and is above 0 have learned; among them, "
         "those at the longest training prompts (most dictionaries), then the highest accuracy; ties: the smaller "
         "learning rate x optimizer steps (the least training that did as well), then the smaller learning rate; no "
-        "trial learned: no winner (the runs that take the sweep's values are not trained)")
+        "trial learned: no winner (the runs that take the sweep's values are not trained). Lengths are trained longest "
+        "first, and once a trial has learned, the shorter lengths, which cannot win, are not trained")
+
+
+def has_learned(value: float | None, threshold: float) -> bool:
+    """A trial learned its task: its held-out value accuracy reaches `threshold` and is above 0 (a threshold of 0
+    lets every finetune into the evaluations, but a recipe that answers nothing is none)."""
+    return value is not None and value >= threshold and value > 0
 
 
 def trial_name(dataset: str, learning_rate: float, epochs: float) -> str:
@@ -39,7 +46,7 @@ def select(trials: Sequence[Mapping[str, Any]], threshold: float) -> dict:
     so with the best accuracy measured: never a silent pick of the least bad."""
     if not trials:
         raise ValueError("a sweep needs at least one trial")
-    learned = [t for t in trials if t["value"] is not None and t["value"] >= threshold and t["value"] > 0]
+    learned = [t for t in trials if has_learned(t["value"], threshold)]
     if not learned:
         best = max(trials, key=lambda t: -1.0 if t["value"] is None else t["value"])
         measured = f"{best['value']:.1%} of {best['n']} ({best['trial']})" if best["value"] is not None else "none"
