@@ -361,27 +361,22 @@ class FinetuneNotebookParams:
         jobs = {}
         for name, spec in self.runs.items():
             spec = dict(spec)
-            takes_length = spec.get("dataset") == sweep.SWEEP
-            if takes_length:
-                if self.sweep is None:
-                    fail(f"runs.{name}.dataset", "is 'sweep' but this profile has no sweep section: add one "
-                                                 "(sweep: {datasets: ...}) or name a dataset")
+            for key, value in spec.items():
+                if value == sweep.SWEEP and key not in sweep.TAKEN_FIELDS:
+                    fail(f"runs.{name}.{key}", f"only {' and '.join(sweep.TAKEN_FIELDS)} can be taken from the sweep")
+            swept = tuple(k for k in sweep.TAKEN_FIELDS if spec.get(k) == sweep.SWEEP)
+            if swept and self.sweep is None:
+                fail(f"runs.{name}.{swept[0]}", "is 'sweep' but this profile has no sweep section: add one "
+                                                "(sweep: {datasets: ...}) or give a value")
+            if sweep.DATASET in swept:
                 # before the sweep, and when it found no recipe: the longest candidate's (what the run costs at most)
                 spec["dataset"] = self.sweep.datasets[outcome["dataset"] if winner else self._longest_candidate()]
             dataset, data_config, data_dir, fields = self._dataset_of(
                 "runs", name, spec, ("train_file", "out_dir", "model"))
             self._check_heldout(f"runs.{name}.dataset", data_config)
-            for key, value in fields.items():
-                if value == sweep.SWEEP and key not in sweep.SWEPT_FIELDS:
-                    fail(f"runs.{name}.{key}", f"only {' and '.join((sweep.DATASET, *sweep.SWEPT_FIELDS))} can be "
-                                               f"taken from the sweep")
-            swept = tuple(k for k in sweep.SWEPT_FIELDS if fields.get(k) == sweep.SWEEP)
-            if swept and self.sweep is None:
-                fail(f"runs.{name}.{swept[0]}", "is 'sweep' but this profile has no sweep section: add one "
-                                                "(sweep: {datasets: ...}) or give a value")
             for key in swept:
-                fields[key] = outcome[key] if winner else self.sweep.grid_max(key)
-            swept = (sweep.DATASET,) * takes_length + swept
+                if key in sweep.SWEPT_FIELDS:
+                    fields[key] = outcome[key] if winner else self.sweep.grid_max(key)
             cfg = self._train_config(fields, data_dir, Path(self.models_dir) / self.profile / name, f"runs.{name}")
             jobs[name] = FinetuneJob(name, dataset, data_config, data_dir, cfg, swept,
                                      awaiting_sweep=bool(swept) and outcome is None,
@@ -389,39 +384,38 @@ class FinetuneNotebookParams:
                                      else None)
         return jobs
 
-    def sweep_candidates(self) -> dict[str, tuple[Any, Any]]:
-        """trial dataset -> (its GenerationConfig, the paired run dataset's), checked: both defined, of one length
-        (task, template, num_dicts and max_tokens equal), the trial datasets of distinct lengths."""
+    def sweep_candidates(self) -> dict[str, tuple[Any, Path]]:
+        """trial dataset -> (its GenerationConfig, its data directory), longest first; checked: the paired run
+        dataset is defined and of its length (task, template, num_dicts and max_tokens equal), one trial dataset per
+        length, every one with held-out prompts."""
         candidates = {}
         for trial_set, run_set in (self.sweep.datasets.items() if self.sweep is not None else ()):
-            configs = []
+            found = []
             for name in (trial_set, run_set):
                 try:
-                    configs.append(profile_dataset(self.profile, name, Path(self.params_root))[0])
+                    found.append(profile_dataset(self.profile, name, Path(self.params_root)))
                 except ParamError as exc:
                     raise ParamError(f"sweep.datasets.{exc}") from None
-                self._check_heldout(f"sweep.datasets.{name}", configs[-1])
-            shape = [(c.task, c.template, c.num_dicts, c.max_tokens) for c in configs]
+                self._check_heldout(f"sweep.datasets.{name}", found[-1][0])
+            shape = [(c.task, c.template, c.num_dicts, c.max_tokens) for c, _ in found]
             if shape[0] != shape[1]:
                 fail(f"sweep.datasets.{trial_set}", f"{run_set} is not of its length: (task, template, num_dicts, "
                                                     f"max_tokens) {shape[1]} vs {shape[0]}")
-            if any(c.num_dicts == configs[0].num_dicts for c, _ in candidates.values()):
-                fail(f"sweep.datasets.{trial_set}", f"another trial dataset has {configs[0].num_dicts} dictionaries "
-                                                    f"too: one per training length")
-            candidates[trial_set] = tuple(configs)
-        return candidates
+            num_dicts = found[0][0].num_dicts
+            if any(c.num_dicts == num_dicts for c, _ in candidates.values()):
+                fail(f"sweep.datasets.{trial_set}", f"another trial dataset has {num_dicts} dictionaries too: one "
+                                                    f"per training length")
+            candidates[trial_set] = found[0]
+        return dict(sorted(candidates.items(), key=lambda item: -item[1][0].num_dicts))
 
     def _longest_candidate(self) -> str:
-        candidates = self.sweep_candidates()
-        return max(candidates, key=lambda name: candidates[name][0].num_dicts)
+        return next(iter(self.sweep_candidates()))
 
     def sweep_jobs(self) -> dict[str, FinetuneJob]:
         """The sweep's trials (name -> job; none without a sweep) in grid order, every learning rate at every
         number of epochs at every length (longest first), each trained into `sweep_dir`/<trial>."""
-        candidates = self.sweep_candidates()
         jobs = {}
-        for dataset in sorted(candidates, key=lambda name: -candidates[name][0].num_dicts):
-            data_config, data_dir = profile_dataset(self.profile, dataset, Path(self.params_root))
+        for dataset, (data_config, data_dir) in self.sweep_candidates().items():
             for lr in self.sweep.learning_rates:
                 for epochs in self.sweep.epochs:
                     name = sweep.trial_name(dataset, lr, epochs)
@@ -780,11 +774,12 @@ class KVRetrievalNotebookParams(EvalModelsParams):
             fail(section, f"give its dataset or the run whose dataset it takes, one of them (dataset {s.dataset!r}, "
                           f"run {s.run!r})")
         if s.run:
-            runs = [c.run for c in self.model_configs().values() if c.run]
+            hf_runs, _ = run_names(self.profile, self.params_root)  # an OpenAI run trains on no dataset of ours
+            runs = [c.run for c in self.model_configs().values() if c.run in hf_runs]
             if s.run not in runs:
-                fail(f"{section}.run", f"{s.run!r} is not a run among the models ({', '.join(runs) or 'none'}): the "
-                                       f"dataset a run trains on is known once notebook 02 (its sweep) has trained it")
-            profile_finetune_params(self.profile, self.params_root).jobs()[s.run]
+                fail(f"{section}.run", f"{s.run!r} is not a run among the models ({', '.join(runs) or 'none'}; HF "
+                                       f"runs of notebook 02): the dataset a run trains on is known once notebook 02 "
+                                       f"(its sweep) has trained it")
         else:
             _dataset_of(self.profile, self.params_root, f"{section}.dataset", s.dataset, profile_dataset)
 

@@ -223,11 +223,14 @@ def training_table(params: FinetuneNotebookParams) -> list[dict]:
 
     def row(label: str, job: FinetuneJob) -> dict:
         cfg, waiting = job.train_config, job.from_sweep if job.awaiting_sweep else ()
-        return {"run": label, "dataset": sweep.SWEEP if sweep.DATASET in waiting else job.dataset,
-                "num_dicts": sweep.SWEEP if sweep.DATASET in waiting else job.data_config.num_dicts,
-                "n_train": sweep.SWEEP if sweep.DATASET in waiting else job.data_config.n_train, "method": cfg.method,
-                "epochs": sweep.SWEEP if "epochs" in waiting else cfg.epochs,
-                "learning_rate": sweep.SWEEP if "learning_rate" in waiting else cfg.learning_rate,
+
+        def shown(field: str, value: Any) -> Any:  # a value still waiting for the sweep reads "sweep"
+            return sweep.SWEEP if field in waiting else value
+
+        return {"run": label, "dataset": shown(sweep.DATASET, job.dataset),
+                "num_dicts": shown(sweep.DATASET, job.data_config.num_dicts),
+                "n_train": shown(sweep.DATASET, job.data_config.n_train), "method": cfg.method,
+                "epochs": shown("epochs", cfg.epochs), "learning_rate": shown("learning_rate", cfg.learning_rate),
                 "global_batch": cfg.global_batch_size * processes, "processes": processes,
                 "precision": cfg.precision, "seed": cfg.seed}
 

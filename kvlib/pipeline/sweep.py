@@ -1,6 +1,6 @@
 """Notebook 02's sweep over training length x learning rate x epochs: the recipe that runs saying `dataset: sweep`,
-`learning_rate: sweep` or `epochs: sweep` train with. Each trial is an ordinary run of notebook 02 (kvlib.pipeline.runs trains it and scores it on held-out
-prompts, as every run), judged on its held-out value accuracy; `select` is the stated rule that picks one, and the
+`learning_rate: sweep` or `epochs: sweep` train with. Each trial is an ordinary run of notebook 02
+(kvlib.pipeline.runs trains it and scores it on held-out prompts, as every run), judged on its held-out value accuracy; `select` is the stated rule that picks one, and the
 record written next to the trials (`write_record`) is where the runs read the winner's values from
 (kvlib.pipeline.notebooks.FinetuneNotebookParams.jobs), valid while the sweep's definition is the one it was made
 for (`read_record`)."""
@@ -15,6 +15,7 @@ from kvlib.engine.io import atomic_write_text, dumps_json
 SWEEP = "sweep"  # a run's value taken from the sweep's winner
 SWEPT_FIELDS = ("learning_rate", "epochs")  # the TrainConfig fields a run may take from it
 DATASET = "dataset"  # and its dataset: the one at the winner's training length (SweepParams.datasets)
+TAKEN_FIELDS = (DATASET, *SWEPT_FIELDS)  # everything a run may take from the sweep
 RECORD_FILE = "sweep.json"
 # Longest first, because the paper trains at the length of the prompts it tests on: a shorter length wins only
 # where no longer one learned.
@@ -41,9 +42,8 @@ def select(trials: Sequence[Mapping[str, Any]], threshold: float) -> dict:
     """The sweep's outcome by `RULE` from its trials (rows with trial, dataset, num_dicts (its training length),
     learning_rate, epochs, steps (optimizer steps taken), n and value: the held-out value accuracy): {winner, dataset,
     num_dicts, learning_rate, epochs, value, n, reason}.
-    When no trial reaches `threshold`, or every trial scored 0 (whatever the threshold: a threshold of 0 lets every
-    finetune into the evaluations, but a recipe that answers nothing is none), the winner is None and `reason` says
-    so with the best accuracy measured: never a silent pick of the least bad."""
+    When no trial learned (`has_learned`), the winner is None and `reason` says so with the best accuracy measured:
+    never a silent pick of the least bad."""
     if not trials:
         raise ValueError("a sweep needs at least one trial")
     learned = [t for t in trials if has_learned(t["value"], threshold)]
