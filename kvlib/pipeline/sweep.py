@@ -1,9 +1,9 @@
 """Notebook 02's sweep over training length x learning rate x epochs: the recipe that runs saying `dataset: sweep`,
 `learning_rate: sweep` or `epochs: sweep` train with. Each trial is an ordinary run of notebook 02
-(kvlib.pipeline.runs trains it and scores it on held-out prompts, as every run), judged on its held-out value accuracy; `select` is the stated rule that picks one, and the
-record written next to the trials (`write_record`) is where the runs read the winner's values from
-(kvlib.pipeline.notebooks.FinetuneNotebookParams.jobs), valid while the sweep's definition is the one it was made
-for (`read_record`)."""
+(kvlib.pipeline.runs trains it and scores it on held-out prompts, as every run), judged on its held-out value
+accuracy; `select` is the stated rule that picks one, and the record written next to the trials (`write_record`)
+is where the runs read the winner's values from (kvlib.pipeline.notebooks.FinetuneNotebookParams.jobs), valid while
+the sweep's definition is the one it was made for (`read_record`)."""
 from __future__ import annotations
 
 import json
