@@ -306,10 +306,26 @@ def test_primary_claims_are_their_own_holm_family_and_the_rest_exploratory():
     assert by_model["b"][paper.MAX_HALF_WIDTH] is None
     # the claims figure labels a primary claim with the width it reached, the map's verdict cell says it too
     forest = {r["model"]: r for r in paper.forest_rows(rows)}
-    assert forest["a"]["label"].startswith("PRIMARY (\u00b19.5 of \u00b13 pre-registered)")
+    assert forest["a"]["label"].startswith("PRIMARY (\u00b19.50 of \u00b13 pre-registered)")
     assert forest["b"]["role"] == paper.EXPLORATORY and not forest["b"]["label"].startswith("PRIMARY")
     note = repro_map.primary_note(paper.claim_facts(__import__("pandas").DataFrame(rows)))
-    assert note == "primary: holds (a, improves MDQA, random distractors: holds, \u00b19.5 of \u00b13 points)"
+    assert note == "primary: holds (a, improves MDQA, random distractors: holds, \u00b19.50 of \u00b13 points)"
+
+
+def test_figure_and_map_print_one_half_width():
+    # a printed interval of [+4.5, +10.8] spans 6.3000000000000001 / 2, which rounds one way, and the recorded
+    # half-width 3.15 the other at one decimal: the figure and the map must print the recorded one, alike
+    row = {"artifact": "fig5", "claim": "synthetic finetuning improves MDQA, random distractors", "model": "a",
+           "ci": "[+4.5, +10.8]", "delta": 7.6, "unit": "points", "verdict": "holds", paper.ROLE: paper.PRIMARY,
+           paper.HALF_WIDTH: 3.15, paper.MAX_HALF_WIDTH: 3.0}
+    label = paper.forest_rows([row])[0]["label"]
+    note = repro_map.primary_note([row])
+    assert label.startswith("PRIMARY (\u00b13.15 of \u00b13 pre-registered)")
+    assert note == "primary: holds (a, improves MDQA, random distractors: holds, \u00b13.15 of \u00b13 points)"
+    # a row without the recorded column (an older claims table) falls back to its interval; none: "no interval"
+    older = {k: v for k, v in row.items() if k != paper.HALF_WIDTH}
+    assert paper.forest_rows([older])[0]["half_width"] == pytest.approx(3.15)
+    assert paper.forest_rows([{**older, "ci": ""}])[0]["label"].startswith("PRIMARY (no interval of")
 
 
 def test_general_primary_claims_match_benchmark_and_metric():

@@ -185,7 +185,7 @@ def primary_note(claims: Sequence[Mapping[str, Any]]) -> str:
     """The pre-registered primary claims among an artifact's claims (ROLE primary; facts or re-judged record
     rows), for its verdict cell: their verdict and each one's interval half-width reached against the one
     pre-registered, "primary: inconclusive at this n (finetuned (template), improves MDQA, random distractors:
-    inconclusive, +-6.1 of +-3 points)"; '' when none is primary."""
+    inconclusive, +-6.10 of +-3 points)"; '' when none is primary."""
     primary = [c for c in claims if c.get(paper.ROLE) == paper.PRIMARY]
     if not primary:
         return ""
@@ -193,9 +193,9 @@ def primary_note(claims: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for c in primary:
         half, limit = c.get(paper.HALF_WIDTH), c.get(paper.MAX_HALF_WIDTH)
-        reached = "no interval" if half is None else f"\u00b1{float(half):.1f}"
         verdict_text = verdict_category(str(c.get("new_verdict") or c.get("verdict") or "not measured"))
-        parts.append(f"{c.get('model')}, {_claim_subject(str(c.get('claim', '')))}: {verdict_text}, {reached}"
+        parts.append(f"{c.get('model')}, {_claim_subject(str(c.get('claim', '')))}: {verdict_text}, "
+                     f"{paper.half_width_text(half)}"
                      + ("" if limit is None else f" of \u00b1{float(limit):g} points"))
     return f"primary: {artifact_verdict(verdicts)} ({'; '.join(parts)})"
 

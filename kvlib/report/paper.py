@@ -711,10 +711,15 @@ def _short_claim(claim: str, width: int = 88) -> str:
     return text if len(text) <= width else text[:width - 1].rstrip() + "…"
 
 
+def half_width_text(half: float | None) -> str:
+    """A primary claim's half-width reached, as the claims figure and the README map both print it: two decimals,
+    so a width just over its pre-registered limit (3.04 against 3) never reads as meeting it."""
+    return "no interval" if half is None else f"\u00b1{float(half):.2f}"
+
+
 def _primary_prefix(half: float | None, limit: float | None) -> str:
-    """How the claims figure labels a primary claim: "PRIMARY (+-6.1 of +-3 pre-registered) "."""
-    reached = "no interval" if half is None else f"\u00b1{half:.1f}"
-    return f"PRIMARY ({reached}" + ("" if limit is None else f" of \u00b1{limit:g} pre-registered") + ") "
+    """How the claims figure labels a primary claim: "PRIMARY (+-6.10 of +-3 pre-registered) "."""
+    return f"PRIMARY ({half_width_text(half)}" + ("" if limit is None else f" of \u00b1{limit:g} pre-registered") + ") "
 
 
 def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | None = None) -> list[dict]:
@@ -740,7 +745,10 @@ def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | 
         if notes and notes.get(artifact):
             heading += f" ({notes[artifact]})"
         role = str(claim.get(ROLE) or "")
-        half = None if lo is None else (hi - lo) / 2
+        # the half-width `with_role` recorded, so the figure and the map print one number
+        half = _number(claim.get(HALF_WIDTH))
+        if half is None and lo is not None:
+            half = (hi - lo) / 2
         limit = _number(claim.get(MAX_HALF_WIDTH))
         prefix = _primary_prefix(half, limit) if role == PRIMARY else ""
         label = f"{prefix}{claim.get('model', '')}: {_short_claim(str(claim.get('claim', '')), 88 - len(prefix))}"
