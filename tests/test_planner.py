@@ -313,7 +313,7 @@ def test_primary_claims_are_their_own_holm_family_and_the_rest_exploratory():
 
 
 def test_figure_and_map_print_one_half_width():
-    # a printed interval of [+4.5, +10.8] spans 6.3000000000000001 / 2, which rounds one way, and the recorded
+    # a printed interval of [+4.5, +10.8] spans 6.300000000000001 / 2, which rounds one way, and the recorded
     # half-width 3.15 the other at one decimal: the figure and the map must print the recorded one, alike
     row = {"artifact": "fig5", "claim": "synthetic finetuning improves MDQA, random distractors", "model": "a",
            "ci": "[+4.5, +10.8]", "delta": 7.6, "unit": "points", "verdict": "holds", paper.ROLE: paper.PRIMARY,

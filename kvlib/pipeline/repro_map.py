@@ -195,8 +195,7 @@ def primary_note(claims: Sequence[Mapping[str, Any]]) -> str:
         half, limit = c.get(paper.HALF_WIDTH), c.get(paper.MAX_HALF_WIDTH)
         verdict_text = verdict_category(str(c.get("new_verdict") or c.get("verdict") or "not measured"))
         parts.append(f"{c.get('model')}, {_claim_subject(str(c.get('claim', '')))}: {verdict_text}, "
-                     f"{paper.half_width_text(half)}"
-                     + ("" if limit is None else f" of \u00b1{float(limit):g} points"))
+                     + paper.half_width_text(half, limit) + ("" if limit is None else " points"))
     return f"primary: {artifact_verdict(verdicts)} ({'; '.join(parts)})"
 
 

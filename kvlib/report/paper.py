@@ -711,15 +711,17 @@ def _short_claim(claim: str, width: int = 88) -> str:
     return text if len(text) <= width else text[:width - 1].rstrip() + "…"
 
 
-def half_width_text(half: float | None) -> str:
-    """A primary claim's half-width reached, as the claims figure and the README map both print it: two decimals,
-    so a width just over its pre-registered limit (3.04 against 3) never reads as meeting it."""
-    return "no interval" if half is None else f"\u00b1{float(half):.2f}"
+def half_width_text(half: float | None, limit: float | None) -> str:
+    """A primary claim's half-width reached against the one pre-registered ("+-3.15 of +-3"; "+-3.15" without a
+    limit), as the claims figure and the README map both print it: two decimals, so a width just over its limit
+    (3.04 against 3) never reads as meeting it."""
+    reached = "no interval" if half is None else f"\u00b1{float(half):.2f}"
+    return reached if limit is None else f"{reached} of \u00b1{float(limit):g}"
 
 
 def _primary_prefix(half: float | None, limit: float | None) -> str:
     """How the claims figure labels a primary claim: "PRIMARY (+-6.10 of +-3 pre-registered) "."""
-    return f"PRIMARY ({half_width_text(half)}" + ("" if limit is None else f" of \u00b1{limit:g} pre-registered") + ") "
+    return f"PRIMARY ({half_width_text(half, limit)}" + ("" if limit is None else " pre-registered") + ") "
 
 
 def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | None = None) -> list[dict]:
