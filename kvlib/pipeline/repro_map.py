@@ -185,7 +185,9 @@ def primary_note(claims: Sequence[Mapping[str, Any]]) -> str:
     """The pre-registered primary claims among an artifact's claims (ROLE primary; facts or re-judged record
     rows), for its verdict cell: their verdict and each one's interval half-width reached against the one
     pre-registered, "primary: inconclusive at this n (finetuned (template), improves MDQA, random distractors:
-    inconclusive, +-6.10 of +-3 points)"; '' when none is primary."""
+    inconclusive, +-2.80 of +-3 points, rules out differences outside [-3.0, +2.6])"; '' when none is primary.
+    An inconclusive claim names the differences its 95% interval rules out, because at the pre-registered width
+    that bound is the informative result."""
     primary = [c for c in claims if c.get(paper.ROLE) == paper.PRIMARY]
     if not primary:
         return ""
@@ -194,8 +196,12 @@ def primary_note(claims: Sequence[Mapping[str, Any]]) -> str:
     for c in primary:
         half, limit = c.get(paper.HALF_WIDTH), c.get(paper.MAX_HALF_WIDTH)
         verdict_text = verdict_category(str(c.get("new_verdict") or c.get("verdict") or "not measured"))
-        parts.append(f"{c.get('model')}, {_claim_subject(str(c.get('claim', '')))}: {verdict_text}, "
-                     + paper.half_width_text(half, limit) + ("" if limit is None else " points"))
+        text = (f"{c.get('model')}, {_claim_subject(str(c.get('claim', '')))}: {verdict_text}, "
+                + paper.half_width_text(half, limit) + ("" if limit is None else " points"))
+        lo, hi = paper.claim_interval({**c, "ci": c.get("new_ci") or c.get("ci")})  # re-judged rows: new_ci
+        if verdict_text == "inconclusive" and lo is not None:
+            text += f", rules out differences outside [{lo:+.1f}, {hi:+.1f}]"
+        parts.append(text)
     return f"primary: {artifact_verdict(verdicts)} ({'; '.join(parts)})"
 
 
