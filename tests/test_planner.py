@@ -20,7 +20,7 @@ from scipy import stats as scipy_stats
 from kvlib.engine import meter, models, stats
 from kvlib.engine.config import ParamError, from_mapping
 from kvlib.engine.io import dumps_json
-from kvlib.pipeline import cli, notebooks, planner, repro_map, reproduce
+from kvlib.pipeline import cli, notebooks, planner, rejudge, repro_map, reproduce
 from kvlib.report import paper
 from kvlib.tasks import mdqa
 
@@ -322,14 +322,15 @@ def test_figure_and_map_print_one_half_width():
     note = repro_map.primary_note([row])
     assert label.startswith("PRIMARY (\u00b13.15 of \u00b13 pre-registered)")
     assert note == "primary: holds (a, improves MDQA, random distractors: holds, \u00b13.15 of \u00b13 points)"
-    # an inconclusive primary claim says what its interval rules out (a re-judged record's interval is new_ci);
-    # a claim without an interval, or one that holds, does not
+    # an inconclusive primary claim says what its interval rules out (a re-judged record's claim, whose interval
+    # is new_ci, reaches the map through rejudge.figure_claims); a claim without an interval, or one that holds,
+    # does not
     bound = {**row, "verdict": "inconclusive", "ci": "[-3.0, +2.6]", paper.HALF_WIDTH: 2.8}
     assert repro_map.primary_note([bound]).endswith(
         "inconclusive, \u00b12.80 of \u00b13 points, rules out differences outside [-3.0, +2.6])")
     rejudged = {k: v for k, v in bound.items() if k not in ("ci", "verdict")}
-    assert repro_map.primary_note([{**rejudged, "new_verdict": "inconclusive", "new_ci": "[-3.0, +2.6]"}]) == (
-        repro_map.primary_note([bound]))
+    record = {"claims": [{**rejudged, "new_verdict": "inconclusive", "new_ci": "[-3.0, +2.6]"}]}
+    assert repro_map.primary_note(rejudge.figure_claims(record, [])) == repro_map.primary_note([bound])
     assert "rules out" not in repro_map.primary_note([{**bound, "ci": ""}]) + note
     # a row without the recorded column (an older claims table) falls back to its interval; none: "no interval"
     older = {k: v for k, v in row.items() if k != paper.HALF_WIDTH}

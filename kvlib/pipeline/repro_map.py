@@ -182,23 +182,24 @@ def _model_of(entry: Mapping[str, Any]) -> str:
 
 
 def primary_note(claims: Sequence[Mapping[str, Any]]) -> str:
-    """The pre-registered primary claims among an artifact's claims (ROLE primary; facts or re-judged record
-    rows), for its verdict cell: their verdict and each one's interval half-width reached against the one
-    pre-registered, "primary: inconclusive at this n (finetuned (template), improves MDQA, random distractors:
-    inconclusive, +-2.80 of +-3 points, rules out differences outside [-3.0, +2.6])"; '' when none is primary.
+    """The pre-registered primary claims among an artifact's claims (ROLE primary; claims-table rows: a notebook's
+    facts, or a re-judged record's claims through kvlib.pipeline.rejudge.figure_claims), for its verdict cell: their
+    verdict and each one's interval half-width reached against the one pre-registered, "primary: inconclusive at
+    this n (finetuned (template), improves MDQA, random distractors: inconclusive, +-2.80 of +-3 points, rules out
+    differences outside [-3.0, +2.6])"; '' when none is primary.
     An inconclusive claim names the differences its 95% interval rules out, because at the pre-registered width
     that bound is the informative result."""
     primary = [c for c in claims if c.get(paper.ROLE) == paper.PRIMARY]
     if not primary:
         return ""
-    verdicts = [str(c.get("new_verdict") or c.get("verdict") or "not measured") for c in primary]
+    verdicts = [str(c.get("verdict") or "not measured") for c in primary]
     parts = []
-    for c in primary:
+    for c, verdict in zip(primary, verdicts):
         half, limit = c.get(paper.HALF_WIDTH), c.get(paper.MAX_HALF_WIDTH)
-        verdict_text = verdict_category(str(c.get("new_verdict") or c.get("verdict") or "not measured"))
+        verdict_text = verdict_category(verdict)
         text = (f"{c.get('model')}, {_claim_subject(str(c.get('claim', '')))}: {verdict_text}, "
                 + paper.half_width_text(half, limit) + ("" if limit is None else " points"))
-        lo, hi = paper.claim_interval({**c, "ci": c.get("new_ci") or c.get("ci")})  # re-judged rows: new_ci
+        lo, hi = paper.claim_interval(c)
         if verdict_text == "inconclusive" and lo is not None:
             text += f", rules out differences outside [{lo:+.1f}, {hi:+.1f}]"
         parts.append(text)
@@ -274,7 +275,9 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
         record = rejudged.get(nb) if ok else None
         if record is not None and art["claims"]:
             verdict_text = rejudged_verdict(rejudge.artifact_summary(record, art["id"]), verdict_text)
-            claims = [c for c in record.get("claims", []) if c["artifact"] == art["id"] and "new_verdict" in c]
+            # as claims-table rows (verdict, ci), the shape the claims figure reads them in
+            claims = [c for c in rejudge.figure_claims(record, [])
+                      if c["artifact"] == art["id"] and c["verdict"] != rejudge.STALE_RERUN]
         note = primary_note(claims) if ok and art["claims"] else ""
         if note:
             verdict_text += f"; {note}"
