@@ -298,6 +298,21 @@ def test_a_run_takes_its_dataset_at_the_length_the_sweep_picked(tmp_path):
                 "in_distribution": section, "litm": None, "grid": None})
 
 
+def test_a_run_the_sweep_picked_has_its_data_written_before_it_is_recorded(tmp_path, monkeypatch):
+    """On a fresh runs/ (notebook 01 up to date and skipped), the dataset of a run that takes it from the sweep
+    exists only once the sweep has picked it: notebook 02 records it through record_job_data, which writes it first."""
+    monkeypatch.chdir(tmp_path)
+    params = _finetune(_profile(tmp_path, {"r": {"dataset": "sweep", **SWEPT}}, {**GRID, "epochs": [1]}))
+    won = sweep.select([_trial(1e-4, 1, 0.7, dataset="tune", num_dicts=3)], 0.5)
+    sweep.write_record(params.sweep_dir / sweep.RECORD_FILE, params.sweep_key(), [], won)
+    job = params.jobs()["r"]
+    assert not (job.data_dir / "train.jsonl").exists()
+    recorded = runs.record_job_data(tmp_path / "results", "02_finetune", job)
+    assert [(r["path"], r["sha256"]) for r in recorded] == [
+        (f"data/t/a/{split}.jsonl", file_sha256(job.data_dir / f"{split}.jsonl")) for split in ("eval", "train")]
+    assert runs.record_job_data(tmp_path / "results", "02_finetune", job) == recorded  # again: same files, same record
+
+
 # ------------------------------------------------------------------ held-out checks read from what 02 wrote
 
 

@@ -126,6 +126,14 @@ def train_job(job: FinetuneJob, launcher: LauncherConfig | None = None, **kwargs
     return train_run(job.train_config, launcher, where=f"run {job.name}", **kwargs)
 
 
+def record_job_data(results_dir: str | Path, notebook: str, job: FinetuneJob) -> list[dict]:
+    """Write `job`'s dataset if missing, then record its train and eval files as inputs of `notebook`. In this
+    order because a run that takes its dataset from the sweep has none on a fresh runs/ until the sweep has picked
+    it (notebook 01 may be up to date and skipped there). Returns the inputs now recorded."""
+    ensure_dataset(job.data_config, job.data_dir)
+    return manifest.record_inputs(results_dir, notebook, [job.data_dir / "train.jsonl", job.data_dir / "eval.jsonl"])
+
+
 def open_model(config: BackendConfig, cache_dir: str | Path | None, profile: str,
                params_root: str | Path = "params", progress: bool = True) -> ContextManager[Any]:
     """kvlib.engine.evaluate.open_backend for a model entry of a notebook's params: a `run` of the profile is
