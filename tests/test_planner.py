@@ -457,6 +457,27 @@ def test_without_earlier_items_the_stated_prior_plans_the_claim(fixture_repo, ca
     assert unstated.status == "NO ESTIMATE" and "state primary[1].prior_sd" in unstated.problem()
 
 
+@pytest.mark.parametrize("original_correct, status", [(0.0, "UNTESTABLE"), (1.0, "NO ESTIMATE")])
+def test_too_few_earlier_items_plan_no_width_but_show_an_original_at_floor(fixture_repo, original_correct, status):
+    """Fewer earlier units than MIN_SPREAD_UNITS plan no width; the original's level there still marks a claim
+    expected untestable (it stops nothing); an original above floor leaves it without an estimate (it stops)."""
+    import pandas as pd
+
+    rows = [{**r, "correct": original_correct} if r["model"] == "original" else r
+            for r in _items(planner.MIN_SPREAD_UNITS - 20)]
+    pd.DataFrame(rows).to_csv(fixture_repo / "results" / PROFILE / "03_mdqa" / "mdqa_items.csv", index=False)
+    plan = planner.plan_profile_cost(PROFILE, reproduce.plan_run(
+        PROFILE, None, fixture_repo / "params", fixture_repo / "notebooks", fixture_repo / "results").jobs,
+        fixture_repo / "results" / PROFILE, fixture_repo / "results", fixture_repo / "params", with_cost=False)
+    random = plan.claims[0]
+    assert random.status == status and random.half_width is None
+    assert "10 questions, 2 seeds, too few to plan a width with (at least 30)" in random.basis
+    if status == "UNTESTABLE":
+        assert random.untestable.startswith("the original's 0.0% [0.0, ") and random.problem() is None
+    else:
+        assert not random.untestable and "state primary[0].prior_sd" in random.problem()
+
+
 def test_rates_come_from_the_profile_then_other_profiles_then_the_prior(tmp_path):
     key = meter.rate_key("generate", TAGS)
     own, other = tmp_path / "results" / "mine", tmp_path / "results" / "theirs"

@@ -46,6 +46,8 @@ POWER = 0.8  # the power at which the smallest detectable difference is stated
 MAX_UNITS = 10 ** 6  # the largest n searched for a claim's width (beyond it: "no n reaches it")
 # The fewest paired units an earlier item file must hold to plan with its spread: a standard deviation from a
 # handful of questions (a quick profile's) is noise, so such files are passed over for a larger one or the prior.
+# Without either, a file of fewer units still shows where the original stands: at chance or floor, the claim is
+# expected untestable (`Spread.untestable`) and stops no run.
 MIN_SPREAD_UNITS = 30
 
 
@@ -754,9 +756,10 @@ def _file_labels(rows: Sequence[Mapping[str, Any]], P: Any, labels: Sequence[str
     return out
 
 
-def _spread_from_items(name: str, P: Any, claim: PrimaryClaim, folders: Sequence[Path]) -> tuple[Spread, str] | None:
+def _spread_from_items(name: str, P: Any, claim: PrimaryClaim, folders: Sequence[Path],
+                       min_units: int = MIN_SPREAD_UNITS) -> tuple[Spread, str] | None:
     """The claim's spread from the first earlier item file (this profile's results, then other profiles') that
-    holds the original and every model the claim involves on at least MIN_SPREAD_UNITS units, with where it came
+    holds the original and every model the claim involves on at least `min_units` units, with where it came
     from."""
     file, unit, _ = CLAIM_ITEMS[name]
     base = P.baseline if name == "05_general_benchmarks" else next(iter(P.models))
@@ -774,7 +777,7 @@ def _spread_from_items(name: str, P: Any, claim: PrimaryClaim, folders: Sequence
             spread = _general_spread(rows, labels[0], labels[1:], claim.benchmark, metric)
         else:
             spread = _mdqa_spread(rows, labels[0], labels[1:], claim.setting)
-        if spread is not None and spread.units >= MIN_SPREAD_UNITS:
+        if spread is not None and spread.units >= min_units:
             renamed = [f"{a} as {b}" for a, b in zip([base, *members], labels) if a != b]
             return spread, (f"{_shown(path)}: {spread.units} {unit}"
                             + (f", {spread.seeds} seeds" if spread.seeds > 1 else "")
@@ -805,6 +808,7 @@ def claim_power(planning: _Planning, job: NotebookJob, folders: Sequence[Path]) 
         except (ParamError, OSError, ValueError) as exc:
             n, why = None, f"n unknown: {' '.join(str(exc).split())[:120]}"
         found = _spread_from_items(name, P, claim, folders)
+        few_units: Spread | None = None  # from too few units to plan a width with: the original's level only
         if found is not None:
             spread, basis = found
         elif claim.prior_sd is not None:
@@ -813,7 +817,13 @@ def claim_power(planning: _Planning, job: NotebookJob, folders: Sequence[Path]) 
             basis = (f"the stated prior: primary[{i}].prior_sd {claim.prior_sd:g} points, the original at "
                      f"{100 * level:g}%")
         else:
-            spread, basis = None, "no earlier item file holds these models, and no prior_sd is stated"
+            spread = None
+            # Fewer units than a width can be planned from still show the original's level: a claim whose
+            # original sits at chance or floor there is expected untestable, which stops nothing.
+            few = _spread_from_items(name, P, claim, folders, min_units=1)
+            basis = ("no earlier item file holds these models, and no prior_sd is stated" if few is None else
+                     f"{few[1]}, too few to plan a width with (at least {MIN_SPREAD_UNITS}), and no prior_sd is stated")
+            few_units = few[0] if few is not None else None
         if n is None:
             basis = why
         half = spread.half_width(n) if spread is not None and n is not None else None
@@ -821,7 +831,8 @@ def claim_power(planning: _Planning, job: NotebookJob, folders: Sequence[Path]) 
                       if half is not None else None)
         needed = _needed(spread, claim.max_half_width) if spread is not None else None
         chance, margin = _chance(name, claim)
-        untestable = spread.untestable(n, chance, margin) if spread is not None and n is not None else ""
+        judged = spread if spread is not None else few_units
+        untestable = judged.untestable(n, chance, margin) if judged is not None and n is not None else ""
         out.append(ClaimPower(name, _shown(job.params_file), i, claim, n, unit,
                               n_field.format(benchmark=claim.benchmark), half, detectable, needed, basis, untestable))
     return out
