@@ -471,7 +471,8 @@ def test_too_few_earlier_items_plan_no_width_but_show_an_original_at_floor(fixtu
         fixture_repo / "results" / PROFILE, fixture_repo / "results", fixture_repo / "params", with_cost=False)
     random = plan.claims[0]
     assert random.status == status and random.half_width is None
-    assert "10 questions, 2 seeds, too few to plan a width with (at least 30)" in random.basis
+    few = planner.MIN_SPREAD_UNITS - 20
+    assert f"{few} questions, 2 seeds, too few to plan a width with (at least {planner.MIN_SPREAD_UNITS})" in random.basis
     if status == "UNTESTABLE":
         assert random.untestable.startswith("the original's 0.0% [0.0, ") and random.problem() is None
     else:
