@@ -171,10 +171,32 @@ def test_last_checkpoint_passes_over_a_save_cut_short(tmp_path):
     assert [p.name for p in partial] == ["checkpoint-30", "checkpoint-40"]
 
 
+def test_mean_train_loss_weights_each_logged_loss_by_its_steps():
+    every_step = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.0},
+                  {"step": 3, "train_runtime": 9.0}]  # the final metrics entry carries no loss
+    assert train.mean_train_loss(every_step) == pytest.approx(0.5)
+    # logging_steps=2 over 5 steps: the last entry covers one step
+    assert train.mean_train_loss([{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5},
+                                  {"step": 5, "loss": 0.0}]) == pytest.approx((2 * 1.0 + 2 * 0.5) / 5)
+    with pytest.raises(ValueError, match="no training loss"):
+        train.mean_train_loss([{"step": 3, "train_runtime": 9.0}])
+
+
+def test_read_summary_takes_the_loss_of_the_whole_run_from_its_loss_log(tmp_path):
+    # a summary written by a run resumed at step 2: transformers' mean over steps 3-4 only
+    summary = {"global_steps": 4, "final_train_loss": 0.25}
+    (tmp_path / train.SUMMARY_FILE).write_text(json.dumps(summary))
+    assert train.read_summary(tmp_path)["final_train_loss"] == 0.25  # no loss log: as stored
+    train.write_loss_csv([{"step": s, "epoch": s / 4, "loss": x} for s, x in enumerate([1.0, 0.5, 0.3, 0.2], 1)],
+                         tmp_path / "loss.csv")
+    assert train.read_summary(tmp_path)["final_train_loss"] == pytest.approx(0.5)
+    assert json.loads((tmp_path / train.SUMMARY_FILE).read_text()) == summary  # the file is not rewritten
+
+
 @pytest.mark.slow
 def test_resume_gives_same_final_weights(chat_file, tiny_model, tmp_path):
     straight = make_cfg(chat_file, tiny_model, tmp_path / "straight")
-    train.train(straight, resume=False)
+    straight_summary = train.train(straight, resume=False)
 
     killed = make_cfg(chat_file, tiny_model, tmp_path / "killed")
     with pytest.raises(KeyboardInterrupt):
@@ -190,6 +212,8 @@ def test_resume_gives_same_final_weights(chat_file, tiny_model, tmp_path):
         train.train(killed, resume=False)
     summary = train.train(killed, resume=True)
     assert summary["resumed_from"] == "checkpoint-2" and summary["global_steps"] == 6
+    # the reported loss is the whole run's, not only the steps after the resume
+    assert summary["final_train_loss"] == pytest.approx(straight_summary["final_train_loss"], rel=1e-12)
 
     a, b = state_dict(tmp_path / "straight" / "model"), state_dict(tmp_path / "killed" / "model")
     assert a.keys() == b.keys()

@@ -513,7 +513,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     out = Path(cfg.out_dir)
     identity = run_identity(cfg)  # hashes the training file once for every check below and the summary
     if is_finished(cfg, identity):
-        return json.loads((out / SUMMARY_FILE).read_text())
+        return read_summary(out)
     ckpt = last_checkpoint(cfg)
     if ckpt is not None and not checkpoints_belong_to(cfg, identity):
         if resume == "auto":  # pipelines: nothing of this run to continue, so start it afresh
@@ -570,7 +570,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
         "n_tokens": sum(len(ex["input_ids"]) for ex in dataset.examples),
         "n_answer_tokens": n_answer,
         "global_steps": trainer.state.global_step,
-        "final_train_loss": result.training_loss,
+        "final_train_loss": mean_train_loss(trainer.state.log_history),
         "precision": resolve_precision(cfg.precision, cuda),
         "device": "cuda" if cuda else "cpu",
         "resumed_from": Path(ckpt).name if (ckpt and resume) else None,
@@ -612,6 +612,34 @@ def save_final_model(cfg: TrainConfig, trainer) -> Path:
         model.peft_config["default"].base_model_name_or_path = cfg.model
     trainer.save_model(str(model_dir))
     return model_dir
+
+
+def mean_train_loss(log_history: list[dict]) -> float:
+    """The training loss averaged over every optimizer step of the run, from the trainer's log (each logged loss
+    weighted by the steps since the previous one). Not TrainOutput.training_loss: transformers averages that over
+    the steps of the last `train()` call only, so a run resumed from a checkpoint would report another number."""
+    total, last_step = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last_step)
+            last_step = entry["step"]
+    if last_step == 0:
+        raise ValueError("log_history: no training loss was logged")
+    return total / last_step
+
+
+def read_summary(out_dir: str | Path) -> dict:
+    """A finished run's train_summary.json, its final_train_loss taken from the run's loss.csv (the whole run's
+    mean, `mean_train_loss`): summaries written before that rule hold transformers' mean over the last resumed
+    part only. The file itself is left as it is, because the held-out check's cache key hashes it."""
+    out = Path(out_dir)
+    summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
+    loss_csv = out / "loss.csv"
+    if loss_csv.is_file():
+        with loss_csv.open(newline="") as fh:
+            summary["final_train_loss"] = mean_train_loss(
+                [{"step": int(row["step"]), "loss": float(row["loss"])} for row in csv.DictReader(fh)])
+    return summary
 
 
 def write_loss_csv(log_history: list[dict], path: Path) -> None:

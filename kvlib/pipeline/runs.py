@@ -100,7 +100,7 @@ def train_run(cfg: TrainConfig, launcher: LauncherConfig | None = None, where: s
     if not training.is_finished(cfg):
         raise RuntimeError(f"{where}: `{' '.join(argv)}` ended without a finished run in {cfg.out_dir} "
                            f"({training.SUMMARY_FILE} missing or of another config)")
-    return json.loads((out / training.SUMMARY_FILE).read_text())
+    return training.read_summary(out)
 
 
 def _check_fits(cfg: TrainConfig, processes: int, gpus_gib: list[float] | None, where: str) -> None:
@@ -262,7 +262,7 @@ def run_sweep(params: FinetuneNotebookParams) -> tuple[list[dict], dict | None]:
                             "not_trained": f"a trial at {learned_at} dictionaries learned"})
             continue
         check = heldout_check(params, job)["check"]
-        summary = json.loads((Path(cfg.out_dir) / training.SUMMARY_FILE).read_text(encoding="utf-8"))
+        summary = training.read_summary(cfg.out_dir)
         steps = summary["global_steps"]
         trials.append({"trial": name, "dataset": job.dataset, "num_dicts": job.data_config.num_dicts,
                        "learning_rate": cfg.learning_rate, "epochs": cfg.epochs, "steps": steps,
