@@ -46,6 +46,7 @@ from kvlib.engine.io import file_sha256
 
 IGNORE_INDEX = -100  # label value the HF loss ignores
 SUMMARY_FILE = "train_summary.json"
+LOSS_FILE = "loss.csv"  # the loss of every logged step: the record final_train_loss is derived from
 IDENTITY_FILE = "run_identity.json"
 
 
@@ -551,7 +552,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
                                 "machine": meter.machine(device), "method": cfg.method,
                                 "parameters": sum(p.numel() for p in model.parameters())})
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=ckpt if resume else None)
+    trainer.train(resume_from_checkpoint=ckpt if resume else None)
     wall = time.time() - t0
     _count_training(work, dataset, trainer, int(Path(ckpt).name.rsplit("-", 1)[-1]) if ckpt and resume else 0)
 
@@ -559,7 +560,7 @@ def train(cfg: TrainConfig, resume: bool | Literal["auto"] = "auto", callbacks: 
     if not trainer.is_world_process_zero():  # under accelerate/torchrun only rank 0 writes reports
         return {}
     work.done()
-    write_loss_csv(trainer.state.log_history, out / "loss.csv")
+    write_loss_csv(trainer.state.log_history, out / LOSS_FILE)
     n_answer = sum(sum(1 for x in ex["labels"] if x != IGNORE_INDEX) for ex in dataset.examples)
     summary = {
         "config": to_mapping(cfg),
@@ -634,7 +635,7 @@ def read_summary(out_dir: str | Path) -> dict:
     part only. The file itself is left as it is, because the held-out check's cache key hashes it."""
     out = Path(out_dir)
     summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
-    loss_csv = out / "loss.csv"
+    loss_csv = out / LOSS_FILE
     if loss_csv.is_file():
         with loss_csv.open(newline="") as fh:
             summary["final_train_loss"] = mean_train_loss(
