@@ -13,7 +13,7 @@ import yaml
 from kvlib.engine import train
 from kvlib.engine.config import ParamError, from_mapping
 from kvlib.engine.data import _OFFICIAL_20DOCS
-from kvlib.engine.io import file_sha256
+from kvlib.engine.io import file_sha256, files_sha256
 from kvlib.pipeline import notebooks, runs, sweep
 from kvlib.report import paper
 from kvlib.tasks import mdqa, prompt_lengths
@@ -325,9 +325,12 @@ def _as_trained(params: notebooks.FinetuneNotebookParams, job, values: list[int]
     summary = out / train.SUMMARY_FILE
     summary.write_text(json.dumps({**train.run_identity(job.train_config), "global_steps": steps,
                                    "model_dir": str(out / "model")}))
+    weights = out / "model" / "model.safetensors"  # stands for the trained weights: bytes of what they score
+    weights.parent.mkdir(exist_ok=True)
+    weights.write_bytes(bytes(values))
     rows = [{"model": "finetuned", "id": f"x{i}", "run": job.name, "value": bool(v), "exact": bool(v),
              "dictionary": bool(v)} for i, v in enumerate(values)]
-    key = {"train_summary_sha256": file_sha256(summary), **params.heldout_settings()}
+    key = {"weights_sha256": files_sha256([weights]), **params.heldout_settings()}
     (out / runs.HELDOUT_FILE).write_text(json.dumps({"key": key, "identity": {"dtype": "float32"}, "rows": rows}))
 
 
@@ -478,6 +481,28 @@ def test_a_new_threshold_is_written_where_the_notebooks_read_it(tmp_path):
     check = runs.heldout_check(stricter, stricter.jobs()["c"])["check"]
     assert not check["learned"] and check["threshold"] == 0.9 and file_sha256(path) != before
     assert json.loads(path.read_text())["rows"] == first["rows"]
+
+
+def test_a_retraining_to_the_same_weights_keeps_the_check_and_other_weights_score_again(tmp_path, monkeypatch):
+    """heldout.json is keyed by the weights it scored: a retraining that reproduces them (a new train_summary.json,
+    whose wall time differs) leaves the file byte-identical, so the notebooks that recorded it stay current; other
+    weights are scored again."""
+    root, params, P = _gate_profile(tmp_path)
+    job = params.jobs()["c"]
+    out = Path(job.train_config.out_dir)
+    path = out / runs.HELDOUT_FILE
+    runs.heldout_check(params, job)
+    before = file_sha256(path)
+    scored = []
+    monkeypatch.setattr(runs, "score_heldout", lambda params, spec, samples, label: scored.append(spec) or (
+        [{"model": label, "id": "x0", "value": False, "exact": False, "dictionary": False}], {"dtype": "float32"}))
+    summary = out / train.SUMMARY_FILE
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "wall_seconds": 123.4}))  # retrained
+    assert runs.heldout_check(params, job)["check"]["value"] == 2 / 3 and scored == []
+    assert file_sha256(path) == before
+    (out / "model" / "model.safetensors").write_bytes(b"other weights")
+    check = runs.heldout_check(params, job)["check"]
+    assert len(scored) == 1 and (check["n"], check["value"]) == (1, 0.0) and file_sha256(path) != before
 
 
 def test_a_run_the_sweep_left_without_a_recipe_is_not_tested(tmp_path):

@@ -21,7 +21,8 @@ from kvlib.engine import train as training
 from kvlib.engine.backends import BackendConfig, HFBackend
 from kvlib.engine.config import ParamError, to_mapping
 from kvlib.engine.evaluate import open_backend, summarize
-from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
+from kvlib.engine.io import atomic_write_text, dumps_json, files_sha256
+from kvlib.engine.models import weight_files
 from kvlib.engine.openai_ft import STATE_FILE
 from kvlib.engine.stats import mean_ci
 from kvlib.engine.train import LauncherConfig, TrainConfig
@@ -188,8 +189,8 @@ def learned_check(run: str, rows: Sequence[Mapping[str, Any]], threshold: float)
 def heldout_check(params: FinetuneNotebookParams, job: FinetuneJob) -> dict:
     """Notebook 02's held-out check of a run or sweep trial, trained first if it has not finished: {rows (its
     answers to `heldout_samples`, scored by `score_heldout`), identity (the backend's), check (`learned_check` at
-    params.learned_threshold), file}. Kept in <out_dir>/heldout.json for the weights it scored (their
-    train_summary.json) and the scoring settings, so the evaluation notebooks read what 02 measured; a new threshold
+    params.learned_threshold), file}. Kept in <out_dir>/heldout.json for the weights it scored (their sha256) and
+    the scoring settings, so the evaluation notebooks read what 02 measured; a new threshold
     rewrites it (and so makes the notebooks it gates run again). A run the sweep left without a recipe has no rows
     and a check that says why (its file: the sweep's record)."""
     if job.awaiting_sweep:
@@ -200,7 +201,9 @@ def heldout_check(params: FinetuneNotebookParams, job: FinetuneJob) -> dict:
     summary = train_job(job, params.launcher)
     out = Path(job.train_config.out_dir)
     path = out / HELDOUT_FILE
-    key = {"train_summary_sha256": file_sha256(out / training.SUMMARY_FILE), **params.heldout_settings()}
+    # Keyed by the weights it scored, not by train_summary.json (which holds the wall time): a retraining that gives
+    # the same weights keeps this file, so the notebooks that recorded it as an input do not go stale.
+    key = {"weights_sha256": files_sha256(weight_files(Path(summary["model_dir"]))), **params.heldout_settings()}
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if record.get("key") != key:
         rows, identity = score_heldout(params, summary["model_dir"], heldout_samples(params, job), "finetuned")
