@@ -190,15 +190,40 @@ def test_readme_map_section_states_the_wall_time_and_what_has_not_finished(tmp_p
     from kvlib.pipeline.manifest import wall_time_summary
 
     line = wall_time_summary(json.loads((out / "manifest.json").read_text())["notebooks"], ["08_longer_context"],
-                             {"03_mdqa": "params changed"})
-    assert line.endswith("Not finished yet: 08_longer_context. To run again (changed since they ran): "
-                         "03_mdqa (params changed).")
+                             {"03_mdqa": "params changed since it ran"})
+    assert line.endswith("Not finished yet: 08_longer_context. To run again: 03_mdqa (params changed since it ran).")
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{repro_map.MAP_START.format(profile='p')}\nold\n{repro_map.MAP_END.format(profile='p')}\nb\n")
     assert repro_map.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params", tmp_path / "notebooks")
     assert readme.read_text().count("Wall time on this machine") == 1
     assert not repro_map.update_readme_map(readme, "p", tmp_path / "results", tmp_path / "params",
                                        tmp_path / "notebooks")  # idempotent
+
+
+def test_readme_wall_time_names_a_notebook_that_evaluated_an_earlier_training(tmp_path):
+    """A notebook whose committed items show it evaluated other weights of a run than the profile's latest
+    evaluation of that run (rejudge's `evaluated_weights`, which only a re-run settles) is named to run again, also
+    on a fresh clone whose runs/ is empty; one whose stale findings were all re-judged is not."""
+    import json
+
+    out = tmp_path / "results" / "p"
+    out.mkdir(parents=True)
+    (tmp_path / "params" / "p").mkdir(parents=True)
+    (tmp_path / "notebooks").mkdir()
+    for nb in ("03_mdqa", "04_flenqa", "05_general_benchmarks"):
+        (tmp_path / "params" / "p" / f"{nb}.yaml").write_text("{}")
+        (tmp_path / "notebooks" / f"{nb}.ipynb").write_text("{}")
+    (out / "manifest.json").write_text(json.dumps({"notebooks": {
+        nb: {"status": "ok", "wall_seconds": 60} for nb in ("03_mdqa", "04_flenqa", "05_general_benchmarks")}}))
+    weights = "'ft' (run r) evaluated weights 5d2bb37d65, not 642d48b2f2 as 03_mdqa: an earlier training of the run"
+    (out / "rejudged.json").write_text(json.dumps({"notebooks": {
+        "03_mdqa": {"items": {}, "stale": [], "claims": []},
+        "04_flenqa": {"items": {}, "claims": [], "stale": [
+            {"change": "evaluated_weights", "reason": weights, "rejudged": False}]},
+        "05_general_benchmarks": {"items": {}, "claims": [], "stale": [
+            {"change": "numerics", "reason": "evaluated in bfloat16, now float32", "rejudged": True}]}}}))
+    section = repro_map.readme_map_section("p", tmp_path / "results", tmp_path / "params", tmp_path, tmp_path / "notebooks")
+    assert section.rstrip().endswith(f"To run again: 04_flenqa ({weights}).")
 
 
 def test_readme_maps_cover_every_artifact_are_current_and_every_link_resolves(monkeypatch):

@@ -231,10 +231,11 @@ def wall_seconds_total(entries: Mapping[str, Mapping[str, Any]]) -> float:
 
 
 def wall_time_summary(entries: Mapping[str, Mapping[str, Any]], notebooks: Sequence[str] = (),
-                      changed: Mapping[str, str] | None = None) -> str:
+                      rerun: Mapping[str, str] | None = None) -> str:
     """One line for the README under a profile's map: the total and each notebook's share, in minutes, with the
     profile's `notebooks` that have not finished yet named (a total over a partial profile must not read as the
-    whole), and those whose params or notebook `changed` since they ran (they run again)."""
+    whole), and those that must `rerun` (notebook -> why: params or notebook changed since it ran, or results that
+    only a re-run can bring up to date)."""
     done = {n: e for n, e in sorted(entries.items()) if e.get("status") == "ok"}
     parts = ", ".join(f"{n.split('_', 1)[0]} {entry_wall_seconds(e) / 60:.1f}" for n, e in done.items())
     pending = sorted(n for n in {*entries, *notebooks}
@@ -243,9 +244,8 @@ def wall_time_summary(entries: Mapping[str, Mapping[str, Any]], notebooks: Seque
             f"{wall_seconds_total(done) / 3600:.1f} h for {len(done)} notebooks (minutes: {parts}).")
     if pending:
         text += f" Not finished yet: {', '.join(pending)}."
-    if changed:
-        text += " To run again (changed since they ran): " + ", ".join(
-            f"{n} ({reason})" for n, reason in sorted(changed.items())) + "."
+    if rerun:
+        text += " To run again: " + ", ".join(f"{n} ({reason})" for n, reason in sorted(rerun.items())) + "."
     return text
 
 

@@ -392,10 +392,16 @@ def readme_map_section(profile: str, results_root: str | Path = "results", param
     """What goes between a profile's map markers in the README: the claims figure (results/<profile>/claims.png,
     when written) as an image link, the map, then the profile's wall time from its
     manifest (what the results cost on this machine, with the notebooks `kvlib reproduce` runs from
-    `notebooks_dir` that have not finished yet, or changed since they ran, named)."""
+    `notebooks_dir` that have not finished yet named, and those to run again: changed since they ran, or with a
+    protocol change that only a re-run settles, e.g. an earlier training of a run they evaluated)."""
 
     entries = load_manifest_entries(Path(results_root) / profile)
     changed = changed_since_run(profile, entries, Path(params_root), Path(notebooks_dir))
+    rerun = {name: f"{reason} since it ran" for name, reason in changed.items()}
+    for name, record in rejudge.load_record(Path(results_root) / profile).items():
+        reasons = [s["reason"] for s in record.get("stale", []) if not s["rejudged"]]
+        if reasons and name not in rerun and (entries.get(name) or {}).get("status") == "ok":
+            rerun[name] = "; ".join(reasons)
     text = map_markdown(reproduction_map(profile, results_root, params_root, link_root, entries=entries,
                                          changed=changed))
     figure = Path(results_root) / profile / CLAIMS_FIGURE
@@ -404,7 +410,7 @@ def readme_map_section(profile: str, results_root: str | Path = "results", param
         text = (f"[![The {profile} profile's claims: our differences with 95% intervals, by verdict]({href})]({href})"
                 f"\n\n{text}")
     if entries:
-        text += "\n" + wall_time_summary(entries, list(discover_notebooks(Path(notebooks_dir))), changed) + "\n"
+        text += "\n" + wall_time_summary(entries, list(discover_notebooks(Path(notebooks_dir))), rerun) + "\n"
     return text
 
 
