@@ -165,18 +165,24 @@ def test_reproduction_map_reads_claims_from_the_manifest(tmp_path):
     assert table.count("\n") == len(paper.load().artifacts) + 2
 
 
+def _map_profile(tmp_path, notebooks):
+    """A profile `p` under tmp_path with empty params and notebooks of the given names; returns its results folder."""
+    out = tmp_path / "results" / "p"
+    out.mkdir(parents=True)
+    (tmp_path / "params" / "p").mkdir(parents=True)
+    (tmp_path / "notebooks").mkdir()
+    for nb in notebooks:
+        (tmp_path / "params" / "p" / f"{nb}.yaml").write_text("{}")
+        (tmp_path / "notebooks" / f"{nb}.ipynb").write_text("{}")
+    return out
+
+
 def test_readme_map_section_states_the_wall_time_and_what_has_not_finished(tmp_path):
     """The README states each profile's measured wall time from its manifest (all attempts), and a partial
     profile says which notebooks have not finished, so its total is not read as the whole run."""
     import json
 
-    out = tmp_path / "results" / "p"
-    out.mkdir(parents=True)
-    (tmp_path / "params" / "p").mkdir(parents=True)
-    (tmp_path / "notebooks").mkdir()
-    for nb in ("01_synthetic_data", "03_mdqa", "08_longer_context"):
-        (tmp_path / "params" / "p" / f"{nb}.yaml").write_text("{}")
-        (tmp_path / "notebooks" / f"{nb}.ipynb").write_text("{}")
+    out = _map_profile(tmp_path, ("01_synthetic_data", "03_mdqa", "08_longer_context"))
     (tmp_path / "params" / "p" / "accelerate_fsdp.yaml").write_text("{}")  # a params file that is no notebook
     (out / "manifest.json").write_text(json.dumps({"notebooks": {
         "01_synthetic_data": {"status": "ok", "wall_seconds": 60, "wall_seconds_all_attempts": 60},
@@ -206,13 +212,7 @@ def test_readme_wall_time_names_a_notebook_that_evaluated_an_earlier_training(tm
     on a fresh clone whose runs/ is empty; one whose stale findings were all re-judged is not."""
     import json
 
-    out = tmp_path / "results" / "p"
-    out.mkdir(parents=True)
-    (tmp_path / "params" / "p").mkdir(parents=True)
-    (tmp_path / "notebooks").mkdir()
-    for nb in ("03_mdqa", "04_flenqa", "05_general_benchmarks"):
-        (tmp_path / "params" / "p" / f"{nb}.yaml").write_text("{}")
-        (tmp_path / "notebooks" / f"{nb}.ipynb").write_text("{}")
+    out = _map_profile(tmp_path, ("03_mdqa", "04_flenqa", "05_general_benchmarks"))
     (out / "manifest.json").write_text(json.dumps({"notebooks": {
         nb: {"status": "ok", "wall_seconds": 60} for nb in ("03_mdqa", "04_flenqa", "05_general_benchmarks")}}))
     weights = "'ft' (run r) evaluated weights 5d2bb37d65, not 642d48b2f2 as 03_mdqa: an earlier training of the run"
