@@ -398,12 +398,13 @@ def readme_map_section(profile: str, results_root: str | Path = "results", param
     entries = load_manifest_entries(Path(results_root) / profile)
     changed = changed_since_run(profile, entries, Path(params_root), Path(notebooks_dir))
     rerun = {name: f"{reason} since it ran" for name, reason in changed.items()}
-    for name, record in rejudge.load_record(Path(results_root) / profile).items():
+    rejudged = rejudge.load_record(Path(results_root) / profile)  # read once: it hashes every item file
+    for name, record in rejudged.items():
         reasons = [s["reason"] for s in record.get("stale", []) if not s["rejudged"]]
         if reasons and name not in rerun and (entries.get(name) or {}).get("status") == "ok":
             rerun[name] = "; ".join(reasons)
     text = map_markdown(reproduction_map(profile, results_root, params_root, link_root, entries=entries,
-                                         changed=changed))
+                                         changed=changed, rejudged=rejudged))
     figure = Path(results_root) / profile / CLAIMS_FIGURE
     if figure.is_file():
         href = Path(os.path.relpath(figure.resolve(), Path(link_root or Path.cwd()).resolve())).as_posix()

@@ -21,8 +21,8 @@ from kvlib.engine import train as training
 from kvlib.engine.backends import BackendConfig, HFBackend
 from kvlib.engine.config import ParamError, to_mapping
 from kvlib.engine.evaluate import open_backend, summarize
-from kvlib.engine.io import atomic_write_text, dumps_json, files_sha256
-from kvlib.engine.models import weight_files
+from kvlib.engine.io import atomic_write_text, dumps_json
+from kvlib.engine.models import model_identity
 from kvlib.engine.openai_ft import STATE_FILE
 from kvlib.engine.stats import mean_ci
 from kvlib.engine.train import LauncherConfig, TrainConfig
@@ -202,8 +202,9 @@ def heldout_check(params: FinetuneNotebookParams, job: FinetuneJob) -> dict:
     out = Path(job.train_config.out_dir)
     path = out / HELDOUT_FILE
     # Keyed by the weights it scored, not by train_summary.json (which holds the wall time): a retraining that gives
-    # the same weights keeps this file, so the notebooks that recorded it as an input do not go stale.
-    key = {"weights_sha256": files_sha256(weight_files(Path(summary["model_dir"]))), **params.heldout_settings()}
+    # the same weights keeps this file, so the notebooks that recorded it as an input do not go stale. The hash is the
+    # one the scoring backend's identity records (model_identity).
+    key = {"weights_sha256": model_identity(summary["model_dir"])["weights_sha256"], **params.heldout_settings()}
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if record.get("key") != key:
         rows, identity = score_heldout(params, summary["model_dir"], heldout_samples(params, job), "finetuned")
