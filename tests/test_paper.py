@@ -224,6 +224,8 @@ def test_readme_wall_time_names_a_notebook_that_evaluated_an_earlier_training(tm
             {"change": "numerics", "reason": "evaluated in bfloat16, now float32", "rejudged": True}]}}}))
     section = repro_map.readme_map_section("p", tmp_path / "results", tmp_path / "params", tmp_path, tmp_path / "notebooks")
     assert section.rstrip().endswith(f"To run again: 04_flenqa ({weights}).")
+    # the manifest holds 04 up to date, so its map row names the command that re-runs it anyway
+    assert f"stale ({weights}; kvlib reproduce --only 04_flenqa --force re-runs it)" in section
 
 
 def test_readme_maps_cover_every_artifact_are_current_and_every_link_resolves(monkeypatch):

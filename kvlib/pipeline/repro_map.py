@@ -284,7 +284,10 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
         reasons = ([f"{changed[nb]} since this run"] if ok and nb in (changed or {}) else []) + (
             [s["reason"] for s in record.get("stale", [])] if record is not None else [])
         if reasons:
-            verdict_text = f"stale ({'; '.join(reasons)}; kvlib reproduce re-runs it): {verdict_text}"
+            # a changed notebook is stale for `kvlib reproduce` too; one that only rejudge finds stale (e.g. it
+            # evaluated an earlier training of a run) is up to date for the manifest, so it is re-run on request
+            how = "kvlib reproduce" if nb in (changed or {}) else f"kvlib reproduce --only {nb} --force"
+            verdict_text = f"stale ({'; '.join(reasons)}; {how} re-runs it): {verdict_text}"
         if ok and failure_note(entry):  # the verdict is the last good result's; say that a later run failed
             verdict_text += f"; {failure_note(entry)}"
         files = [link(results_dir / r, Path(r).name) for r in art["results"]] if ok else []
