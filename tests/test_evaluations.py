@@ -189,6 +189,10 @@ def test_position_length_grid():
     assert [s.prompt for s in generate.position_length_grid(cfg, [4, 9], [0.0, 0.5, 1.0], 2)] == [s.prompt for s in grid]
     rows = generate.evaluate_kv_grid(ScriptedBackend(lambda p: "no idea"), grid, 32, "m")
     assert {r["relative_position"] for r in rows} == {0.0, 0.5, 1.0} and all(r["value"] == 0 for r in rows)
+    # both key-value scorers record which weights answered (02's held-out items: rejudge's evaluated_weights)
+    weighed = ScriptedBackend(lambda p: "no idea")
+    weighed.identity = lambda: {"backend": "scripted", "model": {"spec": "s", "weights_sha256": "ab" * 32}}
+    assert {r["weights_sha256"] for r in generate.evaluate_kv(weighed, grid[:2], 32, "m")} == {"ab" * 32}
     with pytest.raises(ParamError, match="max_tokens"):
         generate.position_length_grid(cfg, [200], [0.0], 1)
 

@@ -130,3 +130,31 @@ def test_committed_gate_reads_the_table_a_notebook_wrote(tmp_path):
     table.write_text(table.read_text(encoding="utf-8").replace("True", "yes"), encoding="utf-8")
     with pytest.raises(ValueError, match="learned must be True or False, not 'yes'"):
         committed_gate(tmp_path, models, {})
+
+
+def test_the_held_out_check_of_02_is_a_record_of_the_weights_a_run_has_now():
+    """02's held-out items name each finetuned row's run: when 02 finished last, its weights are the run's current
+    ones, and an evaluation notebook that evaluated an earlier training (the only one evaluating that run, so no
+    other notebook could show it) is found stale; when an evaluation finished later on other weights, 02 is."""
+    heldout = [{"model": "original", "run": "short", "weights_sha256": "gguf"},
+               {"model": "finetuned", "run": "short", "weights_sha256": "b" * 64},
+               {"model": "finetuned", "run": "long", "weights_sha256": "c" * 64}]
+    evaluation = [{"model": "ft (short)", "weights_sha256": "a" * 64}, {"model": "original", "weights_sha256": "gguf"}]
+    entries = {"02_finetune": {"finished": "2026-02-02T00:00:00"},
+               "06_baselines": {"finished": "2026-01-01T00:00:00",
+                                "params": {"models": {"ft (short)": {"run": "short"}, "original": {"model": "x"}}}}}
+    items = {"02_finetune": {"heldout_items.csv": heldout}, "06_baselines": {"items.csv": evaluation}}
+    current = rejudge.current_run_weights(Path("."), entries, items)
+    assert current == {"short": ("b" * 64, "02_finetune"), "long": ("c" * 64, "02_finetune")}
+    [found] = rejudge.protocol_findings("06_baselines", entries["06_baselines"], items["06_baselines"], current)
+    assert found["change"] == "evaluated_weights" and found["models"] == ["ft (short)"]
+    assert found["reason"].startswith(f"'ft (short)' (run short) evaluated weights {'a' * 10}, not {'b' * 10} as 02_finetune")
+    assert rejudge.protocol_findings("02_finetune", entries["02_finetune"], items["02_finetune"], current) == []
+
+    entries["06_baselines"]["finished"] = "2026-03-03T00:00:00"  # the evaluation ran after 02, on other weights
+    current = rejudge.current_run_weights(Path("."), entries, items)
+    assert current["short"] == ("a" * 64, "06_baselines") and current["long"] == ("c" * 64, "02_finetune")
+    [found] = rejudge.protocol_findings("02_finetune", entries["02_finetune"], items["02_finetune"], current)
+    assert found["models"] == ["finetuned"] and "(run short)" in found["reason"]
+    # a notebook other than 02 with a `run` column and a "finetuned" label maps nothing by it
+    assert rejudge.current_run_weights(Path("."), {"07_kv_retrieval": {}}, {"07_kv_retrieval": {"x": heldout}}) == {}

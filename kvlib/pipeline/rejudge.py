@@ -284,11 +284,20 @@ def _label_runs(entry: Mapping[str, Any]) -> dict[str, str]:
     return {label: m["run"] for label, m in models.items() if isinstance(m, Mapping) and m.get("run")}
 
 
-def _weights_by_label(rows: Sequence[Mapping[str, Any]]) -> dict[str, set]:
-    out: dict[str, set] = {}
+HELDOUT_RUN_LABEL = "finetuned"  # the model label of a run's own rows in 02_finetune's held-out items
+
+
+def _run_weights(name: str, entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, set]]:
+    """run -> (model label, weights sha256s) of the 02_finetune runs that notebook `name`'s item rows evaluated: by
+    the label its params give a run, or in 02's held-out items by the row's own `run` (its finetuned rows: 02 checks
+    every run it trains, so its record is the latest training of a run when it finished last)."""
+    runs = _label_runs(entry)
+    out: dict[str, tuple[str, set]] = {}
     for row in rows:
-        if row.get("weights_sha256"):
-            out.setdefault(str(row["model"]), set()).add(str(row["weights_sha256"]))
+        label, sha = str(row.get("model")), row.get("weights_sha256")
+        run = runs.get(label) or (row.get("run") if name == FINETUNE and label == HELDOUT_RUN_LABEL else None)
+        if sha and run:
+            out.setdefault(str(run), (label, set()))[1].add(str(sha))
     return out
 
 
@@ -297,13 +306,11 @@ def current_run_weights(results_dir: Path, entries: Mapping[str, Mapping[str, An
     """run -> (weights sha256, notebook): the weights the latest-finished notebook evaluating the run recorded."""
     current: dict[str, tuple[str, str, str]] = {}
     for name, entry in entries.items():
-        runs = _label_runs(entry)
+        finished = str(entry.get("finished", ""))
         for rows in items.get(name, {}).values():
-            for label, hashes in _weights_by_label(rows).items():
-                if label in runs and len(hashes) == 1:
-                    finished = str(entry.get("finished", ""))
-                    if runs[label] not in current or finished > current[runs[label]][2]:
-                        current[runs[label]] = (next(iter(hashes)), name, finished)
+            for run, (_, hashes) in _run_weights(name, entry, rows).items():
+                if len(hashes) == 1 and (run not in current or finished > current[run][2]):
+                    current[run] = (next(iter(hashes)), name, finished)
     return {run: (sha, name) for run, (sha, name, _) in current.items()}
 
 
@@ -319,14 +326,12 @@ def protocol_findings(name: str, entry: Mapping[str, Any], files: Mapping[str, l
         findings.append({"change": "numerics", "models": None, "tasks": None,
                          "reason": f"evaluated in {'/'.join(sorted(dtypes - {EVAL_DTYPE}))} ({where}), "
                                    f"{PROTOCOL_CHANGES['numerics'].now}"})
-    runs = _label_runs(entry)
     stale = {}
     for rows in files.values():
-        for label, hashes in _weights_by_label(rows).items():
-            run = runs.get(label)
+        for run, (label, hashes) in _run_weights(name, entry, rows).items():
             if run in current and hashes != {current[run][0]}:
-                stale[label] = (run, sorted(hashes), *current[run])
-    for label, (run, old, sha, where) in sorted(stale.items()):
+                stale[(label, run)] = (sorted(hashes), *current[run])
+    for (label, run), (old, sha, where) in sorted(stale.items()):
         findings.append({"change": "evaluated_weights", "models": [label], "tasks": None,
                          "reason": f"{label!r} (run {run}) evaluated weights {', '.join(h[:10] for h in old)}, not "
                                    f"{sha[:10]} as {where}: {PROTOCOL_CHANGES['evaluated_weights'].now}"})

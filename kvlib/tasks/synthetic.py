@@ -621,16 +621,18 @@ KV_ANSWER_END = StopRule(pattern=r"(?is)\bvalue\b.*?\bdictionary \[\d+\]\.")
 
 
 def evaluate_kv(backend, samples: Sequence[Sample], max_new_tokens: int, label: str) -> list[dict]:
-    """Answer synthetic key-value prompts (user turn only, as in training) and score each answer.
-    Over-length prompts are never skipped: the backend raises, naming them."""
+    """Answer synthetic key-value prompts (user turn only, as in training) and score each answer, each row with
+    the model's identity (kvlib.engine.evaluate.result_fields: which weights answered). Over-length prompts are
+    never skipped: the backend raises, naming them."""
     requests = [[{"role": "user", "content": s.prompt}] for s in samples]
     answers = generate_until(backend, requests, max_new_tokens, KV_ANSWER_END)
+    fields = result_fields(backend, max_new_tokens, KV_ANSWER_END)
     rows = []
     for s, answer in zip(samples, answers):
         scores = score_kv_answer(answer, s.meta)
         rows.append({"model": label, "id": s.meta["id"], "task": s.meta["task"], "template": s.meta["template"],
                      "gold_position": s.meta["gold_position"], "n_tokens": s.meta["n_tokens"],
-                     "response": answer, **scores})
+                     "response": answer, **scores, **fields})
     return rows
 
 
