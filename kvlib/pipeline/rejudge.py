@@ -20,7 +20,7 @@ from kvlib.engine.io import atomic_write_text, dumps_json, file_sha256
 from kvlib.pipeline.manifest import load_manifest_entries
 from kvlib.pipeline import baselines_study as study
 from kvlib.pipeline.notebooks import FINETUNE, FinetuneNotebookParams
-from kvlib.pipeline.runs import LearnedGate, committed_gate, not_learned_reason
+from kvlib.pipeline.runs import HELDOUT_FINETUNED, LearnedGate, committed_gate, not_learned_reason
 from kvlib.report.paper import (
     HALF_WIDTH,
     MAX_HALF_WIDTH,
@@ -284,9 +284,6 @@ def _label_runs(entry: Mapping[str, Any]) -> dict[str, str]:
     return {label: m["run"] for label, m in models.items() if isinstance(m, Mapping) and m.get("run")}
 
 
-HELDOUT_RUN_LABEL = "finetuned"  # the model label of a run's own rows in 02_finetune's held-out items
-
-
 def _run_weights(name: str, entry: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, tuple[str, set]]:
     """run -> (model label, weights sha256s) of the 02_finetune runs that notebook `name`'s item rows evaluated: by
     the label its params give a run, or in 02's held-out items by the row's own `run` (its finetuned rows: 02 checks
@@ -295,7 +292,7 @@ def _run_weights(name: str, entry: Mapping[str, Any], rows: Sequence[Mapping[str
     out: dict[str, tuple[str, set]] = {}
     for row in rows:
         label, sha = str(row.get("model")), row.get("weights_sha256")
-        run = runs.get(label) or (row.get("run") if name == FINETUNE and label == HELDOUT_RUN_LABEL else None)
+        run = runs.get(label) or (row.get("run") if name == FINETUNE and label == HELDOUT_FINETUNED else None)
         if sha and run:
             out.setdefault(str(run), (label, set()))[1].add(str(sha))
     return out

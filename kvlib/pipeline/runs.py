@@ -147,6 +147,7 @@ def open_model(config: BackendConfig, cache_dir: str | Path | None, profile: str
 # ------------------------------------------------------------------ notebook 02's held-out check and sweep
 
 HELDOUT_FILE = "heldout.json"  # in a run's (or sweep trial's) out_dir: its held-out answers and check
+HELDOUT_FINETUNED = "finetuned"  # the model label of a run's own rows in its held-out check (02's held-out items)
 
 
 def heldout_samples(params: FinetuneNotebookParams, job: FinetuneJob) -> list:
@@ -207,7 +208,7 @@ def heldout_check(params: FinetuneNotebookParams, job: FinetuneJob) -> dict:
     key = {"weights_sha256": model_identity(summary["model_dir"])["weights_sha256"], **params.heldout_settings()}
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if record.get("key") != key:
-        rows, identity = score_heldout(params, summary["model_dir"], heldout_samples(params, job), "finetuned")
+        rows, identity = score_heldout(params, summary["model_dir"], heldout_samples(params, job), HELDOUT_FINETUNED)
         record = {"key": key, "identity": identity, "rows": [dict(r, run=job.name) for r in rows]}
     check = learned_check(job.name, record["rows"], params.learned_threshold)
     if record.get("check") != check:
@@ -222,7 +223,7 @@ def heldout_table(rows: Sequence[Mapping[str, Any]], threshold: float) -> list[d
     table = summarize(list(rows), ["run", "model"], ["exact", "value", "dictionary"])
     for row in table:
         row["learned"] = (not_learned_reason(row["value"], row["n"], threshold) is None
-                          if row["model"] == "finetuned" else None)
+                          if row["model"] == HELDOUT_FINETUNED else None)
     return table
 
 
