@@ -247,6 +247,7 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
         entries = load_manifest_entries(results_dir)
     if rejudged is None:
         rejudged = rejudge.load_record(results_dir)
+    changed = changed or {}
 
     def link(path: Path, text: str) -> str:
         if not path.is_file():
@@ -281,12 +282,12 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
         note = primary_note(claims) if ok and art["claims"] else ""
         if note:
             verdict_text += f"; {note}"
-        reasons = ([f"{changed[nb]} since this run"] if ok and nb in (changed or {}) else []) + (
+        reasons = ([f"{changed[nb]} since this run"] if ok and nb in changed else []) + (
             [s["reason"] for s in record.get("stale", [])] if record is not None else [])
         if reasons:
             # a changed notebook is stale for `kvlib reproduce` too; one that only rejudge finds stale (e.g. it
             # evaluated an earlier training of a run) is up to date for the manifest, so it is re-run on request
-            how = "kvlib reproduce" if nb in (changed or {}) else f"kvlib reproduce --only {nb} --force"
+            how = "kvlib reproduce" if nb in changed else f"kvlib reproduce --only {nb} --force"
             verdict_text = f"stale ({'; '.join(reasons)}; {how} re-runs it): {verdict_text}"
         if ok and failure_note(entry):  # the verdict is the last good result's; say that a later run failed
             verdict_text += f"; {failure_note(entry)}"
