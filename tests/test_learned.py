@@ -505,6 +505,32 @@ def test_a_retraining_to_the_same_weights_keeps_the_check_and_other_weights_scor
     assert len(scored) == 1 and (check["n"], check["value"]) == (1, 0.0) and file_sha256(path) != before
 
 
+def test_the_same_weights_give_the_same_heldout_file_in_every_checkout(tmp_path, monkeypatch):
+    """heldout.json is an input the evaluation notebooks compare by hash: two checkouts in other folders that score the
+    same weights write the same bytes (the backend identity's absolute model path is left out, its weights hash
+    kept), so a clone that retrains a run to the committed weights does not find the notebooks stale."""
+    def score(params, spec, samples, label):  # an HFBackend's identity names the model's absolute path
+        weights = files_sha256([Path(spec) / "model.safetensors"])
+        identity = {"backend": "hf", "dtype": "float32",
+                    "model": {"spec": "runs/models/t/c/model", "path": str(Path(spec).resolve()),
+                              "weights_sha256": weights}}
+        return [{"model": label, "id": "x0", "value": True, "exact": True, "dictionary": True}], identity
+
+    monkeypatch.setattr(runs, "score_heldout", score)
+    files = []
+    for checkout in ("one", "elsewhere"):
+        _, params, _ = _gate_profile(tmp_path / checkout)
+        job = params.jobs()["c"]
+        path = Path(job.train_config.out_dir) / runs.HELDOUT_FILE
+        path.unlink()  # scored here, by this checkout
+        runs.heldout_check(params, job)
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+    identity = json.loads(files[0])["identity"]
+    assert str(tmp_path) not in files[0].decode() and identity["model"]["weights_sha256"]
+    assert identity["model"]["spec"] == "runs/models/t/c/model"
+
+
 def test_a_run_the_sweep_left_without_a_recipe_is_not_tested(tmp_path):
     root = _profile(tmp_path, {"r": {"dataset": "a", **SWEPT}}, GRID)
     params = _finetune(root)

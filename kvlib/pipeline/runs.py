@@ -209,12 +209,22 @@ def heldout_check(params: FinetuneNotebookParams, job: FinetuneJob) -> dict:
     record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if record.get("key") != key:
         rows, identity = score_heldout(params, summary["model_dir"], heldout_samples(params, job), HELDOUT_FINETUNED)
-        record = {"key": key, "identity": identity, "rows": [dict(r, run=job.name) for r in rows]}
+        record = {"key": key, "identity": _without_model_path(identity), "rows": [dict(r, run=job.name) for r in rows]}
     check = learned_check(job.name, record["rows"], params.learned_threshold)
     if record.get("check") != check:
         record["check"] = check
         atomic_write_text(path, dumps_json(record))
     return {**record, "file": path}
+
+
+def _without_model_path(identity: Mapping[str, Any]) -> dict:
+    """A backend identity without the model's absolute path (its spec and weights hash stay). Why: heldout.json is an
+    input of the evaluation notebooks, compared by its hash, so the same weights must give the same bytes in every
+    checkout; with the path, a clone elsewhere that scored the same weights would find them all stale."""
+    model = identity.get("model")
+    if not isinstance(model, Mapping):
+        return dict(identity)
+    return {**identity, "model": {k: v for k, v in model.items() if k != "path"}}
 
 
 def heldout_table(rows: Sequence[Mapping[str, Any]], threshold: float) -> list[dict]:
