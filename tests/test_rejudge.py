@@ -68,6 +68,24 @@ def test_map_shows_reasons_and_rejudged_verdicts(at_root, legacy_results):
     assert table1.startswith("stale (") and "re-judged from the committed items" in table1
     assert "(was: partly holds" in table1 and "on a zero-width interval" in table1 and "claims to be re-run" in table1
     assert "not tested: the finetune did not learn its task" in rows["Fig. 9"]
+    # ... with the held-out accuracy the finetune measured, which the count alone would hide
+    assert "; not tested: finetuned (long) (held-out value accuracy " in rows["Fig. 9"]
+    assert "finetuned (multi-subkey) (held-out value accuracy 32.5% of" in rows["Figs. 6-7"]
+
+
+def test_not_tested_note_names_each_finetune_with_its_measured_accuracy():
+    from kvlib.report.paper import NOT_TESTED
+    why = "held-out value accuracy 0.0% of 40 < 50%"
+    claims = [{"model": "long", "verdict": f"{NOT_TESTED} ({why})"},
+              {"model": "long", "verdict": f"{NOT_TESTED} ({why})"},  # one finetune, two claims: named once
+              {"model": "other", "verdict": f"{NOT_TESTED} (held-out value accuracy 10.0% of 20 < 50%)"},
+              {"model": "ft", "verdict": "holds"}]
+    assert repro_map.not_tested_note(claims) == (
+        f"not tested: long ({why}), other (held-out value accuracy 10.0% of 20 < 50%)")
+    # every claim tested, or a not-tested verdict without a reason: nothing to add
+    assert repro_map.not_tested_note([{"model": "ft", "verdict": "holds"}]) == ""
+    assert repro_map.not_tested_note([{"model": "ft", "verdict": NOT_TESTED}]) == ""
+    assert repro_map.not_tested_note([]) == ""
 
 
 def test_a_changed_item_file_drops_its_notebook_from_the_record(tmp_path, legacy_results):

@@ -206,6 +206,22 @@ def primary_note(claims: Sequence[Mapping[str, Any]]) -> str:
     return f"primary: {artifact_verdict(verdicts)} ({'; '.join(parts)})"
 
 
+def not_tested_note(claims: Sequence[Mapping[str, Any]]) -> str:
+    """Why an artifact's claims were not tested, for its verdict cell: each finetune that did not learn its own task
+    with the held-out accuracy measured (kvlib.report.paper.mark_not_tested puts it in the verdict), "not tested:
+    finetuned (long) (held-out value accuracy 0.0% of 40 < 50%)"; '' when every claim was tested. The count of
+    not-tested claims alone would hide how far from learning the finetune was."""
+    reasons: dict[str, list[str]] = {}
+    for c in claims:
+        verdict = str(c.get("verdict") or "")
+        why = verdict.removeprefix(paper.NOT_TESTED).strip().removeprefix("(").removesuffix(")")
+        if verdict.startswith(paper.NOT_TESTED) and why:
+            reasons.setdefault(why, []).append(str(c.get("model")))
+    if not reasons:
+        return ""
+    return "not tested: " + ", ".join(f"{', '.join(dict.fromkeys(models))} ({why})" for why, models in reasons.items())
+
+
 def _claim_subject(claim: str) -> str:
     """What a claim is about, shortly: its text after "synthetic finetuning" up to its first parenthesis."""
     return claim.removeprefix("synthetic finetuning ").split(" (")[0]
@@ -279,9 +295,9 @@ def reproduction_map(profile: str, results_root: str | Path = "results", params_
             # as claims-table rows (verdict, ci), the shape the claims figure reads them in
             claims = [c for c in rejudge.figure_claims(record, [])
                       if c["artifact"] == art["id"] and c["verdict"] != rejudge.STALE_RERUN]
-        note = primary_note(claims) if ok and art["claims"] else ""
-        if note:
-            verdict_text += f"; {note}"
+        for note in (primary_note(claims), not_tested_note(claims)) if ok and art["claims"] else ():
+            if note:
+                verdict_text += f"; {note}"
         reasons = ([f"{changed[nb]} since this run"] if ok and nb in changed else []) + (
             [s["reason"] for s in record.get("stale", [])] if record is not None else [])
         if reasons:
