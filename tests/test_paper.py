@@ -398,6 +398,14 @@ def test_fig9_is_not_tested_for_a_finetune_that_did_not_learn_its_task():
     assert paper.artifact_verdict([claim["verdict"]]) == paper.NOT_TESTED
     assert not_learned_reason(0.8, 20, 0.5) is None and not_learned_reason(0.5, 20, 0.5) is None  # reaching it is enough
     assert paper.mark_not_tested(judged, {}) == judged
+    assert paper.not_tested_reason(claim["verdict"]) == "held-out value accuracy 0.0% of 20 < 50%"
+    assert paper.not_tested_reason(paper.NOT_TESTED) == paper.not_tested_reason("inconclusive") == ""
+    # the claims figure writes the reason where the interval would be; a row merely without numbers says so
+    (row,) = paper.forest_rows([{**claim, "ci": "", "delta": ""}])
+    assert row["ci_low"] is None and row["no_interval"] == "not tested: held-out value accuracy 0.0% of 20 < 50%"
+    (row,) = paper.forest_rows([{**judged[0], "ci": "", "delta": ""}])
+    assert row["no_interval"] == "no interval recorded"
+    assert paper.forest_rows([claim])[0]["no_interval"] is None
 
 
 def _claims_csv_rows():

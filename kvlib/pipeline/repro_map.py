@@ -213,9 +213,8 @@ def not_tested_note(claims: Sequence[Mapping[str, Any]]) -> str:
     not-tested claims alone would hide how far from learning the finetune was."""
     reasons: dict[str, list[str]] = {}
     for c in claims:
-        verdict = str(c.get("verdict") or "")
-        why = verdict.removeprefix(paper.NOT_TESTED).strip().removeprefix("(").removesuffix(")")
-        if verdict.startswith(paper.NOT_TESTED) and why:
+        why = paper.not_tested_reason(str(c.get("verdict") or ""))
+        if why:
             reasons.setdefault(why, []).append(str(c.get("model")))
     if not reasons:
         return ""

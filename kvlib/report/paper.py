@@ -166,6 +166,14 @@ CLAIM_P = {"increase": ("p_increase", "p_decrease"), "decrease": ("p_decrease", 
 NOT_TESTED = "not tested: the finetune did not learn its task"
 
 
+def not_tested_reason(verdict_text: str) -> str:
+    """Why a NOT_TESTED verdict's finetune was left out, as `mark_not_tested` wrote it in the parentheses: "held-out
+    value accuracy 0.0% of 40 < 50%"; '' for any other verdict, or one without its reason."""
+    if not verdict_text.startswith(NOT_TESTED):
+        return ""
+    return verdict_text.removeprefix(NOT_TESTED).strip().removeprefix("(").removesuffix(")")
+
+
 def is_untestable(verdict_text: str) -> bool:
     return verdict_text.startswith(("untestable", NOT_TESTED))
 
@@ -731,7 +739,8 @@ def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | 
     has none, e.g. a claim recorded without its numbers), `verdict` and its `category` (`verdict_category`),
     `expect`, `margin` (the equivalence margin in the claim's unit, for "loses nothing" / "does not improve"
     claims in points; else None) and `published` (the paper's own differences, {model: points}, from
-    `published_delta_points`), and, for claims tables with roles (`with_role`), `role` with the `half_width`
+    `published_delta_points`), `no_interval` (for a row without an interval, what the figure writes in its
+    place: why it was not tested, or "no interval recorded"; else None), and, for claims tables with roles (`with_role`), `role` with the `half_width`
     reached and the `max_half_width` pre-registered (a primary claim's label says both). `notes`: artifact id -> a
     note for its group heading (e.g. "stale")."""
     titles = {a["id"]: a["title"] for a in load().artifacts}
@@ -758,6 +767,10 @@ def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | 
             "artifact": artifact, "heading": heading, "claim": str(claim.get("claim", "")),
             "model": str(claim.get("model", "")), "role": role, "half_width": half, "max_half_width": limit,
             "label": label,
+            # what the figure writes where the interval would be: a finetune left out says how far from learning
+            "no_interval": None if lo is not None else (
+                f"not tested: {not_tested_reason(verdict_text)}" if not_tested_reason(verdict_text)
+                else "no interval recorded"),
             "unit": unit, "delta": _number(claim.get("delta")), "ci_low": lo, "ci_high": hi,
             "verdict": verdict_text, "category": verdict_category(verdict_text), "expect": expect,
             "margin": 100 * equivalence_margin() if expect in ("no_loss", "no_gain") and unit == "points" else None,

@@ -2,6 +2,7 @@
 saving goes through kvlib.report.tables so every PNG is written the same way."""
 from __future__ import annotations
 
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -282,7 +283,12 @@ def claims_forest(rows: Sequence[Mapping], title: str = ""):
                 ax.axhline(y, color="#EEEEEE", linewidth=8, zorder=0)
                 continue
             r = item
-            labels.append(r["label"] + ("" if r["ci_low"] is not None else "  (no interval recorded)"))
+            labels.append(r["label"])
+            if r["ci_low"] is None:  # in the plot, where the interval would be, so the label keeps its width
+                note = textwrap.fill(r.get("no_interval") or "no interval recorded", 40)  # the panel is narrow
+                ax.text(0.5, y, note, transform=ax.get_yaxis_transform(), ha="center", va="center", fontsize=6.5,
+                        style="italic", color="#555555", zorder=5, linespacing=1.0,
+                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
             if r["margin"]:
                 ax.fill_betweenx([y - 0.42, y + 0.42], -r["margin"], r["margin"], color="#E3E3E3", zorder=0,
                                  linewidth=0)
