@@ -740,9 +740,9 @@ def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | 
     `expect`, `margin` (the equivalence margin in the claim's unit, for "loses nothing" / "does not improve"
     claims in points; else None) and `published` (the paper's own differences, {model: points}, from
     `published_delta_points`), `no_interval` (for a row without an interval, what the figure writes in its
-    place: why it was not tested, or "no interval recorded"; else None), and, for claims tables with roles (`with_role`), `role` with the `half_width`
-    reached and the `max_half_width` pre-registered (a primary claim's label says both). `notes`: artifact id -> a
-    note for its group heading (e.g. "stale")."""
+    place: why it was not tested, or "no interval recorded"; else None), and, for claims tables with roles
+    (`with_role`), `role` with the `half_width` reached and the `max_half_width` pre-registered (a primary claim's
+    label says both). `notes`: artifact id -> a note for its group heading (e.g. "stale")."""
     titles = {a["id"]: a["title"] for a in load().artifacts}
     order = {a["id"]: i for i, a in enumerate(load().artifacts)}
     rows = []
@@ -752,6 +752,7 @@ def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | 
         unit = str(claim.get("unit") or "points")
         lo, hi = claim_interval(claim)
         verdict_text = str(claim.get("verdict", "not measured"))
+        why = not_tested_reason(verdict_text)
         heading = titles.get(artifact, artifact)
         if notes and notes.get(artifact):
             heading += f" ({notes[artifact]})"
@@ -768,9 +769,7 @@ def forest_rows(claims: Sequence[Mapping[str, Any]], notes: Mapping[str, str] | 
             "model": str(claim.get("model", "")), "role": role, "half_width": half, "max_half_width": limit,
             "label": label,
             # what the figure writes where the interval would be: a finetune left out says how far from learning
-            "no_interval": None if lo is not None else (
-                f"not tested: {not_tested_reason(verdict_text)}" if not_tested_reason(verdict_text)
-                else "no interval recorded"),
+            "no_interval": None if lo is not None else f"not tested: {why}" if why else "no interval recorded",
             "unit": unit, "delta": _number(claim.get("delta")), "ci_low": lo, "ci_high": hi,
             "verdict": verdict_text, "category": verdict_category(verdict_text), "expect": expect,
             "margin": 100 * equivalence_margin() if expect in ("no_loss", "no_gain") and unit == "points" else None,

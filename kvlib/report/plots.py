@@ -285,7 +285,7 @@ def claims_forest(rows: Sequence[Mapping], title: str = ""):
             r = item
             labels.append(r["label"])
             if r["ci_low"] is None:  # in the plot, where the interval would be, so the label keeps its width
-                note = textwrap.fill(r.get("no_interval") or "no interval recorded", 40)  # the panel is narrow
+                note = textwrap.fill(r["no_interval"], 40)  # the panel is narrow
                 ax.text(0.5, y, note, transform=ax.get_yaxis_transform(), ha="center", va="center", fontsize=6.5,
                         style="italic", color="#555555", zorder=5, linespacing=1.0,
                         bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
